@@ -1,0 +1,18 @@
+"""The training flow: one run folder in, ``trained.pt`` out.
+
+Its own flow so a GPU work pool can run it as a deployment while the rest of the pipeline
+runs anywhere; everything it needs and makes travels through the store, by URL. With no pool
+named, :mod:`flows.retrain` calls it in process as a subflow.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from tasks.training import train_run
+
+
+@flow(name="train", log_prints=True)
+def train_flow(run_url: str, progress: bool = False) -> dict:
+    """Train the network described by ``run_url/run.json`` on ``run_url/split.parquet``."""
+    return train_run(run_url, progress=progress, logger=get_run_logger())

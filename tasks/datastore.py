@@ -1,0 +1,306 @@
+"""Data sets: safe unzip into the store, the image index, the per-label split.
+
+The index is MATLAB's ``imageDatastore(..., IncludeSubfolders=true, LabelSource="foldernames")``
+as a pandas table: one row per usable image with its URL and label. Files that are not
+decodable images are listed with the reason and left out; they never crash a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import stat
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from tasks import storage
+from tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_images
+from tasks.reports import montage
+
+SPLITS = ("train", "val", "test")
+# A zip whose contents expand past these is refused before anything is written.
+MAX_EXTRACTED_BYTES = 20 * 2**30
+MAX_ZIP_ENTRIES = 2_000_000
+MAX_COMPRESSION_RATIO = 1_000  # JPEGs barely compress; a zip bomb compresses a millionfold
+IGNORED_NAMES = ("__MACOSX", "Thumbs.db", "desktop.ini")
+
+
+class DataSetError(ValueError):
+    """The data set cannot be used as given (bad zip, no class folders, class too small...)."""
+
+
+# ---- unzip -------------------------------------------------------------------------------
+
+def _is_hidden(part: str) -> bool:
+    return part.startswith(".") or part in IGNORED_NAMES
+
+
+def check_zip_entries(archive: zipfile.ZipFile, source: str) -> list[zipfile.ZipInfo]:
+    """The entries to extract; raises :class:`DataSetError` for anything unsafe or absurd."""
+    infos = archive.infolist()
+    if len(infos) > MAX_ZIP_ENTRIES:
+        raise DataSetError(f"{source}: {len(infos):,} entries is more than the {MAX_ZIP_ENTRIES:,} allowed")
+    total = 0
+    for info in infos:
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
+            raise DataSetError(f"{source}: refused, entry {name!r} would be written outside the "
+                               f"target folder (absolute path or '..')")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise DataSetError(f"{source}: refused, entry {name!r} is a symbolic link")
+        total += info.file_size
+        if info.compress_size and info.file_size > 10 * 2**20 and \
+                info.file_size / info.compress_size > MAX_COMPRESSION_RATIO:
+            raise DataSetError(f"{source}: refused, entry {name!r} expands {info.file_size / info.compress_size:,.0f}x "
+                               f"(a zip bomb?)")
+    if total > MAX_EXTRACTED_BYTES:
+        raise DataSetError(f"{source}: refused, it would expand to {total / 2**30:.1f} GiB "
+                           f"(limit {MAX_EXTRACTED_BYTES / 2**30:.0f} GiB)")
+    return [i for i in infos if not i.is_dir()]
+
+
+def unzip_dataset(zip_url: str, store: str) -> str:
+    """Extract ``zip_url`` into ``store/datasets/<name>/<content-hash>/`` and return that URL.
+
+    The same zip twice gives the same folder and extracts once: a ``manifest.json`` written
+    last marks a complete extraction, so an interrupted one is simply redone.
+    """
+    if not storage.exists(zip_url):
+        raise DataSetError(f"data set not found: {zip_url}")
+    content_hash = storage.sha256_of(zip_url)
+    name = posixpath.basename(zip_url.rstrip("/")).rsplit(".", 1)[0] or "dataset"
+    target = storage.dataset_dir(store, name, content_hash)
+    manifest_url = storage.join(target, "manifest.json")
+    if storage.exists(manifest_url):
+        return storage.join(target, "files")
+    data = storage.read_bytes(zip_url)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise DataSetError(f"{zip_url} is not a valid zip file ({exc})") from None
+    with archive:
+        entries = check_zip_entries(archive, zip_url)
+        files_root = storage.join(target, "files")
+        for info in entries:
+            with archive.open(info) as member:
+                # Never trust the declared size: read at most one byte more than it.
+                content = member.read(info.file_size + 1)
+            if len(content) > info.file_size:
+                raise DataSetError(f"{zip_url}: entry {info.filename!r} is larger than it declares")
+            storage.write_bytes(storage.join(files_root, info.filename), content)
+    storage.write_json(manifest_url, {"source": zip_url, "sha256": content_hash,
+                                      "entries": len(entries)})
+    return files_root
+
+
+def materialize(data_url: str, store: str) -> str:
+    """A folder URL for the data set: a zip is extracted into the store, a folder is used
+    where it is."""
+    if data_url.lower().endswith(".zip"):
+        return unzip_dataset(data_url, store)
+    if not storage.isdir(data_url):
+        raise DataSetError(f"data set not found or not a folder/zip: {data_url}")
+    return data_url.rstrip("/")
+
+
+# ---- index --------------------------------------------------------------------------------
+
+@dataclass
+class ImageIndex:
+    images: pd.DataFrame  # columns: path, label
+    skipped: pd.DataFrame  # columns: path, reason
+    root: str
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(self.images["label"].unique())
+
+    def counts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.images["label"].value_counts().sort_index().items()}
+
+
+def _visible_children(fs, path: str) -> tuple[list[str], list[str]]:
+    dirs, files = [], []
+    for entry in fs.ls(path, detail=True):
+        base = posixpath.basename(entry["name"].rstrip("/"))
+        if _is_hidden(base) or storage.TMP_MARKER in base:
+            continue
+        (dirs if entry["type"] == "directory" else files).append(entry["name"].rstrip("/"))
+    return sorted(dirs), sorted(files)
+
+
+def find_class_root(root_url: str) -> str:
+    """Descend through single wrapper folders (``MerchData.zip`` holds ``MerchData/``) to the
+    folder whose sub-folders are the classes."""
+    fs, path = storage.filesystem(root_url)
+    while True:
+        dirs, files = _visible_children(fs, path)
+        if len(dirs) == 1 and not files:
+            path = dirs[0]
+            continue
+        if not dirs:
+            raise DataSetError(f"no class folders under {root_url}: expected one sub-folder per "
+                               f"class holding its images (the label is the folder name)")
+        return storage.to_url(fs, path)
+
+
+def _check_image(url: str) -> tuple[str, str | None, str | None]:
+    """(url, content digest, reason it is unusable or None)."""
+    try:
+        data = storage.read_bytes(url)
+        decode_image(data)
+    except ImageDecodeError as exc:
+        return url, None, str(exc)
+    except OSError as exc:
+        return url, None, f"cannot read file ({exc})"
+    return url, hashlib.sha1(data).hexdigest(), None
+
+
+def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageIndex:
+    """Index every image below the class folders of ``root_url``.
+
+    Hidden files and folders are ignored; nested folders inside a class belong to that class;
+    files that do not decode, and duplicates (the same bytes twice in a class, or in two
+    classes, which would make the label ambiguous), are listed in ``skipped``.
+    """
+    class_root = find_class_root(root_url)
+    fs, root_path = storage.filesystem(class_root)
+    class_dirs, loose_files = _visible_children(fs, root_path)
+    candidates: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = [(storage.to_url(fs, f), "not inside a class folder")
+                                      for f in loose_files]
+    empty: list[str] = []
+    for class_dir in class_dirs:
+        label = posixpath.basename(class_dir)
+        found = 0
+        for f in sorted(fs.find(class_dir)):
+            rel = posixpath.relpath(f, class_dir)
+            if any(_is_hidden(p) or storage.TMP_MARKER in p for p in rel.split("/")):
+                continue
+            url = storage.to_url(fs, f)
+            if posixpath.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                skipped.append((url, "not an image file extension"))
+                continue
+            candidates.append((url, label))
+            found += 1
+        if not found:
+            empty.append(label)
+    if empty:
+        raise DataSetError(f"class folder(s) with no images: {', '.join(empty)} (under {class_root}); "
+                           f"add images or remove the folder")
+    rows = []
+    if verify:
+        with ThreadPoolExecutor(threads) as pool:
+            checks = list(pool.map(_check_image, [u for u, _ in candidates]))
+        labels_by_digest: dict[str, dict[str, str]] = {}
+        for (url, label), (_, digest, reason) in zip(candidates, checks):
+            if reason:
+                skipped.append((url, reason))
+                continue
+            labels_by_digest.setdefault(digest, {}).setdefault(label, url)
+            rows.append((url, label, digest))
+        ambiguous = {d for d, by_label in labels_by_digest.items() if len(by_label) > 1}
+        kept = []
+        for url, label, digest in rows:
+            first = labels_by_digest[digest][label]
+            if digest in ambiguous:
+                skipped.append((url, "same image in classes " + ", ".join(sorted(labels_by_digest[digest]))))
+            elif first != url:
+                skipped.append((url, f"duplicate of {first}"))
+            else:
+                kept.append((url, label))
+    else:
+        kept = candidates
+    images = pd.DataFrame(kept, columns=["path", "label"])
+    lost = sorted(set(label for _, label in candidates) - set(images["label"]))
+    if lost:
+        raise DataSetError(f"class folder(s) with no usable images: {', '.join(lost)} "
+                           f"(see the skipped files); fix or remove them")
+    return ImageIndex(images, pd.DataFrame(skipped, columns=["path", "reason"]), class_root)
+
+
+# ---- split --------------------------------------------------------------------------------
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1) > 1e-6 or values[0] <= 0:
+        raise ValueError(f"split must be three fractions train,val,test summing to 1 with train > 0, not {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def split_each_label(images: pd.DataFrame, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+                     seed: int = 0) -> pd.DataFrame:
+    """MATLAB's ``splitEachLabel(imds, 0.7, 0.15, "randomized")``: a seeded random split of
+    every label, so each class appears in each split in proportion. Adds a ``split`` column."""
+    rng = np.random.default_rng(seed)
+    needed = sum(1 for f in fractions if f > 0)
+    parts = []
+    for label, group in images.sort_values("path").groupby("label", sort=True):
+        n = len(group)
+        if n < needed:
+            raise DataSetError(f"class {label!r} has {n} image(s); splitting {fractions} needs at "
+                               f"least {needed} per class. Add images or remove the class.")
+        n_val = max(1, round(fractions[1] * n)) if fractions[1] > 0 else 0
+        n_test = max(1, round(fractions[2] * n)) if fractions[2] > 0 else 0
+        n_train = n - n_val - n_test
+        if n_train < 1:
+            raise DataSetError(f"class {label!r} has {n} images: too few for a training set")
+        order = rng.permutation(n)
+        names = np.array(["train"] * n_train + ["val"] * n_val + ["test"] * n_test, dtype=object)
+        assigned = group.iloc[order].copy()
+        assigned["split"] = names
+        parts.append(assigned)
+    return pd.concat(parts, ignore_index=True)
+
+
+def sample_for_montage(images: pd.DataFrame, count: int = 16, seed: int = 0) -> pd.DataFrame:
+    """``count`` random images (seeded) for the montage the seed shows first."""
+    return images.sample(n=min(count, len(images)), random_state=seed)
+
+
+# ---- stages (plain functions on URLs, wrapped as Prefect tasks in flows/retrain.py) --------
+
+@dataclass
+class IndexRecord:
+    dataset: str  # the folder indexed
+    index: str  # URL of index.parquet
+    classes: list[str]
+    counts: dict[str, int]
+    skipped: int
+    montage: str
+
+
+def index_stage(dataset_url: str, run_url: str, seed: int = 0) -> IndexRecord:
+    """Index the data set into the run folder: ``index.parquet``, ``skipped.csv`` and the
+    montage of 16 random images."""
+    index = index_images(dataset_url)
+    index_url = storage.write_parquet(storage.join(run_url, "index.parquet"), index.images)
+    storage.write_bytes(storage.join(run_url, "skipped.csv"), index.skipped.to_csv(index=False).encode())
+    sample = sample_for_montage(index.images, 16, seed)
+    montage_url = montage(load_images(list(sample["path"]), (160, 160)), list(sample["label"]),
+                          storage.join(run_url, "montage.png"))
+    return IndexRecord(index.root, index_url, index.classes, index.counts(), len(index.skipped), montage_url)
+
+
+@dataclass
+class SplitRecord:
+    split: str  # URL of split.parquet
+    counts: dict[str, dict[str, int]]  # split -> label -> images
+
+
+def split_stage(run_url: str, fractions: tuple[float, float, float], seed: int) -> SplitRecord:
+    images = storage.read_parquet(storage.join(run_url, "index.parquet"))
+    split = split_each_label(images, fractions, seed)
+    url = storage.write_parquet(storage.join(run_url, "split.parquet"), split)
+    counts = {s: {k: int(v) for k, v in split[split["split"] == s]["label"].value_counts().sort_index().items()}
+              for s in SPLITS}
+    return SplitRecord(url, counts)

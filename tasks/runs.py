@@ -1,0 +1,120 @@
+"""The run folder and its record: configuration, fingerprint, status, resume, publish.
+
+``runs/<run-id>/run.json`` holds what was asked for and how far the run got. A rerun of the
+same command (same data, network and options) finds an unfinished run with the same
+fingerprint and resumes it instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from tasks import storage
+from tasks.networks import read_model_record, save_model_file
+
+STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED = "running", "completed", "failed"
+
+
+@dataclass
+class RunConfig:
+    data: str  # the data set URL as given
+    dataset: str  # what identifies its content: the zip's sha256, or the folder URL
+    network: str
+    weights: str
+    mode: str
+    split: tuple[float, float, float]
+    options: dict
+    augmentation: dict
+    extra: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def read_run(run_url: str) -> dict:
+    return storage.read_json(storage.join(run_url, "run.json"))
+
+
+def update_run(run_url: str, **changes) -> dict:
+    record = read_run(run_url)
+    record.update(changes, updated=datetime.now(timezone.utc).isoformat())
+    storage.write_json(storage.join(run_url, "run.json"), record)
+    return record
+
+
+def list_runs(store: str) -> list[dict]:
+    root = storage.runs_dir(store)
+    if not storage.exists(root):
+        return []
+    fs, path = storage.filesystem(root)
+    records = []
+    for entry in sorted(fs.ls(path, detail=False)):
+        run_json = storage.join(storage.to_url(fs, entry), "run.json")
+        if storage.exists(run_json):
+            records.append(storage.read_json(run_json))
+    return records
+
+
+def find_resumable(store: str, fingerprint: str) -> str | None:
+    """The newest unfinished run with this fingerprint, if any."""
+    for record in reversed(list_runs(store)):
+        if record.get("fingerprint") == fingerprint and record.get("status") != STATUS_COMPLETED:
+            return record["run_id"]
+    return None
+
+
+def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: bool = True) -> str:
+    """Create the run folder (or reopen the unfinished run to resume); returns its URL."""
+    fingerprint = config.fingerprint()
+    if run_id is None and resume:
+        run_id = find_resumable(store, fingerprint)
+    run_id = run_id or new_run_id()
+    run_url = storage.run_dir(store, run_id)
+    run_json = storage.join(run_url, "run.json")
+    if storage.exists(run_json):
+        record = storage.read_json(run_json)
+        if record.get("fingerprint") != fingerprint:
+            raise ValueError(f"run {run_id} exists with a different configuration; "
+                             f"choose another run id or rerun it with its own settings")
+        update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1)
+    else:
+        now = datetime.now(timezone.utc).isoformat()
+        storage.write_json(run_json, {"run_id": run_id, "store": store, "fingerprint": fingerprint,
+                                      "config": asdict(config), "status": STATUS_RUNNING,
+                                      "created": now, "updated": now, "resumed": 0})
+    return run_url
+
+
+def resolve_model(model: str, store: str) -> str:
+    """A model file URL from a URL/path or a run id in the store."""
+    if storage.exists(model) and not storage.isdir(model):
+        return model
+    for candidate in (storage.join(model, "model.pt"),
+                      storage.join(storage.run_dir(store, model), "model.pt")):
+        if storage.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"no model file at {model!r}, and no run {model!r} with a published "
+                            f"model in the store {store}")
+
+
+def publish_run(run_url: str) -> str:
+    """Write ``model.pt``: the trained network with its test metrics, self-describing.
+    Written last and atomically, so a model file in the store is always a finished one."""
+    record = read_model_record(storage.join(run_url, "trained.pt"))
+    metrics = storage.read_json(storage.join(run_url, "metrics.json"))
+    record["metrics"] = {**record.get("metrics", {}), **metrics}
+    record["run_id"] = read_run(run_url)["run_id"]
+    model_url = storage.join(run_url, "model.pt")
+    save_model_file(model_url, record)
+    update_run(run_url, status=STATUS_COMPLETED, model=model_url,
+               test_accuracy=metrics.get("test_accuracy"))
+    return model_url
