@@ -1,0 +1,281 @@
+"""Deployments and the promotion gate.
+
+Fast tests: the promotion gate on hand-made run folders (models that always answer one class,
+so their accuracy is known exactly), rollback, the CLI, prefect.yaml's placeholders, and the
+retrain flow's wait on a training deployment that fails.
+
+Integration (../shared): a real ``prefect server``, ``retrain deploy``, two process workers
+(a CPU pool and a stand-in for the GPU pool), the scheduled-retraining deployment run on
+MerchData with its train step on the GPU pool, promoted; then a worse run, not promoted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import CAFFE_WEIGHTS, MERCH_ZIP, need
+from tasks import promotion, storage
+from tasks.networks import build_network, get_spec, model_record, save_model_file
+
+CLASSES = ["circle", "square", "triangle"]
+
+
+# ---- hand-made runs: a model that always answers one class ------------------------------------
+
+def constant_model(url: str, answer: str, classes: list[str] = CLASSES) -> str:
+    """A SqueezeNet whose head ignores the image and always scores ``answer`` highest."""
+    spec = get_spec("squeezenet-caffe")
+    model, origin = build_network(spec.name, len(classes), weights="none")
+    head = model.get_submodule(spec.head_layer)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([1.0 if c == answer else 0.0 for c in classes]))
+    return save_model_file(url, model_record(model, spec, classes, origin))
+
+
+def make_run(store: str, run_id: str, shapes_dir: str, answer: str, classes: list[str] = CLASSES) -> str:
+    """runs/<run_id>/ with split.parquet (test: 2 circles, 1 square, 1 triangle) and model.pt."""
+    run_url = storage.run_dir(store, run_id)
+    rows = []
+    for label, n_test in zip(CLASSES, (2, 1, 1)):
+        files = sorted(storage.list_files(storage.join(shapes_dir, label)))
+        rows += [{"path": f, "label": label, "split": "test" if i < n_test else "train"}
+                 for i, f in enumerate(files)]
+    storage.write_parquet(storage.join(run_url, "split.parquet"), pd.DataFrame(rows))
+    constant_model(storage.join(run_url, "model.pt"), answer, classes)
+    storage.write_json(storage.join(run_url, "run.json"), {"run_id": run_id, "status": "completed"})
+    return run_url
+
+
+def test_model_name_comes_from_the_data_set():
+    assert promotion.model_name_for("/data/MerchData.zip") == "MerchData"
+    assert promotion.model_name_for("s3://bucket/sets/hymenoptera_data/") == "hymenoptera_data"
+    assert promotion.model_name_for("/x/ant photos (2).ZIP") == "ant-photos-2"
+    assert promotion.model_name_for(None) == "sample-shapes"
+    with pytest.raises(promotion.PromotionError, match="model name"):
+        promotion.check_name("../escape")
+
+
+def test_gate_promotes_first_and_better_runs_keeps_worse_ones_and_rolls_back(tmp_path, shapes_dir):
+    store = str(tmp_path / "store")
+    # first run: no current model -> promoted; it answers "circle": 2 of 4 test images right
+    first = make_run(store, "r1", shapes_dir, "circle")
+    d1 = promotion.promote_run(store, "shapes", first)
+    assert d1.promoted and d1.action == "promote" and d1.reason == "no current model"
+    assert d1.candidate_score == pytest.approx(0.5) and d1.images == 4 and d1.split == "test"
+    assert promotion.read_current(store, "shapes")["run_id"] == "r1"
+
+    # worse run ("square": 1 of 4) -> kept out; both scores recorded, scored on r2's split
+    worse = make_run(store, "r2", shapes_dir, "square")
+    d2 = promotion.promote_run(store, "shapes", worse)
+    assert not d2.promoted and d2.action == "keep"
+    assert (d2.candidate_score, d2.current_score) == (pytest.approx(0.25), pytest.approx(0.5))
+    assert d2.current_run == "r1" and d2.current_trained_on == 0
+    assert promotion.read_current(store, "shapes")["run_id"] == "r1"
+    assert storage.read_json(storage.join(worse, "promotion.json"))["promoted"] is False
+
+    # as good (another "circle" model) -> promoted: "at least as good"
+    equal = make_run(store, "r3", shapes_dir, "circle")
+    d3 = promotion.promote_run(store, "shapes", equal)
+    assert d3.promoted and d3.current_score == pytest.approx(0.5) and d3.current_run == "r1"
+    current = promotion.read_current(store, "shapes")
+    assert current["run_id"] == "r3" and current["previous"] == "r1"
+    assert current["model_url"] == storage.join(equal, "model.pt")
+
+    history = promotion.history(store, "shapes")
+    assert [(h["run_id"], h["action"]) for h in history] == [("r1", "promote"), ("r2", "keep"), ("r3", "promote")]
+
+    # rollback: to the run promoted before the current one, then to a named run
+    back = promotion.rollback(store, "shapes")
+    assert back.run_id == "r1" and back.action == "rollback" and back.current_run == "r3"
+    assert promotion.read_current(store, "shapes")["run_id"] == "r1"
+    with pytest.raises(promotion.PromotionError, match="no run was promoted before"):
+        promotion.rollback(store, "shapes")
+    assert promotion.rollback(store, "shapes", to_run="r3").run_id == "r3"
+    with pytest.raises(promotion.PromotionError, match="no published model"):
+        promotion.rollback(store, "shapes", to_run="nope")
+    with pytest.raises(promotion.PromotionError, match="no model named"):
+        promotion.rollback(store, "other")
+    assert promotion.current_model_url(store, "shapes") == storage.join(equal, "model.pt")
+    # nothing half-written is left behind
+    assert not [f for f in storage.list_files(store) if storage.TMP_MARKER in f]
+
+
+def test_gate_promotes_when_the_classes_changed(tmp_path, shapes_dir):
+    store = str(tmp_path / "store")
+    promotion.promote_run(store, "shapes", make_run(store, "a", shapes_dir, "circle",
+                                                    classes=["circle", "square", "triangle", "star"]))
+    decision = promotion.promote_run(store, "shapes", make_run(store, "b", shapes_dir, "square"))
+    assert decision.promoted and "classes changed" in decision.reason and decision.current_score is None
+
+
+def test_models_and_rollback_commands(tmp_path, shapes_dir, capsys):
+    from flows.cli import main
+
+    store = str(tmp_path / "store")
+    for run_id, answer in (("r1", "circle"), ("r2", "triangle"), ("r3", "circle")):
+        promotion.promote_run(store, "shapes", make_run(store, run_id, shapes_dir, answer))
+    assert main(["models", "--store", store, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["models"]
+    assert [m["model"] for m in listed] == ["shapes"] and listed[0]["current"]["run_id"] == "r3"
+    assert [h["promoted"] for h in listed[0]["history"]] == [True, False, True]
+
+    assert main(["models", "--store", store]) == 0
+    text = capsys.readouterr().out
+    assert "shapes: current run r3" in text and "keep" in text and "0.2500 vs 0.5000" in text
+
+    assert main(["rollback", "shapes", "--store", store, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "r1"
+    assert main(["rollback", "shapes", "--to", "r9", "--store", store]) == 2
+    assert "no published model" in capsys.readouterr().err
+    assert main(["models", "nothing", "--store", store]) == 2
+
+
+def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
+    from flows import deploy
+
+    import yaml
+
+    used = set(deploy._PLACEHOLDER.findall(json.dumps(yaml.safe_load(deploy.PREFECT_FILE.read_text()))))
+    assert used <= set(deploy.placeholder_defaults()), used - set(deploy.placeholder_defaults())
+    env = deploy.deployment_env({"RETRAIN_DATA": "s3://b/MerchData.zip", "RETRAIN_GPU_POOL": "k8s-gpu"})
+    found = {d["name"]: d for d in deploy.read_deployments(env=env)}
+    assert set(found) == {"scheduled", "gpu", "batch"}
+    assert found["scheduled"]["entrypoint"] == "flows/retrain.py:retrain_flow"
+    assert found["gpu"]["entrypoint"] == "flows/train.py:train_flow"
+    assert found["batch"]["entrypoint"] == "flows/score.py:score_flow"
+    assert found["scheduled"]["parameters"]["data"] == "s3://b/MerchData.zip"
+    assert found["scheduled"]["parameters"]["train_deployment"] == "train/gpu"
+    assert found["scheduled"]["schedules"][0]["cron"] == "0 3 * * 1"
+    assert found["gpu"]["work_pool"] == "k8s-gpu" and found["scheduled"]["work_pool"] == "cpu"
+    assert "{{" not in json.dumps(list(found.values()))
+    # the parameters each deployment sets are parameters of its flow
+    from flows.retrain import retrain_flow
+    from flows.train import train_flow
+
+    flows = {"scheduled": retrain_flow, "gpu": train_flow}
+    if found["batch"]["available"]:
+        from flows.score import score_flow
+
+        flows["batch"] = score_flow
+    for name, fn in flows.items():
+        accepted = set(fn.parameters.properties)
+        assert set(found[name]["parameters"]) <= accepted, (name, set(found[name]["parameters"]) - accepted)
+
+
+def test_training_deployment_that_fails_fails_the_retrain_run_clearly(monkeypatch):
+    import prefect.deployments
+
+    import flows.retrain as retrain
+
+    calls = []
+
+    def fake_run_deployment(name, parameters, **kwargs):
+        calls.append((name, parameters))
+        state = SimpleNamespace(name="Crashed", message="worker lost", is_completed=lambda: False)
+        return SimpleNamespace(name="tiny-otter", id="42", state=state)
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
+    monkeypatch.setattr(retrain, "get_run_logger", lambda: logging.getLogger("test"))
+    with pytest.raises(RuntimeError, match=r"training deployment 'train/gpu': flow run tiny-otter \(42\) "
+                                           r"ended Crashed: worker lost"):
+        retrain.train_on_deployment("train/gpu", "s3://bucket/store/runs/r1")
+    assert calls == [("train/gpu", {"run_url": "s3://bucket/store/runs/r1"})]
+
+
+# ---- integration: a real server, `retrain deploy`, process workers --------------------------------
+
+@pytest.mark.integration
+def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
+    from tests._services import prefect_server, start_worker, stop
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    zip_path, weights = str(need(MERCH_ZIP)), str(need(CAFFE_WEIGHTS))
+    store = str(tmp_path / "store")
+    timings = {}
+    started = time.perf_counter()
+    with prefect_server(tmp_path) as server:
+        timings["server start"] = time.perf_counter() - started
+        env = server["env"]
+        t = time.perf_counter()
+        deployed = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "deploy", "--data", zip_path, "--store", store,
+             "--network", "squeezenet-caffe", "--weights", weights, "--cron", "0 3 1 1 *", "--json"],
+            env=env, capture_output=True, text=True, timeout=300)
+        timings["retrain deploy"] = time.perf_counter() - t
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        result = json.loads(deployed.stdout.strip().splitlines()[-1])
+        assert {"retrain/scheduled", "train/gpu"} <= set(result["deployments"])
+        assert result["work_pools_created"] == ["cpu", "gpu"]
+        if (Path(__file__).resolve().parents[1] / "flows" / "score.py").exists():
+            assert "score/batch" in result["deployments"]
+
+        workers = [start_worker(pool, env, tmp_path / f"worker-{pool}.log") for pool in ("cpu", "gpu")]
+        try:
+            with temporary_settings({PREFECT_API_URL: server["api_url"]}):
+                # 1. the scheduled deployment, run now; its train step runs on the GPU pool
+                t = time.perf_counter()
+                good = run_deployment("retrain/scheduled", parameters={"options": {"max_epochs": 3, "seed": 0}},
+                                      timeout=420, poll_interval=2)
+                timings["good run (train on gpu pool)"] = time.perf_counter() - t
+                assert good.state.is_completed(), _logs(tmp_path, good)
+                with get_client(sync_client=True) as client:
+                    children = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                        name=DeploymentFilterName(any_=["gpu"])))
+                assert len(children) == 1 and children[0].state.is_completed()
+                assert children[0].work_pool_name == "gpu" and children[0].parent_task_run_id is not None
+
+                (run1,) = [r["run_id"] for r in _runs(store)]
+                first = storage.read_json(storage.join(storage.run_dir(store, run1), "promotion.json"))
+                assert first["promoted"] and first["reason"] == "no current model"
+                current = promotion.read_current(store, "MerchData")
+                assert current["run_id"] == run1
+
+                # 2. a worse run (from scratch, one epoch, trained in process) is not promoted
+                t = time.perf_counter()
+                worse = run_deployment("retrain/scheduled", parameters={
+                    "mode": "scratch", "weights": "none", "train_deployment": "",
+                    "options": {"max_epochs": 1, "seed": 0}}, timeout=420, poll_interval=2)
+                timings["worse run (train in process)"] = time.perf_counter() - t
+                assert worse.state.is_completed(), _logs(tmp_path, worse)
+        finally:
+            for w in workers:
+                stop(w)
+
+    run2 = [r["run_id"] for r in _runs(store) if r["run_id"] != run1][0]
+    second = storage.read_json(storage.join(storage.run_dir(store, run2), "promotion.json"))
+    assert not second["promoted"] and second["action"] == "keep"
+    assert second["candidate_score"] < second["current_score"]
+    # same data, same seed: the same held-out split, so the current model scores what it did
+    assert second["current_score"] == pytest.approx(first["candidate_score"])
+    assert second["images"] == first["images"] > 0
+    assert promotion.read_current(store, "MerchData")["run_id"] == run1
+    assert [h["promoted"] for h in promotion.history(store, "MerchData")] == [True, False]
+    print("\n" + json.dumps({"timings_s": {k: round(v, 1) for k, v in timings.items()},
+                             "good": first["candidate_score"], "worse": second["candidate_score"],
+                             "held_out_images": first["images"]}))
+
+
+def _runs(store: str) -> list[dict]:
+    from tasks.runs import list_runs
+
+    return list_runs(store)
+
+
+def _logs(tmp_path: Path, flow_run) -> str:
+    return f"flow run {flow_run.name} ended {flow_run.state}\n" + "\n".join(
+        p.read_text()[-4000:] for p in sorted(tmp_path.glob("worker-*.log")))

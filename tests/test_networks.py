@@ -1,0 +1,137 @@
+import io
+import os
+import pickle
+import urllib.error
+
+import pytest
+import torch
+
+from tasks import networks
+from tasks.networks import (NETWORKS, ModelFileError, WeightsUnavailableError, build_network,
+                            configure_trainable, get_spec, load_model_file, model_record,
+                            parameter_groups, save_model_file, summarize)
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_every_network_gets_a_head_for_k_classes(name):
+    spec = get_spec(name)
+    model, origin = build_network(name, 4, weights="none")
+    assert origin == "random initialisation"
+    out = model.eval()(torch.zeros(2, 3, *spec.preprocessing.input_size))
+    assert out.shape == (2, 4)
+
+
+def test_squeezenet_summary_names_conv10_and_input_size():
+    spec = get_spec("squeezenet-caffe")
+    model, _ = build_network(spec.name, 5, weights="none")
+    summary = summarize(model, spec)
+    assert summary.head_name == "conv10" and summary.head_layer == "classifier.1"
+    assert summary.input_size == (227, 227) and summary.num_classes == 5
+    assert summary.learnables == sum(p.numel() for p in model.parameters())
+    text = summary.to_text()
+    assert "head layer: conv10 (classifier.1) -> 5 classes" in text and "227x227x3" in text
+
+
+def test_unknown_network_lists_the_choices():
+    with pytest.raises(ValueError, match="squeezenet-caffe"):
+        get_spec("alexnet9000")
+
+
+def test_transfer_freezes_all_but_the_head_and_finetune_boosts_the_head():
+    spec = get_spec("squeezenet-caffe")
+    model, _ = build_network(spec.name, 3, weights="none")
+    configure_trainable(model, spec, "transfer")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["classifier.1.weight", "classifier.1.bias"]
+    configure_trainable(model, spec, "finetune")
+    assert all(p.requires_grad for p in model.parameters())
+    groups = {g["name"]: g["lr"] for g in parameter_groups(model, spec, "finetune", 1e-4, 10.0)}
+    assert groups == {"body": 1e-4, "head": pytest.approx(1e-3)}
+    assert {g["name"]: g["lr"] for g in parameter_groups(model, spec, "scratch", 1e-3, 10.0)} == \
+        {"body": 1e-3, "head": 1e-3}
+
+
+def test_caffe_weights_load_from_a_file_and_classify_imagenet(caffe_weights):
+    model, origin = build_network("squeezenet-caffe", 2, weights=caffe_weights)
+    assert "sha256 2c8907188084" in origin
+    reference = torch.load(caffe_weights, weights_only=True)
+    assert torch.equal(model.state_dict()["features.0.weight"], reference["features.0.weight"])
+
+
+def test_missing_caffe_weights_say_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(WeightsUnavailableError, match="--weights"):
+        build_network("squeezenet-caffe", 2)
+
+
+def test_offline_torchvision_download_says_how_to_use_a_local_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_network("squeezenet", 2)
+    assert "--weights PATH" in str(err.value) and "squeezenet-caffe" in str(err.value)
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    other, _ = build_network("resnet18", 2, weights="none")
+    path = tmp_path / "resnet.pth"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(WeightsUnavailableError, match="does not fit"):
+        build_network("squeezenet-caffe", 2, weights=str(path))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(WeightsUnavailableError, match="not a readable"):
+        build_network("squeezenet-caffe", 2, weights=str(tmp_path / "junk.pth"))
+
+
+def test_model_file_roundtrips_with_weights_only(tmp_path):
+    spec = get_spec("squeezenet-caffe")
+    model, origin = build_network(spec.name, 3, weights="none")
+    url = str(tmp_path / "model.pt")
+    save_model_file(url, model_record(model, spec, ["a", "b", "c"], origin, metrics={"test_accuracy": 0.5}))
+    raw = torch.load(url, weights_only=True)  # what any user can do, safely
+    assert raw["classes"] == ["a", "b", "c"] and raw["input_size"] == [227, 227]
+    assert raw["preprocessing"]["channel_order"] == "BGR" and raw["architecture"] == "squeezenet1_1"
+    loaded = load_model_file(url)
+    x = torch.rand(1, 3, 227, 227)
+    assert torch.allclose(loaded.model(x), model.eval()(x))
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/retrain-pwned",))
+
+
+def test_malicious_pickle_model_is_refused_without_running_it(tmp_path):
+    url = tmp_path / "evil.pt"
+    with open(url, "wb") as f:
+        torch.save({"format": networks.MODEL_FORMAT, "payload": Payload()}, f)
+    with pytest.raises(ModelFileError, match="refused"):
+        load_model_file(str(url))
+    assert not os.path.exists("/tmp/retrain-pwned")
+    url.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ModelFileError):
+        load_model_file(str(url))
+    assert not os.path.exists("/tmp/retrain-pwned")
+
+
+def test_truncated_tampered_and_foreign_model_files_give_clear_errors(tmp_path, random_model_file):
+    data = open(random_model_file, "rb").read()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        load_model_file(str(tmp_path / "truncated.pt"))
+    record = torch.load(random_model_file, weights_only=True)
+    record["classes"] = ["just", "two"]  # tampered: the head has 3 outputs
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    (tmp_path / "tampered.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(ModelFileError, match="do not fit"):
+        load_model_file(str(tmp_path / "tampered.pt"))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ModelFileError, match="not a retrain model"):
+        load_model_file(str(tmp_path / "foreign.pt"))
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model_file(str(tmp_path / "missing.pt"))

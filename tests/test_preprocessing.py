@@ -1,0 +1,83 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tasks.preprocessing import (CAFFE_BGR, Augmentation, ImageDecodeError, Preprocessing,
+                                 decode_image, load_image)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_caffe_preprocessing_is_bgr_0_255_mean_subtracted():
+    pre = Preprocessing(input_size=(227, 227), **CAFFE_BGR)
+    pixel = torch.tensor([10, 20, 30], dtype=torch.uint8).view(1, 3, 1, 1)  # R G B
+    out = pre.normalize(pixel).flatten().tolist()
+    assert out == pytest.approx([30 - 104, 20 - 117, 10 - 123])  # B G R
+
+
+def test_imagenet_preprocessing_roundtrips_through_dict():
+    pre = Preprocessing(input_size=(224, 224))
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    out = pre.normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)).flatten()
+    assert out[0] == pytest.approx((1 - 0.485) / 0.229)
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("P", "PNG"), ("L", "JPEG"), ("CMYK", "JPEG"),
+                                      ("I;16", "PNG"), ("RGB", "GIF"), ("RGB", "BMP"), ("RGB", "WEBP")])
+def test_decode_gives_rgb_uint8_for_many_kinds(mode, fmt):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    image = rgb.convert(mode) if mode != "I;16" else Image.fromarray(
+        (np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))  # 16-bit grey
+    out = decode_image(encode(image, fmt))
+    assert out.dtype == torch.uint8 and out.shape == (3, 20, 30)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(encode(image, "JPEG", exif=exif.tobytes()))
+    assert out.shape == (3, 40, 20)
+
+
+@pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"hello world", "not a readable image"),
+                                         (b"\xff\xd8\xff\xe0" + b"\0" * 50, "image")])
+def test_undecodable_bytes_raise_a_clear_error(data, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_image(data)
+
+
+def test_decompression_bomb_is_refused():
+    header = encode(Image.new("1", (20000, 20000)), "PNG")  # 400 Mpixel, a few KB
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(header)
+
+
+def test_load_image_resizes_to_network_input():
+    data = encode(Image.new("RGB", (500, 300), "blue"), "JPEG")
+    assert load_image(data, (227, 227)).shape == (3, 227, 227)
+
+
+def test_augmentation_is_repeatable_and_translates_with_zero_fill():
+    images = torch.full((8, 3, 50, 50), 200, dtype=torch.uint8)
+    augment = Augmentation(reflect=True, max_translation=10)
+    a = augment(images, torch.Generator().manual_seed(1))
+    b = augment(images, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == images.shape
+    assert (a == 0).any()  # shifted images show zero fill at the edges
+    assert torch.equal(Augmentation(False, 0)(images, torch.Generator()), images)
+
+
+def test_reflection_flips_horizontally():
+    image = torch.zeros((1, 3, 4, 4), dtype=torch.uint8)
+    image[..., 0] = 255
+    flips = {bool(Augmentation(True, 0)(image, torch.Generator().manual_seed(s))[0, 0, 0, 3] == 255)
+             for s in range(20)}
+    assert flips == {True, False}
