@@ -18,6 +18,9 @@ from typing import Any
 # Quiet, offline-friendly Prefect defaults; the user's own settings win.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Prefect's temporary local API takes 10-30 s to start on a small, busy machine; its default
+# 20 s limit would fail the run before it begins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from tasks import storage  # noqa: E402
 from tasks.datastore import DataSetError, index_images, materialize  # noqa: E402
@@ -85,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("image", help="image URL")
     common(classify)
 
+    score = sub.add_parser("score", help="batch-score a folder or list of images on Dask (Prefect flow); "
+                                         "rerun with the same --out to resume")
+    score.add_argument("model", help="model file URL or run id in the store")
+    score.add_argument("images", help="folder of images (searched recursively) or list file of image URLs, any fsspec URL")
+    score.add_argument("--out", default=None,
+                       help="output URL for the parts, scores.parquet and summary.json "
+                            "(default <store>/scores/<job-id>)")
+    score.add_argument("--dask-address", default=None,
+                       help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (default: start a local one)")
+    score.add_argument("--workers", type=int, default=None, help="local cluster processes (default: one per core)")
+    score.add_argument("--mini-batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    score.add_argument("--top-k", type=int, default=None, help="labels and scores kept per image (default min(5, classes))")
+    score.add_argument("--partition-size", type=int, default=128, help="images per Dask task and output part (default 128)")
+    common(score)
+
     network = sub.add_parser("network", help="list networks, or show one's summary")
     network.add_argument("name", nargs="?", help="network to summarise")
     network.add_argument("--classes", type=int, default=5, help="classes for the new head")
@@ -93,7 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list the runs in the store")
     common(runs)
+    _deployment_parsers(sub, common)
     return parser
+
+
+def _deployment_parsers(sub, common) -> None:
+    """``deploy``, ``models`` and ``rollback``: deployments and the promotion gate."""
+    from flows.deploy import placeholder_defaults
+
+    deploy = sub.add_parser("deploy", help="apply deployments/prefect.yaml (work pools + deployments)",
+                            description="Create the missing work pools and apply deployments/prefect.yaml "
+                                        "against the Prefect API in PREFECT_API_URL. Each flag fills a "
+                                        "{{ $RETRAIN_* }} placeholder of the file (flag > environment > default).")
+    for name, (default, what) in placeholder_defaults().items():
+        flag = "--" + name.removeprefix("RETRAIN_").lower().replace("_", "-")
+        deploy.add_argument(flag, dest=name, default=None, metavar="VALUE",
+                            help=f"{what} [${name}, default {default!r}]")
+    deploy.add_argument("--only", action="append", default=None, metavar="DEPLOYMENT",
+                        help="apply only this deployment (repeatable): scheduled, gpu, batch")
+    deploy.add_argument("--cpu-pool-type", default="process", help="type of a CPU pool to create (default process)")
+    deploy.add_argument("--gpu-pool-type", default="process",
+                        help="type of the GPU pool to create: process, or kubernetes with --gpu-job-template")
+    deploy.add_argument("--gpu-job-template", default=None,
+                        help="base job template (JSON) of the GPU pool, e.g. infra/k8s/gpu-work-pool.json")
+    deploy.add_argument("--no-create-pools", action="store_true", help="do not create missing work pools")
+    deploy.add_argument("--prefect-file", default=None, help="default deployments/prefect.yaml")
+    deploy.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    models = sub.add_parser("models", help="list the promoted models and their history")
+    models.add_argument("name", nargs="?", help="one model (default: all)")
+    common(models)
+
+    rollback = sub.add_parser("rollback", help="make an earlier run the current model again")
+    rollback.add_argument("name", help="model name")
+    rollback.add_argument("--to", dest="to_run", default=None, metavar="RUN_ID",
+                          help="the run to make current (default: the one promoted before the current)")
+    common(rollback)
 
 
 def _store(args) -> str:
@@ -101,13 +154,14 @@ def _store(args) -> str:
 
 
 def cmd_run(args) -> dict:
-    from flows.retrain import retrain_flow
+    from flows.retrain import check_request, retrain_flow
 
-    summary = retrain_flow(
-        data=args.data, store=_store(args), network=args.network, weights=args.weights,
-        mode=args.mode, split_fractions=args.split, options=_collect_options(args),
-        augmentation={"reflect": not args.no_reflect, "max_translation": args.max_translation},
-        run_id=args.run_id, resume=not args.fresh, progress=not args.json and sys.stderr.isatty())
+    request = dict(network=args.network, weights=args.weights, mode=args.mode, split_fractions=args.split,
+                   options=_collect_options(args),
+                   augmentation={"reflect": not args.no_reflect, "max_translation": args.max_translation})
+    check_request(**request)  # fail fast, before Prefect's API starts
+    summary = retrain_flow(data=args.data, store=_store(args), **request, run_id=args.run_id,
+                           resume=not args.fresh, progress=not args.json and sys.stderr.isatty())
     if not args.json:
         print(f"\nrun {summary['run_id']}: {summary['network']} ({summary['mode']}) on "
               f"{len(summary['classes'])} classes: " + ", ".join(summary["classes"]))
@@ -150,6 +204,24 @@ def cmd_classify(args) -> dict:
     return {"label": result.label, "score": result.score, "scores": result.scores}
 
 
+def cmd_score(args) -> dict:
+    from flows.score import score_flow
+
+    summary = score_flow(
+        model=args.model, images=args.images, out=args.out, store=_store(args), dask_address=args.dask_address,
+        workers=args.workers, mini_batch_size=args.mini_batch_size, top_k=args.top_k,
+        partition_size=args.partition_size, progress=not args.json and sys.stderr.isatty())
+    if not args.json:
+        print(f"scored {summary['scored']:,} of {summary['images']:,} images ({summary['failed']:,} failed) "
+              f"in {summary['seconds']:.1f} s, {summary['images_per_second'] or 0:.1f} images/s"
+              + (f"; {summary['resumed_partitions']} partitions were already done" if summary["resumed_partitions"] else ""))
+        for label, n in list(summary["labels"].items())[:10]:
+            print(f"  {label:<30} {n:>8,}")
+        print(f"  scores: {summary['output']}\n  summary: {summary['out']}/summary.json")
+    return {k: summary[k] for k in ("images", "scored", "failed", "seconds", "images_per_second", "output",
+                                    "processed", "resumed_partitions", "ignored")}
+
+
 def cmd_network(args) -> dict:
     if not args.name:
         if not args.json:
@@ -179,20 +251,94 @@ def cmd_runs(args) -> dict:
     return {"runs": [{k: r.get(k) for k in ("run_id", "status", "test_accuracy", "model")} for r in records]}
 
 
-COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "classify": cmd_classify,
-            "network": cmd_network, "runs": cmd_runs}
+def cmd_deploy(args) -> dict:
+    from pathlib import Path
+
+    from flows import deploy
+
+    values = {name: getattr(args, name) for name in deploy.placeholder_defaults()}
+    result = deploy.apply(values, Path(args.prefect_file) if args.prefect_file else deploy.PREFECT_FILE,
+                          names=args.only, create_pools=not args.no_create_pools,
+                          cpu_pool_type=args.cpu_pool_type, gpu_pool_type=args.gpu_pool_type,
+                          gpu_job_template=args.gpu_job_template)
+    if not args.json:
+        for pool in result["work_pools_created"]:
+            print(f"created work pool {pool}")
+        for name in result["deployments"]:
+            print(f"deployed {name}")
+        for note in result["skipped"]:
+            print(f"skipped {note}")
+        print(f"store {result['store']}; start workers with: "
+              + "; ".join(f"prefect worker start --pool {p}" for p in result["work_pools"]))
+    return result
+
+
+def _fmt_score(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def cmd_models(args) -> dict:
+    from tasks.promotion import list_models
+
+    found = [m for m in list_models(_store(args)) if not args.name or m["model"] == args.name]
+    if args.name and not found:
+        raise FileNotFoundError(f"model {args.name!r} in {_store(args)}")
+    if not args.json:
+        for m in found:
+            cur = m["current"] or {}
+            print(f"{m['model']}: current run {cur.get('run_id', '-')} ({cur.get('metric', 'accuracy')} "
+                  f"{_fmt_score(cur.get('score'))}, {cur.get('action', '-')} {cur.get('promoted_at', '')})")
+            for h in m["history"]:
+                mark = "*" if h["promoted"] else " "
+                print(f"  {mark} {h['decided_at'][:19]}  {h['action']:<8}  {h['run_id']:<24} "
+                      f"{_fmt_score(h['candidate_score'])} vs {_fmt_score(h['current_score'])}  {h['reason']}")
+    return {"models": found}
+
+
+def cmd_rollback(args) -> dict:
+    from tasks.promotion import rollback
+
+    decision = rollback(_store(args), args.name, args.to_run).to_dict()
+    if not args.json:
+        print(f"model {args.name}: current run is now {decision['run_id']} ({decision['reason']})")
+    return decision
+
+
+COMMANDS = {"run": cmd_run, "evaluate": cmd_evaluate, "classify": cmd_classify, "score": cmd_score,
+            "network": cmd_network, "runs": cmd_runs,
+            "deploy": cmd_deploy, "models": cmd_models, "rollback": cmd_rollback}
+
+
+# Exit statuses: 0 done; 2 refused (bad input, data, model or option: running it again will
+# not help); 3 the store kept failing after retries (try again later); 130 interrupted.
+EXIT_REFUSED, EXIT_STORE_FAILED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _fail(args, exc: BaseException, message: str, status: int) -> int:
+    print(f"retrain {args.command}: error: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"error": message, "type": type(exc).__name__}))
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = COMMANDS[args.command](args)
+    except storage.StorageError as exc:
+        return _fail(args, exc, str(exc), EXIT_STORE_FAILED)
     except USER_ERRORS as exc:
         message = str(exc) if not isinstance(exc, FileNotFoundError) else f"not found: {exc}"
-        print(f"retrain {args.command}: error: {message}", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"error": message, "type": type(exc).__name__}))
-        return 2
+        return _fail(args, exc, message, EXIT_REFUSED)
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        return _fail(args, exc, f"{type(exc).__name__}: {exc}", EXIT_REFUSED)
+    except KeyboardInterrupt as exc:
+        return _fail(args, exc, "interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        if not storage.transient(exc):  # a bug: the traceback is what its report needs
+            raise
+        # a store failure that escaped the retries (a remote filesystem called directly)
+        return _fail(args, exc, f"store failure: {type(exc).__name__}: {exc}", EXIT_STORE_FAILED)
     if args.json:
         print(json.dumps(result, default=str))
     return 0

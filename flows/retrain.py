@@ -1,6 +1,7 @@
 """The retrain flow: MATLAB's "Retrain Neural Network to Classify New Images", step by step.
 
 unzip -> index (+ montage) -> split -> train (its own flow) -> evaluate -> publish
+[-> batch predict (flows/score.py) when given a folder to score]
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from flows.train import train_flow
 from tasks import storage
 from tasks.datastore import index_stage, materialize, parse_fractions, split_stage
 from tasks.evaluation import evaluate_run
-from tasks.networks import get_spec
+from tasks.networks import MODES, build_network, get_spec
 from tasks.preprocessing import Augmentation
+from tasks.promotion import decision_markdown, model_name_for, promote_run
 from tasks.reports import png_markdown, run_summary_markdown
 from tasks.runs import STATUS_FAILED, RunConfig, publish_run, start_run, update_run
 from tasks.samples import ensure_sample_dataset
@@ -32,17 +34,27 @@ publish = task(publish_run, name="publish")
 def retrain_flow(data: str | None = None, store: str | None = None, network: str = "squeezenet",
                  weights: str = "default", mode: str = "transfer", split_fractions: str = "0.7,0.15,0.15",
                  options: dict | None = None, augmentation: dict | None = None,
-                 run_id: str | None = None, resume: bool = True, progress: bool = False) -> dict:
+                 run_id: str | None = None, resume: bool = True, progress: bool = False,
+                 train_deployment: str | None = None, model_name: str | None = None,
+                 promote: bool = True, score_folder: str | None = None,
+                 score_out: str | None = None) -> dict:
     """Retrain ``network`` on the images in ``data`` (a zip or a folder of class folders,
-    any fsspec URL; the generated sample set when None). Returns the run summary."""
+    any fsspec URL; the generated sample set when None). Returns the run summary.
+
+    ``train_deployment`` ("flow/deployment", e.g. ``train/gpu``): run the train step as a
+    flow run of that deployment (a GPU work pool) and wait for it; in process when None.
+    ``promote``: pass the model through the promotion gate of ``model_name`` (default: the
+    data set's name), see :mod:`tasks.promotion`.
+    ``score_folder``: end with a batch-predict step that scores that folder with the new model
+    (:mod:`flows.score`) into ``score_out`` (default ``<run>/scores``)."""
     logger = get_run_logger()
     started = time.perf_counter()
     store = storage.absolute(store or storage.default_store())
-    # Validate everything the user chose before any work is done.
-    get_spec(network)
-    training_options = TrainingOptions.from_dict(options or {})
-    augment = Augmentation(**(augmentation or {}))
-    fractions = parse_fractions(split_fractions)
+    data, train_deployment = data or None, train_deployment or None  # "" from a deployment = unset
+    training_options, augment, fractions = check_request(
+        network, weights, mode, split_fractions, options, augmentation,
+        fetch_weights=train_deployment is None)
+    model_name = model_name or model_name_for(data)
     if data is None:
         data = ensure_sample_dataset(store)
         logger.info("no data given: using the generated sample set %s", data)
@@ -62,11 +74,17 @@ def retrain_flow(data: str | None = None, store: str | None = None, network: str
         logger.info("%d classes: %s; %d files skipped", len(indexed.classes),
                     ", ".join(f"{c} ({n})" for c, n in indexed.counts.items()), indexed.skipped)
         split(run_url, fractions, training_options.seed)
-        trained = train_flow(run_url, progress=progress)
+        if train_deployment:
+            trained = train_on_deployment(train_deployment, run_url)
+        else:
+            trained = train_flow(run_url, progress=progress)
         metrics = evaluate(run_url)
         model_url = publish(run_url)
     except BaseException as exc:
-        update_run(run_url, status=STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
+        try:
+            update_run(run_url, status=STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
+        except Exception as record_error:  # the store may be what failed: keep the first error
+            logger.warning("could not mark run %s failed: %s", run_name, record_error)
         raise
     summary = {
         "run_id": run_name, "run": run_url, "model": model_url, "data": data,
@@ -80,7 +98,63 @@ def retrain_flow(data: str | None = None, store: str | None = None, network: str
     }
     storage.write_json(storage.join(run_url, "summary.json"), summary)
     publish_artifacts(summary, metrics, run_url, indexed.montage)
+    if promote:
+        summary["promotion"] = promotion_gate(store, model_name, run_url)
+    if score_folder:  # batch predict with the model just published
+        from flows.score import score_flow
+
+        summary["scores"] = score_flow(model=model_url, images=score_folder, store=store, progress=progress,
+                                       out=score_out or storage.join(run_url, "scores"))["output"]
     return summary
+
+
+def check_request(network: str, weights: str, mode: str, split_fractions: str, options: dict | None,
+                  augmentation: dict | None, fetch_weights: bool = True
+                  ) -> tuple[TrainingOptions, Augmentation, tuple[float, float, float]]:
+    """Validate everything a user chose before any work is done, so a typo or missing
+    weights fail in a second with a clear message, not after unzipping and indexing.
+    ``fetch_weights`` also obtains the pretrained weights (torchvision caches them)."""
+    get_spec(network)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    training_options = TrainingOptions.from_dict(options or {})
+    augment = Augmentation(**(augmentation or {}))
+    fractions = parse_fractions(split_fractions)
+    if fetch_weights and mode != "scratch" and weights != "none":
+        build_network(network, 2, storage.absolute(weights) if weights != "default" else weights)
+    return training_options, augment, fractions
+
+
+@task(name="promote")
+def promotion_gate(store: str, name: str, run_url: str) -> dict:
+    """The promotion gate (tasks.promotion) with its decision shown as an artifact."""
+    decision = promote_run(store, name, run_url).to_dict()
+    get_run_logger().info("model %s: run %s %s (%s)", name, decision["run_id"],
+                          "promoted" if decision["promoted"] else "not promoted", decision["reason"])
+    create_markdown_artifact(decision_markdown(decision), key="model-promotion",
+                             description=f"Promotion decision for model {name}")
+    return decision
+
+
+def train_on_deployment(name: str, run_url: str) -> dict:
+    """The train step as a flow run of deployment ``name`` (e.g. ``train/gpu`` on a GPU work
+    pool); waits for it. Nothing travels through Prefect results: the child reads the run
+    folder by URL and writes trained.pt and training.json there, so the store must be one both
+    machines reach (S3 in a real deployment)."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    if "://" not in run_url:
+        logger.warning("training on deployment %s with a local store (%s): its worker must see "
+                       "the same filesystem", name, run_url)
+    child = run_deployment(name, parameters={"run_url": run_url}, timeout=None, poll_interval=3)
+    state = child.state
+    if state is None or not state.is_completed():
+        raise RuntimeError(f"training deployment {name!r}: flow run {child.name} ({child.id}) ended "
+                           f"{state.name if state else 'with no state'}"
+                           f"{': ' + state.message if state and state.message else ''}")
+    logger.info("trained by %s in flow run %s", name, child.name)
+    return storage.read_json(storage.join(run_url, "training.json"))
 
 
 def publish_artifacts(summary: dict, metrics: dict, run_url: str, montage_url: str) -> None:

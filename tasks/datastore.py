@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import posixpath
 import stat
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,6 +29,10 @@ SPLITS = ("train", "val", "test")
 MAX_EXTRACTED_BYTES = 20 * 2**30
 MAX_ZIP_ENTRIES = 2_000_000
 MAX_COMPRESSION_RATIO = 1_000  # JPEGs barely compress; a zip bomb compresses a millionfold
+# Images are compressed already: a whole archive that expands past MAX_ARCHIVE_RATIO and past
+# ARCHIVE_RATIO_FLOOR bytes is a bomb spread over many entries, each under the entry check.
+MAX_ARCHIVE_RATIO = 100
+ARCHIVE_RATIO_FLOOR = 1 * 2**30
 IGNORED_NAMES = ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
@@ -45,7 +51,7 @@ def check_zip_entries(archive: zipfile.ZipFile, source: str) -> list[zipfile.Zip
     infos = archive.infolist()
     if len(infos) > MAX_ZIP_ENTRIES:
         raise DataSetError(f"{source}: {len(infos):,} entries is more than the {MAX_ZIP_ENTRIES:,} allowed")
-    total = 0
+    total = compressed = 0
     for info in infos:
         name = info.filename
         parts = name.replace("\\", "/").split("/")
@@ -54,7 +60,10 @@ def check_zip_entries(archive: zipfile.ZipFile, source: str) -> list[zipfile.Zip
                                f"target folder (absolute path or '..')")
         if stat.S_ISLNK(info.external_attr >> 16):
             raise DataSetError(f"{source}: refused, entry {name!r} is a symbolic link")
+        if info.flag_bits & 0x1:
+            raise DataSetError(f"{source}: refused, entry {name!r} is encrypted")
         total += info.file_size
+        compressed += info.compress_size
         if info.compress_size and info.file_size > 10 * 2**20 and \
                 info.file_size / info.compress_size > MAX_COMPRESSION_RATIO:
             raise DataSetError(f"{source}: refused, entry {name!r} expands {info.file_size / info.compress_size:,.0f}x "
@@ -62,7 +71,25 @@ def check_zip_entries(archive: zipfile.ZipFile, source: str) -> list[zipfile.Zip
     if total > MAX_EXTRACTED_BYTES:
         raise DataSetError(f"{source}: refused, it would expand to {total / 2**30:.1f} GiB "
                            f"(limit {MAX_EXTRACTED_BYTES / 2**30:.0f} GiB)")
+    if total > ARCHIVE_RATIO_FLOOR and total > MAX_ARCHIVE_RATIO * max(compressed, 1):
+        raise DataSetError(f"{source}: refused, {compressed / 2**20:,.1f} MiB would expand to "
+                           f"{total / 2**30:,.1f} GiB ({total / max(compressed, 1):,.0f}x; a zip bomb?)")
     return [i for i in infos if not i.is_dir()]
+
+
+def _check_free_space(store: str, needed: int, source: str) -> None:
+    """A local store must have room for the extracted files (plus a margin)."""
+    if not storage.is_local(store):
+        return
+    import shutil
+
+    path = os.path.abspath(store)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    if needed + 256 * 2**20 > free:
+        raise DataSetError(f"{source}: refused, it expands to {needed / 2**30:.2f} GiB but the store "
+                           f"{store} has {free / 2**30:.2f} GiB free")
 
 
 def unzip_dataset(zip_url: str, store: str) -> str:
@@ -86,17 +113,41 @@ def unzip_dataset(zip_url: str, store: str) -> str:
         raise DataSetError(f"{zip_url} is not a valid zip file ({exc})") from None
     with archive:
         entries = check_zip_entries(archive, zip_url)
+        _check_free_space(store, sum(i.file_size for i in entries), zip_url)
         files_root = storage.join(target, "files")
-        for info in entries:
-            with archive.open(info) as member:
-                # Never trust the declared size: read at most one byte more than it.
-                content = member.read(info.file_size + 1)
-            if len(content) > info.file_size:
-                raise DataSetError(f"{zip_url}: entry {info.filename!r} is larger than it declares")
-            storage.write_bytes(storage.join(files_root, info.filename), content)
+        try:
+            for info in entries:
+                storage.write_bytes(storage.join(files_root, info.filename), _read_entry(archive, info, zip_url))
+        except DataSetError:
+            # A damaged or lying archive: take back what was written (the folder is this zip's
+            # own, keyed by its content hash, and has no manifest yet), so the store is as before.
+            _remove_partial(target)
+            raise
     storage.write_json(manifest_url, {"source": zip_url, "sha256": content_hash,
                                       "entries": len(entries)})
     return files_root
+
+
+def _remove_partial(target: str) -> None:
+    storage.remove(target, recursive=True)
+    if storage.is_local(target):  # and datasets/<name>/ if this made it (object stores have no folders)
+        try:
+            os.rmdir(os.path.dirname(storage.absolute(target)))
+        except OSError:
+            pass  # not empty: other versions of the data set live there
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> bytes:
+    try:
+        with archive.open(info) as member:
+            # Never trust the declared size: read at most one byte more than it.
+            content = member.read(info.file_size + 1)
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise DataSetError(f"{source}: entry {info.filename!r} is damaged or uses an unsupported "
+                           f"compression ({type(exc).__name__}: {exc})") from None
+    if len(content) > info.file_size:
+        raise DataSetError(f"{source}: entry {info.filename!r} is larger than it declares")
+    return content
 
 
 def materialize(data_url: str, store: str) -> str:

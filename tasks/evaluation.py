@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from tasks import storage
-from tasks.networks import LoadedModel, load_model_file
-from tasks.preprocessing import Preprocessing, load_image, load_images
+from tasks.networks import LoadedModel, ModelFileError, load_model_file
+from tasks.preprocessing import ImageDecodeError, Preprocessing, load_image, load_images
 from tasks.reports import confusion_chart
 
 
@@ -105,9 +105,32 @@ class Classification:
 
 def classify_image(model: nn.Module, preprocessing: Preprocessing, classes: list[str],
                    image_url: str) -> Classification:
-    """Label and score for one new image (MATLAB's ``scores2label(predict(net, I))``)."""
-    image = load_image(storage.read_bytes(image_url), preprocessing.input_size)
-    scores = predict_scores(model, image[None], preprocessing)[0]
+    """Label and score for one new image (MATLAB's ``scores2label(predict(net, I))``).
+
+    An image that cannot be used raises :class:`ImageDecodeError` naming the file and why; a
+    model that cannot score its own input size, or whose outputs do not match its classes,
+    raises :class:`ModelFileError`."""
+    try:
+        data = storage.read_bytes(image_url)
+    except IsADirectoryError:
+        raise ImageDecodeError(f"{image_url} is a folder, not an image file "
+                               f"(score a folder with `retrain score`)") from None
+    try:
+        image = load_image(data, preprocessing.input_size)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"cannot use {image_url}: {exc}") from None
+    try:
+        scores = predict_scores(model, image[None], preprocessing)[0]
+    except RuntimeError as exc:
+        size = "x".join(str(v) for v in preprocessing.input_size)
+        raise ModelFileError(f"the model cannot score an image at its declared input size {size}: "
+                             f"{str(exc).splitlines()[0]}") from None
+    if scores.shape != (len(classes),):
+        raise ModelFileError(f"the model gives {tuple(scores.shape)} scores per image but names "
+                             f"{len(classes)} classes")
+    if not torch.isfinite(scores).all():
+        raise ModelFileError("the model's scores are not finite numbers (NaN or infinite weights: "
+                             "a damaged or tampered model file?)")
     best = int(scores.argmax())
     return Classification(classes[best], float(scores[best]),
                           {c: float(s) for c, s in zip(classes, scores.tolist())})

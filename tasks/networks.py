@@ -113,7 +113,7 @@ def _load_state_dict_file(url: str) -> dict[str, torch.Tensor]:
         raise WeightsUnavailableError(f"weights file not found: {url}") from None
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # unpickling refused, truncated zip, garbage bytes...
         raise WeightsUnavailableError(
             f"weights file {url} is not a readable PyTorch state dict "
             f"(truncated, corrupt or holding arbitrary objects): {exc}") from None
@@ -344,11 +344,17 @@ def read_model_record(url: str) -> dict:
     try:
         record = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line),
-                      str(exc).splitlines()[0])
-        raise ModelFileError(
-            f"refused to load {url}: it holds Python objects other than tensors and plain "
-            f"values, which could run code ({reason})") from None
+        lines = str(exc).splitlines()
+        unsafe = next((line.strip() for line in lines if "Unsupported global" in line), None)
+        if unsafe:
+            raise ModelFileError(
+                f"refused to load {url}: it holds Python objects other than tensors and plain "
+                f"values, which could run code ({unsafe})") from None
+        # torch's message suggests weights_only=False: advice never to pass on. Keep its reason.
+        text = str(exc)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+        raise ModelFileError(f"refused to load {url}: not a model file that loads safely (truncated, "
+                             f"corrupt or not written by torch.save): {detail or lines[0]}") from None
     except Exception as exc:
         raise ModelFileError(f"{url} is not a readable model file (truncated or corrupt?): "
                              f"{type(exc).__name__}: {exc}") from None
@@ -376,3 +382,41 @@ def model_from_record(record: dict, source: str = "model file") -> LoadedModel:
 
 def load_model_file(url: str) -> LoadedModel:
     return model_from_record(read_model_record(url), source=url)
+
+
+# ---- body and head: the split the transfer-mode feature cache trains on -----------------
+
+@dataclass
+class BodyHeadSplit:
+    """A network cut just before its trainable head, sharing the model's modules (no copies).
+
+    ``body`` maps a normalised image batch to features; ``rest`` maps features to logits: the
+    head and the parameter-free layers after it (activation, pooling, flatten). ``dropout``
+    is the probability of the dropout layer just before the head, which in training acts on
+    the features (the caller applies it). ``rest(body(x)) == model(x)`` in eval mode; in
+    transfer mode the body is frozen, so its output can be computed once and cached.
+    """
+
+    body: nn.Module
+    rest: nn.Module
+    dropout: float = 0.0
+
+
+def split_at_head(model: nn.Module, spec: NetworkSpec) -> BodyHeadSplit:
+    """The body/rest split of a registry network; raises ``NotImplementedError`` for an
+    architecture it does not know (callers then fall back to running the whole model)."""
+    arch = spec.architecture
+    if arch.startswith("squeezenet"):
+        # features -> classifier [Dropout, conv10 (the head), ReLU, AdaptiveAvgPool] -> flatten
+        c = model.classifier
+        return BodyHeadSplit(model.features, nn.Sequential(c[1], c[2], c[3], nn.Flatten(1)), c[0].p)
+    if arch.startswith("resnet"):
+        body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1,
+                             model.layer2, model.layer3, model.layer4, model.avgpool, nn.Flatten(1))
+        return BodyHeadSplit(body, model.fc)
+    if arch.startswith("mobilenet_v3"):
+        # classifier [Linear, Hardswish, Dropout, Linear (the head)]: the first two are frozen
+        # pretrained layers, so they belong to the body.
+        c = model.classifier
+        return BodyHeadSplit(nn.Sequential(model.features, model.avgpool, nn.Flatten(1), c[0], c[1]), c[3], c[2].p)
+    raise NotImplementedError(f"no body/head split known for architecture {arch!r}")

@@ -94,16 +94,20 @@ def decode_image(data: bytes) -> torch.Tensor:
         raise ImageDecodeError("empty file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns from 89 Mpixel and refuses from 179; MAX_IMAGE_PIXELS decides here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as probe:  # reads the header only
                 fmt, (width, height) = probe.format, probe.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image too large ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"image too large, a decompression bomb? ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not a readable image (unknown or unsupported format)") from None
     except Exception as exc:
         raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageDecodeError(
-            f"image too large: {width}x{height} pixels (limit {MAX_IMAGE_PIXELS:,})")
+            f"image too large: {width}x{height} pixels (limit {MAX_IMAGE_PIXELS:,}), "
+            f"a decompression bomb?")
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     if fmt in _TORCHVISION_FORMATS:
@@ -132,13 +136,39 @@ def _jpeg_truncated(data: bytes) -> bool:
 
 def _decode_with_pil(data: bytes) -> torch.Tensor:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb = _high_depth_to_l(im) if im.mode in ("I", "F") or im.mode.startswith("I;16") else im
+                rgb = rgb.convert("RGB")
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def _high_depth_to_l(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey images as 8-bit grey: PIL's own conversion clips
+    them (a 16-bit TIFF turns white, a 0-1 float one black). 16-bit modes scale by 1/257; the
+    32-bit ones, whose range the mode does not say, by their values: 0-1 floats by 255, up
+    to 255 as they are, up to 65535 by 1/257, anything wider by its maximum."""
+    values = np.asarray(im, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 0.0
+    low = float(finite.min()) if finite.size else 0.0
+    if im.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    elif im.mode == "F" and low >= 0 and top <= 1.0:
+        scale = 255.0
+    elif top <= 255:
+        scale = 1.0
+    elif top <= 65535:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 255.0 / top
+    out = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(out, "L")
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

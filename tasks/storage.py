@@ -10,25 +10,124 @@ Every location in retrain is an fsspec URL: a plain local path, ``file://``, ``m
     runs/<run-id>/model.pt                       the published, self-describing model
     runs/<run-id>/{metrics.json,history.csv,*.png}
 
-Writers go through :func:`write_bytes` (temporary name, then move), so a reader never sees a
-half-written file, and an interrupted run leaves only ``*.tmp-*`` debris that is ignored.
+Writers go through :func:`write_bytes` (temporary name, then move; one atomic PUT on an object
+store), so a reader never sees a half-written file, and an interrupted run leaves only
+``*.tmp-*`` debris that is ignored.
+
+On a remote store (S3, GCS, ...) every read and write here is retried with exponential backoff
+when it fails in a way that may pass (connection refused or reset, timeouts, 5xx answers):
+``$RETRAIN_STORE_RETRIES`` attempts in all (default 4), the first wait
+``$RETRAIN_STORE_RETRY_DELAY`` seconds (default 1), doubling. Then :class:`StorageError` says
+which URL failed, how often and why. A missing file or a refused permission fails at once.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 DEFAULT_STORE = "retrain-store"
 TMP_MARKER = ".tmp-"
+DEFAULT_RETRIES = 4  # attempts in all, for a remote store
+DEFAULT_RETRY_DELAY = 1.0  # seconds before the second attempt; doubles, at most MAX_RETRY_DELAY
+MAX_RETRY_DELAY = 30.0
+# Object stores whose single PUT is atomic: see write_bytes.
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+log = logging.getLogger("retrain.storage")
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """The store kept failing (unreachable, timing out, answering errors) after retries."""
+
+
+# Failures that will not pass by trying again: retrying them only delays the clear error.
+_PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+              PermissionError, StorageError)
+# Client libraries of remote filesystems whose own exceptions are not OSError subclasses
+# (botocore's EndpointConnectionError, aiohttp's ClientConnectorError, ...).
+_REMOTE_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google",
+                          "azure", "gcsfs", "adlfs", "s3fs")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a store failure that may pass (what :func:`retrying` retries)."""
+    if not isinstance(exc, Exception) or isinstance(exc, _PERMANENT):
+        return False
+    name = type(exc).__name__
+    if "Credential" in name or "ParamValidation" in name or "NoSuchBucket" in name:
+        return False  # configuration, not weather
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    return type(exc).__module__.split(".")[0] in _REMOTE_CLIENT_MODULES
+
+
+def _retry_settings() -> tuple[int, float]:
+    try:
+        attempts = max(1, int(os.environ.get("RETRAIN_STORE_RETRIES", DEFAULT_RETRIES)))
+        delay = max(0.0, float(os.environ.get("RETRAIN_STORE_RETRY_DELAY", DEFAULT_RETRY_DELAY)))
+    except ValueError:
+        attempts, delay = DEFAULT_RETRIES, DEFAULT_RETRY_DELAY
+    return attempts, delay
+
+
+def retrying(operation: Callable[..., T]) -> Callable[..., T]:
+    """Retry ``operation(url, ...)`` on a remote store while it fails transiently (see the
+    module notes); on a local disk call it once. The one place retries live."""
+
+    @functools.wraps(operation)
+    def wrapper(url: str, *args, **kwargs) -> T:
+        if is_local(url):
+            return operation(url, *args, **kwargs)
+        attempts, delay = _retry_settings()
+        started = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            try:
+                return operation(url, *args, **kwargs)
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                reason = f"{type(exc).__name__}: {exc}"
+                if attempt == attempts:
+                    raise StorageError(
+                        f"store failure: {operation.__name__} {url} failed {attempts} time(s) over "
+                        f"{time.monotonic() - started:.1f} s; last error: {reason}") from exc
+                wait = min(delay * 2 ** (attempt - 1), MAX_RETRY_DELAY) * random.uniform(0.8, 1.2)
+                log.warning("%s %s failed (%s); attempt %d of %d in %.1f s", operation.__name__, url,
+                            reason, attempt + 1, attempts, wait)
+                _forget_listings(url)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def is_local(url: str) -> bool:
+    """A path on this machine (a plain path or file://), where retries do not help."""
+    url = str(url)
+    return "://" not in url or url.startswith(("file://", "local://"))
+
+
+def _forget_listings(url: str) -> None:
+    """Drop the filesystem's cached listings: after a failure they may be stale."""
+    try:
+        fs, _ = filesystem(url)
+        fs.invalidate_cache()
+    except Exception:
+        pass
 
 
 def default_store() -> str:
@@ -73,25 +172,38 @@ def absolute(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url))
 
 
+@retrying
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)
 
 
+@retrying
 def isdir(url: str) -> bool:
     fs, path = filesystem(url)
     return fs.isdir(path)
 
 
+@retrying
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
         return f.read()
 
 
+@retrying
 def write_bytes(url: str, data: bytes) -> str:
-    """Write atomically: to a temporary sibling, then move into place."""
+    """Write atomically: to a temporary sibling, then move into place.
+
+    On an object store (S3, GCS, Azure) a PUT is atomic already (an object appears whole or
+    not at all, a multipart upload only when completed), so the object is written in one
+    request; a temporary key and a copy would cost six more requests (listings, copy, delete),
+    each a chance to fail, and leave debris when a failure comes between them. The bucket
+    must exist."""
     fs, path = filesystem(url)
+    if protocol_of(url) in ATOMIC_PUT_PROTOCOLS:
+        fs.pipe_file(path, data)
+        return url
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -103,9 +215,13 @@ def write_bytes(url: str, data: bytes) -> str:
             os.replace(tmp, path)  # atomic on POSIX, even over an existing file
         else:
             fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+    except BaseException:
+        try:  # best effort: a store that just failed may fail this too; debris is ignored
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:
+            pass
+        raise
     return url
 
 
@@ -129,6 +245,7 @@ def read_parquet(url: str):
     return pd.read_parquet(io.BytesIO(read_bytes(url)))
 
 
+@retrying
 def list_files(url: str) -> list[str]:
     """Every file below ``url`` (recursively) as URLs, sorted; unfinished ``*.tmp-*`` are skipped."""
     fs, path = filesystem(url)
@@ -136,12 +253,23 @@ def list_files(url: str) -> list[str]:
     return sorted(to_url(fs, p) for p in found if TMP_MARKER not in posixpath.basename(p))
 
 
+@retrying
+def ls(url: str) -> list[str]:
+    """The entries directly inside folder ``url``, as URLs, sorted; none when it is missing."""
+    fs, path = filesystem(url)
+    if not fs.isdir(path):
+        return []
+    return sorted(to_url(fs, p) for p in fs.ls(path, detail=False))
+
+
+@retrying
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
 
 
+@retrying
 def sha256_of(url: str, chunk_size: int = 1 << 20) -> str:
     fs, path = filesystem(url)
     digest = hashlib.sha256()

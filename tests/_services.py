@@ -1,6 +1,8 @@
-"""Real services started as plain processes for the integration tests: a Prefect server (with
-its UI), Prefect process workers and moto's S3 server, each on 127.0.0.1 and a free port,
-each stopped with its whole process group when the test is done."""
+"""Real services started as plain processes for the integration tests, the same services
+infra/compose.yaml runs in containers: PostgreSQL, a Prefect server (with its UI) on it,
+Prefect process workers, an S3 endpoint (moto's server standing in for MinIO) and a Dask
+scheduler with workers. Each listens on 127.0.0.1 and a free port, and is stopped with its
+whole process group when the test is done."""
 
 from __future__ import annotations
 
@@ -74,6 +76,73 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
         pass
 
 
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(versions[-1]) if versions else None
+
+
+@contextmanager
+def postgres() -> Iterator[str | None]:
+    """A throwaway PostgreSQL server; yields its SQLAlchemy/asyncpg URL, or None when the
+    PostgreSQL server binaries (Debian's postgresql package) are not installed. As root it
+    runs as the ``postgres`` user, which PostgreSQL insists on."""
+    import pwd
+    import tempfile
+
+    initdb, server = _postgres_bin("initdb"), _postgres_bin("postgres")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            initdb = None
+        as_user = ["runuser", "-u", "postgres", "--"] if shutil.which("runuser") else []
+        if not as_user:
+            initdb = None
+    if not (initdb and server):
+        yield None
+        return
+    root = Path(tempfile.mkdtemp(prefix="retrain-pg-"))
+    if as_user:
+        shutil.chown(root, "postgres")
+    port = free_port()
+    log = root / "postgres.log"
+    made = subprocess.run([*as_user, initdb, "-D", str(root / "data"), "-U", "prefect", "--auth=trust",
+                           "-E", "UTF8"], capture_output=True, text=True, timeout=120)
+    if made.returncode != 0:  # e.g. no user to run it as: the caller falls back to SQLite
+        print(f"PostgreSQL unavailable (initdb: {made.stderr.strip()[-300:]})")
+        shutil.rmtree(root, ignore_errors=True)
+        yield None
+        return
+    proc = subprocess.Popen([*as_user, server, "-D", str(root / "data"), "-k", str(root), "-h", "127.0.0.1",
+                             "-p", str(port), "-c", "fsync=off", "-c", "synchronous_commit=off"],
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"PostgreSQL did not start (exit {proc.poll()}):\n"
+                                       + log.read_text()[-3000:]) from None
+                time.sleep(0.2)
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def prefect_env(api_url: str, home: Path) -> dict[str, str]:
     """The environment of a process that talks to the test's Prefect server, and only to it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -85,20 +154,24 @@ def prefect_env(api_url: str, home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def prefect_server(workdir: Path) -> Iterator[dict]:
-    """``prefect server start`` on 127.0.0.1 (SQLite in ``workdir``); yields its URLs and the
-    environment for its clients."""
+def prefect_server(workdir: Path, database_url: str | None = None) -> Iterator[dict]:
+    """``prefect server start`` on 127.0.0.1, on ``database_url`` (PostgreSQL) or SQLite in
+    ``workdir``; yields its URLs and the environment for its clients."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     home = workdir / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     env = prefect_env(api_url, home)
     log = workdir / "prefect-server.log"
-    proc = start([tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log, env)
+    server_env = dict(env, PREFECT_API_DATABASE_CONNECTION_URL=database_url) if database_url else env
+    proc = start([tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log,
+                 server_env)
+    started = time.perf_counter()
     try:
         wait_http(f"{api_url}/health", proc, log)
         yield {"api_url": api_url, "ui_url": f"http://127.0.0.1:{port}", "env": env, "log": log,
-               "home": home}
+               "home": home, "started_s": time.perf_counter() - started,
+               "database": "postgresql" if database_url else "sqlite"}
     finally:
         stop(proc)
 
@@ -119,3 +192,37 @@ def moto_s3(workdir: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+@contextmanager
+def dask_cluster(workdir: Path, env: dict[str, str] | None = None, workers: int = 1) -> Iterator[str]:
+    """``dask scheduler`` and ``dask worker`` processes; yields the scheduler address."""
+    from distributed import Client
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = dict(env or os.environ, OMP_NUM_THREADS="1")
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = start([tool("dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                       "--no-dashboard"], workdir / "dask-scheduler.log", env)
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if scheduler.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("dask scheduler did not start:\n"
+                                       + (workdir / "dask-scheduler.log").read_text()[-3000:]) from None
+                time.sleep(0.2)
+        worker = start([tool("dask"), "worker", address, "--nthreads", "1", "--nworkers", str(workers),
+                        "--no-dashboard", "--host", "127.0.0.1"], workdir / "dask-worker.log", env)
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(workers, timeout=120)
+        yield address
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(scheduler)

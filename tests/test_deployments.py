@@ -173,6 +173,19 @@ def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
         assert set(found[name]["parameters"]) <= accepted, (name, set(found[name]["parameters"]) - accepted)
 
 
+def test_deploy_refuses_without_a_server_or_with_an_unknown_deployment(capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli import main
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["deploy"]) == 2
+    assert "needs a running Prefect server" in capsys.readouterr().err
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert main(["deploy", "--only", "nightly"]) == 2
+    assert "no deployment named nightly" in capsys.readouterr().err
+
+
 def test_training_deployment_that_fails_fails_the_retrain_run_clearly(monkeypatch):
     import prefect.deployments
 
@@ -197,7 +210,7 @@ def test_training_deployment_that_fails_fails_the_retrain_run_clearly(monkeypatc
 
 @pytest.mark.integration
 def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
-    from tests._services import prefect_server, start_worker, stop
+    from tests._services import postgres, prefect_server, start_worker, stop
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
@@ -208,25 +221,43 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
     store = str(tmp_path / "store")
     timings = {}
     started = time.perf_counter()
-    with prefect_server(tmp_path) as server:
-        timings["server start"] = time.perf_counter() - started
+    # PostgreSQL under the server, as in infra/compose.yaml (SQLite where it is not installed)
+    with postgres() as database_url, prefect_server(tmp_path, database_url) as server:
+        timings[f"server start ({server['database']})"] = time.perf_counter() - started
         env = server["env"]
         t = time.perf_counter()
-        deployed = subprocess.run(
+        deploying = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "deploy", "--data", zip_path, "--store", store,
              "--network", "squeezenet-caffe", "--weights", weights, "--cron", "0 3 1 1 *", "--json"],
-            env=env, capture_output=True, text=True, timeout=300)
-        timings["retrain deploy"] = time.perf_counter() - t
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        result = json.loads(deployed.stdout.strip().splitlines()[-1])
-        assert {"retrain/scheduled", "train/gpu"} <= set(result["deployments"])
-        assert result["work_pools_created"] == ["cpu", "gpu"]
-        if (Path(__file__).resolve().parents[1] / "flows" / "score.py").exists():
-            assert "score/batch" in result["deployments"]
-
-        workers = [start_worker(pool, env, tmp_path / f"worker-{pool}.log") for pool in ("cpu", "gpu")]
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        workers = []
         try:
             with temporary_settings({PREFECT_API_URL: server["api_url"]}):
+                # `retrain deploy` creates the pools first, then runs `prefect deploy` (which
+                # loads the flows: slow); the workers start meanwhile, once their pools exist
+                _wait_for_pools(["cpu", "gpu"], deploying)
+                workers = [start_worker(pool, env, tmp_path / f"worker-{pool}.log") for pool in ("cpu", "gpu")]
+                out, err = deploying.communicate(timeout=300)
+                timings["retrain deploy"] = time.perf_counter() - t
+                assert deploying.returncode == 0, out + err
+                result = json.loads(out.strip().splitlines()[-1])
+                assert {"retrain/scheduled", "train/gpu"} <= set(result["deployments"])
+                assert result["work_pools_created"] == ["cpu", "gpu"]
+                if (Path(__file__).resolve().parents[1] / "flows" / "score.py").exists():
+                    assert "score/batch" in result["deployments"]
+                with get_client(sync_client=True) as client:
+                    scheduled = client.read_deployment_by_name("retrain/scheduled")
+                assert scheduled.schedules[0].schedule.cron == "0 3 1 1 *" and scheduled.schedules[0].active
+                assert scheduled.work_pool_name == "cpu" and scheduled.parameters["train_deployment"] == "train/gpu"
+                # the server accepts the Kubernetes GPU pool's base job template as well
+                from flows.deploy import ensure_work_pool
+
+                assert ensure_work_pool("gpu-k8s", "kubernetes", str(INFRA / "k8s" / "gpu-work-pool.json"))
+                with get_client(sync_client=True) as client:
+                    k8s_pool = client.read_work_pool("gpu-k8s")
+                assert k8s_pool.type == "kubernetes"
+                assert "gpu_count" in k8s_pool.base_job_template["variables"]["properties"]
+
                 # 1. the scheduled deployment, run now; its train step runs on the GPU pool
                 t = time.perf_counter()
                 good = run_deployment("retrain/scheduled", parameters={"options": {"max_epochs": 3, "seed": 0}},
@@ -253,6 +284,8 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
                 timings["worse run (train in process)"] = time.perf_counter() - t
                 assert worse.state.is_completed(), _logs(tmp_path, worse)
         finally:
+            if deploying.poll() is None:
+                stop(deploying)
             for w in workers:
                 stop(w)
 
@@ -270,6 +303,21 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
                              "held_out_images": first["images"]}))
 
 
+def _wait_for_pools(names: list[str], deploying: subprocess.Popen, timeout: float = 180) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if set(names) <= {p.name for p in client.read_work_pools()}:
+                return
+            if deploying.poll() is not None:
+                raise AssertionError("retrain deploy ended before creating the work pools:\n"
+                                     + deploying.stdout.read() + deploying.stderr.read())
+            time.sleep(0.5)
+    raise TimeoutError(f"work pools {names} were not created within {timeout} s")
+
+
 def _runs(store: str) -> list[dict]:
     from tasks.runs import list_runs
 
@@ -279,3 +327,110 @@ def _runs(store: str) -> list[dict]:
 def _logs(tmp_path: Path, flow_run) -> str:
     return f"flow run {flow_run.name} ended {flow_run.state}\n" + "\n".join(
         p.read_text()[-4000:] for p in sorted(tmp_path.glob("worker-*.log")))
+
+
+# ---- infra/: the compose file, the image, the Kubernetes manifests --------------------------------
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+
+
+def test_compose_file_has_every_service_and_validates():
+    import shutil
+
+    import yaml
+
+    from flows.deploy import placeholder_defaults
+
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "prefect-server", "minio", "minio-setup", "dask-scheduler", "dask-worker",
+            "worker-cpu", "worker-gpu", "deploy"} <= set(services)
+    assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    gpu = services["worker-gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert gpu["profiles"] == ["gpu"]
+    # the workers serve the pools prefect.yaml deploys to, and reach the store and the API
+    defaults = placeholder_defaults()
+    assert services["worker-cpu"]["command"][3:5] == ["--pool", defaults["RETRAIN_CPU_POOL"][0]]
+    assert gpu["command"][3:5] == ["--pool", defaults["RETRAIN_GPU_POOL"][0]]
+    for name in ("worker-cpu", "worker-gpu", "dask-worker", "deploy"):
+        env = services[name]["environment"]
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["RETRAIN_STORE"].startswith("s3://")
+        assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+
+    # the Compose tools' own schema check, where one is installed (no engine needed)
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        command, path = ["docker", "compose"], INFRA / "compose.yaml"
+    elif shutil.which("docker-compose"):
+        # Compose v1 (Debian's docker-compose) predates the top-level `name:` key
+        command, path = ["docker-compose"], INFRA / ".compose-v1-check.yaml"
+        path.write_text("".join(line for line in (INFRA / "compose.yaml").read_text().splitlines(True)
+                                if not line.startswith("name:")))
+    else:
+        pytest.skip("no docker compose / docker-compose to validate the file with")
+    try:
+        for profile in ([], ["--profile", "gpu"]):
+            checked = subprocess.run([*command, "--project-directory", str(INFRA), "-f", str(path), *profile,
+                                      "--env-file", str(INFRA / ".env.example"), "config", "-q"],
+                                     capture_output=True, text=True, timeout=60)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+    finally:
+        if path.name.startswith(".compose-v1"):
+            path.unlink()
+
+
+def test_dockerfile_copies_what_exists():
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    root = INFRA.parent
+    copied = [part for line in dockerfile.splitlines() if line.startswith("COPY ")
+              for part in line.split()[1:-1]]
+    assert {"pyproject.toml", "flows", "tasks", "deployments"} <= set(copied)
+    missing = [p for p in copied if not (root / p).exists()]
+    if missing == ["README.md"]:
+        pytest.skip("README.md (pyproject's readme, copied by the image) is not written yet")
+    assert not missing
+    ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
+    assert all(f"!{p}" in ignore or f"!{p}/" in ignore for p in copied)
+
+
+def _gpu_template() -> dict:
+    return json.loads((INFRA / "k8s" / "gpu-work-pool.json").read_text())
+
+
+def test_gpu_work_pool_template_renders_a_valid_gpu_job():
+    from prefect.utilities.templating import apply_values, find_placeholders
+
+    template = _gpu_template()
+    variables = template["variables"]["properties"]
+    used = {p.name for p in find_placeholders(template["job_configuration"])}
+    assert used <= set(variables), used - set(variables)
+    values = {k: v["default"] for k, v in variables.items() if "default" in v}
+    values.update(name="train-gpu-run", command="prefect flow-run execute")
+    manifest = apply_values(template["job_configuration"]["job_manifest"], values)
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"] == "retrain:latest" and manifest["metadata"]["namespace"] == "retrain"
+    # what the Kubernetes worker does to env and args before it submits the Job
+    container["env"] = [{"name": k, "value": v} for k, v in container["env"].items()]
+    container["args"] = container["args"].split()
+    manifest["metadata"]["labels"] = {}
+    # prefect-kubernetes requires parallelism/completions in the pod spec (its validator
+    # compares against its own default manifest); the API server ignores them there
+    pod = manifest["spec"]["template"]["spec"]
+    assert (pod.pop("parallelism"), pod.pop("completions")) == (1, 1)
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(manifest, kubernetes_validate.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("name", ["dask-cluster.yaml", "namespace.yaml"])
+def test_kubernetes_manifests_validate(name):
+    import yaml
+
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = [d for d in yaml.safe_load_all((INFRA / "k8s" / name).read_text()) if d]
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    if name == "dask-cluster.yaml":
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert {("Service", "dask-scheduler"), ("Deployment", "dask-scheduler"), ("Deployment", "dask-worker")} <= kinds

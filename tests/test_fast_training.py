@@ -14,7 +14,7 @@ from tasks.datastore import index_images
 from tasks.evaluation import predict_scores
 from tasks.networks import build_network, configure_trainable, get_spec, head_parameters, split_at_head
 from tasks.preprocessing import Augmentation, load_images
-from tasks.training import TrainingData, TrainingOptions, train
+from tasks.training import TrainingData, TrainingOptions, _dropout_to_float, train
 
 SIZE = (64, 64)
 SPEC = get_spec("squeezenet-caffe")
@@ -189,7 +189,7 @@ def test_finetune_and_classic_loop_do_not_use_the_cache(shapes_data):
 def test_cache_views_option():
     assert TrainingOptions(max_epochs=1).cache_views(AUGMENT) == 0
     assert TrainingOptions(max_epochs=10).cache_views(AUGMENT) == 1
-    assert TrainingOptions(max_epochs=30).cache_views(AUGMENT) == 4
+    assert TrainingOptions(max_epochs=30).cache_views(AUGMENT) == 3
     assert TrainingOptions(max_epochs=500).cache_views(AUGMENT) == 8
     assert TrainingOptions(max_epochs=3, feature_cache_views=5).cache_views(AUGMENT) == 5
     assert TrainingOptions(feature_cache_views=5).cache_views(Augmentation(False, 0)) == 0
@@ -197,6 +197,18 @@ def test_cache_views_option():
                 {"feature_cache_memory_mb": -1}, {"classic_loop": "yes"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainingOptions(**bad).validate()
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_feature_dropout_keeps_and_scales_like_nn_dropout(p):
+    torch.manual_seed(0)
+    features = torch.rand(64, 7, 7, 128).add_(0.5).half()
+    out = _dropout_to_float(features.clone(), p)
+    kept = out != 0
+    assert out.dtype == torch.float32
+    assert float(kept.float().mean()) == pytest.approx(1 - p, abs=0.01)
+    assert torch.allclose(out[kept], features.float()[kept] / (1 - p), rtol=1e-3)
+    assert torch.equal(_dropout_to_float(features.clone(), 0.0), features.float())
 
 
 def test_cli_has_the_new_flags():
@@ -208,3 +220,35 @@ def test_cli_has_the_new_flags():
     assert options.classic_loop and options.feature_cache_views == 3 and options.feature_cache_memory_mb == 100
     defaults = TrainingOptions.from_dict(_collect_options(build_parser().parse_args(["run"])))
     assert not defaults.classic_loop and defaults.feature_cache_views is None
+
+
+def test_train_run_records_the_cache_and_writes_a_full_model(shapes_dir, tmp_path):
+    from tasks.datastore import index_stage, split_stage
+    from tasks.networks import load_model_file
+    from tasks.runs import RunConfig, start_run
+    from tasks.training import train_run
+
+    config = RunConfig(data=shapes_dir, dataset=shapes_dir, network=SPEC.name, weights="none", mode="transfer",
+                       split=(0.7, 0.3, 0.0), options={"max_epochs": 2, "mini_batch_size": 8},
+                       augmentation=AUGMENT.to_dict())
+    run_url = start_run(str(tmp_path / "store"), config)
+    index_stage(shapes_dir, run_url)
+    split_stage(run_url, (0.7, 0.3, 0.0), 0)
+    summary = train_run(run_url)
+    assert summary["feature_cache"]["location"] == "memory" and summary["feature_cache"]["views"] == 1
+    assert not os.path.exists(os.path.join(run_url, "features"))
+    loaded = load_model_file(summary["trained"])  # the same self-describing file, body and head
+    assert loaded.meta["training"]["options"]["classic_loop"] is False
+
+
+@pytest.mark.parametrize("name,shape", [("resnet18", [512]), ("mobilenet_v3_small", [1024])])
+def test_other_architectures_train_on_cached_vectors(shapes_data, name, shape):
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model, _ = build_network(name, 3, "none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    outcome = train(model, spec, spec.preprocessing, shapes_data, "transfer",
+                    TrainingOptions(max_epochs=2, mini_batch_size=4), AUGMENT)
+    assert outcome.feature_cache["feature_shape"] == shape
+    changed = {k for k, v in outcome.state_dict.items() if not torch.equal(v, before[k])}
+    assert changed == {f"{spec.head_layer}.weight", f"{spec.head_layer}.bias"}

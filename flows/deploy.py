@@ -1,0 +1,156 @@
+"""Apply ``deployments/prefect.yaml`` in one command: ``retrain deploy``.
+
+Fills the file's ``{{ $RETRAIN_* }}`` placeholders (flags, then the environment, then the
+defaults below), creates the work pools it names that do not exist yet (``process`` pools by
+default; the GPU pool from a base job template such as ``infra/k8s/gpu-work-pool.json``), and
+runs ``prefect deploy`` from the project root, where the entrypoints' paths start. A
+deployment whose entrypoint file is not in this checkout is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tasks import storage
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
+_PLACEHOLDER = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def placeholder_defaults() -> dict[str, tuple[str, str]]:
+    """Each placeholder of prefect.yaml: (default, what it is)."""
+    return {
+        "RETRAIN_DATA": ("", "data set URL the schedule retrains on (empty: the generated sample set)"),
+        "RETRAIN_STORE": (storage.absolute(storage.default_store()), "store URL every worker reaches"),
+        "RETRAIN_NETWORK": ("squeezenet", "network to retrain"),
+        "RETRAIN_WEIGHTS": ("default", "default, none, or a state-dict file URL"),
+        "RETRAIN_MODE": ("transfer", "transfer | finetune | scratch"),
+        "RETRAIN_MODEL_NAME": ("", "model name for promotion (empty: the data set's name)"),
+        "RETRAIN_TRAIN_DEPLOYMENT": ("train/gpu", "deployment that trains (empty: train in the retrain run)"),
+        "RETRAIN_CRON": ("0 3 * * 1", "when to retrain (cron)"),
+        "RETRAIN_TIMEZONE": ("UTC", "time zone of the cron schedule"),
+        "RETRAIN_CPU_POOL": ("cpu", "work pool of the retraining and scoring runs"),
+        "RETRAIN_GPU_POOL": ("gpu", "work pool of the training runs"),
+        "RETRAIN_DASK_ADDRESS": ("", "Dask scheduler of batch scoring (empty: a local cluster per run)"),
+        "RETRAIN_CODE_DIR": (str(PROJECT_ROOT), "where workers find the project (their working directory)"),
+    }
+
+
+def deployment_env(values: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The placeholders' values: ``values`` (flags) over the environment over the defaults."""
+    env = {}
+    for name, (default, _) in placeholder_defaults().items():
+        given = (values or {}).get(name)
+        env[name] = given if given is not None else os.environ.get(name, default)
+    return env
+
+
+def _substitute(value, env: dict[str, str]):
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda m: env.get(m.group(1), m.group(0)), value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, env) for v in value]
+    return value
+
+
+def read_deployments(prefect_file: Path = PREFECT_FILE, env: dict[str, str] | None = None) -> list[dict]:
+    """The deployments of ``prefect_file`` with placeholders filled: name, entrypoint, work
+    pool, and whether the entrypoint file is in this checkout."""
+    config = yaml.safe_load(Path(prefect_file).read_text())
+    config = _substitute(config, env if env is not None else deployment_env())
+    found = []
+    for d in config.get("deployments") or []:
+        path = d["entrypoint"].split(":", 1)[0]
+        found.append({"name": d["name"], "entrypoint": d["entrypoint"],
+                      "work_pool": (d.get("work_pool") or {}).get("name"),
+                      "parameters": d.get("parameters") or {}, "schedules": d.get("schedules") or [],
+                      "available": (PROJECT_ROOT / path).exists()})
+    return found
+
+
+def ensure_work_pool(name: str, pool_type: str = "process", job_template: str | None = None) -> bool:
+    """Create work pool ``name`` unless it exists; returns True when it was created.
+    ``job_template``: a base job template file (JSON), e.g. the GPU Kubernetes one in infra/."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            pass
+        if job_template:
+            template = json.loads(Path(job_template).read_text())
+        elif pool_type == "process":
+            from prefect.workers.process import ProcessWorker
+
+            template = ProcessWorker.get_default_base_job_template()
+        else:
+            raise ValueError(f"work pool {name!r} of type {pool_type!r}: give its base job template "
+                             f"(--gpu-job-template), e.g. infra/k8s/gpu-work-pool.json")
+        client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+        return True
+
+
+def apply(values: dict[str, str | None] | None = None, prefect_file: Path = PREFECT_FILE,
+          names: list[str] | None = None, create_pools: bool = True, cpu_pool_type: str = "process",
+          gpu_pool_type: str = "process", gpu_job_template: str | None = None) -> dict:
+    """Create the missing work pools and apply the deployments (all, or ``names``)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ValueError("retrain deploy needs a running Prefect server: set PREFECT_API_URL "
+                         "(e.g. http://127.0.0.1:4200/api after `prefect server start`)")
+    env = deployment_env(values)
+    deployments = read_deployments(prefect_file, env)
+    unknown = sorted(set(names or []) - {d["name"] for d in deployments})
+    if unknown:
+        raise ValueError(f"no deployment named {', '.join(unknown)} in {prefect_file} "
+                         f"(it has {', '.join(d['name'] for d in deployments)})")
+    chosen = [d for d in deployments if not names or d["name"] in names]
+    skipped = [d for d in chosen if not d["available"]]
+    chosen = [d for d in chosen if d["available"]]
+    if not chosen:
+        raise ValueError("no deployment to apply: their entrypoint files are not in this checkout")
+    created = []
+    if create_pools:
+        for pool in sorted({d["work_pool"] for d in chosen}):
+            gpu = pool == env["RETRAIN_GPU_POOL"]
+            if ensure_work_pool(pool, gpu_pool_type if gpu else cpu_pool_type,
+                                gpu_job_template if gpu else None):
+                created.append(pool)
+    command = [sys.executable, "-m", "prefect", "deploy", "--no-prompt",
+               "--prefect-file", str(Path(prefect_file).resolve())]
+    for d in chosen:
+        command += ["--name", d["name"]]
+    proc = subprocess.run(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"prefect deploy failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
+                           f"\n{proc.stderr[-3000:]}")
+    return {"deployments": deployed_names(chosen),
+            "skipped": [f"{d['name']} ({d['entrypoint']} is not in this checkout)" for d in skipped],
+            "work_pools_created": created, "work_pools": sorted({d["work_pool"] for d in chosen}),
+            "store": env["RETRAIN_STORE"], "data": env["RETRAIN_DATA"], "prefect_file": str(prefect_file)}
+
+
+def deployed_names(chosen: list[dict]) -> list[str]:
+    """``flow/deployment`` names, as the API has them, of the deployments just applied."""
+    from prefect.client.orchestration import get_client
+
+    wanted = {(d["name"], d["entrypoint"]) for d in chosen}
+    with get_client(sync_client=True) as client:
+        return sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()
+                      if (d.name, d.entrypoint) in wanted)

@@ -1,0 +1,465 @@
+"""Batch scoring (tasks/scoring.py, flows/score.py, `retrain score`) on tiny generated images:
+bad files become rows with an error, parts are resumable after a kill -9, one job per output
+at a time, and the same code runs on a local cluster and on a separately started one."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from tasks import scoring, storage
+from tasks.networks import ModelFileError, build_network, get_spec, model_record, save_model_file
+from tasks.preprocessing import load_image
+from tasks.samples import make_shapes_dataset
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLASSES = ["circle", "square", "triangle"]
+
+
+def png_bytes(mode: str, size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, (10, 200, 30, 128) if mode == "RGBA" else 7).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_folder(root: Path, per_class: int = 4, bad: bool = True) -> dict[str, str | None]:
+    """Shapes in nested class folders plus bad files; returns file -> expected error word."""
+    make_shapes_dataset(str(root), per_class=per_class, size=40, seed=3)
+    expected: dict[str, str | None] = {str(p): None for p in root.rglob("*.jpg")}
+    if bad:
+        good = (root / "circle" / "circle_000.jpg").read_bytes()
+        files = {
+            "bad/corrupt.jpg": (good[:200] + b"\x00" * 300 + good[500:], None),  # may decode: any outcome but a crash
+            "bad/truncated.jpg": (good[: len(good) // 2], "truncated"),
+            "bad/empty.jpg": (b"", "empty"),
+            "bad/text named.jpg": (b"hello, I am not an image\n", "not a readable image"),
+            "odd/ünïcode alpha.png": (png_bytes("RGBA"), None),
+            "odd/grey.png": (png_bytes("L"), None),
+            "odd/anim.gif": (_gif(), None),
+        }
+        for name, (data, error) in files.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            expected[str(path)] = error
+        (root / "notes.txt").write_text("not scored: no image extension")
+        (root / ".hidden.jpg").write_bytes(good)
+    return expected
+
+
+def _gif() -> bytes:
+    buffer = io.BytesIO()
+    frames = [Image.new("P", (20, 20), i) for i in (1, 60)]
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def read_scores(out: str):
+    return pq.read_table(scoring.scores_url(out)).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def local_client():
+    """An in-process Dask cluster (one worker thread): real Dask, no process start-up."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    spec = get_spec("squeezenet-caffe")
+    model, origin = build_network(spec.name, 3, weights="none")
+    url = str(tmp_path_factory.mktemp("model") / "model.pt")
+    save_model_file(url, model_record(model, spec, CLASSES, origin))
+    return url
+
+
+# ---- listing and partitions -------------------------------------------------------------------
+
+def test_listing_folder_recursively_and_list_file(tmp_path):
+    expected = make_folder(tmp_path / "images")
+    listing = scoring.list_images(str(tmp_path / "images"))
+    assert listing.paths == sorted(expected) and len(listing.paths) == 12 + 7
+    assert listing.ignored == [str(tmp_path / "images" / "notes.txt")]  # hidden files: neither
+
+    (tmp_path / "list.txt").write_text("# two images and one that is gone\nimages/square/square_001.jpg\n\n"
+                                       f"{tmp_path}/images/circle/circle_000.jpg\nimages/missing.jpg\n"
+                                       "images/square/square_001.jpg\n")
+    listed = scoring.list_images(str(tmp_path / "list.txt"))
+    assert [Path(p).name for p in listed.paths] == ["circle_000.jpg", "missing.jpg", "square_001.jpg"]
+    with pytest.raises(FileNotFoundError):
+        scoring.list_images(str(tmp_path / "nowhere"))
+
+
+def test_partition_names_depend_only_on_the_sorted_files():
+    files = [f"/data/img_{i:03d}.jpg" for i in range(10)]
+    parts = scoring.partitions(files, 4, salt="m")
+    assert [len(p.paths) for p in parts] == [4, 4, 2]
+    assert scoring.partitions(list(reversed(files)), 4, salt="m") == parts  # order of listing: no matter
+    changed = scoring.partitions(files[:9] + ["/data/img_zzz.jpg"], 4, salt="m")
+    assert [p.name for p in changed[:2]] == [p.name for p in parts[:2]] and changed[2].name != parts[2].name
+    assert scoring.partitions(files, 4, salt="other model")[0].name != parts[0].name
+
+
+# ---- scoring a partition ------------------------------------------------------------------------
+
+def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_path, model_file):
+    from tasks.evaluation import predict_scores
+    from tasks.networks import load_model_file
+
+    expected = make_folder(tmp_path / "images")
+    paths = sorted(expected) + [str(tmp_path / "images" / "vanished.jpg")]
+    expected[paths[-1]] = "not found"
+    scoring.clear_model_cache()
+    loads = scoring.MODEL_LOADS["count"]
+    out = str(tmp_path / "part.parquet")
+    result = scoring.score_partition(model_file, storage.sha256_of(model_file), paths, out,
+                                     mini_batch_size=3, top_k=2)
+    table = pq.read_table(out).to_pandas()
+    assert list(table["path"]) == paths and result.images == len(paths)
+    for path, error in expected.items():
+        row = table[table["path"] == path].iloc[0]
+        if error is None and "corrupt" not in path:
+            assert pd.isna(row["error"]) and row["label"] in CLASSES, (path, row["error"])
+            assert len(row["top_labels"]) == 2 and row["top_labels"][0] == row["label"]
+            assert row["top_scores"][0] == pytest.approx(row["score"]) and row["top_scores"][0] >= row["top_scores"][1]
+        elif error is not None:
+            assert pd.isna(row["label"]) and row["top_labels"] is None and error in row["error"], (path, row["error"])
+    assert result.failed == int(table["error"].notna().sum()) >= 4
+
+    # the same preprocessing and scores as evaluation / classify (the model file's own)
+    good = [p for p in paths if expected.get(p) is None and "corrupt" not in p]
+    loaded = load_model_file(model_file)
+    pixels = torch.stack([load_image(storage.read_bytes(p), loaded.preprocessing.input_size) for p in good])
+    reference = predict_scores(loaded.model, pixels, loaded.preprocessing)
+    mine = table.set_index("path").loc[good]
+    assert list(mine["label"]) == [CLASSES[i] for i in reference.argmax(1).tolist()]
+    assert torch.allclose(torch.tensor(mine["score"].to_numpy()), reference.max(1).values, atol=1e-4)
+
+    # a second partition in this process reuses the loaded model; an existing part is kept
+    again = scoring.score_partition(model_file, storage.sha256_of(model_file), good[:2], str(tmp_path / "p2.parquet"))
+    assert again.images == 2 and scoring.MODEL_LOADS["count"] == loads + 1
+    assert scoring.score_partition(model_file, storage.sha256_of(model_file), paths, out).skipped
+
+
+def test_allocator_tuning_only_where_dask_set_its_trim_threshold(monkeypatch):
+    monkeypatch.setattr(scoring, "_ALLOCATOR_TUNED", False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert scoring.tune_allocator() is False  # glibc's adaptive defaults: left alone
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what Dask's nanny gives its workers
+    assert scoring.tune_allocator() is sys.platform.startswith("linux")
+    assert scoring.tune_allocator() is False  # once per process
+
+
+def test_models_that_do_not_fit_are_refused(tmp_path, model_file):
+    record = torch.load(model_file, weights_only=True)
+    wrong_classes = dict(record, classes=CLASSES + ["hexagon"])
+    save_model_file(str(tmp_path / "four.pt"), wrong_classes)
+    with pytest.raises(ModelFileError, match="do not fit"):
+        scoring.inspect_model(str(tmp_path / "four.pt"))
+    tiny = dict(record, input_size=[16, 16], preprocessing=dict(record["preprocessing"], input_size=[16, 16]))
+    save_model_file(str(tmp_path / "tiny.pt"), tiny)
+    with pytest.raises(ModelFileError, match="input size 16x16 does not fit"):
+        scoring.inspect_model(str(tmp_path / "tiny.pt"))
+    mismatch = dict(record, input_size=[224, 224])
+    save_model_file(str(tmp_path / "mismatch.pt"), mismatch)
+    with pytest.raises(ModelFileError, match="does not match"):
+        scoring.inspect_model(str(tmp_path / "mismatch.pt"))
+    make_folder(tmp_path / "images", per_class=1, bad=False)
+    with pytest.raises(scoring.ScoringError, match="top-k"):
+        scoring.prepare_job(model_file, str(tmp_path / "images"), str(tmp_path / "out"), top_k=4)
+
+    # an output that holds another model's scores is refused, not mixed
+    scoring.prepare_job(model_file, str(tmp_path / "images"), str(tmp_path / "out"))
+    other = dict(record, metrics={"retrained": True})
+    save_model_file(str(tmp_path / "other.pt"), other)
+    with pytest.raises(scoring.ScoringError, match="another model"):
+        scoring.prepare_job(str(tmp_path / "other.pt"), str(tmp_path / "images"), str(tmp_path / "out"))
+
+
+# ---- the job: resume, lock -----------------------------------------------------------------------
+
+def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, model_file, local_client):
+    expected = make_folder(tmp_path / "images")
+    out = str(tmp_path / "out")
+    first = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
+                                 partition_size=5, mini_batch_size=4)
+    assert first["images"] == len(expected) and first["processed"] == len(expected)
+    assert first["scored"] + first["failed"] == len(expected) and first["ignored"] == 1
+    assert first["partitions"] == 4 and sum(first["labels"].values()) == first["scored"]
+    assert {f["path"] for f in first["failures"]} >= {p for p, e in expected.items() if e}
+    frame = read_scores(out)
+    assert list(frame["path"]) == sorted(expected)
+
+    parts = sorted((Path(out) / "parts").iterdir())
+    parts[1].unlink()
+    (Path(out) / "scores.parquet").unlink()
+    (Path(out) / "parts" / "part-000099-debris.parquet.tmp-0a1b2c3d").write_bytes(b"half")
+    again = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
+                                 partition_size=5, mini_batch_size=4)
+    assert again["processed"] == 5 and again["resumed_partitions"] == 3
+    columns = ["path", "label", "error"]
+    assert read_scores(out)[columns].equals(frame[columns])
+    assert sorted(p.name for p in (Path(out) / "parts").iterdir()) == [p.name for p in parts]  # debris gone
+
+    # a part damaged on disk is removed by the consolidation, which says to rerun; the rerun redoes it
+    parts[2].write_bytes(b"PAR1 not really")
+    with pytest.raises(scoring.ScoringIncompleteError, match="unreadable"):
+        scoring.consolidate(scoring.prepare_job(model_file, str(tmp_path / "images"), out, partition_size=5))
+    assert not parts[2].exists()
+    assert scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
+                                partition_size=5, mini_batch_size=4)["processed"] == 5
+
+    # a new image: only its partition (the last) is scored again, still one row per image
+    (tmp_path / "images" / "zz_new.jpg").write_bytes((tmp_path / "images" / "square" / "square_000.jpg").read_bytes())
+    third = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
+                                 partition_size=5, mini_batch_size=4)
+    assert third["images"] == len(expected) + 1 and third["processed"] == 5
+    frame = read_scores(out)
+    assert frame["path"].is_unique and len(frame) == len(expected) + 1
+
+
+def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path, model_file, local_client):
+    make_folder(tmp_path / "images", per_class=2, bad=False)
+    out = str(tmp_path / "out")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom tasks.scoring import JobLock\n"
+                               "JobLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)", out],
+        stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(scoring.ScoringLockedError, match=f"pid {holder.pid}"):
+            scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client)
+        assert not Path(scoring.scores_url(out)).exists()
+        threading.Timer(1.0, lambda: os.kill(holder.pid, signal.SIGKILL)).start()  # dies holding it
+        summary = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
+                                       lock_wait_s=60)  # waits, then runs
+    finally:
+        holder.kill()
+        holder.wait()
+    assert summary["images"] == 6 and len(read_scores(out)) == 6
+    assert not Path(scoring.lock_url(out)).exists()
+
+
+def test_lease_lock_on_a_remote_store():
+    first = scoring.JobLock("memory://leases/out", lease_s=60).acquire()
+    with pytest.raises(scoring.ScoringLockedError):
+        scoring.JobLock("memory://leases/out", lease_s=60).acquire()
+    first.release()
+    with scoring.JobLock("memory://leases/out", lease_s=60):
+        pass
+    stale = {"host": "gone", "pid": 1, "token": "old", "since": "then", "heartbeat": time.time() - 3600}
+    storage.write_json(scoring.lock_url("memory://leases/out"), stale)
+    with scoring.JobLock("memory://leases/out", lease_s=60):  # a lease not renewed is taken over
+        assert storage.read_json(scoring.lock_url("memory://leases/out"))["token"] != "old"
+
+
+KILL_SCRIPT = """
+import sys
+from tasks.scoring import score_images
+
+if __name__ == "__main__":
+    model, images, out = sys.argv[1:4]
+    score_images(model, images, out, workers=1, partition_size=2, mini_batch_size=2)
+"""
+
+
+def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, model_file, local_client):
+    expected = make_folder(tmp_path / "images", per_class=12)
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    script = tmp_path / "score_job.py"
+    script.write_text(KILL_SCRIPT)
+    log = open(tmp_path / "job.log", "wb")
+    job = subprocess.Popen([sys.executable, str(script), model_file, images, out], cwd=PROJECT_ROOT,
+                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    parts = Path(out) / "parts"
+    total = (len(expected) + 1) // 2
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and job.poll() is None:
+            if parts.is_dir() and len(list(parts.glob("*.parquet"))) >= 2:
+                break
+            time.sleep(0.02)
+        assert job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+        os.kill(job.pid, signal.SIGKILL)  # kill -9 of the scoring run
+        job.wait()
+        done_at_kill = len(list(parts.glob("*.parquet")))
+        _wait_group_gone(job.pid)  # its Dask worker notices its parent died and exits
+    finally:
+        _kill_group(job.pid)
+        log.close()
+    assert 2 <= done_at_kill < total, (done_at_kill, total)
+    assert not Path(scoring.scores_url(out)).exists()
+
+    summary = scoring.score_images(model_file, images, out, client=local_client,
+                                   partition_size=2, mini_batch_size=2)
+    frame = read_scores(out)
+    assert len(frame) == len(expected) == summary["images"]
+    assert frame["path"].is_unique and set(frame["path"]) == set(expected)
+    assert summary["resumed_partitions"] >= done_at_kill and summary["processed"] < len(expected)
+    assert not [p for p in parts.iterdir() if storage.TMP_MARKER in p.name]
+
+
+def _wait_group_gone(pgid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ---- the flow and the command line --------------------------------------------------------------
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    """A `dask scheduler` and a `dask worker` (one process, one thread) on 127.0.0.1, started
+    as separate processes and stopped after the test."""
+    import socket
+
+    from distributed import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    log = open(tmp_path / "dask.log", "wb")
+    common = dict(cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], **common)]
+    try:
+        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--host", "127.0.0.1", "--no-dashboard"], **common))
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(1, timeout=180)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc.pid)
+                proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def prefect_logs(prefect_api):
+    """Prefect's console log handler binds the sys.stderr of the moment it is set up; set up
+    during a test that captures output (capsys), it is left writing to a closed stream, and a
+    flow with log_prints then fails. Point it at an open stream before flows run here."""
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None and getattr(stream, "closed", False):
+            handler.setStream(sys.stderr)
+            if hasattr(handler, "console"):
+                handler.console.file = sys.stderr
+    return prefect_api
+
+
+def run_cli(args: list[str]) -> tuple[int, dict]:
+    """``retrain ARGS`` in process; its return code and the JSON object of its last line
+    (stdout redirected here rather than with capsys, see ``prefect_logs``)."""
+    from contextlib import redirect_stdout
+
+    from flows.cli import main
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = main(args)
+    return code, json.loads(buffer.getvalue().strip().splitlines()[-1])
+
+
+def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_file, dask_processes):
+    from distributed import Client
+
+    expected = make_folder(tmp_path / "images")
+    out = str(tmp_path / "out")
+    args = ["score", model_file, str(tmp_path / "images"), "--out", out, "--dask-address", dask_processes,
+            "--partition-size", "4", "--mini-batch-size", "8", "--top-k", "2", "--json"]
+    code, result = run_cli(args)
+    assert code == 0
+    assert set(result) >= {"images", "scored", "failed", "seconds", "images_per_second", "output"}
+    assert result["images"] == len(expected) == result["scored"] + result["failed"]
+    assert result["output"] == scoring.scores_url(out) and result["images_per_second"] > 0
+    frame = read_scores(out)
+    assert len(frame) == len(expected) and frame["top_labels"].dropna().map(len).eq(2).all()
+    with Client(dask_processes) as client:  # 5 partitions, one model load in that worker
+        loads = client.run(lambda: __import__("tasks.scoring").scoring.MODEL_LOADS["count"])
+    assert list(loads.values()) == [1]
+
+    code, again = run_cli(args)  # again: everything is there already
+    assert code == 0
+    assert again["processed"] == 0 and again["resumed_partitions"] == 5 and again["images"] == len(expected)
+
+    code, failed = run_cli(["score", str(tmp_path / "no-model.pt"), str(tmp_path / "images"), "--json"])
+    assert code == 2 and "no model file" in failed["error"]
+
+
+def test_retrain_flow_ends_with_batch_predict_on_a_local_cluster(prefect_logs, shapes_dir, tmp_path):
+    from flows.retrain import retrain_flow
+    from flows.score import score_flow
+
+    expected = make_folder(tmp_path / "to-score", per_class=3)
+    store = str(tmp_path / "store")
+    environ = {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+    summary = retrain_flow(data=shapes_dir, store=store, network="squeezenet-caffe", weights="none",
+                           options={"max_epochs": 1, "mini_batch_size": 8}, promote=False,
+                           score_folder=str(tmp_path / "to-score"))
+    out = str(Path(summary["run"]) / "scores")
+    assert summary["scores"] == scoring.scores_url(out)
+    frame = read_scores(out)
+    assert len(frame) == len(expected) and frame["path"].is_unique
+    scored = storage.read_json(scoring.summary_url(out))
+    assert scored["model"] == summary["model"] and scored["images"] == len(expected)
+    # the local cluster's workers had their own environment; this process keeps its own
+    assert {k: os.environ.get(k) for k in environ} == environ
+
+    # the flow again, by run id, into the same output: nothing left to score
+    again = score_flow(model=summary["run_id"], images=str(tmp_path / "to-score"), out=out, store=store)
+    assert again["processed"] == 0 and again["resumed_partitions"] == again["partitions"]
+    _assert_artifacts("score-summary", "score-progress", "score-labels")
+
+
+def _assert_artifacts(*keys: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+    assert {a.key for a in found} >= set(keys)
