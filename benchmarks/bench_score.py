@@ -26,7 +26,6 @@ count. Run from the project root:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
 import os

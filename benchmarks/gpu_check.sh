@@ -145,20 +145,20 @@ EOF
 score() {  # $1: label; the rest: environment for the command
     local label=$1; shift
     local out=$WORK/scores-$label
+    # stdout's last line is the JSON; logs (Prefect's, Dask's) go to stderr
     if "$PY" -c "import prefect, distributed" 2>/dev/null; then
         env "$@" "$PY" -m flows.cli score "$WORK/model.pt" "$WORK/images" --out "$out" --store "$WORK/store" --json \
-            > "$WORK/score-$label.log" 2>&1 || { tail -20 "$WORK/score-$label.log"; return 0; }
-        tail -1 "$WORK/score-$label.log" > "$WORK/score-$label.json"
+            > "$WORK/score-$label.out" 2> "$WORK/score-$label.log" || { tail -20 "$WORK/score-$label.log"; return 0; }
         echo "retrain score" > "$WORK/score-$label.how"
     elif "$PY" -c "import distributed" 2>/dev/null; then
         env "$@" "$PY" "$WORK/score_check.py" "$WORK/model.pt" "$WORK/images" "$out" \
-            > "$WORK/score-$label.log" 2>&1 || { tail -20 "$WORK/score-$label.log"; return 0; }
-        tail -1 "$WORK/score-$label.log" > "$WORK/score-$label.json"
+            > "$WORK/score-$label.out" 2> "$WORK/score-$label.log" || { tail -20 "$WORK/score-$label.log"; return 0; }
         echo "tasks.scoring.score_images (no Prefect here)" > "$WORK/score-$label.how"
     else
         echo "  neither Prefect nor Dask importable: no retrain score figure (run --prepare first)"
         return 0
     fi
+    tail -1 "$WORK/score-$label.out" > "$WORK/score-$label.json"
     echo "  $label: $(cat "$WORK/score-$label.how"): $(cut -c1-300 "$WORK/score-$label.json")"
 }
 echo "== scoring $IMAGES images"

@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", default=None, help="name the run (or resume that run)")
     run.add_argument("--fresh", action="store_true", help="start a new run even if an unfinished "
                                                           "run with the same settings exists")
+    run.add_argument("--model-name", default=None, help="the model this run may be promoted to "
+                                                        "(default: the data set's name)")
+    run.add_argument("--no-promote", action="store_true", help="skip the promotion gate")
+    run.add_argument("--train-deployment", default=None,
+                     help="train as a flow run of this deployment (e.g. train/gpu) and wait for it")
+    run.add_argument("--score-folder", default=None, help="end by batch-scoring this folder with the new model")
+    run.add_argument("--score-out", default=None, help="where the scores go (default <run>/scores)")
     common(run)
     _option_flags(run)
 
@@ -159,9 +166,12 @@ def cmd_run(args) -> dict:
     request = dict(network=args.network, weights=args.weights, mode=args.mode, split_fractions=args.split,
                    options=_collect_options(args),
                    augmentation={"reflect": not args.no_reflect, "max_translation": args.max_translation})
-    check_request(**request)  # fail fast, before Prefect's API starts
+    check_request(**request, fetch_weights=args.train_deployment is None)  # fail fast, before Prefect starts
     summary = retrain_flow(data=args.data, store=_store(args), **request, run_id=args.run_id,
-                           resume=not args.fresh, progress=not args.json and sys.stderr.isatty())
+                           resume=not args.fresh, progress=not args.json and sys.stderr.isatty(),
+                           train_deployment=args.train_deployment, model_name=args.model_name,
+                           promote=not args.no_promote, score_folder=args.score_folder,
+                           score_out=args.score_out)
     if not args.json:
         print(f"\nrun {summary['run_id']}: {summary['network']} ({summary['mode']}) on "
               f"{len(summary['classes'])} classes: " + ", ".join(summary["classes"]))

@@ -858,11 +858,11 @@ def run_partitions(client, plan: JobPlan, on_done: Callable[[PartResult], None] 
     try:
         for future in as_completed(futures):
             part = futures[future]
-            if future.status == "error":
-                exc = future.exception()
+            if future.status != "finished":  # error (after its retry), or cancelled
+                exc = future.exception() if future.status == "error" else None
                 if isinstance(exc, ModelFileError):
                     raise exc
-                failures.append((part.name, f"{type(exc).__name__}: {exc}"))
+                failures.append((part.name, f"{type(exc).__name__}: {exc}" if exc else future.status))
                 continue
             result = future.result()
             results.append(result)

@@ -512,8 +512,13 @@ def _run_body(body: nn.Module, images: torch.Tensor, views: int, augmentation: A
     with torch.inference_mode(), _autocast(device, training=False):
         for view, start, batch in _view_batches(images, views, augmentation, seed, batch_size, device):
             for s in range(0, len(batch), body_batch):
-                x = preprocessing.normalize(batch[s:s + body_batch]).contiguous(memory_format=torch.channels_last)
-                features = body(x)
+                part = batch[s:s + body_batch]
+                count = len(part)
+                if count < body_batch:  # pad: one input shape, so one set of kernels (a new
+                    # shape costs seconds of oneDNN kernel generation, or cuDNN autotuning)
+                    part = torch.cat([part, part.new_zeros((body_batch - count, *part.shape[1:]))])
+                x = preprocessing.normalize(part).contiguous(memory_format=torch.channels_last)
+                features = body(x)[:count]
                 if out is None:
                     out = allocate(tuple(_stored_layout(features).shape[1:]))
                 _store_features(out, view, start + s, features)

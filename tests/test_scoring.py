@@ -237,6 +237,25 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
     assert frame["path"].is_unique and len(frame) == len(expected) + 1
 
 
+def test_a_failing_partition_fails_the_job_but_keeps_the_others(tmp_path, model_file, local_client, monkeypatch):
+    make_folder(tmp_path / "images", per_class=3, bad=False)
+    out = str(tmp_path / "out")
+    real = scoring.score_partition
+
+    def crash_on_second(model_url, sha, paths, part, *args):
+        if "part-000001-" in part:
+            raise MemoryError("worker ran out of memory")
+        return real(model_url, sha, paths, part, *args)
+
+    monkeypatch.setattr(scoring, "score_partition", crash_on_second)
+    with pytest.raises(scoring.ScoringIncompleteError, match="1 of 3 partitions failed .*MemoryError"):
+        scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client, partition_size=4)
+    assert len(list((Path(out) / "parts").glob("*.parquet"))) == 2 and not Path(scoring.scores_url(out)).exists()
+    monkeypatch.setattr(scoring, "score_partition", real)
+    summary = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client, partition_size=4)
+    assert summary["processed"] == 4 and summary["resumed_partitions"] == 2 and len(read_scores(out)) == 9
+
+
 def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path, model_file, local_client):
     make_folder(tmp_path / "images", per_class=2, bad=False)
     out = str(tmp_path / "out")
