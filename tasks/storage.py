@@ -33,7 +33,7 @@ import posixpath
 import random
 import time
 import uuid
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -278,10 +278,6 @@ def sha256_of(url: str, chunk_size: int = 1 << 20) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-def iter_chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 # ---- the store layout: one function per place, so a layout change touches one spot ----
