@@ -8,9 +8,9 @@ on the machine makes absolute times noisy; the ratios are what count):
   retrain flow does), accuracy on ``val/``; seeds 0-2.
 - MerchData: the retrain flow's split (``split_each_label`` 0.7/0.15/0.15 with the seed),
   test accuracy; seeds 0-4.
-- fine-tune (and the classic transfer loop) against the committed ``tasks/training.py``
-  (``git show HEAD:tasks/training.py``, loaded as a separate module): seconds per iteration,
-  alternating old and new.
+- fine-tune (and the classic transfer loop) against ``tasks/training.py`` as it was before
+  the feature cache (``git show 5826a04:tasks/training.py``, ``--baseline-rev``, loaded as a
+  separate module): seconds per iteration, alternating old and new.
 
 Writes a JSON file and prints a table. Run from the project root:
 
@@ -150,7 +150,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def load_module(name: str, source: str):
-    """A module from source text (the committed training.py) next to the current one."""
+    """A module from source text (the baseline training.py) next to the current one."""
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
@@ -158,43 +158,70 @@ def load_module(name: str, source: str):
     return module
 
 
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def same_work(old, old_extra: dict, new_extra: dict, data: TrainingData, classes, weights: str, batch: int,
+              augmentation: Augmentation, mode: str) -> dict:
+    """Timing-free evidence: the operators each loop runs (torch profiler counts) and whether
+    they compute the same losses, iteration by iteration."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    counts, losses = {}, {}
+    for label, module, extra in (("baseline", old, old_extra), ("current", training, new_extra)):
+        opts = {"max_epochs": 1, "mini_batch_size": batch, "checkpoint_frequency": 0, **extra}
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _, outcome, _, _ = train_once(module, data, classes, weights, 0, opts, augmentation, mode)
+        counts[label] = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+        losses[label] = outcome.history["loss"].tolist()
+    a, b = counts["baseline"], counts["current"]
+    return {"aten_ops": {k: sum(c.values()) for k, c in counts.items()},
+            "ops_differing": {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)},
+            "identical_losses": losses["baseline"] == losses["current"], "iterations": len(losses["current"])}
+
+
 def loop_overhead(data: TrainingData, classes, weights: str, repeats: int, iterations: int,
-                  batch: int) -> dict:
-    """Seconds per iteration of the committed loop and this one, fine-tune and classic
-    transfer, alternating old and new ``repeats`` times; no validation (only the loop)."""
-    source = subprocess.run(["git", "show", "HEAD:tasks/training.py"], cwd=ROOT, check=True,
+                  batch: int, baseline_rev: str) -> dict:
+    """Seconds per iteration of the baseline loop and this one, fine-tune and classic
+    transfer, alternating old and new ``repeats`` times; no validation (only the loop).
+
+    Each run's iterations are timed one by one (the history's clock, the first iteration
+    left out: it holds the warm-up). Other work on the machine only ever adds time, so the
+    low quantiles of many interleaved samples are the fair comparison; medians are shown too."""
+    source = subprocess.run(["git", "show", f"{baseline_rev}:tasks/training.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
-    old = load_module("committed_training", source)
+    old = load_module("baseline_training", source)
+    old_extra = {"classic_loop": True} if "classic_loop" in old.TrainingOptions.__dataclass_fields__ else {}
     n = iterations * batch
     subset = TrainingData(data.train_images[:n], data.train_targets[:n],
                           data.val_images[:0], data.val_targets[:0])
     augmentation = Augmentation()
     results = {}
     for mode, extra_new in (("finetune", {}), ("transfer", {"classic_loop": True})):
-        times = {"committed": [], "current": []}
-        cpu_times = {"committed": [], "current": []}
+        samples: dict[str, list[float]] = {"baseline": [], "current": []}
         for r in range(repeats + 1):  # the first round warms up
-            order = [("committed", old, {}), ("current", training, extra_new)]
+            order = [("baseline", old, old_extra if mode == "transfer" else {}), ("current", training, extra_new)]
             if r % 2:
                 order.reverse()
             for label, module, extra in order:
                 opts = {"max_epochs": 1, "mini_batch_size": batch, "checkpoint_frequency": 0, **extra}
-                _, outcome, seconds, cpu = train_once(module, subset, classes, weights, 0, opts, augmentation, mode)
+                _, outcome, _, _ = train_once(module, subset, classes, weights, 0, opts, augmentation, mode)
                 if r:
-                    times[label].append(seconds / outcome.iterations)
-                    cpu_times[label].append(cpu / outcome.iterations)
-        results[mode] = {k: {"median_s_per_iteration": statistics.median(v), "min_s_per_iteration": min(v),
-                             "median_cpu_s_per_iteration": statistics.median(cpu_times[k]),
-                             "all": v, "all_cpu": cpu_times[k]} for k, v in times.items()}
-        r = results[mode]
-        r["current_over_committed_median"] = (r["current"]["median_s_per_iteration"]
-                                              / r["committed"]["median_s_per_iteration"])
-        r["current_over_committed_cpu_median"] = (r["current"]["median_cpu_s_per_iteration"]
-                                                  / r["committed"]["median_cpu_s_per_iteration"])
-        print(f"  {mode}: committed {r['committed']['median_s_per_iteration']:.3f} s/it "
-              f"({r['committed']['median_cpu_s_per_iteration']:.3f} CPU), current "
-              f"{r['current']['median_s_per_iteration']:.3f} s/it ({r['current']['median_cpu_s_per_iteration']:.3f} CPU)",
-              flush=True)
+                    samples[label] += outcome.history["seconds"].diff().dropna().tolist()
+        r = {k: {"min": min(v), "p10": _quantile(v, 0.1), "p25": _quantile(v, 0.25),
+                 "median": statistics.median(v), "samples": v} for k, v in samples.items()}
+        r["same_work"] = same_work(old, old_extra if mode == "transfer" else {}, extra_new, subset, classes,
+                                   weights, batch, augmentation, mode)
+        for q in ("min", "p10", "p25", "median"):
+            r[f"current_over_baseline_{q}"] = r["current"][q] / r["baseline"][q]
+        results[mode] = r
+        print(f"  {mode}: seconds per iteration, baseline p10 {r['baseline']['p10']:.3f} median "
+              f"{r['baseline']['median']:.3f}; current p10 {r['current']['p10']:.3f} median "
+              f"{r['current']['median']:.3f} ({len(samples['current'])} samples each)", flush=True)
     return results
 
 
@@ -212,12 +239,16 @@ def print_table(results: dict) -> None:
                   f"{row['accuracy_minus_classic_points']:+10.2f}p  "
                   + " ".join(f"{a:.3f}" for a in row["accuracies"]))
     if "loop_overhead" in results:
-        print("\nloop against the committed tasks/training.py (median seconds per iteration, wall / CPU):")
+        print(f"\nloop against tasks/training.py at {results['settings']['baseline_rev']}: seconds per "
+              "iteration (min / p10 / p25 / median), current over baseline")
         for mode, r in results["loop_overhead"].items():
-            print(f"  {mode:<9} committed {r['committed']['median_s_per_iteration']:.3f} / "
-                  f"{r['committed']['median_cpu_s_per_iteration']:.3f}  current "
-                  f"{r['current']['median_s_per_iteration']:.3f} / {r['current']['median_cpu_s_per_iteration']:.3f}  "
-                  f"ratio {r['current_over_committed_median']:.3f} / {r['current_over_committed_cpu_median']:.3f}")
+            qs = ("min", "p10", "p25", "median")
+            print(f"  {mode:<9} baseline " + " / ".join(f"{r['baseline'][q]:.3f}" for q in qs)
+                  + "  current " + " / ".join(f"{r['current'][q]:.3f}" for q in qs)
+                  + "  ratio " + " / ".join(f"{r[f'current_over_baseline_{q}']:.3f}" for q in qs))
+            w = r["same_work"]
+            print(f"  {'':<9} same work: aten ops {w['aten_ops']['baseline']} vs {w['aten_ops']['current']} "
+                  f"(differing: {w['ops_differing']}), identical losses: {w['identical_losses']}")
     print("=" * 100)
 
 
@@ -225,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(SHARED / "weights" / "squeezenet1_1_caffe-2c890718.pth"))
     p.add_argument("--data", default="hymenoptera,merch,overhead",
-                   help="comma-separated: hymenoptera, merch, overhead (fine-tune loop vs committed)")
+                   help="comma-separated: hymenoptera, merch, overhead (fine-tune loop vs baseline)")
     p.add_argument("--hymenoptera-seeds", default="0,1,2")
     p.add_argument("--merch-seeds", default="0,1,2,3,4")
     p.add_argument("--hymenoptera-epochs", type=int, default=25,
@@ -237,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout", type=float, default=0.15, help="part of hymenoptera train/ used as validation data")
     p.add_argument("--views", default="auto", help="cached views to compare, e.g. auto or 1,2,4")
     p.add_argument("--overhead-repeats", type=int, default=3)
-    p.add_argument("--overhead-iterations", type=int, default=4)
+    p.add_argument("--overhead-iterations", type=int, default=8)
+    p.add_argument("--baseline-rev", default="5826a04",
+                   help="git revision of the loop before the feature cache (default: the first commit)")
     p.add_argument("--quick", action="store_true", help="1 seed each, 3 epochs, 1 overhead repeat")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train.json"))
     args = p.parse_args(argv)
@@ -275,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                                    args.weights, {**base, "max_epochs": args.merch_epochs,
                                                   "mini_batch_size": args.merch_batch}, augmentation, view_counts)
     if "overhead" in wanted and hymenoptera.exists():
-        print("loop overhead against the committed training.py", flush=True)
+        print("loop overhead against the baseline training.py", flush=True)
         data, _, _, classes = load_hymenoptera(hymenoptera, 0.0, 0, size)
         results["loop_overhead"] = loop_overhead(data, classes, args.weights, args.overhead_repeats,
-                                                 args.overhead_iterations, 16)
+                                                 args.overhead_iterations, 16, args.baseline_rev)
     results["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
