@@ -227,11 +227,14 @@ for label in ("gpu", "cpu"):
         s["how"] = open(os.path.join(work, f"score-{label}.how")).read().strip()
         result["scoring"][label] = s
 g, c = (result["scoring"].get(k, {}).get("images_per_second") for k in ("gpu", "cpu"))
-print(f"{'score ' + str((result['scoring'].get('cpu') or {}).get('images', '?')) + ' images (retrain score)':<44} "
+how = (result["scoring"].get("cpu") or result["scoring"].get("gpu") or {}).get("how", "not run")
+print(f"{'score ' + str((result['scoring'].get('cpu') or {}).get('images', '?')) + ' images':<44} "
       f"{round(g, 1) if g else '-':>10} {round(c, 1) if c else '-':>10} {f'{g / c:.1f}x' if g and c else '-':>9}")
 ref = result["reference"] or {}
 g, c = ref.get("cuda", {}).get("images_per_second"), ref.get("cpu", {}).get("images_per_second")
 print(f"{'reference: decode + model only':<44} {g or '-':>10} {c or '-':>10} {f'{g / c:.1f}x' if g and c else '-':>9}")
+print(f"(scoring through {how}; the GPU column is with the GPU visible to it, the CPU column with "
+      f"CUDA_VISIBLE_DEVICES=)")
 print(f"(whole check {seconds} s; results {out})")
 json.dump(result, open(out, "w"), indent=2, default=str)
 EOF

@@ -48,9 +48,9 @@ log = logging.getLogger("retrain.training")
 DEFAULT_LEARN_RATES = {"transfer": 1e-3, "finetune": 1e-4, "scratch": 1e-3}
 # The automatic number of cached augmented views: one per this many epochs, at most this many.
 # Each view costs a backbone pass over the training set, as much as an epoch of the classic
-# loop; a head on frozen features gains little from more views (benchmarks/bench_train.py:
-# 0, 1 or 2 views were all within a point of the classic loop's accuracy).
-AUTO_EPOCHS_PER_VIEW = 10
+# loop, while a head on frozen features gains little from more views (benchmarks/bench_train.py:
+# on hymenoptera, 0, 1 or 2 views were all within a point of the classic loop's accuracy).
+AUTO_EPOCHS_PER_VIEW = 15
 MAX_AUTO_VIEWS = 8
 
 

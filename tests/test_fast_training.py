@@ -190,7 +190,8 @@ def test_finetune_and_classic_loop_do_not_use_the_cache(shapes_data):
 def test_cache_views_option():
     assert TrainingOptions(max_epochs=1).cache_views(AUGMENT) == 0
     assert TrainingOptions(max_epochs=10).cache_views(AUGMENT) == 1
-    assert TrainingOptions(max_epochs=30).cache_views(AUGMENT) == 3
+    assert TrainingOptions(max_epochs=30).cache_views(AUGMENT) == 2
+    assert TrainingOptions(max_epochs=60).cache_views(AUGMENT) == 4
     assert TrainingOptions(max_epochs=500).cache_views(AUGMENT) == 8
     assert TrainingOptions(max_epochs=3, feature_cache_views=5).cache_views(AUGMENT) == 5
     assert TrainingOptions(feature_cache_views=5).cache_views(Augmentation(False, 0)) == 0

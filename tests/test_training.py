@@ -96,7 +96,8 @@ def test_early_stopping_on_validation_patience(data, monkeypatch):
     # A validation loss that never improves: training must stop after `patience` more checks.
     flat = torch.full((len(data.val_targets), 3), 1 / 3)
     monkeypatch.setattr("tasks.training.predict_scores", lambda *a, **k: flat)
-    _, outcome = run(data, max_epochs=20, validation_frequency=1, validation_patience=2)
+    _, outcome = run(data, max_epochs=20, validation_frequency=1, validation_patience=2,
+                     classic_loop=True)  # the loop that validates through predict_scores
     assert outcome.stopped_early and outcome.iterations == 3 and outcome.best_iteration == 1
 
 
