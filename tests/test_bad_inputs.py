@@ -33,7 +33,7 @@ from PIL import Image
 from flows.cli import main
 from tasks import datastore, storage
 from tasks.datastore import unzip_dataset
-from tasks.networks import MODEL_FORMAT, ModelFileError, build_network, get_spec, model_record, save_model_file
+from tasks.networks import MODEL_FORMAT, ModelFileError, build_network, save_model_file
 from tasks.preprocessing import ImageDecodeError, decode_image
 from tasks.samples import make_shapes_dataset
 from tasks.training import load_latest_checkpoint
@@ -195,13 +195,9 @@ def assert_untouched(before: dict[str, str], store: Path, allowed: tuple[str, ..
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    spec = get_spec("squeezenet-caffe")
-    model, origin = build_network(spec.name, 3, weights="none")
-    url = str(tmp_path_factory.mktemp("model") / "model.pt")
-    save_model_file(url, model_record(model, spec, CLASSES, origin))
-    return url
+def model_file(random_model_file) -> str:
+    """The shared random-weights model for the CLASSES (tests/conftest.py)."""
+    return random_model_file
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tasks import scoring, storage
-from tasks.networks import ModelFileError, build_network, get_spec, model_record, save_model_file
+from tasks.networks import ModelFileError, save_model_file
 from tasks.preprocessing import load_image
 from tasks.samples import make_shapes_dataset
 
@@ -83,13 +83,9 @@ def local_client():
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    spec = get_spec("squeezenet-caffe")
-    model, origin = build_network(spec.name, 3, weights="none")
-    url = str(tmp_path_factory.mktemp("model") / "model.pt")
-    save_model_file(url, model_record(model, spec, CLASSES, origin))
-    return url
+def model_file(random_model_file) -> str:
+    """The shared random-weights model for the CLASSES (tests/conftest.py)."""
+    return random_model_file
 
 
 # ---- listing and partitions -------------------------------------------------------------------
