@@ -3,7 +3,8 @@
 #   1. trains 2 epochs on hymenoptera train/ (transfer mode with the feature cache, the classic
 #      loop, and fine-tune), on the GPU and on the same machine's CPU;
 #   2. scores a generated 5,000-image folder with `retrain score MODEL IMAGES --out URL --json`,
-#      with the GPU visible and with CUDA_VISIBLE_DEVICES= (CPU), plus a reference figure: the
+#      with the GPU visible (forward passes there) and with CUDA_VISIBLE_DEVICES= (CPU), checks
+#      that both give the same labels, plus a reference figure: the
 #      model alone on pre-read JPEGs (nvJPEG decoding on the GPU against CPU decoding);
 # and prints images/s for each, GPU and CPU side by side. Without a GPU it runs the CPU half.
 #
@@ -227,6 +228,14 @@ for label in ("gpu", "cpu"):
         s["how"] = open(os.path.join(work, f"score-{label}.how")).read().strip()
         result["scoring"][label] = s
 g, c = (result["scoring"].get(k, {}).get("images_per_second") for k in ("gpu", "cpu"))
+if g and c:  # the same labels from the GPU's forward passes as from the CPU's?
+    import pyarrow.parquet as pq
+    on = {k: pq.read_table(os.path.join(work, f"scores-{k}", "scores.parquet")).to_pydict() for k in ("gpu", "cpu")}
+    same = sum(a == b for a, b in zip(on["gpu"]["label"], on["cpu"]["label"]))
+    gap = max((abs(a - b) for a, b in zip(on["gpu"]["score"], on["cpu"]["score"]) if a is not None and b is not None), default=None)
+    result["scoring"]["labels_equal"] = f"{same}/{len(on['cpu']['label'])}"
+    result["scoring"]["max_score_difference"] = gap
+    print(f"GPU and CPU scoring: same label for {same} of {len(on['cpu']['label'])} images, largest score difference {gap}")
 how = (result["scoring"].get("cpu") or result["scoring"].get("gpu") or {}).get("how", "not run")
 print(f"{'score ' + str((result['scoring'].get('cpu') or {}).get('images', '?')) + ' images':<44} "
       f"{round(g, 1) if g else '-':>10} {round(c, 1) if c else '-':>10} {f'{g / c:.1f}x' if g and c else '-':>9}")

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tasks import storage
-from tasks.networks import LoadedModel, ModelFileError, model_from_record, read_model_record
+from tasks.networks import LoadedModel, ModelFileError, model_from_record, read_model_record, resolve_device
 from tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_image
 
 # Images per Dask task and per part: small enough that the last tasks leave no core idle for
@@ -244,9 +244,11 @@ def inspect_model(model_url: str) -> ModelInfo:
 
 @dataclass
 class ScoringModel:
-    """A model ready for CPU inference: eval mode, channels_last, with its input affine."""
+    """A model ready for inference: eval mode, channels_last, on its device, with its input
+    affine."""
 
     model: torch.nn.Module
+    device: torch.device
     classes: list[str]
     preprocessing: Preprocessing
     channels: list[int]  # RGB -> the network's channel order
@@ -261,17 +263,21 @@ _MODEL_CACHE_SIZE = 2
 MODEL_LOADS = {"count": 0}  # how often this process loaded a model (tests read it)
 
 
-def prepare_model(loaded: LoadedModel) -> ScoringModel:
+def prepare_model(loaded: LoadedModel, device: torch.device | None = None) -> ScoringModel:
+    """``device``: default the worker's GPU when it sees one (CUDA), else its CPU. Decoding
+    stays on the CPU either way; on a GPU the forward passes are float32 as on the CPU, so
+    both give the same labels."""
     prep = loaded.preprocessing
-    model = loaded.model.eval().to(memory_format=torch.channels_last)
+    device = device or resolve_device("auto")
+    model = loaded.model.eval().to(device, memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
     mean = torch.tensor(prep.mean, dtype=torch.float32)
     std = torch.tensor(prep.std, dtype=torch.float32)
-    mul = (prep.scale / std).view(1, 3, 1, 1)
-    add = (-mean / std).view(1, 3, 1, 1)
+    mul = (prep.scale / std).view(1, 3, 1, 1).to(device)
+    add = (-mean / std).view(1, 3, 1, 1).to(device)
     channels = [2, 1, 0] if prep.channel_order == "BGR" else [0, 1, 2]
-    return ScoringModel(model, list(loaded.classes), prep, channels, mul, add,
+    return ScoringModel(model, device, list(loaded.classes), prep, channels, mul, add,
                         bool(torch.all(mul == 1.0)))
 
 
@@ -300,15 +306,19 @@ _ALLOCATOR_TUNED = False
 
 
 def tune_allocator() -> bool:
-    """Undo, in this process, what ``MALLOC_TRIM_THRESHOLD_=65536`` (which Dask's nanny sets, to
-    hand freed memory back at once) does to glibc: it also turns off the adaptive mmap
-    threshold, so every allocation above 128 KiB - each activation of each forward pass - is
-    mmapped afresh, faulted in page by page and unmapped. Measured on the benchmark's workers
-    that doubled the CPU time per image, 40 % of it system time. Allocations up to 32 MiB come
-    from the heap again, which keeps up to 64 MiB of freed memory. Once per process (a local
-    worker or one of the cluster at ``--dask-address``); True when it acted."""
+    """Keep the memory of each forward pass in the heap instead of mapping it afresh.
+
+    A scoring worker alternates decoding (many ~1 MB buffers) with forward passes whose
+    activations reach 26 MB at batch 8. glibc's defaults adapt badly to that mix: its heap top
+    is trimmed and large blocks are mmapped, faulted in page by page and unmapped on every
+    pass. Dask's nanny makes it worse (``MALLOC_TRIM_THRESHOLD_=65536`` also turns the
+    adaptive mmap threshold off). Measured on 2 cores, decode + forward in one process took
+    25.5 CPU ms per image with glibc's defaults (1,850 page faults per image) and 17.9 with
+    these settings (100), against 13.5 + 3.3 for forward and decoding alone. Blocks up to
+    32 MiB come from the heap, which keeps up to 64 MiB of freed memory. Once per process
+    (a local worker or one of the cluster at ``--dask-address``); True when it acted."""
     global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
         return False
     _ALLOCATOR_TUNED = True
     try:
@@ -362,16 +372,19 @@ def _load_batch(paths: list[str], first_row: int, scoring: ScoringModel,
                   else (read_and_decode(u, size) for u in paths))
     good = [(first_row + i, image) for i, (image, _) in enumerate(loaded) if image is not None]
     errors = {first_row + i: reason for i, (_, reason) in enumerate(loaded) if reason is not None}
-    pixels = torch.empty((len(good), 3, *size), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    pixels = torch.empty((len(good), 3, *size), dtype=torch.uint8, memory_format=torch.channels_last,
+                         pin_memory=scoring.device.type == "cuda")
     for j, (_, image) in enumerate(good):
         pixels[j] = image[scoring.channels]
     return _Batch(pixels, [row for row, _ in good], errors, time.perf_counter() - started)
 
 
 def network_input(pixels: torch.Tensor, scoring: ScoringModel) -> torch.Tensor:
-    """uint8 batch already in the network's channel order -> float channels_last input;
-    equal to ``Preprocessing.normalize`` of the RGB batch, in two passes instead of five."""
-    x = torch.empty(pixels.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    """uint8 batch already in the network's channel order -> float channels_last input on the
+    model's device; equal to ``Preprocessing.normalize`` of the RGB batch, in two passes
+    instead of five. To a GPU the batch travels as uint8, a quarter of the float bytes."""
+    pixels = pixels.to(scoring.device, non_blocking=True)
+    x = torch.empty(pixels.shape, dtype=torch.float32, device=scoring.device, memory_format=torch.channels_last)
     x.copy_(pixels)
     if not scoring.identity_mul:
         x.mul_(scoring.mul)
@@ -424,8 +437,8 @@ def score_paths(paths: list[str], scoring: ScoringModel, mini_batch_size: int = 
                 probs = torch.softmax(scoring.model(network_input(batch.pixels, scoring)).float(), dim=1)
                 values, indices = probs.topk(k, dim=1)
             rows = np.asarray(batch.rows)
-            label_idx[rows] = indices.numpy()
-            top_scores[rows] = values.numpy()
+            label_idx[rows] = indices.cpu().numpy()
+            top_scores[rows] = values.cpu().numpy()
             forward_s += time.perf_counter() - started
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)

@@ -156,11 +156,8 @@ def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_pa
     assert scoring.score_partition(model_file, storage.sha256_of(model_file), paths, out).skipped
 
 
-def test_allocator_tuning_only_where_dask_set_its_trim_threshold(monkeypatch):
+def test_allocator_tuned_once_per_process(monkeypatch):
     monkeypatch.setattr(scoring, "_ALLOCATOR_TUNED", False)
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    assert scoring.tune_allocator() is False  # glibc's adaptive defaults: left alone
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # what Dask's nanny gives its workers
     assert scoring.tune_allocator() is sys.platform.startswith("linux")
     assert scoring.tune_allocator() is False  # once per process
 
