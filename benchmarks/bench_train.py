@@ -45,7 +45,7 @@ from tasks.datastore import index_images, materialize, split_each_label  # noqa:
 from tasks.evaluation import predict_scores  # noqa: E402
 from tasks.networks import build_network, get_spec  # noqa: E402
 from tasks.preprocessing import Augmentation, load_images  # noqa: E402
-from tasks.training import TrainingData, TrainingOptions  # noqa: E402
+from tasks.training import TrainingData  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 NETWORK = "squeezenet-caffe"
@@ -154,7 +154,7 @@ def load_module(name: str, source: str):
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source, f"<git HEAD:tasks/training.py>", "exec"), module.__dict__)
+    exec(compile(source, "<git HEAD:tasks/training.py>", "exec"), module.__dict__)
     return module
 
 

@@ -20,9 +20,13 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_image as tv_decode_image
 
 from tasks import storage
+
+try:  # deprecated since torchvision 0.29 in favour of TorchCodec; PIL decodes everything without it
+    from torchvision.io import ImageReadMode, decode_image as tv_decode_image
+except ImportError:  # a torchvision that has removed them
+    tv_decode_image = None
 
 # Far above any photo (a 100-megapixel image is 1e8) but stops a decompression bomb from
 # allocating gigabytes: a 1 KB PNG can claim to be 100,000 x 100,000 pixels.
@@ -31,6 +35,15 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 _TORCHVISION_FORMATS = frozenset({"JPEG", "PNG"})  # fast native decoders; PIL for the rest
+
+# Filters set once, here, and not with warnings.catch_warnings() around each decode: that swaps
+# the process-wide filter list, is not thread-safe (load_images and the scoring workers decode in
+# threads), and overlapping decodes could leave every warning of the process silenced.
+# PIL warns of decompression bombs from 89 Mpixel; MAX_IMAGE_PIXELS decides here.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# torchvision 0.29 says on every call that its decoders are deprecated.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 
 class ImageDecodeError(ValueError):
@@ -93,11 +106,8 @@ def decode_image(data: bytes) -> torch.Tensor:
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        with warnings.catch_warnings():
-            # PIL warns from 89 Mpixel and refuses from 179; MAX_IMAGE_PIXELS decides here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-                fmt, (width, height) = probe.format, probe.size
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            fmt, (width, height) = probe.format, probe.size
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"image too large, a decompression bomb? ({exc})") from None
     except Image.UnidentifiedImageError:
@@ -110,12 +120,10 @@ def decode_image(data: bytes) -> torch.Tensor:
             f"a decompression bomb?")
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
-    if fmt in _TORCHVISION_FORMATS:
+    if fmt in _TORCHVISION_FORMATS and tv_decode_image is not None:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                image = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                        mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            image = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                    mode=ImageReadMode.RGB, apply_exif_orientation=True)
             if image.dtype == torch.uint16:  # 16-bit PNG
                 image = (image.to(torch.int32) >> 8).to(torch.uint8)
             if fmt == "JPEG" and _jpeg_truncated(data):
@@ -136,13 +144,11 @@ def _jpeg_truncated(data: bytes) -> bool:
 
 def _decode_with_pil(data: bytes) -> torch.Tensor:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                rgb = _high_depth_to_l(im) if im.mode in ("I", "F") or im.mode.startswith("I;16") else im
-                rgb = rgb.convert("RGB")
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _high_depth_to_l(im) if im.mode in ("I", "F") or im.mode.startswith("I;16") else im
+            rgb = rgb.convert("RGB")
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()

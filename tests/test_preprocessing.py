@@ -1,4 +1,6 @@
 import io
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,6 +15,19 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def test_decoding_in_threads_leaves_the_warning_filters_alone():
+    # load_images and the scoring workers decode in threads; swapping the process-wide filter
+    # list around each decode (warnings.catch_warnings) raced and could leave it changed
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8))
+    blobs = [encode(rgb, "JPEG"), encode(rgb, "PNG"), encode(rgb, "BMP"), encode(rgb.convert("CMYK"), "JPEG")]
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        decoded = list(pool.map(decode_image, blobs * 100))
+    assert all(image.shape == (3, 64, 48) for image in decoded)
+    assert warnings.filters == before
 
 
 def test_caffe_preprocessing_is_bgr_0_255_mean_subtracted():

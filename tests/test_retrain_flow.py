@@ -10,7 +10,6 @@ import torch
 
 from flows.cli import main
 from flows.retrain import retrain_flow
-from tasks import storage
 from tasks.runs import read_run
 
 FAST = ["--network", "squeezenet-caffe", "--weights", "none", "--max-epochs", "2",
