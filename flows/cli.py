@@ -27,10 +27,16 @@ from tasks.datastore import DataSetError, index_images, materialize  # noqa: E40
 from tasks.networks import (NETWORKS, ModelFileError, WeightsUnavailableError, build_network,  # noqa: E402
                             get_spec, load_model_file, summarize)
 from tasks.preprocessing import ImageDecodeError  # noqa: E402
+from tasks.scoring import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE  # noqa: E402
 from tasks.training import TrainingOptions  # noqa: E402
 
 USER_ERRORS = (DataSetError, WeightsUnavailableError, ModelFileError, ImageDecodeError,
                FileNotFoundError, ValueError)
+
+
+# What an option left at None means, for its help text.
+_NONE_MEANS = {"initial_learn_rate": "per mode", "validation_patience": "never stop early",
+               "feature_cache_views": "automatic"}
 
 
 def _option_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +51,7 @@ def _option_flags(parser: argparse.ArgumentParser) -> None:
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
         group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
-                           help=f"default {default}" if default is not None else "default: per mode")
+                           help=f"default {default}" if default is not None else f"default: {_NONE_MEANS[f.name]}")
 
 
 def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dask-address", default=None,
                        help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (default: start a local one)")
     score.add_argument("--workers", type=int, default=None, help="local cluster processes (default: one per core)")
-    score.add_argument("--mini-batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    score.add_argument("--mini-batch-size", type=int, default=DEFAULT_MINI_BATCH_SIZE,
+                       help=f"images per forward pass (default {DEFAULT_MINI_BATCH_SIZE})")
     score.add_argument("--top-k", type=int, default=None, help="labels and scores kept per image (default min(5, classes))")
-    score.add_argument("--partition-size", type=int, default=128, help="images per Dask task and output part (default 128)")
+    score.add_argument("--partition-size", type=int, default=DEFAULT_PARTITION_SIZE,
+                       help=f"images per Dask task and output part (default {DEFAULT_PARTITION_SIZE})")
     common(score)
 
     network = sub.add_parser("network", help="list networks, or show one's summary")

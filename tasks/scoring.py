@@ -140,9 +140,10 @@ def list_images(images: str, extensions: frozenset[str] | None = IMAGE_EXTENSION
     or path per line, relative ones taken from the list file's folder; blank lines and
     ``#`` comments skipped). A single image file is a list of one."""
     fs, root = storage.filesystem(images)
-    if fs.isdir(root):
+    below = _files_below(images)
+    if below is not None:
         paths, ignored = [], []
-        for found in fs.find(root):
+        for found in below:
             rel = posixpath.relpath(found, root)
             if any(_hidden(p) or storage.TMP_MARKER in p for p in rel.split("/")):
                 continue
@@ -152,7 +153,7 @@ def list_images(images: str, extensions: frozenset[str] | None = IMAGE_EXTENSION
             else:
                 ignored.append(url)
         return ImageList(sorted(set(paths)), sorted(ignored), images)
-    if not fs.exists(root):
+    if not storage.exists(images):
         raise FileNotFoundError(f"no folder or list file at {images}")
     if posixpath.splitext(root)[1].lower() in IMAGE_EXTENSIONS:
         return ImageList([images], [], images)
@@ -171,6 +172,14 @@ def list_images(images: str, extensions: frozenset[str] | None = IMAGE_EXTENSION
             entry = storage.join(base, entry)
         paths.append(entry)
     return ImageList(sorted(set(paths)), [], images)
+
+
+@storage.retrying
+def _files_below(folder: str) -> list[str] | None:
+    """Paths (in the folder's filesystem) of every file below ``folder``; None when it is not
+    a folder. Retried on a remote store, like every other storage call."""
+    fs, root = storage.filesystem(folder)
+    return fs.find(root) if fs.isdir(root) else None
 
 
 @dataclass(frozen=True)
@@ -587,6 +596,7 @@ def read_partitions(plan: JobPlan) -> list[Partition]:
     return out
 
 
+@storage.retrying
 def present_parts(out: str) -> set[str]:
     """File names in ``<out>/parts``, listed afresh (workers elsewhere wrote them: a cached
     listing, as s3fs keeps, would miss some)."""

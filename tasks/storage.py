@@ -7,6 +7,9 @@ Every location in retrain is an fsspec URL: a plain local path, ``file://``, ``m
     runs/<run-id>/run.json                       configuration, fingerprint, status
     runs/<run-id>/split.parquet                  the image index with its train/val/test split
     runs/<run-id>/checkpoints/iter-<n>.pt        training checkpoints (resume from the newest)
+    runs/<run-id>/features/                      transfer mode's cached backbone features when
+                                                 too large for memory (kept for a resume,
+                                                 removed once trained)
     runs/<run-id>/model.pt                       the published, self-describing model
     runs/<run-id>/{metrics.json,history.csv,*.png}
 

@@ -351,6 +351,23 @@ def test_transient_s3_errors_are_retried_and_the_write_lands_whole(s3, caplog):
     assert len(proxy.log) - start <= 2
 
 
+def test_listing_images_to_score_on_a_flaky_s3_is_retried(s3):
+    from tasks.scoring import list_images
+
+    proxy, bucket = s3
+    urls = [f"{bucket}/photos/{folder}/{i}.jpg" for folder in ("a", "b") for i in range(3)]
+    for url in urls:
+        storage.write_bytes(url, b"not really a jpeg: listing does not read it")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # no listing cached from the writes
+    start = len(proxy.log)
+    proxy.fail = lambda n, m, p: n - start in (1, 2)  # the first two requests of the listing fail
+    listing = list_images(f"{bucket}/photos")
+    assert [s for _, _, s in proxy.log[start:start + 3]] == ["503", "503", "ok"]
+    assert listing.paths == sorted(urls)
+
+
 def test_s3_that_keeps_failing_gives_a_clear_error_after_retries(s3, tmp_path, capsys):
     from flows.cli import main
 
