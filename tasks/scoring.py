@@ -322,8 +322,8 @@ def tune_allocator() -> bool:
     is trimmed and large blocks are mmapped, faulted in page by page and unmapped on every
     pass. Dask's nanny makes it worse (``MALLOC_TRIM_THRESHOLD_=65536`` also turns the
     adaptive mmap threshold off). Measured on 2 cores, decode + forward in one process took
-    25.5 CPU ms per image with glibc's defaults (1,850 page faults per image) and 17.9 with
-    these settings (100), against 13.5 + 3.3 for forward and decoding alone. Blocks up to
+    25.5 CPU ms per image with glibc's defaults (1,850 page faults per image) and 17-19 with
+    these settings (about 100), against 13.5 + 3.3 for forward and decoding alone. Blocks up to
     32 MiB come from the heap, which keeps up to 64 MiB of freed memory. Once per process
     (a local worker or one of the cluster at ``--dask-address``); True when it acted."""
     global _ALLOCATOR_TUNED
