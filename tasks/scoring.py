@@ -29,7 +29,6 @@ import json
 import os
 import posixpath
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -47,6 +46,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tasks import storage
+from tasks.allocator import tune_allocator
 from tasks.networks import LoadedModel, ModelFileError, model_from_record, read_model_record, resolve_device
 from tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_image
 
@@ -303,41 +303,12 @@ def cached_model(model_url: str, sha256: str) -> ScoringModel:
             raise ModelFileError(f"{model_url} changed while the job was running (its sha256 is "
                                  f"no longer {sha256[:12]}...); rerun the job")
         scoring = prepare_model(model_from_record(record, source=model_url))
-        tune_allocator()
+        tune_allocator("inference")  # decoding and forward passes alternate (tasks/allocator.py)
         _MODEL_CACHE[key] = scoring
         MODEL_LOADS["count"] += 1
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
             _MODEL_CACHE.popitem(last=False)
         return scoring
-
-
-_ALLOCATOR_TUNED = False
-
-
-def tune_allocator() -> bool:
-    """Keep the memory of each forward pass in the heap instead of mapping it afresh.
-
-    A scoring worker alternates decoding (many ~1 MB buffers) with forward passes whose
-    activations reach 26 MB at batch 8. glibc's defaults adapt badly to that mix: its heap top
-    is trimmed and large blocks are mmapped, faulted in page by page and unmapped on every
-    pass. Dask's nanny makes it worse (``MALLOC_TRIM_THRESHOLD_=65536`` also turns the
-    adaptive mmap threshold off). Measured on 2 cores, decode + forward in one process took
-    25.5 CPU ms per image with glibc's defaults (1,850 page faults per image) and 17-19 with
-    these settings (about 100), against 13.5 + 3.3 for forward and decoding alone. Blocks up to
-    32 MiB come from the heap, which keeps up to 64 MiB of freed memory. Once per process
-    (a local worker or one of the cluster at ``--dask-address``); True when it acted."""
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
-        return False
-    _ALLOCATOR_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 64 * 2**20))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def clear_model_cache() -> None:

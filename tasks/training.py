@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tasks import storage
+from tasks.allocator import tune_allocator
 from tasks.evaluation import predict_scores
 from tasks.networks import (MODES, NetworkSpec, build_network, configure_trainable,
                             freeze_batchnorm, get_spec, model_record, parameter_groups,
@@ -718,6 +719,8 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
     device = resolve_device(options.execution_environment)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
+    else:
+        tune_allocator("training")  # activations and gradients stay in the heap (tasks/allocator.py)
     configure_trainable(model, spec, mode)
     model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(parameter_groups(model, spec, mode, options.learn_rate(mode),

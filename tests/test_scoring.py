@@ -156,12 +156,6 @@ def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_pa
     assert scoring.score_partition(model_file, storage.sha256_of(model_file), paths, out).skipped
 
 
-def test_allocator_tuned_once_per_process(monkeypatch):
-    monkeypatch.setattr(scoring, "_ALLOCATOR_TUNED", False)
-    assert scoring.tune_allocator() is sys.platform.startswith("linux")
-    assert scoring.tune_allocator() is False  # once per process
-
-
 def test_models_that_do_not_fit_are_refused(tmp_path, model_file):
     record = torch.load(model_file, weights_only=True)
     wrong_classes = dict(record, classes=CLASSES + ["hexagon"])
