@@ -188,8 +188,15 @@ def cmd_run(args) -> dict:
         print(f"  {summary['iterations']} iterations, {summary['epochs']} epochs on {summary['device']}, "
               f"{summary['seconds']:.1f} s")
         print(f"  model: {summary['model']}\n  plots: {summary['run']}/{{montage,progress,confusion}}.png")
-    return {k: summary[k] for k in ("run_id", "model", "classes", "test_accuracy", "val_accuracy",
-                                    "seconds", "run", "counts", "skipped", "iterations", "epochs")}
+        if "promotion" in summary:
+            decision = summary["promotion"]
+            print(f"  model {decision['model']}: {'promoted' if decision['promoted'] else 'not promoted'} "
+                  f"({decision['reason']})")
+        if "scores" in summary:
+            print(f"  scores: {summary['scores']}")
+    keys = ("run_id", "model", "classes", "test_accuracy", "val_accuracy", "seconds", "run", "counts",
+            "skipped", "iterations", "epochs", "promotion", "scores")
+    return {k: summary[k] for k in keys if k in summary}
 
 
 def cmd_evaluate(args) -> dict:

@@ -96,7 +96,8 @@ def retrain_flow(data: str | None = None, store: str | None = None, network: str
         "device": trained["device"], "options": training_options.to_dict(),
         "seconds": time.perf_counter() - started,
     }
-    storage.write_json(storage.join(run_url, "summary.json"), summary)
+    summary_url = storage.join(run_url, "summary.json")
+    storage.write_json(summary_url, summary)
     publish_artifacts(summary, metrics, run_url, indexed.montage)
     if promote:
         summary["promotion"] = promotion_gate(store, model_name, run_url)
@@ -105,6 +106,8 @@ def retrain_flow(data: str | None = None, store: str | None = None, network: str
 
         summary["scores"] = score_flow(model=model_url, images=score_folder, store=store, progress=progress,
                                        out=score_out or storage.join(run_url, "scores"))["output"]
+    if promote or score_folder:  # the run's record says what became of its model too
+        storage.write_json(summary_url, summary)
     return summary
 
 

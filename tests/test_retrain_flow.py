@@ -36,6 +36,8 @@ def test_run_evaluate_classify_through_the_cli(prefect_api, shapes_dir, tmp_path
     assert list((run / "checkpoints").glob("iter-*.pt"))
     assert read_run(str(run))["status"] == "completed"
     assert "conv10" in (run / "network.txt").read_text()
+    recorded = json.loads((run / "summary.json").read_text())
+    assert recorded["promotion"] == result["promotion"] and result["promotion"]["promoted"]
 
     record = torch.load(result["model"], weights_only=True)  # self-describing, safe to load
     assert record["classes"] == result["classes"] and record["network"] == "squeezenet-caffe"
