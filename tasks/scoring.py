@@ -598,6 +598,7 @@ class JobLock:
         self.local = storage.protocol_of(out) in ("file", "local")
         self.token, self.since = uuid.uuid4().hex, _now()
         self._fd: int | None = None
+        self._made_folders: list[str] = []  # folders this lock created, innermost first
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
 
@@ -625,6 +626,10 @@ class JobLock:
         import fcntl
 
         path = self.url[len("file://"):] if self.url.startswith("file://") else self.url
+        folder = os.path.dirname(path)
+        while not os.path.isdir(folder):
+            self._made_folders.append(folder)
+            folder = os.path.dirname(folder)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -680,6 +685,11 @@ class JobLock:
                 pass
             os.close(self._fd)
             self._fd = None
+            for folder in self._made_folders:  # a job refused before it wrote anything leaves no
+                try:                               # empty --out behind
+                    os.rmdir(folder)
+                except OSError:  # not empty: the job's files
+                    break
         elif self._refresher is not None:
             self._stop.set()
             self._refresher.join(timeout=5)
