@@ -243,6 +243,15 @@ def save_checkpoint(checkpoints: str, state: dict, keep: int = 2) -> str:
     return url
 
 
+def remove_write_debris(checkpoints: str) -> int:
+    """Remove the temporary files that checkpoint writes killed midway left (``*.tmp-*``,
+    never read: see tasks/storage.py), before a run writes there again. Returns how many."""
+    debris = [url for url in storage.ls(checkpoints) if storage.TMP_MARKER in url.rsplit("/", 1)[-1]]
+    for url in debris:
+        storage.remove(url)
+    return len(debris)
+
+
 def load_latest_checkpoint(checkpoints: str) -> dict | None:
     """The newest checkpoint that loads; a damaged one is skipped with a warning (writes are
     atomic, so that only happens when a file was altered outside retrain)."""
@@ -736,6 +745,7 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
              "bad_validations": 0, "history": [], "stopped_early": False}
     resumed_from = None
     if checkpoints:
+        remove_write_debris(checkpoints)
         saved = load_latest_checkpoint(checkpoints)
         if saved is not None:
             model.load_state_dict(saved["model"])

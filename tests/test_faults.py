@@ -178,7 +178,8 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_ap
     assert summary["resumed_from"] == resumes[-1] and record["resumed"] == len(resumes)
     assert resumed["iterations"] == 9 and resumed["epochs"] == 3
     assert_every_checkpoint_loads(folder)
-    assert complete_checkpoints(folder) == [8, 9]  # the newest two; the debris is ignored
+    assert complete_checkpoints(folder) == [8, 9]  # the newest two
+    assert not [p.name for p in folder.iterdir() if storage.TMP_MARKER in p.name]  # the debris went on resume
     read_model_record(str(run / "model.pt"))  # the published model is whole and safe to load
 
     # 4. an uninterrupted run of the same command (another store): the same result, within noise
