@@ -56,6 +56,21 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
     raise TimeoutError(f"{url} did not answer within {timeout} s:\n" + log.read_text()[-3000:])
 
 
+def wait_port(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60) -> None:
+    """Until something accepts connections on 127.0.0.1:``port``; ``proc`` exiting first, or
+    the timeout, raises with the end of its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start (exit {proc.poll()}):\n"
+                                   + log.read_text()[-3000:]) from None
+            time.sleep(0.2)
+
+
 def start(command: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
     out = open(log, "ab")
     return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -122,16 +137,7 @@ def postgres() -> Iterator[str | None]:
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"PostgreSQL did not start (exit {proc.poll()}):\n"
-                                       + log.read_text()[-3000:]) from None
-                time.sleep(0.2)
+        wait_port(port, proc, log, "PostgreSQL")
         yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
     finally:
         if proc.poll() is None:
@@ -207,16 +213,7 @@ def dask_cluster(workdir: Path, env: dict[str, str] | None = None, workers: int 
                        "--no-dashboard"], workdir / "dask-scheduler.log", env)
     worker = None
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if scheduler.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("dask scheduler did not start:\n"
-                                       + (workdir / "dask-scheduler.log").read_text()[-3000:]) from None
-                time.sleep(0.2)
+        wait_port(port, scheduler, workdir / "dask-scheduler.log", "dask scheduler")
         worker = start([tool("dask"), "worker", address, "--nthreads", "1", "--nworkers", str(workers),
                         "--no-dashboard", "--host", "127.0.0.1"], workdir / "dask-worker.log", env)
         with Client(address, timeout="30s") as client:
