@@ -576,9 +576,11 @@ def present_parts(out: str) -> set[str]:
     return {posixpath.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
 
 
-def missing_partitions(plan: JobPlan) -> list[Partition]:
+def missing_partitions(plan: JobPlan, parts: list[Partition] | None = None) -> list[Partition]:
+    """The plan's partitions (``parts`` when already read) with no part written yet."""
     present = present_parts(plan.out)
-    return [p for p in read_partitions(plan) if f"{p.name}.parquet" not in present]
+    parts = read_partitions(plan) if parts is None else parts
+    return [p for p in parts if f"{p.name}.parquet" not in present]
 
 
 # ---- the lock: one job per output at a time -----------------------------------------------------
@@ -710,7 +712,7 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     listed image, sorted by path) and write ``summary.json``; remove parts of earlier plans
     and temporary debris. Returns the summary."""
     parts = read_partitions(plan)
-    missing = missing_partitions(plan)
+    missing = missing_partitions(plan, parts)
     if missing:
         raise ScoringIncompleteError(f"{len(missing)} of {len(parts)} partitions are not scored yet "
                                      f"(first: {missing[0].name}); rerun the job to score them")
