@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "squeezenet1_1_caffe-2c890718.pth"
-RETRAIN = [sys.executable, "-m", "flows.cli"]
+RETRAIN = [sys.executable, "-m", "retrain.flows.cli"]
 
 
 def retrain(*args: str) -> tuple[dict, float]:
@@ -48,20 +48,43 @@ def main() -> None:
     results: dict = {"merch": [], "hymenoptera": []}
     for seed in args.merch_seeds:
         run, wall = retrain("run", str(SHARED / "data" / "MerchData.zip"), *common, "--seed", str(seed))
-        results["merch"].append({"seed": seed, "test_accuracy": run["test_accuracy"],
-                                 "flow_seconds": run["seconds"], "wall_seconds": wall})
-        print(f"MerchData seed {seed}: test accuracy {run['test_accuracy']:.4f}, "
-              f"flow {run['seconds']:.1f} s, wall {wall:.1f} s", flush=True)
+        results["merch"].append(
+            {"seed": seed, "test_accuracy": run["test_accuracy"], "flow_seconds": run["seconds"], "wall_seconds": wall}
+        )
+        print(
+            f"MerchData seed {seed}: test accuracy {run['test_accuracy']:.4f}, "
+            f"flow {run['seconds']:.1f} s, wall {wall:.1f} s",
+            flush=True,
+        )
     hymenoptera = SHARED / "data" / "hymenoptera_data"
     for mode in args.modes:
         for seed in args.hymenoptera_seeds:
-            run, wall = retrain("run", str(hymenoptera / "train"), *common, "--mode", mode,
-                                "--seed", str(seed), "--split", "0.85,0.15,0")
+            run, wall = retrain(
+                "run",
+                str(hymenoptera / "train"),
+                *common,
+                "--mode",
+                mode,
+                "--seed",
+                str(seed),
+                "--split",
+                "0.85,0.15,0",
+            )
             evaluation, _ = retrain("evaluate", run["model"], str(hymenoptera / "val"))
-            results["hymenoptera"].append({"mode": mode, "seed": seed, "val_accuracy": evaluation["accuracy"],
-                                           "flow_seconds": run["seconds"], "wall_seconds": wall})
-            print(f"hymenoptera {mode} seed {seed}: val/ accuracy {evaluation['accuracy']:.4f}, "
-                  f"flow {run['seconds']:.1f} s, wall {wall:.1f} s", flush=True)
+            results["hymenoptera"].append(
+                {
+                    "mode": mode,
+                    "seed": seed,
+                    "val_accuracy": evaluation["accuracy"],
+                    "flow_seconds": run["seconds"],
+                    "wall_seconds": wall,
+                }
+            )
+            print(
+                f"hymenoptera {mode} seed {seed}: val/ accuracy {evaluation['accuracy']:.4f}, "
+                f"flow {run['seconds']:.1f} s, wall {wall:.1f} s",
+                flush=True,
+            )
     if results["merch"]:
         accs = [r["test_accuracy"] for r in results["merch"]]
         print(f"MerchData mean test accuracy {statistics.mean(accs):.4f} over seeds {args.merch_seeds}")

@@ -38,34 +38,43 @@ def _faults() -> int:
 
 def child_training(iterations: int) -> dict:
     import torch
-
-    from tasks.networks import build_network, get_spec
-    from tasks.preprocessing import Augmentation
-    from tasks.training import TrainingData, TrainingOptions, train
+    from retrain.tasks.networks import build_network, get_spec
+    from retrain.tasks.preprocessing import Augmentation
+    from retrain.tasks.training import TrainingData, TrainingOptions, train
 
     spec = get_spec("squeezenet-caffe")
     size = spec.preprocessing.input_size
     generator = torch.Generator().manual_seed(0)
     n = 32 * iterations
-    data = TrainingData(torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8, generator=generator),
-                        torch.randint(0, 5, (n,), generator=generator),
-                        torch.randint(0, 256, (8, 3, *size), dtype=torch.uint8, generator=generator),
-                        torch.randint(0, 5, (8,), generator=generator))
+    data = TrainingData(
+        torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 5, (n,), generator=generator),
+        torch.randint(0, 256, (8, 3, *size), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 5, (8,), generator=generator),
+    )
     model, _ = build_network(spec.name, 5, "none")
-    options = TrainingOptions(max_epochs=2, mini_batch_size=32, classic_loop=True, checkpoint_frequency=0,
-                              validation_frequency=10_000, execution_environment="cpu")
+    options = TrainingOptions(
+        max_epochs=2,
+        mini_batch_size=32,
+        classic_loop=True,
+        checkpoint_frequency=0,
+        validation_frequency=10_000,
+        execution_environment="cpu",
+    )
     faults, started = _faults(), time.perf_counter()
     train(model, spec, spec.preprocessing, data, "finetune", options, Augmentation())
     seconds = time.perf_counter() - started
-    return {"seconds_per_iteration": seconds / (2 * iterations), "faults_per_iteration": (_faults() - faults) / (2 * iterations)}
+    return {
+        "seconds_per_iteration": seconds / (2 * iterations),
+        "faults_per_iteration": (_faults() - faults) / (2 * iterations),
+    }
 
 
 def child_inference(count: int) -> dict:
     import torch
-
-    from tasks.allocator import tune_allocator
-    from tasks.networks import build_network, get_spec, model_from_record, model_record
-    from tasks.scoring import prepare_model, score_paths
+    from retrain.tasks.allocator import tune_allocator
+    from retrain.tasks.networks import build_network, get_spec, model_from_record, model_record
+    from retrain.tasks.scoring import prepare_model, score_paths
 
     torch.set_num_threads(1)
     spec = get_spec("squeezenet-caffe")
@@ -76,7 +85,7 @@ def child_inference(count: int) -> dict:
     if PHOTOS.exists():
         paths = sorted(str(p) for p in PHOTOS.rglob("*.jpg"))[:count]
     else:
-        from tasks.samples import make_shapes_dataset
+        from retrain.tasks.samples import make_shapes_dataset
 
         folder = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-allocator-shapes"
         if not folder.exists():
@@ -86,16 +95,24 @@ def child_inference(count: int) -> dict:
     faults, cpu = _faults(), time.process_time()
     score_paths(paths, scoring)
     cpu = time.process_time() - cpu
-    return {"cpu_ms_per_image": 1000 * cpu / len(paths), "faults_per_image": (_faults() - faults) / len(paths),
-            "images": len(paths)}
+    return {
+        "cpu_ms_per_image": 1000 * cpu / len(paths),
+        "faults_per_image": (_faults() - faults) / len(paths),
+        "images": len(paths),
+    }
 
 
 def run_child(workload: str, tuned: bool, size: int) -> dict:
     env = {**os.environ, "RETRAIN_MALLOC_TUNING": "1" if tuned else "0"}
     if workload == "inference":
         env["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as Dask's nanny starts every worker
-    done = subprocess.run([sys.executable, __file__, "--child", workload, "--size", str(size)], env=env,
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", workload, "--size", str(size)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -115,8 +132,10 @@ def main() -> None:
         return
 
     results: dict = {"load_average_start": os.getloadavg()}
-    for workload, size, key in (("training", args.iterations, "seconds_per_iteration"),
-                                ("inference", args.images, "cpu_ms_per_image")):
+    for workload, size, key in (
+        ("training", args.iterations, "seconds_per_iteration"),
+        ("inference", args.images, "cpu_ms_per_image"),
+    ):
         runs: dict[str, list[dict]] = {"defaults": [], "tuned": []}
         for repeat in range(args.repeats):
             order = ("defaults", "tuned") if repeat % 2 == 0 else ("tuned", "defaults")
@@ -124,13 +143,22 @@ def main() -> None:
                 runs[label].append(run_child(workload, label == "tuned", size))
                 print(f"{workload} {label}: {runs[label][-1]}", flush=True)
         medians = {label: statistics.median(r[key] for r in rs) for label, rs in runs.items()}
-        faults = {label: statistics.median(r[next(k for k in r if k.startswith("faults"))] for r in rs)
-                  for label, rs in runs.items()}
-        results[workload] = {"runs": runs, key: medians, "faults": faults,
-                             "speedup": medians["defaults"] / medians["tuned"]}
-        print(f"== {workload}: {key} {medians['defaults']:.3f} with glibc's defaults, {medians['tuned']:.3f} "
-              f"tuned: {medians['defaults'] / medians['tuned']:.2f}x; page faults {faults['defaults']:.0f} vs "
-              f"{faults['tuned']:.0f}", flush=True)
+        faults = {
+            label: statistics.median(r[next(k for k in r if k.startswith("faults"))] for r in rs)
+            for label, rs in runs.items()
+        }
+        results[workload] = {
+            "runs": runs,
+            key: medians,
+            "faults": faults,
+            "speedup": medians["defaults"] / medians["tuned"],
+        }
+        print(
+            f"== {workload}: {key} {medians['defaults']:.3f} with glibc's defaults, {medians['tuned']:.3f} "
+            f"tuned: {medians['defaults'] / medians['tuned']:.2f}x; page faults {faults['defaults']:.0f} vs "
+            f"{faults['tuned']:.0f}",
+            flush=True,
+        )
     results["load_average_end"] = os.getloadavg()
     out = ROOT / "benchmarks" / "results" / f"allocator-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

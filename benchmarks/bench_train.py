@@ -39,13 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
-from tasks import training  # noqa: E402
-from tasks.datastore import index_images, materialize, split_each_label  # noqa: E402
-from tasks.evaluation import predict_scores  # noqa: E402
-from tasks.networks import build_network, get_spec  # noqa: E402
-from tasks.preprocessing import Augmentation, load_images  # noqa: E402
-from tasks.training import TrainingData  # noqa: E402
+from retrain.tasks import training  # noqa: E402
+from retrain.tasks.datastore import index_images, materialize, split_each_label  # noqa: E402
+from retrain.tasks.evaluation import predict_scores  # noqa: E402
+from retrain.tasks.networks import build_network, get_spec  # noqa: E402
+from retrain.tasks.preprocessing import Augmentation, load_images  # noqa: E402
+from retrain.tasks.training import TrainingData  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 NETWORK = "squeezenet-caffe"
@@ -55,7 +54,9 @@ def _targets(labels, classes) -> torch.Tensor:
     return torch.tensor([classes.index(label) for label in labels], dtype=torch.long)
 
 
-def load_hymenoptera(root: Path, holdout: float, seed: int, size) -> tuple[TrainingData, torch.Tensor, torch.Tensor, list[str]]:
+def load_hymenoptera(
+    root: Path, holdout: float, seed: int, size
+) -> tuple[TrainingData, torch.Tensor, torch.Tensor, list[str]]:
     train_index = index_images(str(root / "train")).images
     test_index = index_images(str(root / "val")).images
     classes = sorted(train_index["label"].unique())
@@ -64,24 +65,39 @@ def load_hymenoptera(root: Path, holdout: float, seed: int, size) -> tuple[Train
     else:
         split = train_index.assign(split="train")
     parts = {name: split[split["split"] == name] for name in ("train", "val")}
-    data = TrainingData(load_images(list(parts["train"]["path"]), size), _targets(parts["train"]["label"], classes),
-                        load_images(list(parts["val"]["path"]), size), _targets(parts["val"]["label"], classes))
+    data = TrainingData(
+        load_images(list(parts["train"]["path"]), size),
+        _targets(parts["train"]["label"], classes),
+        load_images(list(parts["val"]["path"]), size),
+        _targets(parts["val"]["label"], classes),
+    )
     return data, load_images(list(test_index["path"]), size), _targets(test_index["label"], classes), classes
 
 
-def load_merch(zip_path: Path, store: str, seed: int, size) -> tuple[TrainingData, torch.Tensor, torch.Tensor, list[str]]:
+def load_merch(
+    zip_path: Path, store: str, seed: int, size
+) -> tuple[TrainingData, torch.Tensor, torch.Tensor, list[str]]:
     index = index_images(materialize(str(zip_path), store)).images
     classes = sorted(index["label"].unique())
     split = split_each_label(index, (0.7, 0.15, 0.15), seed)
     parts = {name: split[split["split"] == name] for name in ("train", "val", "test")}
     pix = {name: load_images(list(rows["path"]), size) for name, rows in parts.items()}
-    data = TrainingData(pix["train"], _targets(parts["train"]["label"], classes),
-                        pix["val"], _targets(parts["val"]["label"], classes))
+    data = TrainingData(
+        pix["train"], _targets(parts["train"]["label"], classes), pix["val"], _targets(parts["val"]["label"], classes)
+    )
     return data, pix["test"], _targets(parts["test"]["label"], classes), classes
 
 
-def train_once(module, data: TrainingData, classes, weights: str, seed: int, options: dict,
-               augmentation: Augmentation, mode: str = "transfer") -> tuple[torch.nn.Module, object, float, float]:
+def train_once(
+    module,
+    data: TrainingData,
+    classes,
+    weights: str,
+    seed: int,
+    options: dict,
+    augmentation: Augmentation,
+    mode: str = "transfer",
+) -> tuple[torch.nn.Module, object, float, float]:
     """Train once; returns the model, the outcome, wall seconds and CPU seconds (this process,
     all threads: less sensitive than wall time to other work on the machine)."""
     spec = get_spec(NETWORK)
@@ -100,8 +116,15 @@ def accuracy(model, images, targets) -> float:
     return float((scores.argmax(1) == targets).float().mean())
 
 
-def compare(name: str, seeds: list[int], load, weights: str, options: dict, augmentation: Augmentation,
-            view_counts: list[int | None]) -> dict:
+def compare(
+    name: str,
+    seeds: list[int],
+    load,
+    weights: str,
+    options: dict,
+    augmentation: Augmentation,
+    view_counts: list[int | None],
+) -> dict:
     """Cache (for each view count) and classic loop on each seed; returns per-run records."""
     runs = []
     for i, seed in enumerate(seeds):
@@ -111,19 +134,31 @@ def compare(name: str, seeds: list[int], load, weights: str, options: dict, augm
             methods.reverse()
         for method, views in methods:
             opts = {**options, "classic_loop": method == "classic", "feature_cache_views": views}
-            model, outcome, seconds, cpu_seconds = train_once(training, data, classes, weights, seed, opts,
-                                                              augmentation)
+            model, outcome, seconds, cpu_seconds = train_once(
+                training, data, classes, weights, seed, opts, augmentation
+            )
             cache = outcome.feature_cache or {}
-            record = {"dataset": name, "method": method, "seed": seed,
-                      "views": cache.get("views"), "seconds": seconds, "cpu_seconds": cpu_seconds,
-                      "feature_seconds": cache.get("seconds"), "iterations": outcome.iterations,
-                      "train_images": len(data.train_targets), "val_images": len(data.val_targets),
-                      "test_images": len(test_targets), "val_accuracy": outcome.final_val_accuracy,
-                      "test_accuracy": accuracy(model, test_images, test_targets)}
+            record = {
+                "dataset": name,
+                "method": method,
+                "seed": seed,
+                "views": cache.get("views"),
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "feature_seconds": cache.get("seconds"),
+                "iterations": outcome.iterations,
+                "train_images": len(data.train_targets),
+                "val_images": len(data.val_targets),
+                "test_images": len(test_targets),
+                "val_accuracy": outcome.final_val_accuracy,
+                "test_accuracy": accuracy(model, test_images, test_targets),
+            }
             runs.append(record)
-            print(f"  {name} seed {seed} {method:<7} views {str(record['views']):>4}: "
-                  f"{seconds:7.1f} s wall, {cpu_seconds:7.1f} s CPU, test accuracy {record['test_accuracy']:.4f}",
-                  flush=True)
+            print(
+                f"  {name} seed {seed} {method:<7} views {str(record['views']):>4}: "
+                f"{seconds:7.1f} s wall, {cpu_seconds:7.1f} s CPU, test accuracy {record['test_accuracy']:.4f}",
+                flush=True,
+            )
     return summarize(runs)
 
 
@@ -140,12 +175,20 @@ def summarize(runs: list[dict]) -> dict:
         seconds = statistics.mean(r["seconds"] for r in rs)
         cpu = statistics.mean(r["cpu_seconds"] for r in rs)
         acc = statistics.mean(r["test_accuracy"] for r in rs)
-        rows.append({"method": method, "views": views, "runs": len(rs), "mean_seconds": seconds,
-                     "mean_cpu_seconds": cpu, "mean_test_accuracy": acc,
-                     "accuracies": [r["test_accuracy"] for r in rs],
-                     "speedup_vs_classic": classic_seconds / seconds,
-                     "cpu_speedup_vs_classic": classic_cpu / cpu,
-                     "accuracy_minus_classic_points": 100 * (acc - classic_accuracy)})
+        rows.append(
+            {
+                "method": method,
+                "views": views,
+                "runs": len(rs),
+                "mean_seconds": seconds,
+                "mean_cpu_seconds": cpu,
+                "mean_test_accuracy": acc,
+                "accuracies": [r["test_accuracy"] for r in rs],
+                "speedup_vs_classic": classic_seconds / seconds,
+                "cpu_speedup_vs_classic": classic_cpu / cpu,
+                "accuracy_minus_classic_points": 100 * (acc - classic_accuracy),
+            }
+        )
     return {"runs": runs, "summary": rows}
 
 
@@ -163,8 +206,17 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def same_work(old, old_extra: dict, new_extra: dict, data: TrainingData, classes, weights: str, batch: int,
-              augmentation: Augmentation, mode: str) -> dict:
+def same_work(
+    old,
+    old_extra: dict,
+    new_extra: dict,
+    data: TrainingData,
+    classes,
+    weights: str,
+    batch: int,
+    augmentation: Augmentation,
+    mode: str,
+) -> dict:
     """Timing-free evidence: the operators each loop runs (torch profiler counts) and whether
     they compute the same losses, iteration by iteration."""
     from collections import Counter
@@ -179,26 +231,30 @@ def same_work(old, old_extra: dict, new_extra: dict, data: TrainingData, classes
         counts[label] = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
         losses[label] = outcome.history["loss"].tolist()
     a, b = counts["baseline"], counts["current"]
-    return {"aten_ops": {k: sum(c.values()) for k, c in counts.items()},
-            "ops_differing": {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)},
-            "identical_losses": losses["baseline"] == losses["current"], "iterations": len(losses["current"])}
+    return {
+        "aten_ops": {k: sum(c.values()) for k, c in counts.items()},
+        "ops_differing": {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)},
+        "identical_losses": losses["baseline"] == losses["current"],
+        "iterations": len(losses["current"]),
+    }
 
 
-def loop_overhead(data: TrainingData, classes, weights: str, repeats: int, iterations: int,
-                  batch: int, baseline_rev: str) -> dict:
+def loop_overhead(
+    data: TrainingData, classes, weights: str, repeats: int, iterations: int, batch: int, baseline_rev: str
+) -> dict:
     """Seconds per iteration of the baseline loop and this one, fine-tune and classic
     transfer, alternating old and new ``repeats`` times; no validation (only the loop).
 
     Each run's iterations are timed one by one (the history's clock, the first iteration
     left out: it holds the warm-up). Other work on the machine only ever adds time, so the
     low quantiles of many interleaved samples are the fair comparison; medians are shown too."""
-    source = subprocess.run(["git", "show", f"{baseline_rev}:tasks/training.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{baseline_rev}:tasks/training.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     old = load_module("baseline_training", source)
     old_extra = {"classic_loop": True} if "classic_loop" in old.TrainingOptions.__dataclass_fields__ else {}
     n = iterations * batch
-    subset = TrainingData(data.train_images[:n], data.train_targets[:n],
-                          data.val_images[:0], data.val_targets[:0])
+    subset = TrainingData(data.train_images[:n], data.train_targets[:n], data.val_images[:0], data.val_targets[:0])
     augmentation = Augmentation()
     results = {}
     for mode, extra_new in (("finetune", {}), ("transfer", {"classic_loop": True})):
@@ -212,55 +268,86 @@ def loop_overhead(data: TrainingData, classes, weights: str, repeats: int, itera
                 _, outcome, _, _ = train_once(module, subset, classes, weights, 0, opts, augmentation, mode)
                 if r:
                     samples[label] += outcome.history["seconds"].diff().dropna().tolist()
-        r = {k: {"min": min(v), "p10": _quantile(v, 0.1), "p25": _quantile(v, 0.25),
-                 "median": statistics.median(v), "samples": v} for k, v in samples.items()}
-        r["same_work"] = same_work(old, old_extra if mode == "transfer" else {}, extra_new, subset, classes,
-                                   weights, batch, augmentation, mode)
+        r = {
+            k: {
+                "min": min(v),
+                "p10": _quantile(v, 0.1),
+                "p25": _quantile(v, 0.25),
+                "median": statistics.median(v),
+                "samples": v,
+            }
+            for k, v in samples.items()
+        }
+        r["same_work"] = same_work(
+            old, old_extra if mode == "transfer" else {}, extra_new, subset, classes, weights, batch, augmentation, mode
+        )
         for q in ("min", "p10", "p25", "median"):
             r[f"current_over_baseline_{q}"] = r["current"][q] / r["baseline"][q]
         results[mode] = r
-        print(f"  {mode}: seconds per iteration, baseline p10 {r['baseline']['p10']:.3f} median "
-              f"{r['baseline']['median']:.3f}; current p10 {r['current']['p10']:.3f} median "
-              f"{r['current']['median']:.3f} ({len(samples['current'])} samples each)", flush=True)
+        print(
+            f"  {mode}: seconds per iteration, baseline p10 {r['baseline']['p10']:.3f} median "
+            f"{r['baseline']['median']:.3f}; current p10 {r['current']['p10']:.3f} median "
+            f"{r['current']['median']:.3f} ({len(samples['current'])} samples each)",
+            flush=True,
+        )
     return results
 
 
 def print_table(results: dict) -> None:
     print("\n" + "=" * 100)
-    print(f"{'data set':<12} {'method':<8} {'views':>5} {'runs':>4} {'wall s':>8} {'speedup':>8} "
-          f"{'CPU s':>8} {'speedup':>8} {'accuracy':>9} {'vs classic':>11}  per seed")
+    print(
+        f"{'data set':<12} {'method':<8} {'views':>5} {'runs':>4} {'wall s':>8} {'speedup':>8} "
+        f"{'CPU s':>8} {'speedup':>8} {'accuracy':>9} {'vs classic':>11}  per seed"
+    )
     for name in ("hymenoptera", "merch"):
         if name not in results:
             continue
         for row in results[name]["summary"]:
-            print(f"{name:<12} {row['method']:<8} {str(row['views'] if row['views'] is not None else '-'):>5} "
-                  f"{row['runs']:>4} {row['mean_seconds']:8.1f} {row['speedup_vs_classic']:7.2f}x "
-                  f"{row['mean_cpu_seconds']:8.1f} {row['cpu_speedup_vs_classic']:7.2f}x {row['mean_test_accuracy']:9.4f} "
-                  f"{row['accuracy_minus_classic_points']:+10.2f}p  "
-                  + " ".join(f"{a:.3f}" for a in row["accuracies"]))
+            print(
+                f"{name:<12} {row['method']:<8} {str(row['views'] if row['views'] is not None else '-'):>5} "
+                f"{row['runs']:>4} {row['mean_seconds']:8.1f} {row['speedup_vs_classic']:7.2f}x "
+                f"{row['mean_cpu_seconds']:8.1f} {row['cpu_speedup_vs_classic']:7.2f}x {row['mean_test_accuracy']:9.4f} "
+                f"{row['accuracy_minus_classic_points']:+10.2f}p  " + " ".join(f"{a:.3f}" for a in row["accuracies"])
+            )
     if "loop_overhead" in results:
-        print(f"\nloop against tasks/training.py at {results['settings']['baseline_rev']}: seconds per "
-              "iteration (min / p10 / p25 / median), current over baseline")
+        print(
+            f"\nloop against tasks/training.py at {results['settings']['baseline_rev']}: seconds per "
+            "iteration (min / p10 / p25 / median), current over baseline"
+        )
         for mode, r in results["loop_overhead"].items():
             qs = ("min", "p10", "p25", "median")
-            print(f"  {mode:<9} baseline " + " / ".join(f"{r['baseline'][q]:.3f}" for q in qs)
-                  + "  current " + " / ".join(f"{r['current'][q]:.3f}" for q in qs)
-                  + "  ratio " + " / ".join(f"{r[f'current_over_baseline_{q}']:.3f}" for q in qs))
+            print(
+                f"  {mode:<9} baseline "
+                + " / ".join(f"{r['baseline'][q]:.3f}" for q in qs)
+                + "  current "
+                + " / ".join(f"{r['current'][q]:.3f}" for q in qs)
+                + "  ratio "
+                + " / ".join(f"{r[f'current_over_baseline_{q}']:.3f}" for q in qs)
+            )
             w = r["same_work"]
-            print(f"  {'':<9} same work: aten ops {w['aten_ops']['baseline']} vs {w['aten_ops']['current']} "
-                  f"(differing: {w['ops_differing']}), identical losses: {w['identical_losses']}")
+            print(
+                f"  {'':<9} same work: aten ops {w['aten_ops']['baseline']} vs {w['aten_ops']['current']} "
+                f"(differing: {w['ops_differing']}), identical losses: {w['identical_losses']}"
+            )
     print("=" * 100)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default=str(SHARED / "weights" / "squeezenet1_1_caffe-2c890718.pth"))
-    p.add_argument("--data", default="hymenoptera,merch,overhead",
-                   help="comma-separated: hymenoptera, merch, overhead (fine-tune loop vs baseline)")
+    p.add_argument(
+        "--data",
+        default="hymenoptera,merch,overhead",
+        help="comma-separated: hymenoptera, merch, overhead (fine-tune loop vs baseline)",
+    )
     p.add_argument("--hymenoptera-seeds", default="0,1,2")
     p.add_argument("--merch-seeds", default="0,1,2,3,4")
-    p.add_argument("--hymenoptera-epochs", type=int, default=25,
-                   help="default 25, the PyTorch transfer-learning tutorial's on this data set")
+    p.add_argument(
+        "--hymenoptera-epochs",
+        type=int,
+        default=25,
+        help="default 25, the PyTorch transfer-learning tutorial's on this data set",
+    )
     p.add_argument("--merch-epochs", type=int, default=30, help="default 30, MATLAB trainingOptions' MaxEpochs")
     p.add_argument("--hymenoptera-batch", type=int, default=32)
     p.add_argument("--merch-batch", type=int, default=11, help="55 training images: 5 iterations an epoch")
@@ -269,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--views", default="auto", help="cached views to compare, e.g. auto or 1,2,4")
     p.add_argument("--overhead-repeats", type=int, default=3)
     p.add_argument("--overhead-iterations", type=int, default=8)
-    p.add_argument("--baseline-rev", default="5826a04",
-                   help="git revision of the loop before the feature cache (default: the first commit)")
+    p.add_argument(
+        "--baseline-rev",
+        default="5826a04",
+        help="git revision of the loop before the feature cache (default: the first commit)",
+    )
     p.add_argument("--quick", action="store_true", help="1 seed each, 3 epochs, 1 overhead repeat")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_train.json"))
     args = p.parse_args(argv)
@@ -285,11 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     augmentation = Augmentation()  # the seed's: reflection and +-30 px translation
     size = get_spec(NETWORK).preprocessing.input_size
     base = {"validation_frequency": args.validation_frequency, "checkpoint_frequency": 0}
-    results: dict = {"settings": {**vars(args), "network": NETWORK, "augmentation": augmentation.to_dict(),
-                                  "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                  "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                                  "device": str(training.resolve_device("auto")),
-                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    results: dict = {
+        "settings": {
+            **vars(args),
+            "network": NETWORK,
+            "augmentation": augmentation.to_dict(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "device": str(training.resolve_device("auto")),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    }
     started = time.perf_counter()
     hymenoptera = SHARED / "data" / "hymenoptera_data"
     merch = SHARED / "data" / "MerchData.zip"
@@ -297,21 +395,33 @@ def main(argv: list[str] | None = None) -> int:
         print("hymenoptera: train/ -> val/", flush=True)
         seeds = [int(s) for s in args.hymenoptera_seeds.split(",")]
         results["hymenoptera"] = compare(
-            "hymenoptera", seeds, lambda seed: load_hymenoptera(hymenoptera, args.holdout, seed, size),
-            args.weights, {**base, "max_epochs": args.hymenoptera_epochs, "mini_batch_size": args.hymenoptera_batch},
-            augmentation, view_counts)
+            "hymenoptera",
+            seeds,
+            lambda seed: load_hymenoptera(hymenoptera, args.holdout, seed, size),
+            args.weights,
+            {**base, "max_epochs": args.hymenoptera_epochs, "mini_batch_size": args.hymenoptera_batch},
+            augmentation,
+            view_counts,
+        )
     if "merch" in wanted and merch.exists():
         print("MerchData: split 0.7/0.15/0.15 per seed, test accuracy", flush=True)
         store = tempfile.mkdtemp(prefix="bench-train-store-")
         seeds = [int(s) for s in args.merch_seeds.split(",")]
-        results["merch"] = compare("merch", seeds, lambda seed: load_merch(merch, store, seed, size),
-                                   args.weights, {**base, "max_epochs": args.merch_epochs,
-                                                  "mini_batch_size": args.merch_batch}, augmentation, view_counts)
+        results["merch"] = compare(
+            "merch",
+            seeds,
+            lambda seed: load_merch(merch, store, seed, size),
+            args.weights,
+            {**base, "max_epochs": args.merch_epochs, "mini_batch_size": args.merch_batch},
+            augmentation,
+            view_counts,
+        )
     if "overhead" in wanted and hymenoptera.exists():
         print("loop overhead against the baseline training.py", flush=True)
         data, _, _, classes = load_hymenoptera(hymenoptera, 0.0, 0, size)
-        results["loop_overhead"] = loop_overhead(data, classes, args.weights, args.overhead_repeats,
-                                                 args.overhead_iterations, 16, args.baseline_rev)
+        results["loop_overhead"] = loop_overhead(
+            data, classes, args.weights, args.overhead_repeats, args.overhead_iterations, 16, args.baseline_rev
+        )
     results["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

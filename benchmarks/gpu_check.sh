@@ -66,10 +66,10 @@ nvidia-smi -L 2>/dev/null || true
 cat > "$WORK/train_check.py" <<'EOF'
 import json, sys, time
 import torch
-from tasks.datastore import index_images, split_each_label
-from tasks.networks import build_network, get_spec, model_record, save_model_file
-from tasks.preprocessing import Augmentation, load_images
-from tasks.training import TrainingData, TrainingOptions, train
+from retrain.tasks.datastore import index_images, split_each_label
+from retrain.tasks.networks import build_network, get_spec, model_record, save_model_file
+from retrain.tasks.preprocessing import Augmentation, load_images
+from retrain.tasks.training import TrainingData, TrainingOptions, train
 
 root, weights, model_out, json_out = sys.argv[1:5]
 spec = get_spec("squeezenet-caffe")
@@ -127,7 +127,7 @@ echo "== training: 2 epochs on $HYMENOPTERA"
 cat > "$WORK/make_images.py" <<'EOF'
 import os, sys
 from concurrent.futures import ProcessPoolExecutor
-from tasks.samples import SHAPES, make_shapes_dataset
+from retrain.tasks.samples import SHAPES, make_shapes_dataset
 root, total = sys.argv[1], int(sys.argv[2])
 per = [total // len(SHAPES) + (i < total % len(SHAPES)) for i in range(len(SHAPES))]
 with ProcessPoolExecutor(len(SHAPES)) as pool:
@@ -138,7 +138,7 @@ EOF
 
 cat > "$WORK/score_check.py" <<'EOF'
 import json, sys
-from tasks.scoring import score_images
+from retrain.tasks.scoring import score_images
 if __name__ == "__main__":  # Dask spawns worker processes
     model, images, out = sys.argv[1:4]
     print(json.dumps(score_images(model, images, out), default=str))
@@ -148,7 +148,7 @@ score() {  # $1: label; the rest: environment for the command
     local out=$WORK/scores-$label
     # stdout's last line is the JSON; logs (Prefect's, Dask's) go to stderr
     if "$PY" -c "import prefect, distributed" 2>/dev/null; then
-        env "$@" "$PY" -m flows.cli score "$WORK/model.pt" "$WORK/images" --out "$out" --store "$WORK/store" --json \
+        env "$@" "$PY" -m retrain.flows.cli score "$WORK/model.pt" "$WORK/images" --out "$out" --store "$WORK/store" --json \
             > "$WORK/score-$label.out" 2> "$WORK/score-$label.log" || { tail -20 "$WORK/score-$label.log"; return 0; }
         echo "retrain score" > "$WORK/score-$label.how"
     elif "$PY" -c "import distributed" 2>/dev/null; then
@@ -173,7 +173,7 @@ import glob, json, sys, time
 import torch, torchvision
 from torchvision.io import decode_jpeg, ImageReadMode
 import torchvision.transforms.v2.functional as TF
-from tasks.networks import load_model_file
+from retrain.tasks.networks import load_model_file
 loaded = load_model_file(sys.argv[1])
 files = sorted(glob.glob(sys.argv[2] + "/**/*.jpg", recursive=True))
 blobs = [torchvision.io.read_file(f) for f in files]

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 import yaml
-
-from tasks import storage
+from retrain.tasks import storage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
@@ -71,10 +70,16 @@ def read_deployments(prefect_file: Path = PREFECT_FILE, env: dict[str, str] | No
     found = []
     for d in config.get("deployments") or []:
         path = d["entrypoint"].split(":", 1)[0]
-        found.append({"name": d["name"], "entrypoint": d["entrypoint"],
-                      "work_pool": (d.get("work_pool") or {}).get("name"),
-                      "parameters": d.get("parameters") or {}, "schedules": d.get("schedules") or [],
-                      "available": (PROJECT_ROOT / path).exists()})
+        found.append(
+            {
+                "name": d["name"],
+                "entrypoint": d["entrypoint"],
+                "work_pool": (d.get("work_pool") or {}).get("name"),
+                "parameters": d.get("parameters") or {},
+                "schedules": d.get("schedules") or [],
+                "available": (PROJECT_ROOT / path).exists(),
+            }
+        )
     return found
 
 
@@ -98,27 +103,39 @@ def ensure_work_pool(name: str, pool_type: str = "process", job_template: str | 
 
             template = ProcessWorker.get_default_base_job_template()
         else:
-            raise ValueError(f"work pool {name!r} of type {pool_type!r}: give its base job template "
-                             f"(--gpu-job-template), e.g. infra/k8s/gpu-work-pool.json")
+            raise ValueError(
+                f"work pool {name!r} of type {pool_type!r}: give its base job template "
+                f"(--gpu-job-template), e.g. infra/k8s/gpu-work-pool.json"
+            )
         client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
         return True
 
 
-def apply(values: dict[str, str | None] | None = None, prefect_file: Path = PREFECT_FILE,
-          names: list[str] | None = None, create_pools: bool = True, cpu_pool_type: str = "process",
-          gpu_pool_type: str = "process", gpu_job_template: str | None = None) -> dict:
+def apply(
+    values: dict[str, str | None] | None = None,
+    prefect_file: Path = PREFECT_FILE,
+    names: list[str] | None = None,
+    create_pools: bool = True,
+    cpu_pool_type: str = "process",
+    gpu_pool_type: str = "process",
+    gpu_job_template: str | None = None,
+) -> dict:
     """Create the missing work pools and apply the deployments (all, or ``names``)."""
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        raise ValueError("retrain deploy needs a running Prefect server: set PREFECT_API_URL "
-                         "(e.g. http://127.0.0.1:4200/api after `prefect server start`)")
+        raise ValueError(
+            "retrain deploy needs a running Prefect server: set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api after `prefect server start`)"
+        )
     env = deployment_env(values)
     deployments = read_deployments(prefect_file, env)
     unknown = sorted(set(names or []) - {d["name"] for d in deployments})
     if unknown:
-        raise ValueError(f"no deployment named {', '.join(unknown)} in {prefect_file} "
-                         f"(it has {', '.join(d['name'] for d in deployments)})")
+        raise ValueError(
+            f"no deployment named {', '.join(unknown)} in {prefect_file} "
+            f"(it has {', '.join(d['name'] for d in deployments)})"
+        )
     chosen = [d for d in deployments if not names or d["name"] in names]
     skipped = [d for d in chosen if not d["available"]]
     chosen = [d for d in chosen if d["available"]]
@@ -128,22 +145,35 @@ def apply(values: dict[str, str | None] | None = None, prefect_file: Path = PREF
     if create_pools:
         for pool in sorted({d["work_pool"] for d in chosen}):
             gpu = pool == env["RETRAIN_GPU_POOL"]
-            if ensure_work_pool(pool, gpu_pool_type if gpu else cpu_pool_type,
-                                gpu_job_template if gpu else None):
+            if ensure_work_pool(pool, gpu_pool_type if gpu else cpu_pool_type, gpu_job_template if gpu else None):
                 created.append(pool)
-    command = [sys.executable, "-m", "prefect", "deploy", "--no-prompt",
-               "--prefect-file", str(Path(prefect_file).resolve())]
+    command = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "deploy",
+        "--no-prompt",
+        "--prefect-file",
+        str(Path(prefect_file).resolve()),
+    ]
     for d in chosen:
         command += ["--name", d["name"]]
-    proc = subprocess.run(command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        command, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"prefect deploy failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}"
-                           f"\n{proc.stderr[-3000:]}")
-    return {"deployments": deployed_names(chosen),
-            "skipped": [f"{d['name']} ({d['entrypoint']} is not in this checkout)" for d in skipped],
-            "work_pools_created": created, "work_pools": sorted({d["work_pool"] for d in chosen}),
-            "store": env["RETRAIN_STORE"], "data": env["RETRAIN_DATA"], "prefect_file": str(prefect_file)}
+        raise RuntimeError(
+            f"prefect deploy failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return {
+        "deployments": deployed_names(chosen),
+        "skipped": [f"{d['name']} ({d['entrypoint']} is not in this checkout)" for d in skipped],
+        "work_pools_created": created,
+        "work_pools": sorted({d["work_pool"] for d in chosen}),
+        "store": env["RETRAIN_STORE"],
+        "data": env["RETRAIN_DATA"],
+        "prefect_file": str(prefect_file),
+    }
 
 
 def deployed_names(chosen: list[dict]) -> list[str]:
@@ -152,5 +182,8 @@ def deployed_names(chosen: list[dict]) -> list[str]:
 
     wanted = {(d["name"], d["entrypoint"]) for d in chosen}
     with get_client(sync_client=True) as client:
-        return sorted(f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()
-                      if (d.name, d.entrypoint) in wanted)
+        return sorted(
+            f"{client.read_flow(d.flow_id).name}/{d.name}"
+            for d in client.read_deployments()
+            if (d.name, d.entrypoint) in wanted
+        )

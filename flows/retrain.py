@@ -10,18 +10,17 @@ import time
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-from flows.train import train_flow
-from tasks import storage
-from tasks.datastore import index_stage, materialize, parse_fractions, split_stage
-from tasks.evaluation import evaluate_run
-from tasks.networks import MODES, build_network, get_spec
-from tasks.preprocessing import Augmentation
-from tasks.promotion import decision_markdown, model_name_for, promote_run
-from tasks.reports import png_markdown, run_summary_markdown
-from tasks.runs import STATUS_FAILED, RunConfig, publish_run, start_run, update_run
-from tasks.samples import ensure_sample_dataset
-from tasks.training import TrainingOptions
+from retrain.flows.train import train_flow
+from retrain.tasks import storage
+from retrain.tasks.datastore import index_stage, materialize, parse_fractions, split_stage
+from retrain.tasks.evaluation import evaluate_run
+from retrain.tasks.networks import MODES, build_network, get_spec
+from retrain.tasks.preprocessing import Augmentation
+from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run
+from retrain.tasks.reports import png_markdown, run_summary_markdown
+from retrain.tasks.runs import STATUS_FAILED, RunConfig, publish_run, start_run, update_run
+from retrain.tasks.samples import ensure_sample_dataset
+from retrain.tasks.training import TrainingOptions
 
 unzip = task(materialize, name="unzip")
 index = task(index_stage, name="index")
@@ -31,13 +30,24 @@ publish = task(publish_run, name="publish")
 
 
 @flow(name="retrain")
-def retrain_flow(data: str | None = None, store: str | None = None, network: str = "squeezenet",
-                 weights: str = "default", mode: str = "transfer", split_fractions: str = "0.7,0.15,0.15",
-                 options: dict | None = None, augmentation: dict | None = None,
-                 run_id: str | None = None, resume: bool = True, progress: bool = False,
-                 train_deployment: str | None = None, model_name: str | None = None,
-                 promote: bool = True, score_folder: str | None = None,
-                 score_out: str | None = None) -> dict:
+def retrain_flow(
+    data: str | None = None,
+    store: str | None = None,
+    network: str = "squeezenet",
+    weights: str = "default",
+    mode: str = "transfer",
+    split_fractions: str = "0.7,0.15,0.15",
+    options: dict | None = None,
+    augmentation: dict | None = None,
+    run_id: str | None = None,
+    resume: bool = True,
+    progress: bool = False,
+    train_deployment: str | None = None,
+    model_name: str | None = None,
+    promote: bool = True,
+    score_folder: str | None = None,
+    score_out: str | None = None,
+) -> dict:
     """Retrain ``network`` on the images in ``data`` (a zip or a folder of class folders,
     any fsspec URL; the generated sample set when None). Returns the run summary.
 
@@ -52,8 +62,8 @@ def retrain_flow(data: str | None = None, store: str | None = None, network: str
     store = storage.absolute(store or storage.default_store())
     data, train_deployment = data or None, train_deployment or None  # "" from a deployment = unset
     training_options, augment, fractions = check_request(
-        network, weights, mode, split_fractions, options, augmentation,
-        fetch_weights=train_deployment is None)
+        network, weights, mode, split_fractions, options, augmentation, fetch_weights=train_deployment is None
+    )
     model_name = model_name or model_name_for(data)
     if data is None:
         data = ensure_sample_dataset(store)
@@ -63,16 +73,27 @@ def retrain_flow(data: str | None = None, store: str | None = None, network: str
         weights = storage.absolute(weights)
 
     dataset_url = unzip(data, store)
-    config = RunConfig(data=data, dataset=dataset_url, network=network,
-                       weights="none" if mode == "scratch" else weights, mode=mode, split=fractions,
-                       options=training_options.to_dict(), augmentation=augment.to_dict())
+    config = RunConfig(
+        data=data,
+        dataset=dataset_url,
+        network=network,
+        weights="none" if mode == "scratch" else weights,
+        mode=mode,
+        split=fractions,
+        options=training_options.to_dict(),
+        augmentation=augment.to_dict(),
+    )
     run_url = start_run(store, config, run_id=run_id, resume=resume)
     run_name = run_url.rstrip("/").rsplit("/", 1)[-1]
     logger.info("run %s in %s", run_name, run_url)
     try:
         indexed = index(dataset_url, run_url, training_options.seed)
-        logger.info("%d classes: %s; %d files skipped", len(indexed.classes),
-                    ", ".join(f"{c} ({n})" for c, n in indexed.counts.items()), indexed.skipped)
+        logger.info(
+            "%d classes: %s; %d files skipped",
+            len(indexed.classes),
+            ", ".join(f"{c} ({n})" for c, n in indexed.counts.items()),
+            indexed.skipped,
+        )
         split(run_url, fractions, training_options.seed)
         if train_deployment:
             trained = train_on_deployment(train_deployment, run_url)
@@ -87,13 +108,24 @@ def retrain_flow(data: str | None = None, store: str | None = None, network: str
             logger.warning("could not mark run %s failed: %s", run_name, record_error)
         raise
     summary = {
-        "run_id": run_name, "run": run_url, "model": model_url, "data": data,
-        "network": network, "mode": mode, "weights_origin": trained["weights_origin"],
-        "classes": indexed.classes, "counts": indexed.counts, "skipped": indexed.skipped,
-        "test_accuracy": metrics["test_accuracy"], "val_accuracy": trained["val_accuracy"],
-        "test_images": metrics["test_images"], "iterations": trained["iterations"],
-        "epochs": trained["epochs"], "resumed_from": trained["resumed_from"],
-        "device": trained["device"], "options": training_options.to_dict(),
+        "run_id": run_name,
+        "run": run_url,
+        "model": model_url,
+        "data": data,
+        "network": network,
+        "mode": mode,
+        "weights_origin": trained["weights_origin"],
+        "classes": indexed.classes,
+        "counts": indexed.counts,
+        "skipped": indexed.skipped,
+        "test_accuracy": metrics["test_accuracy"],
+        "val_accuracy": trained["val_accuracy"],
+        "test_images": metrics["test_images"],
+        "iterations": trained["iterations"],
+        "epochs": trained["epochs"],
+        "resumed_from": trained["resumed_from"],
+        "device": trained["device"],
+        "options": training_options.to_dict(),
         "seconds": time.perf_counter() - started,
     }
     summary_url = storage.join(run_url, "summary.json")
@@ -102,18 +134,29 @@ def retrain_flow(data: str | None = None, store: str | None = None, network: str
     if promote:
         summary["promotion"] = promotion_gate(store, model_name, run_url)
     if score_folder:  # batch predict with the model just published
-        from flows.score import score_flow
+        from retrain.flows.score import score_flow
 
-        summary["scores"] = score_flow(model=model_url, images=score_folder, store=store, progress=progress,
-                                       out=score_out or storage.join(run_url, "scores"))["output"]
+        summary["scores"] = score_flow(
+            model=model_url,
+            images=score_folder,
+            store=store,
+            progress=progress,
+            out=score_out or storage.join(run_url, "scores"),
+        )["output"]
     if promote or score_folder:  # the run's record says what became of its model too
         storage.write_json(summary_url, summary)
     return summary
 
 
-def check_request(network: str, weights: str, mode: str, split_fractions: str, options: dict | None,
-                  augmentation: dict | None, fetch_weights: bool = True
-                  ) -> tuple[TrainingOptions, Augmentation, tuple[float, float, float]]:
+def check_request(
+    network: str,
+    weights: str,
+    mode: str,
+    split_fractions: str,
+    options: dict | None,
+    augmentation: dict | None,
+    fetch_weights: bool = True,
+) -> tuple[TrainingOptions, Augmentation, tuple[float, float, float]]:
     """Validate everything a user chose before any work is done, so a typo or missing
     weights fail in a second with a clear message, not after unzipping and indexing.
     ``fetch_weights`` also obtains the pretrained weights (torchvision caches them)."""
@@ -132,10 +175,16 @@ def check_request(network: str, weights: str, mode: str, split_fractions: str, o
 def promotion_gate(store: str, name: str, run_url: str) -> dict:
     """The promotion gate (tasks.promotion) with its decision shown as an artifact."""
     decision = promote_run(store, name, run_url).to_dict()
-    get_run_logger().info("model %s: run %s %s (%s)", name, decision["run_id"],
-                          "promoted" if decision["promoted"] else "not promoted", decision["reason"])
-    create_markdown_artifact(decision_markdown(decision), key="model-promotion",
-                             description=f"Promotion decision for model {name}")
+    get_run_logger().info(
+        "model %s: run %s %s (%s)",
+        name,
+        decision["run_id"],
+        "promoted" if decision["promoted"] else "not promoted",
+        decision["reason"],
+    )
+    create_markdown_artifact(
+        decision_markdown(decision), key="model-promotion", description=f"Promotion decision for model {name}"
+    )
     return decision
 
 
@@ -148,27 +197,36 @@ def train_on_deployment(name: str, run_url: str) -> dict:
 
     logger = get_run_logger()
     if "://" not in run_url:
-        logger.warning("training on deployment %s with a local store (%s): its worker must see "
-                       "the same filesystem", name, run_url)
+        logger.warning(
+            "training on deployment %s with a local store (%s): its worker must see the same filesystem", name, run_url
+        )
     child = run_deployment(name, parameters={"run_url": run_url}, timeout=None, poll_interval=3)
     state = child.state
     if state is None or not state.is_completed():
-        raise RuntimeError(f"training deployment {name!r}: flow run {child.name} ({child.id}) ended "
-                           f"{state.name if state else 'with no state'}"
-                           f"{': ' + state.message if state and state.message else ''}")
+        raise RuntimeError(
+            f"training deployment {name!r}: flow run {child.name} ({child.id}) ended "
+            f"{state.name if state else 'with no state'}"
+            f"{': ' + state.message if state and state.message else ''}"
+        )
     logger.info("trained by %s in flow run %s", name, child.name)
     return storage.read_json(storage.join(run_url, "training.json"))
 
 
 def publish_artifacts(summary: dict, metrics: dict, run_url: str, montage_url: str) -> None:
     """What a person opening the run in the Prefect UI wants to see."""
-    create_markdown_artifact(run_summary_markdown(summary), key="retrain-summary",
-                             description="Retrain run summary")
-    create_table_artifact([{"class": c, **{k: round(v, 4) for k, v in m.items()}}
-                           for c, m in metrics["per_class"].items()],
-                          key="per-class-metrics", description="Per-class test metrics")
-    plots = [("Sample images", montage_url), ("Training progress", storage.join(run_url, "progress.png")),
-             ("Confusion chart", metrics["confusion_chart"])]
-    create_markdown_artifact("\n\n".join(f"## {title}\n\n{png_markdown(url, title)}"
-                                         for title, url in plots if storage.exists(url)),
-                             key="retrain-plots", description="Montage, training progress, confusion chart")
+    create_markdown_artifact(run_summary_markdown(summary), key="retrain-summary", description="Retrain run summary")
+    create_table_artifact(
+        [{"class": c, **{k: round(v, 4) for k, v in m.items()}} for c, m in metrics["per_class"].items()],
+        key="per-class-metrics",
+        description="Per-class test metrics",
+    )
+    plots = [
+        ("Sample images", montage_url),
+        ("Training progress", storage.join(run_url, "progress.png")),
+        ("Confusion chart", metrics["confusion_chart"]),
+    ]
+    create_markdown_artifact(
+        "\n\n".join(f"## {title}\n\n{png_markdown(url, title)}" for title, url in plots if storage.exists(url)),
+        key="retrain-plots",
+        description="Montage, training progress, confusion chart",
+    )

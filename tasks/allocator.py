@@ -34,8 +34,7 @@ SETTINGS = {
     # Blocks up to 32 MiB (glibc's largest mmap threshold) from the heap; keep 64 MiB free.
     "inference": {_M_MMAP_THRESHOLD: 32 * MiB, _M_TRIM_THRESHOLD: 64 * MiB},
     # Training blocks exceed any threshold: no mmap at all, keep 512 MiB free, grow by 64 MiB.
-    "training": {_M_MMAP_THRESHOLD: 32 * MiB, _M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 512 * MiB,
-                 _M_TOP_PAD: 64 * MiB},
+    "training": {_M_MMAP_THRESHOLD: 32 * MiB, _M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 512 * MiB, _M_TOP_PAD: 64 * MiB},
 }
 _applied: set[str] = set()
 
@@ -46,8 +45,11 @@ def tune_allocator(workload: str) -> bool:
     other C libraries, or with ``RETRAIN_MALLOC_TUNING=0``."""
     if workload not in SETTINGS:
         raise ValueError(f"workload must be one of {sorted(SETTINGS)}, not {workload!r}")
-    if workload in _applied or os.environ.get("RETRAIN_MALLOC_TUNING", "1") == "0" \
-            or not sys.platform.startswith("linux"):
+    if (
+        workload in _applied
+        or os.environ.get("RETRAIN_MALLOC_TUNING", "1") == "0"
+        or not sys.platform.startswith("linux")
+    ):
         return False
     _applied.add(workload)
     try:

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-
-from tasks import storage
-from tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_images
-from tasks.reports import montage
+from retrain.tasks import storage
+from retrain.tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_images
+from retrain.tasks.reports import montage
 
 SPLITS = ("train", "val", "test")
 # A zip whose contents expand past these is refused before anything is written.
@@ -42,6 +41,7 @@ class DataSetError(ValueError):
 
 # ---- unzip -------------------------------------------------------------------------------
 
+
 def _is_hidden(part: str) -> bool:
     return part.startswith(".") or part in IGNORED_NAMES
 
@@ -56,24 +56,33 @@ def check_zip_entries(archive: zipfile.ZipFile, source: str) -> list[zipfile.Zip
         name = info.filename
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
-            raise DataSetError(f"{source}: refused, entry {name!r} would be written outside the "
-                               f"target folder (absolute path or '..')")
+            raise DataSetError(
+                f"{source}: refused, entry {name!r} would be written outside the target folder (absolute path or '..')"
+            )
         if stat.S_ISLNK(info.external_attr >> 16):
             raise DataSetError(f"{source}: refused, entry {name!r} is a symbolic link")
         if info.flag_bits & 0x1:
             raise DataSetError(f"{source}: refused, entry {name!r} is encrypted")
         total += info.file_size
         compressed += info.compress_size
-        if info.compress_size and info.file_size > 10 * 2**20 and \
-                info.file_size / info.compress_size > MAX_COMPRESSION_RATIO:
-            raise DataSetError(f"{source}: refused, entry {name!r} expands {info.file_size / info.compress_size:,.0f}x "
-                               f"(a zip bomb?)")
+        if (
+            info.compress_size
+            and info.file_size > 10 * 2**20
+            and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO
+        ):
+            raise DataSetError(
+                f"{source}: refused, entry {name!r} expands {info.file_size / info.compress_size:,.0f}x (a zip bomb?)"
+            )
     if total > MAX_EXTRACTED_BYTES:
-        raise DataSetError(f"{source}: refused, it would expand to {total / 2**30:.1f} GiB "
-                           f"(limit {MAX_EXTRACTED_BYTES / 2**30:.0f} GiB)")
+        raise DataSetError(
+            f"{source}: refused, it would expand to {total / 2**30:.1f} GiB "
+            f"(limit {MAX_EXTRACTED_BYTES / 2**30:.0f} GiB)"
+        )
     if total > ARCHIVE_RATIO_FLOOR and total > MAX_ARCHIVE_RATIO * max(compressed, 1):
-        raise DataSetError(f"{source}: refused, {compressed / 2**20:,.1f} MiB would expand to "
-                           f"{total / 2**30:,.1f} GiB ({total / max(compressed, 1):,.0f}x; a zip bomb?)")
+        raise DataSetError(
+            f"{source}: refused, {compressed / 2**20:,.1f} MiB would expand to "
+            f"{total / 2**30:,.1f} GiB ({total / max(compressed, 1):,.0f}x; a zip bomb?)"
+        )
     return [i for i in infos if not i.is_dir()]
 
 
@@ -88,8 +97,10 @@ def _check_free_space(store: str, needed: int, source: str) -> None:
         path = os.path.dirname(path)
     free = shutil.disk_usage(path).free
     if needed + 256 * 2**20 > free:
-        raise DataSetError(f"{source}: refused, it expands to {needed / 2**30:.2f} GiB but the store "
-                           f"{store} has {free / 2**30:.2f} GiB free")
+        raise DataSetError(
+            f"{source}: refused, it expands to {needed / 2**30:.2f} GiB but the store "
+            f"{store} has {free / 2**30:.2f} GiB free"
+        )
 
 
 def unzip_dataset(zip_url: str, store: str) -> str:
@@ -123,8 +134,7 @@ def unzip_dataset(zip_url: str, store: str) -> str:
             # own, keyed by its content hash, and has no manifest yet), so the store is as before.
             _remove_partial(target)
             raise
-    storage.write_json(manifest_url, {"source": zip_url, "sha256": content_hash,
-                                      "entries": len(entries)})
+    storage.write_json(manifest_url, {"source": zip_url, "sha256": content_hash, "entries": len(entries)})
     return files_root
 
 
@@ -143,8 +153,10 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) ->
             # Never trust the declared size: read at most one byte more than it.
             content = member.read(info.file_size + 1)
     except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
-        raise DataSetError(f"{source}: entry {info.filename!r} is damaged or uses an unsupported "
-                           f"compression ({type(exc).__name__}: {exc})") from None
+        raise DataSetError(
+            f"{source}: entry {info.filename!r} is damaged or uses an unsupported "
+            f"compression ({type(exc).__name__}: {exc})"
+        ) from None
     if len(content) > info.file_size:
         raise DataSetError(f"{source}: entry {info.filename!r} is larger than it declares")
     return content
@@ -161,6 +173,7 @@ def materialize(data_url: str, store: str) -> str:
 
 
 # ---- index --------------------------------------------------------------------------------
+
 
 @dataclass
 class ImageIndex:
@@ -196,8 +209,10 @@ def find_class_root(root_url: str) -> str:
             path = dirs[0]
             continue
         if not dirs:
-            raise DataSetError(f"no class folders under {root_url}: expected one sub-folder per "
-                               f"class holding its images (the label is the folder name)")
+            raise DataSetError(
+                f"no class folders under {root_url}: expected one sub-folder per "
+                f"class holding its images (the label is the folder name)"
+            )
         return storage.to_url(fs, path)
 
 
@@ -224,8 +239,7 @@ def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageI
     fs, root_path = storage.filesystem(class_root)
     class_dirs, loose_files = _visible_children(fs, root_path)
     candidates: list[tuple[str, str]] = []
-    skipped: list[tuple[str, str]] = [(storage.to_url(fs, f), "not inside a class folder")
-                                      for f in loose_files]
+    skipped: list[tuple[str, str]] = [(storage.to_url(fs, f), "not inside a class folder") for f in loose_files]
     empty: list[str] = []
     for class_dir in class_dirs:
         label = posixpath.basename(class_dir)
@@ -243,8 +257,9 @@ def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageI
         if not found:
             empty.append(label)
     if empty:
-        raise DataSetError(f"class folder(s) with no images: {', '.join(empty)} (under {class_root}); "
-                           f"add images or remove the folder")
+        raise DataSetError(
+            f"class folder(s) with no images: {', '.join(empty)} (under {class_root}); add images or remove the folder"
+        )
     rows = []
     if verify:
         with ThreadPoolExecutor(threads) as pool:
@@ -271,12 +286,14 @@ def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageI
     images = pd.DataFrame(kept, columns=["path", "label"])
     lost = sorted(set(label for _, label in candidates) - set(images["label"]))
     if lost:
-        raise DataSetError(f"class folder(s) with no usable images: {', '.join(lost)} "
-                           f"(see the skipped files); fix or remove them")
+        raise DataSetError(
+            f"class folder(s) with no usable images: {', '.join(lost)} (see the skipped files); fix or remove them"
+        )
     return ImageIndex(images, pd.DataFrame(skipped, columns=["path", "reason"]), class_root)
 
 
 # ---- split --------------------------------------------------------------------------------
+
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
     try:
@@ -288,8 +305,9 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def split_each_label(images: pd.DataFrame, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-                     seed: int = 0) -> pd.DataFrame:
+def split_each_label(
+    images: pd.DataFrame, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> pd.DataFrame:
     """MATLAB's ``splitEachLabel(imds, 0.7, 0.15, "randomized")``: a seeded random split of
     every label, so each class appears in each split in proportion. Adds a ``split`` column."""
     rng = np.random.default_rng(seed)
@@ -298,8 +316,10 @@ def split_each_label(images: pd.DataFrame, fractions: tuple[float, float, float]
     for label, group in images.sort_values("path").groupby("label", sort=True):
         n = len(group)
         if n < needed:
-            raise DataSetError(f"class {label!r} has {n} image(s); splitting {fractions} needs at "
-                               f"least {needed} per class. Add images or remove the class.")
+            raise DataSetError(
+                f"class {label!r} has {n} image(s); splitting {fractions} needs at "
+                f"least {needed} per class. Add images or remove the class."
+            )
         n_val = max(1, round(fractions[1] * n)) if fractions[1] > 0 else 0
         n_test = max(1, round(fractions[2] * n)) if fractions[2] > 0 else 0
         n_train = n - n_val - n_test
@@ -320,6 +340,7 @@ def sample_for_montage(images: pd.DataFrame, count: int = 16, seed: int = 0) -> 
 
 # ---- stages (plain functions on URLs, wrapped as Prefect tasks in flows/retrain.py) --------
 
+
 @dataclass
 class IndexRecord:
     dataset: str  # the folder indexed
@@ -337,8 +358,9 @@ def index_stage(dataset_url: str, run_url: str, seed: int = 0) -> IndexRecord:
     index_url = storage.write_parquet(storage.join(run_url, "index.parquet"), index.images)
     storage.write_bytes(storage.join(run_url, "skipped.csv"), index.skipped.to_csv(index=False).encode())
     sample = sample_for_montage(index.images, 16, seed)
-    montage_url = montage(load_images(list(sample["path"]), (160, 160)), list(sample["label"]),
-                          storage.join(run_url, "montage.png"))
+    montage_url = montage(
+        load_images(list(sample["path"]), (160, 160)), list(sample["label"]), storage.join(run_url, "montage.png")
+    )
     return IndexRecord(index.root, index_url, index.classes, index.counts(), len(index.skipped), montage_url)
 
 
@@ -352,6 +374,8 @@ def split_stage(run_url: str, fractions: tuple[float, float, float], seed: int) 
     images = storage.read_parquet(storage.join(run_url, "index.parquet"))
     split = split_each_label(images, fractions, seed)
     url = storage.write_parquet(storage.join(run_url, "split.parquet"), split)
-    counts = {s: {k: int(v) for k, v in split[split["split"] == s]["label"].value_counts().sort_index().items()}
-              for s in SPLITS}
+    counts = {
+        s: {k: int(v) for k, v in split[split["split"] == s]["label"].value_counts().sort_index().items()}
+        for s in SPLITS
+    }
     return SplitRecord(url, counts)

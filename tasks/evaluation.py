@@ -11,16 +11,20 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from retrain.tasks import storage
+from retrain.tasks.networks import LoadedModel, ModelFileError, load_model_file
+from retrain.tasks.preprocessing import ImageDecodeError, Preprocessing, load_image, load_images
+from retrain.tasks.reports import confusion_chart
 from torch import nn
 
-from tasks import storage
-from tasks.networks import LoadedModel, ModelFileError, load_model_file
-from tasks.preprocessing import ImageDecodeError, Preprocessing, load_image, load_images
-from tasks.reports import confusion_chart
 
-
-def predict_scores(model: nn.Module, images: torch.Tensor, preprocessing: Preprocessing,
-                   device: torch.device | None = None, batch_size: int = 64) -> torch.Tensor:
+def predict_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    preprocessing: Preprocessing,
+    device: torch.device | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """Softmax scores (N x K, on the CPU) for a uint8 batch of images at the input size."""
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -29,7 +33,7 @@ def predict_scores(model: nn.Module, images: torch.Tensor, preprocessing: Prepro
     try:
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size].to(device, non_blocking=True)
+                batch = images[start : start + batch_size].to(device, non_blocking=True)
                 x = preprocessing.normalize(batch).contiguous(memory_format=torch.channels_last)
                 out.append(torch.softmax(model(x).float(), dim=1).cpu())
     finally:
@@ -46,17 +50,21 @@ class Evaluation:
     count: int
 
     def to_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "confusion": self.confusion, "per_class": self.per_class,
-                "classes": self.classes, "count": self.count}
+        return {
+            "accuracy": self.accuracy,
+            "confusion": self.confusion,
+            "per_class": self.per_class,
+            "classes": self.classes,
+            "count": self.count,
+        }
 
     def per_class_table(self) -> pd.DataFrame:
         return pd.DataFrame([{"class": c, **m} for c, m in self.per_class.items()])
 
     def confusion_text(self) -> str:
         width = max(8, *(len(c) for c in self.classes)) + 1
-        head = " " * width + "".join(f"{c[:width - 1]:>{width}}" for c in self.classes)
-        rows = [f"{c:<{width}}" + "".join(f"{v:>{width}}" for v in row)
-                for c, row in zip(self.classes, self.confusion)]
+        head = " " * width + "".join(f"{c[: width - 1]:>{width}}" for c in self.classes)
+        rows = [f"{c:<{width}}" + "".join(f"{v:>{width}}" for v in row) for c, row in zip(self.classes, self.confusion)]
         return "\n".join(["confusion (rows: true, columns: predicted)", head, *rows])
 
 
@@ -75,20 +83,22 @@ def evaluate_predictions(true_labels: list[str], predicted_labels: list[str], cl
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[c] = {"precision": precision, "recall": recall, "f1": f1, "support": int(actual)}
     n = int(confusion.sum())
-    return Evaluation(classes, float(np.trace(confusion) / n) if n else 0.0,
-                      confusion.tolist(), per_class, n)
+    return Evaluation(classes, float(np.trace(confusion) / n) if n else 0.0, confusion.tolist(), per_class, n)
 
 
-def predictions_table(paths: list[str], true_labels: list[str] | None, scores: torch.Tensor,
-                      classes: list[str]) -> pd.DataFrame:
+def predictions_table(
+    paths: list[str], true_labels: list[str] | None, scores: torch.Tensor, classes: list[str]
+) -> pd.DataFrame:
     """One row per image: predicted label and its score, the true label when known, and the
     score of every class."""
     best = scores.argmax(dim=1)
-    frame = pd.DataFrame({
-        "path": paths,
-        "label": [classes[i] for i in best.tolist()],
-        "score": scores.gather(1, best[:, None]).squeeze(1).tolist(),
-    })
+    frame = pd.DataFrame(
+        {
+            "path": paths,
+            "label": [classes[i] for i in best.tolist()],
+            "score": scores.gather(1, best[:, None]).squeeze(1).tolist(),
+        }
+    )
     if true_labels is not None:
         frame.insert(1, "true_label", list(true_labels))
     for j, c in enumerate(classes):
@@ -103,8 +113,9 @@ class Classification:
     scores: dict[str, float]
 
 
-def classify_image(model: nn.Module, preprocessing: Preprocessing, classes: list[str],
-                   image_url: str) -> Classification:
+def classify_image(
+    model: nn.Module, preprocessing: Preprocessing, classes: list[str], image_url: str
+) -> Classification:
     """Label and score for one new image (MATLAB's ``scores2label(predict(net, I))``).
 
     An image that cannot be used raises :class:`ImageDecodeError` naming the file and why; a
@@ -113,8 +124,9 @@ def classify_image(model: nn.Module, preprocessing: Preprocessing, classes: list
     try:
         data = storage.read_bytes(image_url)
     except IsADirectoryError:
-        raise ImageDecodeError(f"{image_url} is a folder, not an image file "
-                               f"(score a folder with `retrain score`)") from None
+        raise ImageDecodeError(
+            f"{image_url} is a folder, not an image file (score a folder with `retrain score`)"
+        ) from None
     try:
         image = load_image(data, preprocessing.input_size)
     except ImageDecodeError as exc:
@@ -123,31 +135,35 @@ def classify_image(model: nn.Module, preprocessing: Preprocessing, classes: list
         scores = predict_scores(model, image[None], preprocessing)[0]
     except RuntimeError as exc:
         size = "x".join(str(v) for v in preprocessing.input_size)
-        raise ModelFileError(f"the model cannot score an image at its declared input size {size}: "
-                             f"{str(exc).splitlines()[0]}") from None
+        raise ModelFileError(
+            f"the model cannot score an image at its declared input size {size}: {str(exc).splitlines()[0]}"
+        ) from None
     if scores.shape != (len(classes),):
-        raise ModelFileError(f"the model gives {tuple(scores.shape)} scores per image but names "
-                             f"{len(classes)} classes")
+        raise ModelFileError(f"the model gives {tuple(scores.shape)} scores per image but names {len(classes)} classes")
     if not torch.isfinite(scores).all():
-        raise ModelFileError("the model's scores are not finite numbers (NaN or infinite weights: "
-                             "a damaged or tampered model file?)")
+        raise ModelFileError(
+            "the model's scores are not finite numbers (NaN or infinite weights: a damaged or tampered model file?)"
+        )
     best = int(scores.argmax())
-    return Classification(classes[best], float(scores[best]),
-                          {c: float(s) for c, s in zip(classes, scores.tolist())})
+    return Classification(classes[best], float(scores[best]), {c: float(s) for c, s in zip(classes, scores.tolist())})
 
 
-def evaluate_model(loaded: LoadedModel, images: pd.DataFrame, batch_size: int = 64,
-                   device: torch.device | None = None) -> tuple[Evaluation, pd.DataFrame]:
+def evaluate_model(
+    loaded: LoadedModel, images: pd.DataFrame, batch_size: int = 64, device: torch.device | None = None
+) -> tuple[Evaluation, pd.DataFrame]:
     """Predict every image of an index (columns path, label) and score the predictions.
     Labels the model does not know are refused: accuracy over them would mean nothing."""
     unknown = sorted(set(images["label"]) - set(loaded.classes))
     if unknown:
-        raise ValueError(f"the data has classes the model was not trained on: {', '.join(unknown)} "
-                         f"(model classes: {', '.join(loaded.classes)})")
+        raise ValueError(
+            f"the data has classes the model was not trained on: {', '.join(unknown)} "
+            f"(model classes: {', '.join(loaded.classes)})"
+        )
     device = device or next(loaded.model.parameters()).device
     pixels = load_images(list(images["path"]), loaded.preprocessing.input_size)
-    scores = predict_scores(loaded.model.to(device, memory_format=torch.channels_last), pixels,
-                            loaded.preprocessing, device, batch_size)
+    scores = predict_scores(
+        loaded.model.to(device, memory_format=torch.channels_last), pixels, loaded.preprocessing, device, batch_size
+    )
     table = predictions_table(list(images["path"]), list(images["label"]), scores, loaded.classes)
     return evaluate_predictions(list(table["true_label"]), list(table["label"]), loaded.classes), table
 
@@ -162,11 +178,17 @@ def evaluate_run(run_url: str) -> dict:
         test = split[split["split"] == "val"]
     result, table = evaluate_model(loaded, test)
     storage.write_parquet(storage.join(run_url, "predictions.parquet"), table)
-    confusion_url = confusion_chart(result.confusion, result.classes, storage.join(run_url, "confusion.png"),
-                                    title="Test set")
-    metrics = {"test_accuracy": result.accuracy, "test_images": result.count,
-               "val_accuracy": loaded.meta["metrics"].get("val_accuracy"),
-               "per_class": result.per_class, "confusion": result.confusion, "classes": result.classes,
-               "confusion_chart": confusion_url}
+    confusion_url = confusion_chart(
+        result.confusion, result.classes, storage.join(run_url, "confusion.png"), title="Test set"
+    )
+    metrics = {
+        "test_accuracy": result.accuracy,
+        "test_images": result.count,
+        "val_accuracy": loaded.meta["metrics"].get("val_accuracy"),
+        "per_class": result.per_class,
+        "confusion": result.confusion,
+        "classes": result.classes,
+        "confusion_chart": confusion_url,
+    }
     storage.write_json(storage.join(run_url, "metrics.json"), metrics)
     return metrics

@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 import torchvision
+from retrain.tasks import storage
+from retrain.tasks.preprocessing import CAFFE_BGR, IMAGENET_RGB, Preprocessing
 from torch import nn
-
-from tasks import storage
-from tasks.preprocessing import CAFFE_BGR, IMAGENET_RGB, Preprocessing
 
 MODEL_FORMAT = "retrain.model/1"
 MODES = ("transfer", "finetune", "scratch")
@@ -50,25 +49,37 @@ NETWORKS: dict[str, NetworkSpec] = {
     spec.name: spec
     for spec in [
         NetworkSpec(
-            "squeezenet", "squeezenet1_1", "classifier.1", "conv10",
+            "squeezenet",
+            "squeezenet1_1",
+            "classifier.1",
+            "conv10",
             Preprocessing(input_size=(224, 224), **IMAGENET_RGB),
             torchvision_weights="SqueezeNet1_1_Weights.IMAGENET1K_V1",
             description="SqueezeNet 1.1, torchvision's ImageNet weights (1.2 M parameters)",
         ),
         NetworkSpec(
-            "squeezenet-caffe", "squeezenet1_1", "classifier.1", "conv10",
+            "squeezenet-caffe",
+            "squeezenet1_1",
+            "classifier.1",
+            "conv10",
             Preprocessing(input_size=(227, 227), **CAFFE_BGR),
             weights_file="squeezenet1_1_caffe-2c890718.pth",
             description="SqueezeNet 1.1 with the original Caffe ImageNet weights MATLAB imports",
         ),
         NetworkSpec(
-            "resnet18", "resnet18", "fc", "fc",
+            "resnet18",
+            "resnet18",
+            "fc",
+            "fc",
             Preprocessing(input_size=(224, 224), **IMAGENET_RGB),
             torchvision_weights="ResNet18_Weights.IMAGENET1K_V1",
             description="ResNet-18, torchvision's ImageNet weights (11.7 M parameters)",
         ),
         NetworkSpec(
-            "mobilenet_v3_small", "mobilenet_v3_small", "classifier.3", "classifier.3",
+            "mobilenet_v3_small",
+            "mobilenet_v3_small",
+            "classifier.3",
+            "classifier.3",
             Preprocessing(input_size=(224, 224), **IMAGENET_RGB),
             torchvision_weights="MobileNet_V3_Small_Weights.IMAGENET1K_V1",
             description="MobileNetV3-Small, torchvision's ImageNet weights (2.5 M parameters)",
@@ -116,7 +127,8 @@ def _load_state_dict_file(url: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # unpickling refused, truncated zip, garbage bytes...
         raise WeightsUnavailableError(
             f"weights file {url} is not a readable PyTorch state dict "
-            f"(truncated, corrupt or holding arbitrary objects): {exc}") from None
+            f"(truncated, corrupt or holding arbitrary objects): {exc}"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -153,7 +165,8 @@ def build_network(name: str, num_classes: int, weights: str = "default") -> tupl
                 raise WeightsUnavailableError(
                     f"network {name!r} needs its weights file {spec.weights_file}: pass "
                     f"--weights PATH_OR_URL (for example ../shared/weights/{spec.weights_file}), "
-                    f"or copy the file into {os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+                    f"or copy the file into {os.path.join(torch.hub.get_dir(), 'checkpoints')}"
+                )
         model = builder(weights=None)
         state = _load_state_dict_file(url)
         try:
@@ -161,7 +174,8 @@ def build_network(name: str, num_classes: int, weights: str = "default") -> tupl
         except RuntimeError as exc:
             raise WeightsUnavailableError(
                 f"weights file {url} does not fit network {name!r} ({spec.architecture}): "
-                f"{str(exc).splitlines()[0]} ... (is it for another architecture?)") from None
+                f"{str(exc).splitlines()[0]} ... (is it for another architecture?)"
+            ) from None
         origin = f"file {url} (sha256 {storage.sha256_of(url)[:12]})"
     replace_head(model, spec.head_layer, num_classes)
     return model, origin
@@ -181,11 +195,13 @@ def _torchvision_pretrained(spec: NetworkSpec, builder) -> tuple[nn.Module, str]
             f"--weights PATH (a state dict for torchvision.models.{spec.architecture}), or "
             f"--network {alternatives[0]} --weights PATH_TO_{NETWORKS[alternatives[0]].weights_file}; "
             f"or copy the file torchvision downloads into "
-            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}") from None
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}"
+        ) from None
     return model, f"torchvision {spec.torchvision_weights} ({weights_enum.url})"
 
 
 # ---- what trains: freezing and learn-rate factors --------------------------------------
+
 
 def head_parameters(model: nn.Module, spec: NetworkSpec) -> list[nn.Parameter]:
     return list(_module(model, spec.head_layer).parameters())
@@ -200,8 +216,9 @@ def configure_trainable(model: nn.Module, spec: NetworkSpec, mode: str) -> None:
         p.requires_grad_(mode != "transfer" or id(p) in head)
 
 
-def parameter_groups(model: nn.Module, spec: NetworkSpec, mode: str, learn_rate: float,
-                     head_learn_rate_factor: float) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, spec: NetworkSpec, mode: str, learn_rate: float, head_learn_rate_factor: float
+) -> list[dict[str, Any]]:
     """Optimizer groups: in finetune mode the new head learns ``head_learn_rate_factor``
     times faster than the pretrained body (MATLAB's WeightLearnRateFactor)."""
     head = head_parameters(model, spec)
@@ -210,8 +227,10 @@ def parameter_groups(model: nn.Module, spec: NetworkSpec, mode: str, learn_rate:
     head_ids = {id(p) for p in head}
     body = [p for p in model.parameters() if id(p) not in head_ids]
     factor = head_learn_rate_factor if mode == "finetune" else 1.0
-    return [{"params": body, "lr": learn_rate, "name": "body"},
-            {"params": head, "lr": learn_rate * factor, "name": "head"}]
+    return [
+        {"params": body, "lr": learn_rate, "name": "body"},
+        {"params": head, "lr": learn_rate * factor, "name": "head"},
+    ]
 
 
 def freeze_batchnorm(model: nn.Module, spec: NetworkSpec, mode: str) -> None:
@@ -225,6 +244,7 @@ def freeze_batchnorm(model: nn.Module, spec: NetworkSpec, mode: str) -> None:
 
 
 # ---- summary ---------------------------------------------------------------------------
+
 
 @dataclass
 class NetworkSummary:
@@ -260,10 +280,18 @@ def summarize(model: nn.Module, spec: NetworkSpec) -> NetworkSummary:
     hooks = []
     for name, module in model.named_modules():
         if name and not list(module.children()):
+
             def hook(mod, _inputs, output, name=name):
                 shape = "x".join(str(s) for s in output.shape[1:]) if torch.is_tensor(output) else "-"
-                layers.append({"name": name, "type": type(mod).__name__, "output": shape,
-                               "learnables": sum(p.numel() for p in mod.parameters())})
+                layers.append(
+                    {
+                        "name": name,
+                        "type": type(mod).__name__,
+                        "output": shape,
+                        "learnables": sum(p.numel() for p in mod.parameters()),
+                    }
+                )
+
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -277,8 +305,11 @@ def summarize(model: nn.Module, spec: NetworkSpec) -> NetworkSummary:
         model.train(was_training)
     head = _module(model, spec.head_layer)
     return NetworkSummary(
-        name=spec.name, architecture=spec.architecture, input_size=spec.preprocessing.input_size,
-        head_layer=spec.head_layer, head_name=spec.head_name,
+        name=spec.name,
+        architecture=spec.architecture,
+        input_size=spec.preprocessing.input_size,
+        head_layer=spec.head_layer,
+        head_name=spec.head_name,
         num_classes=head.out_channels if isinstance(head, nn.Conv2d) else head.out_features,
         learnables=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -287,6 +318,7 @@ def summarize(model: nn.Module, spec: NetworkSpec) -> NetworkSummary:
 
 
 # ---- the model file --------------------------------------------------------------------
+
 
 def resolve_device(execution_environment: str = "auto") -> torch.device:
     """auto: CUDA when present, else CPU (MATLAB's ExecutionEnvironment)."""
@@ -310,8 +342,14 @@ class LoadedModel:
     meta: dict
 
 
-def model_record(model: nn.Module, spec: NetworkSpec, classes: list[str], weights_origin: str,
-                 metrics: dict | None = None, training: dict | None = None) -> dict:
+def model_record(
+    model: nn.Module,
+    spec: NetworkSpec,
+    classes: list[str],
+    weights_origin: str,
+    metrics: dict | None = None,
+    training: dict | None = None,
+) -> dict:
     """Everything a model file holds: plain Python values and tensors only."""
     return {
         "format": MODEL_FORMAT,
@@ -349,15 +387,19 @@ def read_model_record(url: str) -> dict:
         if unsafe:
             raise ModelFileError(
                 f"refused to load {url}: it holds Python objects other than tensors and plain "
-                f"values, which could run code ({unsafe})") from None
+                f"values, which could run code ({unsafe})"
+            ) from None
         # torch's message suggests weights_only=False: advice never to pass on. Keep its reason.
         text = str(exc)
         detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
-        raise ModelFileError(f"refused to load {url}: not a model file that loads safely (truncated, "
-                             f"corrupt or not written by torch.save): {detail or lines[0]}") from None
+        raise ModelFileError(
+            f"refused to load {url}: not a model file that loads safely (truncated, "
+            f"corrupt or not written by torch.save): {detail or lines[0]}"
+        ) from None
     except Exception as exc:
-        raise ModelFileError(f"{url} is not a readable model file (truncated or corrupt?): "
-                             f"{type(exc).__name__}: {exc}") from None
+        raise ModelFileError(
+            f"{url} is not a readable model file (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{url} is not a retrain model file (expected format {MODEL_FORMAT})")
     missing = [k for k in ("network", "classes", "preprocessing", "state_dict") if k not in record]
@@ -373,11 +415,17 @@ def model_from_record(record: dict, source: str = "model file") -> LoadedModel:
     try:
         model.load_state_dict(record["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise ModelFileError(f"{source}: its weights do not fit {spec.name} with "
-                             f"{len(classes)} classes: {str(exc).splitlines()[0]}") from None
+        raise ModelFileError(
+            f"{source}: its weights do not fit {spec.name} with {len(classes)} classes: {str(exc).splitlines()[0]}"
+        ) from None
     model.eval()
-    return LoadedModel(model, spec, classes, Preprocessing.from_dict(record["preprocessing"]),
-                       {k: v for k, v in record.items() if k != "state_dict"})
+    return LoadedModel(
+        model,
+        spec,
+        classes,
+        Preprocessing.from_dict(record["preprocessing"]),
+        {k: v for k, v in record.items() if k != "state_dict"},
+    )
 
 
 def load_model_file(url: str) -> LoadedModel:
@@ -385,6 +433,7 @@ def load_model_file(url: str) -> LoadedModel:
 
 
 # ---- body and head: the split the transfer-mode feature cache trains on -----------------
+
 
 @dataclass
 class BodyHeadSplit:
@@ -411,8 +460,18 @@ def split_at_head(model: nn.Module, spec: NetworkSpec) -> BodyHeadSplit:
         c = model.classifier
         return BodyHeadSplit(model.features, nn.Sequential(c[1], c[2], c[3], nn.Flatten(1)), c[0].p)
     if arch.startswith("resnet"):
-        body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1,
-                             model.layer2, model.layer3, model.layer4, model.avgpool, nn.Flatten(1))
+        body = nn.Sequential(
+            model.conv1,
+            model.bn1,
+            model.relu,
+            model.maxpool,
+            model.layer1,
+            model.layer2,
+            model.layer3,
+            model.layer4,
+            model.avgpool,
+            nn.Flatten(1),
+        )
         return BodyHeadSplit(body, model.fc)
     if arch.startswith("mobilenet_v3"):
         # classifier [Linear, Hardswish, Dropout, Linear (the head)]: the first two are frozen

@@ -20,20 +20,18 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
-
-from tasks import storage
+from retrain.tasks import storage
 
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec; PIL decodes everything without it
-    from torchvision.io import ImageReadMode, decode_image as tv_decode_image
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode_image
 except ImportError:  # a torchvision that has removed them
     tv_decode_image = None
 
 # Far above any photo (a 100-megapixel image is 1e8) but stops a decompression bomb from
 # allocating gigabytes: a 1 KB PNG can claim to be 100,000 x 100,000 pixels.
 MAX_IMAGE_PIXELS = 120_000_000
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 _TORCHVISION_FORMATS = frozenset({"JPEG", "PNG"})  # fast native decoders; PIL for the rest
 
 # Filters set once, here, and not with warnings.catch_warnings() around each decode: that swaps
@@ -42,8 +40,9 @@ _TORCHVISION_FORMATS = frozenset({"JPEG", "PNG"})  # fast native decoders; PIL f
 # PIL warns of decompression bombs from 89 Mpixel; MAX_IMAGE_PIXELS decides here.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # torchvision 0.29 says on every call that its decoders are deprecated.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 
 class ImageDecodeError(ValueError):
@@ -71,7 +70,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(
             input_size=tuple(int(v) for v in d["input_size"]),
             channel_order=str(d["channel_order"]),
@@ -90,8 +89,7 @@ class Preprocessing:
         return (x * self.scale - mean) / std
 
 
-IMAGENET_RGB = dict(channel_order="RGB", scale=1.0 / 255.0,
-                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+IMAGENET_RGB = dict(channel_order="RGB", scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # The original Caffe SqueezeNet: BGR, 0-255, per-channel mean (B 104, G 117, R 123), no std.
 CAFFE_BGR = dict(channel_order="BGR", scale=1.0, mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0))
 
@@ -116,14 +114,17 @@ def decode_image(data: bytes) -> torch.Tensor:
         raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageDecodeError(
-            f"image too large: {width}x{height} pixels (limit {MAX_IMAGE_PIXELS:,}), "
-            f"a decompression bomb?")
+            f"image too large: {width}x{height} pixels (limit {MAX_IMAGE_PIXELS:,}), a decompression bomb?"
+        )
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     if fmt in _TORCHVISION_FORMATS and tv_decode_image is not None:
         try:
-            image = tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                    mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            image = tv_decode_image(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                mode=ImageReadMode.RGB,
+                apply_exif_orientation=True,
+            )
             if image.dtype == torch.uint16:  # 16-bit PNG
                 image = (image.to(torch.int32) >> 8).to(torch.uint8)
             if fmt == "JPEG" and _jpeg_truncated(data):
@@ -214,8 +215,7 @@ class Augmentation:
             # Zero fill like MATLAB's imageAugmenter: pad, then crop at a random offset.
             padded = torch.nn.functional.pad(out, (t, t, t, t))
             offsets = torch.randint(0, 2 * t + 1, (n, 2), generator=generator)
-            out = torch.stack([padded[i, :, dy:dy + h, dx:dx + w]
-                               for i, (dy, dx) in enumerate(offsets.tolist())])
+            out = torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
         return out
 
 
@@ -225,6 +225,7 @@ def load_images(urls: list[str], size: tuple[int, int], threads: int = 4) -> tor
     Threads overlap file reads with decoding (both release the GIL). Decoded once, the batch
     is reused every epoch: decoding is the cost, augmentation on uint8 is cheap.
     """
+
     def one(url: str) -> torch.Tensor:
         try:
             return load_image(storage.read_bytes(url), size)

@@ -24,7 +24,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from tasks import storage
+from retrain.tasks import storage
 
 METRIC = "accuracy"
 PROMOTE, KEEP, ROLLBACK = "promote", "keep", "rollback"
@@ -36,11 +36,12 @@ class PromotionError(ValueError):
 
 # ---- names and places ----------------------------------------------------------------------
 
+
 def model_name_for(data: str | None) -> str:
     """The default model name: the data set's name (``.../MerchData.zip`` -> ``MerchData``);
     the generated sample set when no data is given."""
     if not data:
-        from tasks.samples import SAMPLE_NAME
+        from retrain.tasks.samples import SAMPLE_NAME
 
         return SAMPLE_NAME
     base = posixpath.basename(str(data).rstrip("/"))
@@ -51,8 +52,9 @@ def model_name_for(data: str | None) -> str:
 
 def check_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
-        raise PromotionError(f"model name {name!r}: use letters, digits, '.', '_' and '-' "
-                             f"(it names a folder in the store)")
+        raise PromotionError(
+            f"model name {name!r}: use letters, digits, '.', '_' and '-' (it names a folder in the store)"
+        )
     return name
 
 
@@ -73,6 +75,7 @@ def history_dir(store: str, name: str) -> str:
 
 
 # ---- the records -----------------------------------------------------------------------------
+
 
 @dataclass
 class Decision:
@@ -120,30 +123,37 @@ def list_models(store: str) -> list[dict]:
     if not storage.exists(root):
         return []
     fs, path = storage.filesystem(root)
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)
-                   if fs.isdir(p))
-    return [{"model": n, "current": read_current(store, n), "history": history(store, n)}
-            for n in names]
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False) if fs.isdir(p))
+    return [{"model": n, "current": read_current(store, n), "history": history(store, n)} for n in names]
 
 
 def _record(store: str, decision: Decision, run_url: str | None) -> None:
     """The decision in the model's history and in the run folder; current.json last, so a
     reader never sees a current model without the decision that made it current."""
     record = decision.to_dict()
-    storage.write_json(storage.join(history_dir(store, decision.model),
-                                    f"{_now_key()}-{decision.run_id}.json"), record)
+    storage.write_json(storage.join(history_dir(store, decision.model), f"{_now_key()}-{decision.run_id}.json"), record)
     if run_url is not None and decision.action != ROLLBACK:
         storage.write_json(storage.join(run_url, "promotion.json"), record)
     if decision.promoted:
-        storage.write_json(current_url(store, decision.model), {
-            "model": decision.model, "run_id": decision.run_id, "run": run_url,
-            "model_url": decision.model_url, "score": decision.candidate_score,
-            "metric": decision.metric, "action": decision.action, "reason": decision.reason,
-            "previous": decision.current_run, "promoted_at": decision.decided_at,
-        })
+        storage.write_json(
+            current_url(store, decision.model),
+            {
+                "model": decision.model,
+                "run_id": decision.run_id,
+                "run": run_url,
+                "model_url": decision.model_url,
+                "score": decision.candidate_score,
+                "metric": decision.metric,
+                "action": decision.action,
+                "reason": decision.reason,
+                "previous": decision.current_run,
+                "promoted_at": decision.decided_at,
+            },
+        )
 
 
 # ---- scoring both models on the same images ----------------------------------------------------
+
 
 def held_out_rows(run_url: str):
     """The new run's held-out images: its test split (its validation split when it has no
@@ -167,8 +177,8 @@ def trained_on(run_url: str | None, paths: set[str]) -> int | None:
 
 def score_model(model_url: str, rows) -> float:
     """Accuracy of the model file at ``model_url`` on ``rows`` (columns path, label)."""
-    from tasks.evaluation import evaluate_model
-    from tasks.networks import load_model_file
+    from retrain.tasks.evaluation import evaluate_model
+    from retrain.tasks.networks import load_model_file
 
     result, _ = evaluate_model(load_model_file(model_url), rows)
     return result.accuracy
@@ -182,7 +192,7 @@ def promote_run(store: str, name: str, run_url: str) -> Decision:
     """The gate: make ``run_url``'s model current for ``name`` if it scores at least as well
     as the current one on the run's held-out images (or if there is none). Records the
     decision either way and returns it."""
-    from tasks.networks import read_model_record
+    from retrain.tasks.networks import read_model_record
 
     check_name(name)
     run_id = _run_id(run_url)
@@ -192,30 +202,52 @@ def promote_run(store: str, name: str, run_url: str) -> Decision:
     rows, split_name = held_out_rows(run_url)
     candidate = score_model(model_url, rows)
     current = read_current(store, name)
-    base = dict(model=name, run_id=run_id, candidate_score=candidate, split=split_name,
-                images=len(rows), model_url=model_url,
-                current_run=current["run_id"] if current else None)
+    base = dict(
+        model=name,
+        run_id=run_id,
+        candidate_score=candidate,
+        split=split_name,
+        images=len(rows),
+        model_url=model_url,
+        current_run=current["run_id"] if current else None,
+    )
     if current is None:
-        decision = Decision(**base, action=PROMOTE, promoted=True, current_score=None,
-                            reason="no current model")
+        decision = Decision(**base, action=PROMOTE, promoted=True, current_score=None, reason="no current model")
     elif current["run_id"] == run_id:
-        decision = Decision(**base, action=PROMOTE, promoted=True, current_score=candidate,
-                            reason="this run is already the current model")
+        decision = Decision(
+            **base,
+            action=PROMOTE,
+            promoted=True,
+            current_score=candidate,
+            reason="this run is already the current model",
+        )
     else:
         current_classes = read_model_record(current["model_url"])["classes"]
         if sorted(current_classes) != sorted(read_model_record(model_url)["classes"]):
-            decision = Decision(**base, action=PROMOTE, promoted=True, current_score=None,
-                                reason=f"the classes changed (current model: {', '.join(current_classes)}); "
-                                       f"the models cannot be compared")
+            decision = Decision(
+                **base,
+                action=PROMOTE,
+                promoted=True,
+                current_score=None,
+                reason=f"the classes changed (current model: {', '.join(current_classes)}); "
+                f"the models cannot be compared",
+            )
         else:
             score = score_model(current["model_url"], rows)
             overlap = trained_on(current.get("run"), set(rows["path"]))
             better = candidate >= score
             decision = Decision(
-                **base, action=PROMOTE if better else KEEP, promoted=better, current_score=score,
+                **base,
+                action=PROMOTE if better else KEEP,
+                promoted=better,
+                current_score=score,
                 current_trained_on=overlap,
-                reason=(f"{candidate:.4f} >= {score:.4f} of the current model {current['run_id']}" if better
-                        else f"{candidate:.4f} < {score:.4f} of the current model {current['run_id']}"))
+                reason=(
+                    f"{candidate:.4f} >= {score:.4f} of the current model {current['run_id']}"
+                    if better
+                    else f"{candidate:.4f} < {score:.4f} of the current model {current['run_id']}"
+                ),
+            )
     _record(store, decision, run_url)
     return decision
 
@@ -232,8 +264,10 @@ def rollback(store: str, name: str, to_run: str | None = None) -> Decision:
             if record["action"] == PROMOTE and record["promoted"] and record["run_id"] not in promoted:
                 promoted.append(record["run_id"])
         if current["run_id"] not in promoted or promoted.index(current["run_id"]) == 0:
-            raise PromotionError(f"model {name!r}: no run was promoted before the current run "
-                                 f"{current['run_id']}; name one with --to RUN_ID")
+            raise PromotionError(
+                f"model {name!r}: no run was promoted before the current run "
+                f"{current['run_id']}; name one with --to RUN_ID"
+            )
         to_run = promoted[promoted.index(current["run_id"]) - 1]
     run_url = storage.run_dir(store, to_run)
     model_url = storage.join(run_url, "model.pt")
@@ -241,10 +275,17 @@ def rollback(store: str, name: str, to_run: str | None = None) -> Decision:
         raise PromotionError(f"run {to_run!r} has no published model in {store}")
     metrics_url = storage.join(run_url, "metrics.json")
     score = storage.read_json(metrics_url).get("test_accuracy") if storage.exists(metrics_url) else None
-    decision = Decision(model=name, run_id=to_run, action=ROLLBACK, promoted=True,
-                        reason=f"rolled back from {current['run_id']}", candidate_score=score,
-                        current_run=current["run_id"], current_score=current.get("score"),
-                        model_url=model_url)
+    decision = Decision(
+        model=name,
+        run_id=to_run,
+        action=ROLLBACK,
+        promoted=True,
+        reason=f"rolled back from {current['run_id']}",
+        candidate_score=score,
+        current_run=current["run_id"],
+        current_score=current.get("score"),
+        model_url=model_url,
+    )
     _record(store, decision, run_url)
     return decision
 
@@ -259,20 +300,26 @@ def current_model_url(store: str, name: str) -> str:
 
 def decision_markdown(decision: dict) -> str:
     """The promotion artifact: the verdict, both scores and where they come from."""
+
     def fmt(v):
         return "—" if v is None else f"{v:.4f}"
 
     verdict = "promoted" if decision["promoted"] else "not promoted"
     lines = [
-        f"# Model `{decision['model']}`: run `{decision['run_id']}` {verdict}", "",
-        f"{decision['reason']}", "",
-        "| | run | accuracy |", "|---|---|---|",
+        f"# Model `{decision['model']}`: run `{decision['run_id']}` {verdict}",
+        "",
+        f"{decision['reason']}",
+        "",
+        "| | run | accuracy |",
+        "|---|---|---|",
         f"| this run | `{decision['run_id']}` | **{fmt(decision['candidate_score'])}** |",
         f"| current model | `{decision['current_run'] or '—'}` | {fmt(decision['current_score'])} |",
         "",
         f"Both scored on the {decision.get('images')} images of this run's {decision.get('split')} split.",
     ]
     if decision.get("current_trained_on"):
-        lines.append(f"\nNote: the current model trained on {decision['current_trained_on']} of them, "
-                     f"so its score is optimistic.")
+        lines.append(
+            f"\nNote: the current model trained on {decision['current_trained_on']} of them, "
+            f"so its score is optimistic."
+        )
     return "\n".join(lines)

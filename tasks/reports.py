@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-
-from tasks import storage  # noqa: E402
+from retrain.tasks import storage  # noqa: E402
 
 
 def _save(fig, url: str) -> str:
@@ -44,11 +43,17 @@ def training_progress(history: pd.DataFrame, url: str, title: str = "Training pr
     fig, (acc_ax, loss_ax) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     it = history["iteration"]
     acc_ax.plot(it, 100 * history["accuracy"], color="#1f77b4", alpha=0.35, lw=1)
-    acc_ax.plot(it, 100 * history["accuracy"].rolling(5, min_periods=1).mean(), color="#1f77b4",
-                lw=1.8, label="training (smoothed)")
+    acc_ax.plot(
+        it,
+        100 * history["accuracy"].rolling(5, min_periods=1).mean(),
+        color="#1f77b4",
+        lw=1.8,
+        label="training (smoothed)",
+    )
     loss_ax.plot(it, history["loss"], color="#ff7f0e", alpha=0.35, lw=1)
-    loss_ax.plot(it, history["loss"].rolling(5, min_periods=1).mean(), color="#ff7f0e", lw=1.8,
-                 label="training (smoothed)")
+    loss_ax.plot(
+        it, history["loss"].rolling(5, min_periods=1).mean(), color="#ff7f0e", lw=1.8, label="training (smoothed)"
+    )
     val = history.dropna(subset=["val_loss"])
     if len(val):
         acc_ax.plot(val["iteration"], 100 * val["val_accuracy"], "k--o", ms=4, lw=1, label="validation")
@@ -68,8 +73,7 @@ def training_progress(history: pd.DataFrame, url: str, title: str = "Training pr
     return _save(fig, url)
 
 
-def confusion_chart(confusion: list[list[int]], classes: list[str], url: str,
-                    title: str = "Confusion chart") -> str:
+def confusion_chart(confusion: list[list[int]], classes: list[str], url: str, title: str = "Confusion chart") -> str:
     """MATLAB's confusionchart: counts, with row-normalised recall shading."""
     matrix = np.asarray(confusion)
     k = len(classes)
@@ -80,8 +84,15 @@ def confusion_chart(confusion: list[list[int]], classes: list[str], url: str,
     ax.imshow(shade, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if shade[i, j] > 0.5 else "black", fontsize=10)
+            ax.text(
+                j,
+                i,
+                str(matrix[i, j]),
+                ha="center",
+                va="center",
+                color="white" if shade[i, j] > 0.5 else "black",
+                fontsize=10,
+            )
     ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), classes, fontsize=8)
     ax.set_xlabel("predicted class")
@@ -104,7 +115,8 @@ def run_summary_markdown(summary: dict) -> str:
     lines = [
         f"# Retrain run `{summary['run_id']}`",
         "",
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         f"| data set | `{summary['data']}` |",
         f"| classes ({len(counts)}) | " + ", ".join(f"{c} ({n})" for c, n in counts.items()) + " |",
         f"| skipped files | {summary.get('skipped', 0)} |",
@@ -118,7 +130,8 @@ def run_summary_markdown(summary: dict) -> str:
         "",
         "## Training options",
         "",
-        "| option | value |", "|---|---|",
+        "| option | value |",
+        "|---|---|",
         *[f"| {k} | {v} |" for k, v in summary.get("options", {}).items()],
     ]
     return "\n".join(lines)

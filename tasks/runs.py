@@ -13,8 +13,8 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from tasks import storage
-from tasks.networks import read_model_record, save_model_file
+from retrain.tasks import storage
+from retrain.tasks.networks import read_model_record, save_model_file
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED = "running", "completed", "failed"
 
@@ -83,14 +83,26 @@ def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: 
     if storage.exists(run_json):
         record = storage.read_json(run_json)
         if record.get("fingerprint") != fingerprint:
-            raise ValueError(f"run {run_id} exists with a different configuration; "
-                             f"choose another run id or rerun it with its own settings")
+            raise ValueError(
+                f"run {run_id} exists with a different configuration; "
+                f"choose another run id or rerun it with its own settings"
+            )
         update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1)
     else:
         now = datetime.now(timezone.utc).isoformat()
-        storage.write_json(run_json, {"run_id": run_id, "store": store, "fingerprint": fingerprint,
-                                      "config": asdict(config), "status": STATUS_RUNNING,
-                                      "created": now, "updated": now, "resumed": 0})
+        storage.write_json(
+            run_json,
+            {
+                "run_id": run_id,
+                "store": store,
+                "fingerprint": fingerprint,
+                "config": asdict(config),
+                "status": STATUS_RUNNING,
+                "created": now,
+                "updated": now,
+                "resumed": 0,
+            },
+        )
     return run_url
 
 
@@ -98,12 +110,12 @@ def resolve_model(model: str, store: str) -> str:
     """A model file URL from a URL/path or a run id in the store."""
     if storage.exists(model) and not storage.isdir(model):
         return model
-    for candidate in (storage.join(model, "model.pt"),
-                      storage.join(storage.run_dir(store, model), "model.pt")):
+    for candidate in (storage.join(model, "model.pt"), storage.join(storage.run_dir(store, model), "model.pt")):
         if storage.exists(candidate):
             return candidate
-    raise FileNotFoundError(f"no model file at {model!r}, and no run {model!r} with a published "
-                            f"model in the store {store}")
+    raise FileNotFoundError(
+        f"no model file at {model!r}, and no run {model!r} with a published model in the store {store}"
+    )
 
 
 def publish_run(run_url: str) -> str:
@@ -115,6 +127,5 @@ def publish_run(run_url: str) -> str:
     record["run_id"] = read_run(run_url)["run_id"]
     model_url = storage.join(run_url, "model.pt")
     save_model_file(model_url, record)
-    update_run(run_url, status=STATUS_COMPLETED, model=model_url,
-               test_accuracy=metrics.get("test_accuracy"))
+    update_run(run_url, status=STATUS_COMPLETED, model=model_url, test_accuracy=metrics.get("test_accuracy"))
     return model_url

@@ -11,8 +11,7 @@ import io
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from tasks import storage
+from retrain.tasks import storage
 
 SHAPES = ("circle", "square", "triangle")
 SAMPLE_NAME = "sample-shapes"
@@ -38,8 +37,9 @@ def draw_shape(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     return image
 
 
-def make_shapes_dataset(url: str, per_class: int = 24, size: int = 128, seed: int = 0,
-                        classes: tuple[str, ...] = SHAPES) -> str:
+def make_shapes_dataset(
+    url: str, per_class: int = 24, size: int = 128, seed: int = 0, classes: tuple[str, ...] = SHAPES
+) -> str:
     """Write ``url/<class>/<class>_NNN.jpg`` and return ``url``."""
     rng = np.random.default_rng(seed)
     for shape in classes:

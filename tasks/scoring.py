@@ -33,22 +33,21 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-
-from tasks import storage
-from tasks.allocator import tune_allocator
-from tasks.networks import LoadedModel, ModelFileError, model_from_record, read_model_record, resolve_device
-from tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_image
+from retrain.tasks import storage
+from retrain.tasks.allocator import tune_allocator
+from retrain.tasks.networks import LoadedModel, ModelFileError, model_from_record, read_model_record, resolve_device
+from retrain.tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, Preprocessing, load_image
 
 # Images per Dask task and per part: small enough that the last tasks leave no core idle for
 # long and a kill loses little, large enough that a task's overhead does not count.
@@ -61,14 +60,16 @@ DEFAULT_TOP_K = 5
 LIST_FILE_COMMENT = "#"
 MAX_FAILURES_IN_SUMMARY = 1000
 
-PART_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("label", pa.string()),
-    ("score", pa.float32()),
-    ("top_labels", pa.list_(pa.string())),
-    ("top_scores", pa.list_(pa.float32())),
-    ("error", pa.string()),
-])
+PART_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("top_labels", pa.list_(pa.string())),
+        ("top_scores", pa.list_(pa.float32())),
+        ("error", pa.string()),
+    ]
+)
 
 
 class ScoringError(ValueError):
@@ -85,6 +86,7 @@ class ScoringIncompleteError(ScoringError):
 
 
 # ---- the output layout ----------------------------------------------------------------------
+
 
 def job_url(out: str) -> str:
     return storage.join(out, "job.json")
@@ -123,6 +125,7 @@ def default_out(store: str, model_sha256: str, images: str) -> str:
 
 # ---- listing and partitions ----------------------------------------------------------------
 
+
 @dataclass
 class ImageList:
     paths: list[str]  # sorted, unique URLs
@@ -160,8 +163,9 @@ def list_images(images: str, extensions: frozenset[str] | None = IMAGE_EXTENSION
     try:
         text = storage.read_bytes(images).decode("utf-8")
     except UnicodeDecodeError:
-        raise ScoringError(f"{images} is neither a folder, an image, nor a list file of image "
-                           f"URLs (one per line, UTF-8)") from None
+        raise ScoringError(
+            f"{images} is neither a folder, an image, nor a list file of image URLs (one per line, UTF-8)"
+        ) from None
     base = images.rsplit("/", 1)[0] if "/" in images else "."
     paths = []
     for line in text.splitlines():
@@ -198,7 +202,7 @@ def partitions(paths: list[str], size: int = DEFAULT_PARTITION_SIZE, salt: str =
     paths = sorted(paths)
     out = []
     for index, start in enumerate(range(0, len(paths), size)):
-        chunk = tuple(paths[start:start + size])
+        chunk = tuple(paths[start : start + size])
         digest = hashlib.sha1("\n".join((salt, *chunk)).encode("utf-8")).hexdigest()[:12]
         out.append(Partition(index, f"part-{index:06d}-{digest}", chunk))
     return out
@@ -206,26 +210,34 @@ def partitions(paths: list[str], size: int = DEFAULT_PARTITION_SIZE, salt: str =
 
 # ---- the model: checks and the per-worker cache ----------------------------------------------
 
+
 def check_model(loaded: LoadedModel, record: dict, source: str) -> None:
     """Refuse, with the reason, a model whose classes or input size do not fit its network."""
     classes = loaded.classes
     if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ModelFileError(f"{source}: its class list is unusable ({len(classes)} classes, "
-                             f"{len(classes) - len(set(classes))} duplicates)")
+        raise ModelFileError(
+            f"{source}: its class list is unusable ({len(classes)} classes, "
+            f"{len(classes) - len(set(classes))} duplicates)"
+        )
     size = tuple(loaded.preprocessing.input_size)
     declared = record.get("input_size")
     if declared is not None and tuple(int(v) for v in declared) != size:
-        raise ModelFileError(f"{source}: its input size {list(declared)} does not match its "
-                             f"preprocessing's {list(size)}")
+        raise ModelFileError(
+            f"{source}: its input size {list(declared)} does not match its preprocessing's {list(size)}"
+        )
     try:
         with torch.inference_mode():
             out = loaded.model(torch.zeros(1, 3, *size))
     except Exception as exc:
-        raise ModelFileError(f"{source}: input size {size[0]}x{size[1]} does not fit network "
-                             f"{loaded.spec.name}: {type(exc).__name__}: {exc}") from None
+        raise ModelFileError(
+            f"{source}: input size {size[0]}x{size[1]} does not fit network "
+            f"{loaded.spec.name}: {type(exc).__name__}: {exc}"
+        ) from None
     if tuple(out.shape) != (1, len(classes)):
-        raise ModelFileError(f"{source}: the network gives {tuple(out.shape)[1:]} outputs for one "
-                             f"image but the model file names {len(classes)} classes")
+        raise ModelFileError(
+            f"{source}: the network gives {tuple(out.shape)[1:]} outputs for one "
+            f"image but the model file names {len(classes)} classes"
+        )
 
 
 @dataclass
@@ -247,8 +259,14 @@ def inspect_model(model_url: str) -> ModelInfo:
     record = read_model_record(model_url)
     loaded = model_from_record(record, source=model_url)
     check_model(loaded, record, model_url)
-    return ModelInfo(model_url, sha256, loaded.spec.name, list(loaded.classes),
-                     tuple(loaded.preprocessing.input_size), loaded.preprocessing.to_dict())
+    return ModelInfo(
+        model_url,
+        sha256,
+        loaded.spec.name,
+        list(loaded.classes),
+        tuple(loaded.preprocessing.input_size),
+        loaded.preprocessing.to_dict(),
+    )
 
 
 @dataclass
@@ -266,7 +284,7 @@ class ScoringModel:
     identity_mul: bool
 
 
-_MODEL_CACHE: "OrderedDict[tuple[str, str], ScoringModel]" = OrderedDict()
+_MODEL_CACHE: OrderedDict[tuple[str, str], ScoringModel] = OrderedDict()
 _MODEL_CACHE_LOCK = threading.Lock()
 _MODEL_CACHE_SIZE = 2
 MODEL_LOADS = {"count": 0}  # how often this process loaded a model (tests read it)
@@ -286,8 +304,7 @@ def prepare_model(loaded: LoadedModel, device: torch.device | None = None) -> Sc
     mul = (prep.scale / std).view(1, 3, 1, 1).to(device)
     add = (-mean / std).view(1, 3, 1, 1).to(device)
     channels = [2, 1, 0] if prep.channel_order == "BGR" else [0, 1, 2]
-    return ScoringModel(model, device, list(loaded.classes), prep, channels, mul, add,
-                        bool(torch.all(mul == 1.0)))
+    return ScoringModel(model, device, list(loaded.classes), prep, channels, mul, add, bool(torch.all(mul == 1.0)))
 
 
 def cached_model(model_url: str, sha256: str) -> ScoringModel:
@@ -300,8 +317,10 @@ def cached_model(model_url: str, sha256: str) -> ScoringModel:
             return _MODEL_CACHE[key]
         record = read_model_record(model_url)
         if storage.sha256_of(model_url) != sha256:
-            raise ModelFileError(f"{model_url} changed while the job was running (its sha256 is "
-                                 f"no longer {sha256[:12]}...); rerun the job")
+            raise ModelFileError(
+                f"{model_url} changed while the job was running (its sha256 is "
+                f"no longer {sha256[:12]}...); rerun the job"
+            )
         scoring = prepare_model(model_from_record(record, source=model_url))
         tune_allocator("inference")  # decoding and forward passes alternate (tasks/allocator.py)
         _MODEL_CACHE[key] = scoring
@@ -317,6 +336,7 @@ def clear_model_cache() -> None:
 
 
 # ---- scoring one partition -------------------------------------------------------------------
+
 
 def read_and_decode(url: str, size: tuple[int, int]) -> tuple[torch.Tensor | None, str | None]:
     """(uint8 image at ``size``, None) or (None, why it is unusable). Never raises."""
@@ -344,16 +364,20 @@ class _Batch:
     decode_seconds: float
 
 
-def _load_batch(paths: list[str], first_row: int, scoring: ScoringModel,
-                pool: ThreadPoolExecutor | None) -> _Batch:
+def _load_batch(paths: list[str], first_row: int, scoring: ScoringModel, pool: ThreadPoolExecutor | None) -> _Batch:
     started = time.perf_counter()
     size = scoring.preprocessing.input_size
-    loaded = list(pool.map(lambda u: read_and_decode(u, size), paths) if pool
-                  else (read_and_decode(u, size) for u in paths))
+    loaded = list(
+        pool.map(lambda u: read_and_decode(u, size), paths) if pool else (read_and_decode(u, size) for u in paths)
+    )
     good = [(first_row + i, image) for i, (image, _) in enumerate(loaded) if image is not None]
     errors = {first_row + i: reason for i, (_, reason) in enumerate(loaded) if reason is not None}
-    pixels = torch.empty((len(good), 3, *size), dtype=torch.uint8, memory_format=torch.channels_last,
-                         pin_memory=scoring.device.type == "cuda")
+    pixels = torch.empty(
+        (len(good), 3, *size),
+        dtype=torch.uint8,
+        memory_format=torch.channels_last,
+        pin_memory=scoring.device.type == "cuda",
+    )
     for j, (_, image) in enumerate(good):
         pixels[j] = image[scoring.channels]
     return _Batch(pixels, [row for row, _ in good], errors, time.perf_counter() - started)
@@ -383,9 +407,14 @@ class PartResult:
     skipped: bool = False  # the part was already there
 
 
-def score_paths(paths: list[str], scoring: ScoringModel, mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
-                top_k: int = DEFAULT_TOP_K, read_threads: int | None = None,
-                timings: dict | None = None) -> pa.Table:
+def score_paths(
+    paths: list[str],
+    scoring: ScoringModel,
+    mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
+    top_k: int = DEFAULT_TOP_K,
+    read_threads: int | None = None,
+    timings: dict | None = None,
+) -> pa.Table:
     """Score ``paths`` in mini-batches; the next batch is read and decoded in a thread while
     the current one runs forward. One row per path, in order; bad files get an error.
     ``read_threads``: files read and decoded at once (default: 1 for local files, more for
@@ -396,7 +425,7 @@ def score_paths(paths: list[str], scoring: ScoringModel, mini_batch_size: int = 
     top_scores = np.zeros((n, k), dtype=np.float32)
     errors: list[str | None] = [None] * n
     decode_s = forward_s = 0.0
-    batches = [(start, paths[start:start + mini_batch_size]) for start in range(0, n, mini_batch_size)]
+    batches = [(start, paths[start : start + mini_batch_size]) for start in range(0, n, mini_batch_size)]
     if read_threads is None:
         read_threads = 1 if not paths or storage.protocol_of(paths[0]) in ("file", "local") else REMOTE_READ_THREADS
     read_pool = ThreadPoolExecutor(read_threads) if read_threads > 1 else None
@@ -405,8 +434,11 @@ def score_paths(paths: list[str], scoring: ScoringModel, mini_batch_size: int = 
         pending = prefetch.submit(_load_batch, batches[0][1], batches[0][0], scoring, read_pool) if batches else None
         for i in range(len(batches)):
             batch = pending.result()
-            pending = (prefetch.submit(_load_batch, batches[i + 1][1], batches[i + 1][0], scoring, read_pool)
-                       if i + 1 < len(batches) else None)
+            pending = (
+                prefetch.submit(_load_batch, batches[i + 1][1], batches[i + 1][0], scoring, read_pool)
+                if i + 1 < len(batches)
+                else None
+            )
             decode_s += batch.decode_seconds
             for row, reason in batch.errors.items():
                 errors[row] = reason
@@ -429,24 +461,30 @@ def score_paths(paths: list[str], scoring: ScoringModel, mini_batch_size: int = 
     return _table(paths, label_idx, top_scores, errors, scoring.classes)
 
 
-def _table(paths: list[str], label_idx: np.ndarray, top_scores: np.ndarray,
-           errors: list[str | None], classes: list[str]) -> pa.Table:
+def _table(
+    paths: list[str], label_idx: np.ndarray, top_scores: np.ndarray, errors: list[str | None], classes: list[str]
+) -> pa.Table:
     """The part: one row per path; label, score and the top-k lists are null for a bad file."""
     bad = np.asarray([e is not None for e in errors], dtype=bool)
     names = np.asarray(classes, dtype=object)[np.clip(label_idx, 0, None)]  # n x k
     names[bad] = None
     k = label_idx.shape[1]
     offsets = pa.array(np.arange(0, (len(paths) + 1) * k, k, dtype=np.int32))
-    return pa.table({
-        "path": pa.array(paths, type=pa.string()),
-        "label": pa.array(names[:, 0], type=pa.string()),
-        "score": pa.array(top_scores[:, 0], type=pa.float32(), mask=bad),
-        "top_labels": pa.ListArray.from_arrays(offsets, pa.array(names.reshape(-1), type=pa.string()),
-                                               mask=pa.array(bad)),
-        "top_scores": pa.ListArray.from_arrays(offsets, pa.array(top_scores.reshape(-1), type=pa.float32()),
-                                               mask=pa.array(bad)),
-        "error": pa.array(errors, type=pa.string()),
-    }, schema=PART_SCHEMA)
+    return pa.table(
+        {
+            "path": pa.array(paths, type=pa.string()),
+            "label": pa.array(names[:, 0], type=pa.string()),
+            "score": pa.array(top_scores[:, 0], type=pa.float32(), mask=bad),
+            "top_labels": pa.ListArray.from_arrays(
+                offsets, pa.array(names.reshape(-1), type=pa.string()), mask=pa.array(bad)
+            ),
+            "top_scores": pa.ListArray.from_arrays(
+                offsets, pa.array(top_scores.reshape(-1), type=pa.float32()), mask=pa.array(bad)
+            ),
+            "error": pa.array(errors, type=pa.string()),
+        },
+        schema=PART_SCHEMA,
+    )
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -455,9 +493,16 @@ def _table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def score_partition(model_url: str, model_sha256: str, paths: list[str], out_url: str,
-                    mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE, top_k: int = DEFAULT_TOP_K,
-                    read_threads: int | None = None, torch_threads: int | None = None) -> PartResult:
+def score_partition(
+    model_url: str,
+    model_sha256: str,
+    paths: list[str],
+    out_url: str,
+    mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
+    top_k: int = DEFAULT_TOP_K,
+    read_threads: int | None = None,
+    torch_threads: int | None = None,
+) -> PartResult:
     """What one Dask task does: score ``paths`` with the (cached) model and write the part
     atomically to ``out_url``. A part already there is not scored again. ``torch_threads``:
     set this process's torch threads first (1 in a local cluster of one process per core)."""
@@ -467,17 +512,31 @@ def score_partition(model_url: str, model_sha256: str, paths: list[str], out_url
     name = posixpath.basename(out_url).rsplit(".parquet", 1)[0]
     if storage.exists(out_url):  # a duplicate task, or a straggler of an earlier run
         table = pq.read_table(io.BytesIO(storage.read_bytes(out_url)), columns=["error"])
-        return PartResult(name, out_url, table.num_rows, table.num_rows - table["error"].null_count,
-                          time.perf_counter() - started, skipped=True)
+        return PartResult(
+            name,
+            out_url,
+            table.num_rows,
+            table.num_rows - table["error"].null_count,
+            time.perf_counter() - started,
+            skipped=True,
+        )
     scoring = cached_model(model_url, model_sha256)
     timings: dict = {}
     table = score_paths(list(paths), scoring, mini_batch_size, top_k, read_threads, timings)
     storage.write_bytes(out_url, _table_bytes(table))
-    return PartResult(name, out_url, table.num_rows, table.num_rows - table["error"].null_count,
-                      time.perf_counter() - started, timings["decode_seconds"], timings["forward_seconds"])
+    return PartResult(
+        name,
+        out_url,
+        table.num_rows,
+        table.num_rows - table["error"].null_count,
+        time.perf_counter() - started,
+        timings["decode_seconds"],
+        timings["forward_seconds"],
+    )
 
 
 # ---- the job: lock, manifest, plan ----------------------------------------------------------
+
 
 @dataclass
 class JobPlan:
@@ -519,10 +578,15 @@ def check_settings(mini_batch_size: int, partition_size: int) -> None:
         raise ScoringError(f"partition size must be at least 1, not {partition_size}")
 
 
-def prepare_job(model_url: str, images: str, out: str, top_k: int | None = None,
-                partition_size: int = DEFAULT_PARTITION_SIZE,
-                mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
-                model: ModelInfo | None = None) -> JobPlan:
+def prepare_job(
+    model_url: str,
+    images: str,
+    out: str,
+    top_k: int | None = None,
+    partition_size: int = DEFAULT_PARTITION_SIZE,
+    mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
+    model: ModelInfo | None = None,
+) -> JobPlan:
     """Check the model, list the images, cut them into partitions and write ``job.json`` and
     ``files.parquet``. An output that already holds another model's scores is refused."""
     check_settings(mini_batch_size, partition_size)
@@ -534,24 +598,51 @@ def prepare_job(model_url: str, images: str, out: str, top_k: int | None = None,
             raise ScoringError(
                 f"{out} already holds scores of another model ({previous.get('model')}, "
                 f"sha256 {str(previous.get('model_sha256'))[:12]}, classes "
-                f"{', '.join(previous.get('classes', []))}); score into another --out, or remove it first")
+                f"{', '.join(previous.get('classes', []))}); score into another --out, or remove it first"
+            )
     listing = list_images(images)
     parts = partitions(listing.paths, partition_size, salt=f"{model.sha256}:{top_k}")
     present = present_parts(out)
     done = [p.name for p in parts if f"{p.name}.parquet" in present]
-    frame = pa.table({"path": pa.array([u for p in parts for u in p.paths], type=pa.string()),
-                      "part": pa.array([p.name for p in parts for _ in p.paths], type=pa.string())})
+    frame = pa.table(
+        {
+            "path": pa.array([u for p in parts for u in p.paths], type=pa.string()),
+            "part": pa.array([p.name for p in parts for _ in p.paths], type=pa.string()),
+        }
+    )
     storage.write_bytes(files_url(out), _table_bytes(frame))
-    storage.write_json(job_url(out), {
-        "model": model_url, "model_sha256": model.sha256, "network": model.network,
-        "classes": model.classes, "input_size": list(model.input_size),
-        "preprocessing": model.preprocessing, "images": images, "count": len(listing.paths),
-        "ignored": len(listing.ignored), "partitions": len(parts), "partition_size": partition_size,
-        "top_k": top_k, "updated": _now(),
-    })
-    return JobPlan(out, model, images, files_url(out), len(listing.paths), len(listing.ignored),
-                   len(parts), partition_size, top_k, mini_batch_size, done,
-                   sum(len(p.paths) for p in parts if f"{p.name}.parquet" in present))
+    storage.write_json(
+        job_url(out),
+        {
+            "model": model_url,
+            "model_sha256": model.sha256,
+            "network": model.network,
+            "classes": model.classes,
+            "input_size": list(model.input_size),
+            "preprocessing": model.preprocessing,
+            "images": images,
+            "count": len(listing.paths),
+            "ignored": len(listing.ignored),
+            "partitions": len(parts),
+            "partition_size": partition_size,
+            "top_k": top_k,
+            "updated": _now(),
+        },
+    )
+    return JobPlan(
+        out,
+        model,
+        images,
+        files_url(out),
+        len(listing.paths),
+        len(listing.ignored),
+        len(parts),
+        partition_size,
+        top_k,
+        mini_batch_size,
+        done,
+        sum(len(p.paths) for p in parts if f"{p.name}.parquet" in present),
+    )
 
 
 def read_partitions(plan: JobPlan) -> list[Partition]:
@@ -585,6 +676,7 @@ def missing_partitions(plan: JobPlan, parts: list[Partition] | None = None) -> l
 
 # ---- the lock: one job per output at a time -----------------------------------------------------
 
+
 class JobLock:
     """An exclusive lock on an output while a job writes to it.
 
@@ -605,16 +697,21 @@ class JobLock:
         self._refresher: threading.Thread | None = None
 
     def _holder(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                "since": self.since, "heartbeat": time.time()}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "since": self.since,
+            "heartbeat": time.time(),
+        }
 
     def _refused(self, holder: dict | None) -> ScoringLockedError:
-        who = (f" (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})"
-               if holder else "")
-        return ScoringLockedError(f"another scoring job is writing to {self.out}{who}; wait for it to "
-                                  f"finish, or score into another --out")
+        who = f" (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})" if holder else ""
+        return ScoringLockedError(
+            f"another scoring job is writing to {self.out}{who}; wait for it to finish, or score into another --out"
+        )
 
-    def acquire(self) -> "JobLock":
+    def acquire(self) -> JobLock:
         deadline = time.monotonic() + self.wait_s
         while True:
             holder = self._try_local() if self.local else self._try_lease()
@@ -627,7 +724,7 @@ class JobLock:
     def _try_local(self) -> dict | None:
         import fcntl
 
-        path = self.url[len("file://"):] if self.url.startswith("file://") else self.url
+        path = self.url[len("file://") :] if self.url.startswith("file://") else self.url
         folder = os.path.dirname(path)
         while not os.path.isdir(folder):
             self._made_folders.append(folder)
@@ -680,7 +777,7 @@ class JobLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            path = self.url[len("file://"):] if self.url.startswith("file://") else self.url
+            path = self.url[len("file://") :] if self.url.startswith("file://") else self.url
             try:
                 os.unlink(path)  # while still holding it; a waiter then retries on a new file
             except FileNotFoundError:
@@ -688,7 +785,7 @@ class JobLock:
             os.close(self._fd)
             self._fd = None
             for folder in self._made_folders:  # a job refused before it wrote anything leaves no
-                try:                               # empty --out behind
+                try:  # empty --out behind
                     os.rmdir(folder)
                 except OSError:  # not empty: the job's files
                     break
@@ -698,7 +795,7 @@ class JobLock:
             self._refresher = None
             storage.remove(self.url)
 
-    def __enter__(self) -> "JobLock":
+    def __enter__(self) -> JobLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -707,6 +804,7 @@ class JobLock:
 
 # ---- consolidation -----------------------------------------------------------------------------
 
+
 def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     """Concatenate the parts in plan order into ``scores.parquet`` (exactly one row per
     listed image, sorted by path) and write ``summary.json``; remove parts of earlier plans
@@ -714,8 +812,10 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     parts = read_partitions(plan)
     missing = missing_partitions(plan, parts)
     if missing:
-        raise ScoringIncompleteError(f"{len(missing)} of {len(parts)} partitions are not scored yet "
-                                     f"(first: {missing[0].name}); rerun the job to score them")
+        raise ScoringIncompleteError(
+            f"{len(missing)} of {len(parts)} partitions are not scored yet "
+            f"(first: {missing[0].name}); rerun the job to score them"
+        )
     sink = io.BytesIO()
     labels: dict[str, int] = {}
     failures: list[dict] = []
@@ -728,11 +828,14 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
                 table = pq.read_table(io.BytesIO(data), schema=PART_SCHEMA)
             except pa.ArrowInvalid as exc:  # damaged after it was written
                 storage.remove(url)
-                raise ScoringIncompleteError(f"part {part.name} was unreadable ({exc}) and is removed; "
-                                             f"rerun the job to score it again") from None
+                raise ScoringIncompleteError(
+                    f"part {part.name} was unreadable ({exc}) and is removed; rerun the job to score it again"
+                ) from None
             if table["path"].to_pylist() != list(part.paths):
-                raise ScoringError(f"part {part.name} does not hold the files the plan gives it; "
-                                   f"remove {part_url(plan.out, part.name)} and rerun")
+                raise ScoringError(
+                    f"part {part.name} does not hold the files the plan gives it; "
+                    f"remove {part_url(plan.out, part.name)} and rerun"
+                )
             writer.write_table(table)
             rows += table.num_rows
             errors = table["error"]
@@ -749,13 +852,24 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
         raise ScoringError(f"consolidation found {rows} rows for {plan.count} images")
     storage.write_bytes(scores_url(plan.out), sink.getvalue())
     summary = {
-        "images": plan.count, "scored": rows - failed, "failed": failed, "ignored": plan.ignored,
+        "images": plan.count,
+        "scored": rows - failed,
+        "failed": failed,
+        "ignored": plan.ignored,
         "labels": dict(sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "failures": failures, "failures_listed": len(failures),
-        "output": scores_url(plan.out), "out": plan.out, "images_source": plan.images,
-        "model": plan.model.url, "model_sha256": plan.model.sha256, "network": plan.model.network,
-        "classes": plan.model.classes, "top_k": plan.top_k, "partitions": plan.partitions,
-        "finished": _now(), **(extra or {}),
+        "failures": failures,
+        "failures_listed": len(failures),
+        "output": scores_url(plan.out),
+        "out": plan.out,
+        "images_source": plan.images,
+        "model": plan.model.url,
+        "model_sha256": plan.model.sha256,
+        "network": plan.model.network,
+        "classes": plan.model.classes,
+        "top_k": plan.top_k,
+        "partitions": plan.partitions,
+        "finished": _now(),
+        **(extra or {}),
     }
     storage.write_json(summary_url(plan.out), summary)
     _remove_stale(plan, {f"{p.name}.parquet" for p in parts})
@@ -772,6 +886,7 @@ def _remove_stale(plan: JobPlan, keep: set[str]) -> None:
 
 
 # ---- driving Dask (plain: the flow wraps these with Prefect progress and artifacts) -----------
+
 
 @contextmanager
 def _quiet_dask() -> Iterator[None]:
@@ -803,9 +918,13 @@ def dask_cluster(address: str | None = None, workers: int | None = None) -> Iter
     n = (os.cpu_count() or 1) if workers is None else workers
     if n < 1:
         raise ScoringError(f"workers must be at least 1, not {n}")
-    with _nanny_environ_restored(), _quiet_dask(), \
-            LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
-                         silence_logs=logging.ERROR) as cluster:
+    with (
+        _nanny_environ_restored(),
+        _quiet_dask(),
+        LocalCluster(
+            n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        ) as cluster,
+    ):
         cluster.scale(n)
         yield cluster.scheduler_address
 
@@ -837,9 +956,14 @@ def dask_client(address: str) -> Iterator:
         yield client
 
 
-def run_partitions(client, plan: JobPlan, on_done: Callable[[PartResult], None] | None = None,
-                   torch_threads: int | None = None, read_threads: int | None = None,
-                   worker_timeout_s: float = 300.0) -> list[PartResult]:
+def run_partitions(
+    client,
+    plan: JobPlan,
+    on_done: Callable[[PartResult], None] | None = None,
+    torch_threads: int | None = None,
+    read_threads: int | None = None,
+    worker_timeout_s: float = 300.0,
+) -> list[PartResult]:
     """Map :func:`score_partition` over the partitions still missing, on ``client``; calls
     ``on_done`` in this (the driver's) thread as each finishes. A partition that fails as a
     whole is retried once, then reported in :class:`ScoringIncompleteError` after the
@@ -855,10 +979,19 @@ def run_partitions(client, plan: JobPlan, on_done: Callable[[PartResult], None] 
         raise ScoringError(f"no Dask worker joined the cluster within {worker_timeout_s:.0f} s") from None
     futures = {}
     for part in todo:
-        future = client.submit(score_partition, plan.model.url, plan.model.sha256, list(part.paths),
-                               part_url(plan.out, part.name), plan.mini_batch_size, plan.top_k,
-                               read_threads, torch_threads, key=f"score-{part.name}-{uuid.uuid4().hex[:8]}",
-                               retries=1)
+        future = client.submit(
+            score_partition,
+            plan.model.url,
+            plan.model.sha256,
+            list(part.paths),
+            part_url(plan.out, part.name),
+            plan.mini_batch_size,
+            plan.top_k,
+            read_threads,
+            torch_threads,
+            key=f"score-{part.name}-{uuid.uuid4().hex[:8]}",
+            retries=1,
+        )
         futures[future] = part
     results, failures = [], []
     try:
@@ -877,17 +1010,27 @@ def run_partitions(client, plan: JobPlan, on_done: Callable[[PartResult], None] 
     finally:
         client.cancel(list(futures))
     if failures:
-        raise ScoringIncompleteError(f"{len(failures)} of {len(todo)} partitions failed (first: "
-                                     f"{failures[0][0]}: {failures[0][1]}); the others are saved, "
-                                     f"rerun the job to retry these")
+        raise ScoringIncompleteError(
+            f"{len(failures)} of {len(todo)} partitions failed (first: "
+            f"{failures[0][0]}: {failures[0][1]}); the others are saved, "
+            f"rerun the job to retry these"
+        )
     return results
 
 
-def score_images(model: str, images: str, out: str, dask_address: str | None = None,
-                 workers: int | None = None, mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
-                 top_k: int | None = None, partition_size: int = DEFAULT_PARTITION_SIZE,
-                 client=None, lock_wait_s: float = 0.0,
-                 on_done: Callable[[PartResult], None] | None = None) -> dict:
+def score_images(
+    model: str,
+    images: str,
+    out: str,
+    dask_address: str | None = None,
+    workers: int | None = None,
+    mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
+    top_k: int | None = None,
+    partition_size: int = DEFAULT_PARTITION_SIZE,
+    client=None,
+    lock_wait_s: float = 0.0,
+    on_done: Callable[[PartResult], None] | None = None,
+) -> dict:
     """The whole job without Prefect (what ``score_flow`` does, for scripts and benchmarks):
     lock the output, plan, score what is missing on Dask, consolidate. Returns the summary.
 
@@ -910,8 +1053,11 @@ def score_images(model: str, images: str, out: str, dask_address: str | None = N
 def run_record(plan: JobPlan, results: list[PartResult], seconds: float) -> dict:
     """This run's figures, for the summary: how much it scored and how fast."""
     processed = sum(r.images for r in results if not r.skipped)
-    return {"seconds": round(seconds, 3), "processed": processed,
-            "resumed_partitions": len(plan.done),
-            "images_per_second": round(processed / seconds, 2) if seconds > 0 else None,
-            "decode_seconds": round(sum(r.decode_seconds for r in results), 3),
-            "forward_seconds": round(sum(r.forward_seconds for r in results), 3)}
+    return {
+        "seconds": round(seconds, 3),
+        "processed": processed,
+        "resumed_partitions": len(plan.done),
+        "images_per_second": round(processed / seconds, 2) if seconds > 0 else None,
+        "decode_seconds": round(sum(r.decode_seconds for r in results), 3),
+        "forward_seconds": round(sum(r.forward_seconds for r in results), 3),
+    }

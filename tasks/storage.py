@@ -36,7 +36,8 @@ import posixpath
 import random
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -58,12 +59,21 @@ class StorageError(OSError):
 
 
 # Failures that will not pass by trying again: retrying them only delays the clear error.
-_PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-              PermissionError, StorageError)
+_PERMANENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, StorageError)
 # Client libraries of remote filesystems whose own exceptions are not OSError subclasses
 # (botocore's EndpointConnectionError, aiohttp's ClientConnectorError, ...).
-_REMOTE_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google",
-                          "azure", "gcsfs", "adlfs", "s3fs")
+_REMOTE_CLIENT_MODULES = (
+    "botocore",
+    "aiobotocore",
+    "aiohttp",
+    "urllib3",
+    "requests",
+    "google",
+    "azure",
+    "gcsfs",
+    "adlfs",
+    "s3fs",
+)
 
 
 def transient(exc: BaseException) -> bool:
@@ -107,10 +117,18 @@ def retrying(operation: Callable[..., T]) -> Callable[..., T]:
                 if attempt == attempts:
                     raise StorageError(
                         f"store failure: {operation.__name__} {url} failed {attempts} time(s) over "
-                        f"{time.monotonic() - started:.1f} s; last error: {reason}") from exc
+                        f"{time.monotonic() - started:.1f} s; last error: {reason}"
+                    ) from exc
                 wait = min(delay * 2 ** (attempt - 1), MAX_RETRY_DELAY) * random.uniform(0.8, 1.2)
-                log.warning("%s %s failed (%s); attempt %d of %d in %.1f s", operation.__name__, url,
-                            reason, attempt + 1, attempts, wait)
+                log.warning(
+                    "%s %s failed (%s); attempt %d of %d in %.1f s",
+                    operation.__name__,
+                    url,
+                    reason,
+                    attempt + 1,
+                    attempts,
+                    wait,
+                )
                 _forget_listings(url)
                 time.sleep(wait)
         raise AssertionError("unreachable")
@@ -171,7 +189,7 @@ def absolute(url: str) -> str:
     if "://" in url and not url.startswith("file://"):
         return url
     if url.startswith("file://"):
-        url = url[len("file://"):]
+        url = url[len("file://") :]
     return os.path.abspath(os.path.expanduser(url))
 
 
@@ -282,8 +300,8 @@ def sha256_of(url: str, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-
 # ---- the store layout: one function per place, so a layout change touches one spot ----
+
 
 def dataset_dir(store: str, name: str, content_hash: str) -> str:
     return join(store, "datasets", name, content_hash[:16])

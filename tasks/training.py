@@ -23,24 +23,35 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from retrain.tasks import storage
+from retrain.tasks.allocator import tune_allocator
+from retrain.tasks.evaluation import predict_scores
+from retrain.tasks.networks import (
+    MODES,
+    NetworkSpec,
+    build_network,
+    configure_trainable,
+    freeze_batchnorm,
+    get_spec,
+    model_record,
+    parameter_groups,
+    resolve_device,
+    save_model_file,
+    split_at_head,
+    summarize,
+)
+from retrain.tasks.preprocessing import Augmentation, Preprocessing, load_images
+from retrain.tasks.reports import training_progress
+from retrain.tasks.runs import read_run
 from torch import nn
-
-from tasks import storage
-from tasks.allocator import tune_allocator
-from tasks.evaluation import predict_scores
-from tasks.networks import (MODES, NetworkSpec, build_network, configure_trainable,
-                            freeze_batchnorm, get_spec, model_record, parameter_groups,
-                            resolve_device, save_model_file, split_at_head, summarize)
-from tasks.preprocessing import Augmentation, Preprocessing, load_images
-from tasks.reports import training_progress
-from tasks.runs import read_run
 
 log = logging.getLogger("retrain.training")
 
@@ -88,15 +99,18 @@ class TrainingOptions:
     # (on a GPU it is kept in GPU memory when it takes less than half of what is free).
     feature_cache_memory_mb: int = 4096
 
-    def validate(self) -> "TrainingOptions":
+    def validate(self) -> TrainingOptions:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"training option {name}={getattr(self, name)!r}: expected {expected}")
 
-        choices = {"solver": ("adam", "sgdm"), "shuffle": ("every-epoch", "once", "never"),
-                   "learn_rate_schedule": ("none", "piecewise"),
-                   "output_network": ("best-validation", "last-iteration"),
-                   "checkpoint_frequency_unit": ("epoch", "iteration"),
-                   "execution_environment": ("auto", "cpu", "gpu")}
+        choices = {
+            "solver": ("adam", "sgdm"),
+            "shuffle": ("every-epoch", "once", "never"),
+            "learn_rate_schedule": ("none", "piecewise"),
+            "output_network": ("best-validation", "last-iteration"),
+            "checkpoint_frequency_unit": ("epoch", "iteration"),
+            "execution_environment": ("auto", "cpu", "gpu"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, "one of " + ", ".join(allowed))
@@ -107,7 +121,8 @@ class TrainingOptions:
         if not isinstance(self.checkpoint_frequency, int) or self.checkpoint_frequency < 0:
             raise bad("checkpoint_frequency", "an integer >= 0 (0 turns checkpoints off)")
         if self.validation_patience is not None and (
-                not isinstance(self.validation_patience, int) or self.validation_patience < 1):
+            not isinstance(self.validation_patience, int) or self.validation_patience < 1
+        ):
             raise bad("validation_patience", "a positive integer or None")
         if self.initial_learn_rate is not None and not (0 < self.initial_learn_rate < 10):
             raise bad("initial_learn_rate", "a number in (0, 10)")
@@ -122,11 +137,16 @@ class TrainingOptions:
         if not isinstance(self.classic_loop, bool):
             raise bad("classic_loop", "true or false")
         if self.feature_cache_views is not None and (
-                not isinstance(self.feature_cache_views, int) or isinstance(self.feature_cache_views, bool)
-                or self.feature_cache_views < 0):
+            not isinstance(self.feature_cache_views, int)
+            or isinstance(self.feature_cache_views, bool)
+            or self.feature_cache_views < 0
+        ):
             raise bad("feature_cache_views", "an integer >= 0, or None for automatic")
-        if (not isinstance(self.feature_cache_memory_mb, int) or isinstance(self.feature_cache_memory_mb, bool)
-                or self.feature_cache_memory_mb < 0):
+        if (
+            not isinstance(self.feature_cache_memory_mb, int)
+            or isinstance(self.feature_cache_memory_mb, bool)
+            or self.feature_cache_memory_mb < 0
+        ):
             raise bad("feature_cache_memory_mb", "an integer >= 0 (0 keeps the feature cache on disk)")
         return self
 
@@ -148,12 +168,11 @@ class TrainingOptions:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainingOptions":
+    def from_dict(cls, values: dict) -> TrainingOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values).validate()
 
 
@@ -255,7 +274,7 @@ def remove_write_debris(checkpoints: str) -> int:
 def load_latest_checkpoint(checkpoints: str) -> dict | None:
     """The newest checkpoint that loads; a damaged one is skipped with a warning (writes are
     atomic, so that only happens when a file was altered outside retrain)."""
-    for iteration, url in reversed(list_checkpoints(checkpoints)):
+    for _iteration, url in reversed(list_checkpoints(checkpoints)):
         try:
             return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -264,6 +283,7 @@ def load_latest_checkpoint(checkpoints: str) -> dict | None:
 
 
 # ---- devices: mixed precision, pinned memory, overlapped copies ---------------------------
+
 
 def _autocast(device: torch.device, training: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on a CUDA device that supports it (fp16 for inference only on older
@@ -370,7 +390,7 @@ class FeatureCache:
 
     def val_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for start in range(0, len(self.val), batch_size):
-            chunk = self.val[start:start + batch_size]
+            chunk = self.val[start : start + batch_size]
             yield chunk if torch.is_tensor(chunk) else torch.from_numpy(np.array(chunk))  # a copy: maps are read-only
 
     def close(self, delete: bool = False) -> None:
@@ -386,11 +406,17 @@ class FeatureCache:
         if len(shape) == 3:  # stored H x W x C: say C x H x W, as the network does
             shape = [shape[2], shape[0], shape[1]]
         images = int(self.train.shape[0] * self.train.shape[1] + self.val.shape[0])
-        return {"views": self.views, "train_images": int(self.train.shape[1]),
-                "val_images": int(self.val.shape[0]), "feature_shape": shape,
-                "bytes": images * int(np.prod(shape)) * itemsize, "location": self.location,
-                "seconds": round(self.seconds, 3), "reused": self.reused,
-                "images_per_second": round(images / self.seconds, 1) if self.seconds > 0 and not self.reused else None}
+        return {
+            "views": self.views,
+            "train_images": int(self.train.shape[1]),
+            "val_images": int(self.val.shape[0]),
+            "feature_shape": shape,
+            "bytes": images * int(np.prod(shape)) * itemsize,
+            "location": self.location,
+            "seconds": round(self.seconds, 3),
+            "reused": self.reused,
+            "images_per_second": round(images / self.seconds, 1) if self.seconds > 0 and not self.reused else None,
+        }
 
 
 CACHE_FILES = ("manifest.json", "train.npy", "val.npy")  # the manifest goes first, comes last
@@ -423,8 +449,9 @@ def _local_folder(url: str | None) -> str | None:
     return None
 
 
-def _view_batches(images: torch.Tensor, views: int, augmentation: Augmentation, seed: int,
-                  batch_size: int, device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
+def _view_batches(
+    images: torch.Tensor, views: int, augmentation: Augmentation, seed: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(view, first index, uint8 batch on ``device``) for view 0 (the images as they are) and
     each augmented view. Augmentation runs on the device (exact integer ops, the random draws
     come from the same CPU generators, so any device gives the same views), per AUG_CHUNK
@@ -432,12 +459,12 @@ def _view_batches(images: torch.Tensor, views: int, augmentation: Augmentation, 
     augment_on_device = device.type != "cpu"
     for view in range(views + 1):
         for start in range(0, len(images), batch_size):
-            batch = _to_device(images[start:start + batch_size], device)
+            batch = _to_device(images[start : start + batch_size], device)
             if view > 0:
                 parts = []
                 for s in range(0, len(batch), AUG_CHUNK):
                     g = _generator(seed, -2, view, (start + s) // AUG_CHUNK)
-                    chunk = batch[s:s + AUG_CHUNK]
+                    chunk = batch[s : s + AUG_CHUNK]
                     if augment_on_device:
                         try:
                             parts.append(augmentation(chunk, g))
@@ -470,7 +497,7 @@ def _dropout_to_float(features: torch.Tensor, p: float) -> torch.Tensor:
     if p <= 0 or features.device.type != "cpu":
         return nn.functional.dropout(features.float(), p, training=p > 0, inplace=True)
     n = features.numel()
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
     bits = bits.view(features.shape)
     if p == 0.5:  # the sign bit: all ones (keep) or zero, each with probability 1/2
         features.view(torch.int16).bitwise_and_(bits >> 15)
@@ -489,9 +516,15 @@ class _StoredRest(nn.Module):
         super().__init__()
         self.rest = rest
         first = rest[0] if isinstance(rest, nn.Sequential) and len(rest) else None
-        pointwise = (isinstance(first, nn.Conv2d) and first.kernel_size == (1, 1) and first.stride == (1, 1)
-                     and first.padding in ((0, 0), "valid") and first.dilation == (1, 1) and first.groups == 1
-                     and first.padding_mode == "zeros")
+        pointwise = (
+            isinstance(first, nn.Conv2d)
+            and first.kernel_size == (1, 1)
+            and first.stride == (1, 1)
+            and first.padding in ((0, 0), "valid")
+            and first.dilation == (1, 1)
+            and first.groups == 1
+            and first.padding_mode == "zeros"
+        )
         self.pointwise = first if pointwise else None
         self.after = rest[1:] if pointwise else None
 
@@ -506,15 +539,23 @@ class _StoredRest(nn.Module):
 def _store_features(out: torch.Tensor | np.ndarray, view: int, start: int, features: torch.Tensor) -> None:
     features = _stored_layout(features.float().clamp_(-_FP16_MAX, _FP16_MAX).to(FEATURE_DTYPE))
     if torch.is_tensor(out):
-        out[view, start:start + len(features)] = features.to(out.device)
+        out[view, start : start + len(features)] = features.to(out.device)
     else:
-        out[view, start:start + len(features)] = features.cpu().numpy()
+        out[view, start : start + len(features)] = features.cpu().numpy()
 
 
-def _run_body(body: nn.Module, images: torch.Tensor, views: int, augmentation: Augmentation,
-              preprocessing: Preprocessing, seed: int, device: torch.device, batch_size: int,
-              allocate: Callable[[tuple[int, ...]], torch.Tensor | np.ndarray],
-              bar=None) -> torch.Tensor | np.ndarray:
+def _run_body(
+    body: nn.Module,
+    images: torch.Tensor,
+    views: int,
+    augmentation: Augmentation,
+    preprocessing: Preprocessing,
+    seed: int,
+    device: torch.device,
+    batch_size: int,
+    allocate: Callable[[tuple[int, ...]], torch.Tensor | np.ndarray],
+    bar=None,
+) -> torch.Tensor | np.ndarray:
     """Body features of ``images`` in views 0..``views``, into the array ``allocate(shape)``
     gives once the feature shape is known."""
     out = None
@@ -522,7 +563,7 @@ def _run_body(body: nn.Module, images: torch.Tensor, views: int, augmentation: A
     with torch.inference_mode(), _autocast(device, training=False):
         for view, start, batch in _view_batches(images, views, augmentation, seed, batch_size, device):
             for s in range(0, len(batch), body_batch):
-                part = batch[s:s + body_batch]
+                part = batch[s : s + body_batch]
                 count = len(part)
                 if count < body_batch:  # pad: one input shape, so one set of kernels (a new
                     # shape costs seconds of oneDNN kernel generation, or cuDNN autotuning)
@@ -537,10 +578,19 @@ def _run_body(body: nn.Module, images: torch.Tensor, views: int, augmentation: A
     return out
 
 
-def build_feature_cache(body: nn.Module, data: TrainingData, preprocessing: Preprocessing,
-                        augmentation: Augmentation, views: int, seed: int, device: torch.device,
-                        memory_bytes: int, folder: str | None = None, progress: bool = False,
-                        logger: logging.Logger | None = None) -> FeatureCache:
+def build_feature_cache(
+    body: nn.Module,
+    data: TrainingData,
+    preprocessing: Preprocessing,
+    augmentation: Augmentation,
+    views: int,
+    seed: int,
+    device: torch.device,
+    memory_bytes: int,
+    folder: str | None = None,
+    progress: bool = False,
+    logger: logging.Logger | None = None,
+) -> FeatureCache:
     """Run the frozen ``body`` once over every training image in ``views`` + 1 views and every
     validation image. Kept in memory (on the GPU when it fits there) up to ``memory_bytes``;
     larger caches go to ``.npy`` files in ``folder`` (a local path, else a temporary folder),
@@ -562,6 +612,7 @@ def build_feature_cache(body: nn.Module, data: TrainingData, preprocessing: Prep
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=(views + 1) * n + m, desc="features", unit="img", leave=False)
     place: dict[str, Any] = {}
 
@@ -577,24 +628,31 @@ def build_feature_cache(body: nn.Module, data: TrainingData, preprocessing: Prep
             target = local or tempfile.mkdtemp(prefix="retrain-features-")
             os.makedirs(target, exist_ok=True)
             place["where"], place["folder"], place["temporary"] = target, target, target != local
-            logger.info("feature cache of %.0f MiB exceeds feature_cache_memory_mb: memory-mapped from %s",
-                        total_bytes / 2**20, target)
-            return np.lib.format.open_memmap(os.path.join(target, "train.npy"), mode="w+",
-                                             dtype=np.float16, shape=(views + 1, n, *shape))
+            logger.info(
+                "feature cache of %.0f MiB exceeds feature_cache_memory_mb: memory-mapped from %s",
+                total_bytes / 2**20,
+                target,
+            )
+            return np.lib.format.open_memmap(
+                os.path.join(target, "train.npy"), mode="w+", dtype=np.float16, shape=(views + 1, n, *shape)
+            )
         return torch.empty((views + 1, n, *shape), dtype=FEATURE_DTYPE, device=place["device"])
 
     def allocate_val(shape: tuple[int, ...]) -> torch.Tensor | np.ndarray:
         if "folder" in place:
-            return np.lib.format.open_memmap(os.path.join(place["folder"], "val.npy"), mode="w+",
-                                             dtype=np.float16, shape=(1, m, *shape))
+            return np.lib.format.open_memmap(
+                os.path.join(place["folder"], "val.npy"), mode="w+", dtype=np.float16, shape=(1, m, *shape)
+            )
         return torch.empty((1, m, *shape), dtype=FEATURE_DTYPE, device=place["device"])
 
     try:
-        train = _run_body(body, data.train_images, views, augmentation, preprocessing, seed, device,
-                          batch_size, allocate, bar)
+        train = _run_body(
+            body, data.train_images, views, augmentation, preprocessing, seed, device, batch_size, allocate, bar
+        )
         if m:
-            val = _run_body(body, data.val_images, 0, augmentation, preprocessing, seed, device,
-                            batch_size, allocate_val, bar)
+            val = _run_body(
+                body, data.val_images, 0, augmentation, preprocessing, seed, device, batch_size, allocate_val, bar
+            )
         else:
             val = allocate_val(tuple(train.shape[2:]))
     finally:
@@ -608,21 +666,42 @@ def build_feature_cache(body: nn.Module, data: TrainingData, preprocessing: Prep
             storage.write_json(os.path.join(place["folder"], "manifest.json"), key)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    cache = FeatureCache(train, val[0], place.get("where", "memory"), time.perf_counter() - started,
-                         folder=place.get("folder"), temporary=bool(place.get("temporary")))
+    cache = FeatureCache(
+        train,
+        val[0],
+        place.get("where", "memory"),
+        time.perf_counter() - started,
+        folder=place.get("folder"),
+        temporary=bool(place.get("temporary")),
+    )
     info = cache.describe()
-    logger.info("feature cache: %d training images x %d views + %d validation images, %.0f MiB in %s, "
-                "%.1f s (%.0f images/s)", n, views + 1, m, info["bytes"] / 2**20, info["location"],
-                info["seconds"], info["images_per_second"] or 0)
+    logger.info(
+        "feature cache: %d training images x %d views + %d validation images, %.0f MiB in %s, %.1f s (%.0f images/s)",
+        n,
+        views + 1,
+        m,
+        info["bytes"] / 2**20,
+        info["location"],
+        info["seconds"],
+        info["images_per_second"] or 0,
+    )
     return cache
 
 
-def _cache_key(body: nn.Module, data: TrainingData, preprocessing: Preprocessing,
-               augmentation: Augmentation, views: int, seed: int) -> dict:
-    return {"format": FEATURE_FORMAT, "views": views, "seed": seed, "augmentation": augmentation.to_dict(),
-            "preprocessing": preprocessing.to_dict(), "aug_chunk": AUG_CHUNK,
-            "train_images": _digest(data.train_images), "val_images": _digest(data.val_images),
-            "body": _digest(*[t for t in body.state_dict().values()])}
+def _cache_key(
+    body: nn.Module, data: TrainingData, preprocessing: Preprocessing, augmentation: Augmentation, views: int, seed: int
+) -> dict:
+    return {
+        "format": FEATURE_FORMAT,
+        "views": views,
+        "seed": seed,
+        "augmentation": augmentation.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "aug_chunk": AUG_CHUNK,
+        "train_images": _digest(data.train_images),
+        "val_images": _digest(data.val_images),
+        "body": _digest(*[t for t in body.state_dict().values()]),
+    }
 
 
 def _open_disk_cache(folder: str, key: dict) -> FeatureCache | None:
@@ -644,11 +723,19 @@ def _epoch_views(n: int, views: int, epoch: int, seed: int) -> torch.Tensor:
 
 # ---- one iteration: the classic loop, or the head on cached features -------------------------
 
+
 class _ClassicSteps:
     """Every augmented image through the whole network (finetune, scratch, classic_loop)."""
 
-    def __init__(self, model: nn.Module, preprocessing: Preprocessing, data: TrainingData,
-                 augmentation: Augmentation, options: TrainingOptions, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        preprocessing: Preprocessing,
+        data: TrainingData,
+        augmentation: Augmentation,
+        options: TrainingOptions,
+        device: torch.device,
+    ):
         self.model, self.preprocessing, self.data = model, preprocessing, data
         self.augmentation, self.options, self.device = augmentation, options, device
 
@@ -671,8 +758,16 @@ class _CachedSteps:
     """The head (and the parameter-free layers around it) on cached body features; the
     dropout before the head acts on the features."""
 
-    def __init__(self, model: nn.Module, rest: nn.Module, dropout: float, cache: FeatureCache,
-                 data: TrainingData, options: TrainingOptions, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        rest: nn.Module,
+        dropout: float,
+        cache: FeatureCache,
+        data: TrainingData,
+        options: TrainingOptions,
+        device: torch.device,
+    ):
         self.model, self.rest, self.dropout, self.cache, self.data = model, _StoredRest(rest), dropout, cache, data
         self.options, self.device = options, device
 
@@ -706,12 +801,21 @@ class _CachedSteps:
 
 # ---- the loop ----------------------------------------------------------------------------
 
-def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, data: TrainingData,
-          mode: str, options: TrainingOptions, augmentation: Augmentation,
-          checkpoints: str | None = None,
-          on_validation: Callable[[pd.DataFrame], None] | None = None,
-          progress: bool = False, logger: logging.Logger | None = None,
-          feature_folder: str | None = None) -> TrainingOutcome:
+
+def train(
+    model: nn.Module,
+    spec: NetworkSpec,
+    preprocessing: Preprocessing,
+    data: TrainingData,
+    mode: str,
+    options: TrainingOptions,
+    augmentation: Augmentation,
+    checkpoints: str | None = None,
+    on_validation: Callable[[pd.DataFrame], None] | None = None,
+    progress: bool = False,
+    logger: logging.Logger | None = None,
+    feature_folder: str | None = None,
+) -> TrainingOutcome:
     """Train ``model`` with cross-entropy; returns the output network's weights and history.
 
     ``checkpoints``: a folder URL; when it holds checkpoints of this run, training resumes
@@ -732,8 +836,9 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
         tune_allocator("training")  # activations and gradients stay in the heap (tasks/allocator.py)
     configure_trainable(model, spec, mode)
     model.to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(parameter_groups(model, spec, mode, options.learn_rate(mode),
-                                                options.head_learn_rate_factor), options)
+    optimizer = make_optimizer(
+        parameter_groups(model, spec, mode, options.learn_rate(mode), options.head_learn_rate_factor), options
+    )
     loss_fn = nn.CrossEntropyLoss()
     n_train = len(data.train_targets)
     batch = min(options.mini_batch_size, n_train)
@@ -741,8 +846,15 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
     total = per_epoch * options.max_epochs
     has_val = len(data.val_targets) > 0
 
-    state = {"iteration": 0, "best_loss": math.inf, "best_iteration": None, "best_state": None,
-             "bad_validations": 0, "history": [], "stopped_early": False}
+    state = {
+        "iteration": 0,
+        "best_loss": math.inf,
+        "best_iteration": None,
+        "best_state": None,
+        "bad_validations": 0,
+        "history": [],
+        "stopped_early": False,
+    }
     resumed_from = None
     if checkpoints:
         remove_write_debris(checkpoints)
@@ -763,10 +875,19 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
             logger.info("training with the classic loop: %s", exc)
     cache, feature_info = None, None
     if split is not None:
-        cache = build_feature_cache(split.body, data, preprocessing, augmentation,
-                                    options.cache_views(augmentation), options.seed, device,
-                                    options.feature_cache_memory_mb * 2**20, feature_folder,
-                                    progress=progress, logger=logger)
+        cache = build_feature_cache(
+            split.body,
+            data,
+            preprocessing,
+            augmentation,
+            options.cache_views(augmentation),
+            options.seed,
+            device,
+            options.feature_cache_memory_mb * 2**20,
+            feature_folder,
+            progress=progress,
+            logger=logger,
+        )
         feature_info = cache.describe()
         steps = _CachedSteps(model, split.rest, split.dropout, cache, data, options, device)
     else:
@@ -774,7 +895,7 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
 
     def prepare(iteration: int) -> tuple:
         epoch, position = divmod(iteration, per_epoch)
-        indices = epoch_order(n_train, epoch, options)[position * batch:(position + 1) * batch]
+        indices = epoch_order(n_train, epoch, options)[position * batch : (position + 1) * batch]
         return steps.prepare(epoch, position, indices)
 
     def validate() -> tuple[float, float]:
@@ -782,12 +903,12 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
 
     def checkpoint() -> None:
         if checkpoints:
-            save_checkpoint(checkpoints, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          **state})
+            save_checkpoint(checkpoints, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
 
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=total, initial=state["iteration"], desc="training", unit="it", leave=False)
     batches = _Prefetcher(prepare, background=device.type == "cuda")
     try:
@@ -806,24 +927,39 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
             optimizer.step()
             state["iteration"] += 1
             it = state["iteration"]
-            record = {"iteration": it, "epoch": epoch + 1, "loss": float(loss.detach()),
-                      "accuracy": float((logits.argmax(1) == y).float().mean()),
-                      "learn_rate": learn_rate, "val_loss": math.nan, "val_accuracy": math.nan,
-                      "seconds": time.perf_counter() - started}
+            record = {
+                "iteration": it,
+                "epoch": epoch + 1,
+                "loss": float(loss.detach()),
+                "accuracy": float((logits.argmax(1) == y).float().mean()),
+                "learn_rate": learn_rate,
+                "val_loss": math.nan,
+                "val_accuracy": math.nan,
+                "seconds": time.perf_counter() - started,
+            }
             if has_val and (it % options.validation_frequency == 0 or it == total):
                 record["val_loss"], record["val_accuracy"] = validate()
                 if record["val_loss"] < state["best_loss"]:
-                    state.update(best_loss=record["val_loss"], best_iteration=it, bad_validations=0,
-                                 best_state=_state_copy(model))
+                    state.update(
+                        best_loss=record["val_loss"],
+                        best_iteration=it,
+                        bad_validations=0,
+                        best_state=_state_copy(model),
+                    )
                 else:
                     state["bad_validations"] += 1
                     patience = options.validation_patience
                     if patience is not None and state["bad_validations"] >= patience:
                         state["stopped_early"] = True
-                        logger.info("early stop at iteration %d: validation loss has not improved "
-                                    "for %d validations", it, patience)
-                message = (f"epoch {epoch + 1} iteration {it}/{total}: loss {record['loss']:.4f}, "
-                           f"val loss {record['val_loss']:.4f}, val accuracy {record['val_accuracy']:.4f}")
+                        logger.info(
+                            "early stop at iteration %d: validation loss has not improved for %d validations",
+                            it,
+                            patience,
+                        )
+                message = (
+                    f"epoch {epoch + 1} iteration {it}/{total}: loss {record['loss']:.4f}, "
+                    f"val loss {record['val_loss']:.4f}, val accuracy {record['val_accuracy']:.4f}"
+                )
                 (logger.info if options.verbose else logger.debug)(message)
             state["history"].append(record)
             if bar is not None:
@@ -831,8 +967,11 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
                 bar.set_postfix(loss=f"{record['loss']:.3f}", val_acc=f"{record['val_accuracy']:.3f}")
             if not math.isnan(record["val_loss"]) and on_validation is not None:
                 on_validation(pd.DataFrame(state["history"]))
-            unit_done = (it if options.checkpoint_frequency_unit == "iteration"
-                         else (it // per_epoch if it % per_epoch == 0 else 0))
+            unit_done = (
+                it
+                if options.checkpoint_frequency_unit == "iteration"
+                else (it // per_epoch if it % per_epoch == 0 else 0)
+            )
             if options.checkpoint_frequency and unit_done and unit_done % options.checkpoint_frequency == 0:
                 checkpoint()
     finally:
@@ -849,7 +988,7 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
     use_best = options.output_network == "best-validation" and state["best_state"] is not None
     final_state = state["best_state"] if use_best else {k: v.detach().cpu() for k, v in model.state_dict().items()}
     validated = history.dropna(subset=["val_loss"]) if len(history) else history
-    best_row = (validated[validated["iteration"] == state["best_iteration"]] if use_best else validated.tail(1))
+    best_row = validated[validated["iteration"] == state["best_iteration"]] if use_best else validated.tail(1)
     return TrainingOutcome(
         iterations=state["iteration"],
         epochs_completed=state["iteration"] // per_epoch,
@@ -866,6 +1005,7 @@ def train(model: nn.Module, spec: NetworkSpec, preprocessing: Preprocessing, dat
 
 
 # ---- the stage: a run folder in, trained.pt out ----------------------------------------------
+
 
 def train_run(run_url: str, progress: bool = False, logger: logging.Logger | None = None) -> dict:
     """Train the network a run asks for on its split; writes ``trained.pt``, ``history.csv``,
@@ -896,8 +1036,14 @@ def train_run(run_url: str, progress: bool = False, logger: logging.Logger | Non
         return images, torch.tensor([class_index[c] for c in rows["label"]], dtype=torch.long)
 
     data = TrainingData(*part("train"), *part("val"))
-    logger.info("training %s (%s mode) on %d images, validating on %d, %d classes",
-                spec.name, mode, len(data.train_targets), len(data.val_targets), len(classes))
+    logger.info(
+        "training %s (%s mode) on %d images, validating on %d, %d classes",
+        spec.name,
+        mode,
+        len(data.train_targets),
+        len(data.val_targets),
+        len(classes),
+    )
     progress_url = storage.join(run_url, "progress.png")
     last_plot = [0.0]
 
@@ -906,27 +1052,57 @@ def train_run(run_url: str, progress: bool = False, logger: logging.Logger | Non
             training_progress(history, progress_url)
             last_plot[0] = time.monotonic()
 
-    outcome = train(model, spec, spec.preprocessing, data, mode, options, augmentation,
-                    checkpoints=storage.join(run_url, "checkpoints"), on_validation=plot,
-                    progress=progress, logger=logger, feature_folder=storage.join(run_url, "features"))
+    outcome = train(
+        model,
+        spec,
+        spec.preprocessing,
+        data,
+        mode,
+        options,
+        augmentation,
+        checkpoints=storage.join(run_url, "checkpoints"),
+        on_validation=plot,
+        progress=progress,
+        logger=logger,
+        feature_folder=storage.join(run_url, "features"),
+    )
     storage.write_bytes(storage.join(run_url, "history.csv"), outcome.history.to_csv(index=False).encode())
     if len(outcome.history):
         training_progress(outcome.history, progress_url)
     model.load_state_dict(outcome.state_dict)
     summary = {
-        "iterations": outcome.iterations, "epochs": outcome.epochs_completed,
-        "val_loss": outcome.final_val_loss, "val_accuracy": outcome.final_val_accuracy,
-        "best_iteration": outcome.best_iteration, "stopped_early": outcome.stopped_early,
-        "resumed_from": outcome.resumed_from, "seconds": outcome.seconds,
-        "device": str(resolve_device(options.execution_environment)), "weights_origin": origin,
-        "train_images": len(data.train_targets), "val_images": len(data.val_targets),
-        "trained": trained_url, "progress_plot": progress_url,
+        "iterations": outcome.iterations,
+        "epochs": outcome.epochs_completed,
+        "val_loss": outcome.final_val_loss,
+        "val_accuracy": outcome.final_val_accuracy,
+        "best_iteration": outcome.best_iteration,
+        "stopped_early": outcome.stopped_early,
+        "resumed_from": outcome.resumed_from,
+        "seconds": outcome.seconds,
+        "device": str(resolve_device(options.execution_environment)),
+        "weights_origin": origin,
+        "train_images": len(data.train_targets),
+        "val_images": len(data.val_targets),
+        "trained": trained_url,
+        "progress_plot": progress_url,
         "feature_cache": outcome.feature_cache,
     }
-    save_model_file(trained_url, model_record(
-        model, spec, classes, origin,
-        metrics={"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss},
-        training={"mode": mode, "options": options.to_dict(), "augmentation": augmentation.to_dict(),
-                  "iterations": outcome.iterations, "epochs": outcome.epochs_completed}))
+    save_model_file(
+        trained_url,
+        model_record(
+            model,
+            spec,
+            classes,
+            origin,
+            metrics={"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss},
+            training={
+                "mode": mode,
+                "options": options.to_dict(),
+                "augmentation": augmentation.to_dict(),
+                "iterations": outcome.iterations,
+                "epochs": outcome.epochs_completed,
+            },
+        ),
+    )
     storage.write_json(summary_url, summary)
     return summary

@@ -14,9 +14,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -45,8 +45,9 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) before {url} answered:\n"
-                               + log.read_text()[-3000:])
+            raise RuntimeError(
+                f"{proc.args[0]} exited ({proc.returncode}) before {url} answered:\n" + log.read_text()[-3000:]
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status < 500:
@@ -66,15 +67,21 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: 
             return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start (exit {proc.poll()}):\n"
-                                   + log.read_text()[-3000:]) from None
+                raise RuntimeError(f"{what} did not start (exit {proc.poll()}):\n" + log.read_text()[-3000:]) from None
             time.sleep(0.2)
 
 
 def start(command: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
     out = open(log, "ab")
-    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, cwd=cwd or PROJECT_ROOT, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=cwd or PROJECT_ROOT,
+        start_new_session=True,
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
@@ -125,17 +132,39 @@ def postgres() -> Iterator[str | None]:
         shutil.chown(root, "postgres")
     port = free_port()
     log = root / "postgres.log"
-    made = subprocess.run([*as_user, initdb, "-D", str(root / "data"), "-U", "prefect", "--auth=trust",
-                           "-E", "UTF8"], capture_output=True, text=True, timeout=120)
+    made = subprocess.run(
+        [*as_user, initdb, "-D", str(root / "data"), "-U", "prefect", "--auth=trust", "-E", "UTF8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if made.returncode != 0:  # e.g. no user to run it as: the caller falls back to SQLite
         print(f"PostgreSQL unavailable (initdb: {made.stderr.strip()[-300:]})")
         shutil.rmtree(root, ignore_errors=True)
         yield None
         return
-    proc = subprocess.Popen([*as_user, server, "-D", str(root / "data"), "-k", str(root), "-h", "127.0.0.1",
-                             "-p", str(port), "-c", "fsync=off", "-c", "synchronous_commit=off"],
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            *as_user,
+            server,
+            "-D",
+            str(root / "data"),
+            "-k",
+            str(root),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+        ],
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_port(port, proc, log, "PostgreSQL")
         yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
@@ -152,10 +181,17 @@ def postgres() -> Iterator[str | None]:
 def prefect_env(api_url: str, home: Path) -> dict[str, str]:
     """The environment of a process that talks to the test's Prefect server, and only to it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_API_URL=api_url, PREFECT_UI_API_URL=api_url, PREFECT_HOME=str(home),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5",
-               PREFECT_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    env.update(
+        PREFECT_API_URL=api_url,
+        PREFECT_UI_API_URL=api_url,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_WORKER_PREFETCH_SECONDS="5",
+        PREFECT_LOGGING_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -170,21 +206,25 @@ def prefect_server(workdir: Path, database_url: str | None = None) -> Iterator[d
     env = prefect_env(api_url, home)
     log = workdir / "prefect-server.log"
     server_env = dict(env, PREFECT_API_DATABASE_CONNECTION_URL=database_url) if database_url else env
-    proc = start([tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log,
-                 server_env)
+    proc = start([tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], log, server_env)
     started = time.perf_counter()
     try:
         wait_http(f"{api_url}/health", proc, log)
-        yield {"api_url": api_url, "ui_url": f"http://127.0.0.1:{port}", "env": env, "log": log,
-               "home": home, "started_s": time.perf_counter() - started,
-               "database": "postgresql" if database_url else "sqlite"}
+        yield {
+            "api_url": api_url,
+            "ui_url": f"http://127.0.0.1:{port}",
+            "env": env,
+            "log": log,
+            "home": home,
+            "started_s": time.perf_counter() - started,
+            "database": "postgresql" if database_url else "sqlite",
+        }
     finally:
         stop(proc)
 
 
 def start_worker(pool: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return start([tool("prefect"), "worker", "start", "--pool", pool, "--type", "process",
-                  "--limit", "2"], log, env)
+    return start([tool("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", "2"], log, env)
 
 
 @contextmanager
@@ -209,13 +249,30 @@ def dask_cluster(workdir: Path, env: dict[str, str] | None = None, workers: int 
     port = free_port()
     env = dict(env or os.environ, OMP_NUM_THREADS="1")
     address = f"tcp://127.0.0.1:{port}"
-    scheduler = start([tool("dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                       "--no-dashboard"], workdir / "dask-scheduler.log", env)
+    scheduler = start(
+        [tool("dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        workdir / "dask-scheduler.log",
+        env,
+    )
     worker = None
     try:
         wait_port(port, scheduler, workdir / "dask-scheduler.log", "dask scheduler")
-        worker = start([tool("dask"), "worker", address, "--nthreads", "1", "--nworkers", str(workers),
-                        "--no-dashboard", "--host", "127.0.0.1"], workdir / "dask-worker.log", env)
+        worker = start(
+            [
+                tool("dask"),
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--nworkers",
+                str(workers),
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+            ],
+            workdir / "dask-worker.log",
+            env,
+        )
         with Client(address, timeout="30s") as client:
             client.wait_for_workers(workers, timeout=120)
         yield address

@@ -11,13 +11,25 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from tasks.networks import build_network, get_spec, model_record, save_model_file  # noqa: E402
-from tasks.samples import make_shapes_dataset  # noqa: E402
+from retrain.tasks.networks import build_network, get_spec, model_record, save_model_file  # noqa: E402
+from retrain.tasks.samples import make_shapes_dataset  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MERCH_ZIP = SHARED / "data" / "MerchData.zip"
 HYMENOPTERA = SHARED / "data" / "hymenoptera_data"
 CAFFE_WEIGHTS = SHARED / "weights" / "squeezenet1_1_caffe-2c890718.pth"
+
+
+# Tests that use these fixtures start servers or browsers (moto, Dask processes, Chromium,
+# PostgreSQL, a Prefect server): they are `services` tests, so `pytest -m "not services"` is the
+# quick loop. Tests that kill processes carry the mark themselves.
+SERVICE_FIXTURES = {"moto", "s3", "s3_endpoint", "dask_processes", "chromium", "prefect_server"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
 def need(path: Path) -> Path:

@@ -2,13 +2,12 @@ import subprocess
 import sys
 
 import pytest
-
-from tasks import allocator
+from retrain.tasks import allocator
 
 # Each check runs in a fresh interpreter: the settings are process-wide and applied once.
 PROBE = """
 import sys
-from tasks.allocator import tune_allocator
+from retrain.tasks.allocator import tune_allocator
 print(tune_allocator(sys.argv[1]), tune_allocator(sys.argv[1]))
 """
 
@@ -16,8 +15,9 @@ print(tune_allocator(sys.argv[1]), tune_allocator(sys.argv[1]))
 def probe(workload: str, **env: str) -> str:
     import os
 
-    done = subprocess.run([sys.executable, "-c", PROBE, workload], capture_output=True, text=True,
-                          env={**os.environ, **env}, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, workload], capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
     return done.stdout.strip()
 
 

@@ -20,30 +20,40 @@ import pickle
 import shutil
 import stat
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
-
-from flows.cli import main
-from tasks import datastore, storage
-from tasks.datastore import unzip_dataset
-from tasks.networks import MODEL_FORMAT, ModelFileError, build_network, save_model_file
-from tasks.preprocessing import ImageDecodeError, decode_image
-from tasks.samples import make_shapes_dataset
-from tasks.training import load_latest_checkpoint
+from retrain.flows.cli import main
+from retrain.tasks import datastore, storage
+from retrain.tasks.datastore import unzip_dataset
+from retrain.tasks.networks import MODEL_FORMAT, ModelFileError, build_network, save_model_file
+from retrain.tasks.preprocessing import ImageDecodeError, decode_image
+from retrain.tasks.samples import make_shapes_dataset
+from retrain.tasks.training import load_latest_checkpoint
 
 CLASSES = ["circle", "square", "triangle"]
-FAST = ["--network", "squeezenet-caffe", "--weights", "none", "--max-epochs", "1", "--mini-batch-size", "8",
-        "--seed", "0"]
+FAST = [
+    "--network",
+    "squeezenet-caffe",
+    "--weights",
+    "none",
+    "--max-epochs",
+    "1",
+    "--mini-batch-size",
+    "8",
+    "--seed",
+    "0",
+]
 
 
 # ---- generated images ------------------------------------------------------------------------
+
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
@@ -124,49 +134,104 @@ class Kind:
 
 IMAGE_KINDS = [
     # unusable: skipped with the reason (training, scoring), a clear error (classify)
-    Kind("corrupt JPEG", "corrupt.jpg", lambda: b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(range(256)) * 8,
-         "not a readable image|cannot decode"),
+    Kind(
+        "corrupt JPEG",
+        "corrupt.jpg",
+        lambda: b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(range(256)) * 8,
+        "not a readable image|cannot decode",
+    ),
     Kind("truncated JPEG", "truncated.jpg", lambda: good_jpeg(1)[:2500], "(?i)truncated"),
     Kind("truncated PNG", "truncated.png", lambda: encode(noise(2), "PNG")[:4000], "(?i)truncated"),
     Kind("zero-byte file", "zero.jpg", lambda: b"", "empty"),
     Kind("text file named .jpg", "notes-as-image.jpg", lambda: b"shopping list: milk, eggs\n", "not a readable image"),
-    Kind("HTML error page saved as .png", "error-page.png",
-         lambda: b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "not a readable image"),
+    Kind(
+        "HTML error page saved as .png",
+        "error-page.png",
+        lambda: b"<!DOCTYPE html><html><body>403 Forbidden</body></html>",
+        "not a readable image",
+    ),
     Kind("decompression bomb (20000x20000 PNG)", "bomb.png", decompression_bomb, "too large"),
     # usable: decoded to RGB uint8 correctly
     Kind("GIF", "still.gif", lambda: encode(noise(3), "GIF"), check=lambda t: t.shape == (3, 48, 64)),
-    Kind("animated GIF (first frame)", "animated.gif", animated_gif,
-         check=lambda t: t.shape == (3, 30, 40) and near(t[:, 15, 20], (255, 0, 0), 10)),
-    Kind("PNG with alpha", "alpha.png", alpha_png,
-         check=lambda t: t.shape == (3, 30, 40) and near(t[:, 20, 20], (10, 200, 30), 0)),
-    Kind("palette PNG", "palette.png", palette_png,
-         check=lambda t: near(t[:, 10, 5], (250, 10, 10), 0) and near(t[:, 10, 25], (10, 10, 250), 0)),
-    Kind("CMYK JPEG", "cmyk.jpg", lambda: encode(Image.new("RGB", (40, 30), (220, 20, 20)).convert("CMYK"), "JPEG"),
-         check=lambda t: t.shape == (3, 30, 40) and near(t[:, 15, 20], (220, 20, 20))),
-    Kind("16-bit PNG", "grey16.png", lambda: grey16("PNG"),
-         check=lambda t: t.dtype == torch.uint8 and near(t[:, 5, 5], (155, 155, 155), 2)),
-    Kind("16-bit TIFF", "grey16.tif", lambda: grey16("TIFF"),
-         check=lambda t: t.dtype == torch.uint8 and near(t[:, 5, 5], (155, 155, 155), 2)),
+    Kind(
+        "animated GIF (first frame)",
+        "animated.gif",
+        animated_gif,
+        check=lambda t: t.shape == (3, 30, 40) and near(t[:, 15, 20], (255, 0, 0), 10),
+    ),
+    Kind(
+        "PNG with alpha",
+        "alpha.png",
+        alpha_png,
+        check=lambda t: t.shape == (3, 30, 40) and near(t[:, 20, 20], (10, 200, 30), 0),
+    ),
+    Kind(
+        "palette PNG",
+        "palette.png",
+        palette_png,
+        check=lambda t: near(t[:, 10, 5], (250, 10, 10), 0) and near(t[:, 10, 25], (10, 10, 250), 0),
+    ),
+    Kind(
+        "CMYK JPEG",
+        "cmyk.jpg",
+        lambda: encode(Image.new("RGB", (40, 30), (220, 20, 20)).convert("CMYK"), "JPEG"),
+        check=lambda t: t.shape == (3, 30, 40) and near(t[:, 15, 20], (220, 20, 20)),
+    ),
+    Kind(
+        "16-bit PNG",
+        "grey16.png",
+        lambda: grey16("PNG"),
+        check=lambda t: t.dtype == torch.uint8 and near(t[:, 5, 5], (155, 155, 155), 2),
+    ),
+    Kind(
+        "16-bit TIFF",
+        "grey16.tif",
+        lambda: grey16("TIFF"),
+        check=lambda t: t.dtype == torch.uint8 and near(t[:, 5, 5], (155, 155, 155), 2),
+    ),
     Kind("32-bit float TIFF", "float.tiff", float_tiff, check=lambda t: near(t[:, 5, 5], (128, 128, 128), 2)),
-    Kind("grayscale JPEG", "grey.jpg", lambda: encode(noise(4).convert("L"), "JPEG"),
-         check=lambda t: t.shape == (3, 48, 64) and torch.equal(t[0], t[1]) and torch.equal(t[1], t[2])),
-    Kind("1-bit PNG", "bilevel.png", lambda: encode(Image.new("1", (16, 16), 1), "PNG"),
-         check=lambda t: near(t[:, 0, 0], (255, 255, 255), 0)),
-    Kind("1x1 image", "one-pixel.png", lambda: encode(Image.new("RGB", (1, 1), (0, 0, 255)), "PNG"),
-         check=lambda t: t.shape == (3, 1, 1) and near(t[:, 0, 0], (0, 0, 255), 0)),
-    Kind("EXIF-rotated photo", "rotated.jpg", exif_rotated,
-         check=lambda t: t.shape == (3, 40, 20) and near(t[:, 5, 10], (255, 0, 0)) and near(t[:, 35, 10], (0, 0, 255))),
+    Kind(
+        "grayscale JPEG",
+        "grey.jpg",
+        lambda: encode(noise(4).convert("L"), "JPEG"),
+        check=lambda t: t.shape == (3, 48, 64) and torch.equal(t[0], t[1]) and torch.equal(t[1], t[2]),
+    ),
+    Kind(
+        "1-bit PNG",
+        "bilevel.png",
+        lambda: encode(Image.new("1", (16, 16), 1), "PNG"),
+        check=lambda t: near(t[:, 0, 0], (255, 255, 255), 0),
+    ),
+    Kind(
+        "1x1 image",
+        "one-pixel.png",
+        lambda: encode(Image.new("RGB", (1, 1), (0, 0, 255)), "PNG"),
+        check=lambda t: t.shape == (3, 1, 1) and near(t[:, 0, 0], (0, 0, 255), 0),
+    ),
+    Kind(
+        "EXIF-rotated photo",
+        "rotated.jpg",
+        exif_rotated,
+        check=lambda t: t.shape == (3, 40, 20) and near(t[:, 5, 10], (255, 0, 0)) and near(t[:, 35, 10], (0, 0, 255)),
+    ),
     Kind("PNG named .jpg", "really-a-png.jpg", lambda: encode(noise(5), "PNG"), check=lambda t: t.shape == (3, 48, 64)),
     Kind("upper-case extension", "SHOUTING.JPEG", lambda: good_jpeg(6), check=lambda t: t.shape == (3, 48, 64)),
-    Kind("name with spaces and unicode", "fête du café ☃ 1.jpg", lambda: good_jpeg(7),
-         check=lambda t: t.shape == (3, 48, 64)),
-    Kind("WebP", "modern.webp", lambda: encode(noise(8), "WEBP", lossless=True), check=lambda t: t.shape == (3, 48, 64)),
+    Kind(
+        "name with spaces and unicode",
+        "fête du café ☃ 1.jpg",
+        lambda: good_jpeg(7),
+        check=lambda t: t.shape == (3, 48, 64),
+    ),
+    Kind(
+        "WebP", "modern.webp", lambda: encode(noise(8), "WEBP", lossless=True), check=lambda t: t.shape == (3, 48, 64)
+    ),
 ]
 USED = [k for k in IMAGE_KINDS if k.error is None]
 UNUSABLE = [k for k in IMAGE_KINDS if k.error is not None]
 
 
 # ---- the store: something to leave alone ------------------------------------------------------
+
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file (sha256), folder and link under ``root``, by relative path."""
@@ -216,8 +281,9 @@ def store_template(tmp_path_factory, model_file) -> Path:
     storage.write_json(str(run / "run.json"), {"run_id": "r0", "status": "completed"})
     storage.write_json(str(run / "metrics.json"), {"test_accuracy": 0.5})
     storage.write_json(str(root / "models" / "old" / "current.json"), {"run_id": "r0"})
-    storage.write_parquet(str(root / "scores" / "earlier" / "scores.parquet"),
-                          pd.DataFrame({"path": ["a.jpg"], "label": ["circle"]}))
+    storage.write_parquet(
+        str(root / "scores" / "earlier" / "scores.parquet"), pd.DataFrame({"path": ["a.jpg"], "label": ["circle"]})
+    )
     return root
 
 
@@ -257,6 +323,7 @@ def assert_clear_refusal(status: int, result: dict, stderr: str, match: str, com
 
 # ---- decoding: each kind's pixels ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", IMAGE_KINDS, ids=lambda k: k.name)
 def test_each_kind_decodes_correctly_or_says_why_not(kind):
     if kind.error:
@@ -269,6 +336,7 @@ def test_each_kind_decodes_correctly_or_says_why_not(kind):
 
 
 # ---- training data -------------------------------------------------------------------------------
+
 
 def mixed_data_set(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Shapes in class folders plus every image kind, hidden files, nested folders, junk and
@@ -360,6 +428,7 @@ def test_folder_data_set_index_matches_and_a_symlink_out_is_not_followed_into_th
 
 # refused data sets: (kind, how to build it under a folder, error word); each through `retrain run`
 
+
 def _zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]], compression=zipfile.ZIP_STORED) -> Callable[[Path], Path]:
     def build(tmp: Path) -> Path:
         out = tmp / "data.zip"
@@ -367,6 +436,7 @@ def _zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]], compression=zipfile
             for name, data in entries:
                 archive.writestr(name, data)
         return out
+
     return build
 
 
@@ -385,7 +455,7 @@ def _encrypted_zip(tmp: Path) -> Path:
         info = archive.getinfo("shapes/circle/locked.jpg")
         central = data.index(b"PK\x01\x02", archive.start_dir)
     for _ in range(2):  # the second central directory record is the locked entry's
-        if data[central + 46:central + 46 + len(info.filename)] == info.filename.encode():
+        if data[central + 46 : central + 46 + len(info.filename)] == info.filename.encode():
             break
         central = data.index(b"PK\x01\x02", central + 4)
     data[info.header_offset + 6] |= 0x1
@@ -397,11 +467,16 @@ def _encrypted_zip(tmp: Path) -> Path:
 def _damaged_zip(tmp: Path) -> Path:
     """Good entries first (they get written), then one whose bytes no longer match its CRC."""
     last = good_jpeg(53)
-    out = _zip([("shapes/circle/a.jpg", good_jpeg(54)), ("shapes/square/b.jpg", good_jpeg(55)),
-                ("shapes/triangle/c.jpg", last)])(tmp)
+    out = _zip(
+        [
+            ("shapes/circle/a.jpg", good_jpeg(54)),
+            ("shapes/square/b.jpg", good_jpeg(55)),
+            ("shapes/triangle/c.jpg", last),
+        ]
+    )(tmp)
     data = bytearray(out.read_bytes())
     at = data.rfind(last[100:140])
-    data[at:at + 8] = b"\x00" * 8
+    data[at : at + 8] = b"\x00" * 8
     out.write_bytes(bytes(data))
     return out
 
@@ -417,6 +492,7 @@ def _folder(build: Callable[[Path], None]) -> Callable[[Path], Path]:
         make_shapes_dataset(str(root), per_class=4, size=32, seed=9)
         build(root)
         return root
+
     return make
 
 
@@ -440,8 +516,12 @@ def _truncated_zip(tmp: Path) -> Path:
 # (kind, how to build it, error word, stage that refuses it: "unzip" refusals write nothing at
 # all; later ones leave only their own failed run's record and the zip's extraction)
 REFUSED_DATA = [
-    ("zip entry with ..", _zip([("shapes/circle/a.jpg", b"x"), ("shapes/../../evil.jpg", b"x")]), "outside the target",
-     "unzip"),
+    (
+        "zip entry with ..",
+        _zip([("shapes/circle/a.jpg", b"x"), ("shapes/../../evil.jpg", b"x")]),
+        "outside the target",
+        "unzip",
+    ),
     ("zip entry with an absolute path", _zip([("/tmp/evil.jpg", b"x")]), "outside the target", "unzip"),
     ("zip entry with a Windows path", _zip([("..\\..\\evil.jpg", b"x")]), "outside the target", "unzip"),
     ("zip entry with a drive letter", _zip([("C:/evil.jpg", b"x")]), "outside the target", "unzip"),
@@ -451,10 +531,18 @@ REFUSED_DATA = [
     ("damaged zip entry (bad CRC)", _damaged_zip, "damaged", "unzip"),
     ("encrypted zip entry", _encrypted_zip, "encrypted", "unzip"),
     ("truncated zip", _truncated_zip, "not a valid zip", "unzip"),
-    ("text file named .zip", lambda tmp: (tmp / "data.zip").write_text("not a zip") and tmp / "data.zip",
-     "not a valid zip", "unzip"),
-    ("zip with no class folders", _zip([("a.jpg", good_jpeg(63)), ("b.jpg", good_jpeg(64))]), "no class folders",
-     "index"),
+    (
+        "text file named .zip",
+        lambda tmp: (tmp / "data.zip").write_text("not a zip") and tmp / "data.zip",
+        "not a valid zip",
+        "unzip",
+    ),
+    (
+        "zip with no class folders",
+        _zip([("a.jpg", good_jpeg(63)), ("b.jpg", good_jpeg(64))]),
+        "no class folders",
+        "index",
+    ),
     ("empty class folder", _folder(lambda root: (root / "hexagon").mkdir()), "no images: hexagon", "index"),
     ("class of only unusable files", _folder(_broken_class), "no usable images: broken", "index"),
     ("one-image class", _folder(_one_image_class), "'lonely' has 1 image", "split"),
@@ -463,7 +551,8 @@ REFUSED_DATA = [
 
 @pytest.mark.parametrize("kind,build,match,stage", REFUSED_DATA, ids=[k[0] for k in REFUSED_DATA])
 def test_refused_training_data_gives_a_clear_error_and_leaves_the_store_alone(
-        prefect_api, tmp_path, store, monkeypatch, kind, build, match, stage):
+    prefect_api, tmp_path, store, monkeypatch, kind, build, match, stage
+):
     monkeypatch.setattr(datastore, "ARCHIVE_RATIO_FLOOR", 64 * 2**20)  # the spread bomb, kept small
     (tmp_path / "in").mkdir()
     data = build(tmp_path / "in")
@@ -482,18 +571,21 @@ def test_refused_training_data_gives_a_clear_error_and_leaves_the_store_alone(
 
 # ---- scoring folders --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dask_client():
     """An in-process Dask cluster (one worker thread): the real job, without process start-up."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
 def test_scoring_folder_with_every_kind_gives_one_row_per_image(tmp_path, store, dask_client):
-    from tasks import scoring
+    from retrain.tasks import scoring
 
     folder = tmp_path / "incoming"
     make_shapes_dataset(str(folder / "batch 1"), per_class=2, size=40, seed=21)
@@ -513,8 +605,14 @@ def test_scoring_folder_with_every_kind_gives_one_row_per_image(tmp_path, store,
 
     before = snapshot(store)
     out = str(store / "scores" / "incoming")
-    summary = scoring.score_images(str(store / "runs" / "r0" / "model.pt"), str(folder), out,
-                                   client=dask_client, partition_size=8, mini_batch_size=4)
+    summary = scoring.score_images(
+        str(store / "runs" / "r0" / "model.pt"),
+        str(folder),
+        out,
+        client=dask_client,
+        partition_size=8,
+        mini_batch_size=4,
+    )
     assert_untouched(before, store, allowed=("scores/incoming/",))
     frame = pd.read_parquet(scoring.scores_url(out))
     assert len(frame) == len(expected) and frame["path"].is_unique  # no row lost, none twice
@@ -532,6 +630,7 @@ def test_scoring_folder_with_every_kind_gives_one_row_per_image(tmp_path, store,
 
 # ---- single images: `retrain classify` ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", IMAGE_KINDS, ids=lambda k: k.name)
 def test_classify_each_kind_answers_or_refuses_clearly(tmp_path, store, kind):
     image = tmp_path / kind.file
@@ -548,11 +647,14 @@ def test_classify_each_kind_answers_or_refuses_clearly(tmp_path, store, kind):
     assert_untouched(before, store)
 
 
-@pytest.mark.parametrize("what,make,match", [
-    ("a folder", lambda tmp: (tmp / "pictures").mkdir() or tmp / "pictures", "is a folder"),
-    ("a missing file", lambda tmp: tmp / "gone.jpg", "not found"),
-    ("a file it may not read", lambda tmp: _unreadable(tmp), "Permission|cannot"),
-])
+@pytest.mark.parametrize(
+    "what,make,match",
+    [
+        ("a folder", lambda tmp: (tmp / "pictures").mkdir() or tmp / "pictures", "is a folder"),
+        ("a missing file", lambda tmp: tmp / "gone.jpg", "not found"),
+        ("a file it may not read", lambda tmp: _unreadable(tmp), "Permission|cannot"),
+    ],
+)
 def test_classify_of_what_is_not_an_image_file_refuses_clearly(tmp_path, store, what, make, match):
     target = make(tmp_path)
     if what.startswith("a file it may not") and os.access(target, os.R_OK):
@@ -572,6 +674,7 @@ def _unreadable(tmp: Path) -> Path:
 
 # ---- models and checkpoints ---------------------------------------------------------------------------
 
+
 class Payload:
     """Unpickling this would create the marker file: loading must never do it."""
 
@@ -588,21 +691,31 @@ def malicious_bytes(marker: Path, wrapper: str) -> bytes:
     if wrapper == "pickle":
         return pickle.dumps(payload)
     buffer = io.BytesIO()
-    torch.save({"format": MODEL_FORMAT, "network": "squeezenet-caffe", "classes": CLASSES,
-                "iteration": 99, "state_dict": {}, "payload": payload}, buffer)
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "network": "squeezenet-caffe",
+            "classes": CLASSES,
+            "iteration": 99,
+            "state_dict": {},
+            "payload": payload,
+        },
+        buffer,
+    )
     return buffer.getvalue()
 
 
 def test_malicious_model_is_refused_by_classify_evaluate_and_scoring(tmp_path, store, shapes_dir):
-    from tasks import scoring
+    from retrain.tasks import scoring
 
     marker = tmp_path / "pwned"
     for wrapper in ("torch", "pickle"):
         evil = tmp_path / f"evil-{wrapper}.pt"
         evil.write_bytes(malicious_bytes(marker, wrapper))
         before = snapshot(store)
-        status, result, stderr = run_cli(["classify", str(evil), shapes_dir + "/circle/circle_000.jpg",
-                                          "--store", str(store)])
+        status, result, stderr = run_cli(
+            ["classify", str(evil), shapes_dir + "/circle/circle_000.jpg", "--store", str(store)]
+        )
         assert_clear_refusal(status, result, stderr, "refused|not a readable model", "classify")
         status, result, stderr = run_cli(["evaluate", str(evil), shapes_dir, "--store", str(store)])
         assert_clear_refusal(status, result, stderr, "refused|not a readable model", "evaluate")
@@ -647,25 +760,75 @@ def _save(tmp: Path, name: str, record: dict) -> str:
     return save_model_file(str(tmp / name), record)
 
 
-@pytest.mark.parametrize("kind,make,match", [
-    ("truncated model file", lambda tmp, m: (tmp / "t.pt").write_bytes(Path(m).read_bytes()[:5000]) and str(tmp / "t.pt"),
-     "truncated or corrupt"),
-    ("random bytes", lambda tmp, m: (tmp / "r.pt").write_bytes(os.urandom(4096)) and str(tmp / "r.pt"),
-     "refused|truncated or corrupt|not a readable"),  # torch reads them as a pickle: refused either way
-    ("a plain state dict, not a model file", lambda tmp, m: _plain_state_dict(tmp), "not a retrain model"),
-    ("classes edited (3 outputs, 4 names)", lambda tmp, m: _save(tmp, "c.pt", dict(_record(m), classes=CLASSES + ["hexagon"])),
-     "do not fit"),
-    ("weights of another shape", lambda tmp, m: _save(tmp, "w.pt", dict(_record(m), state_dict={
-        k: (v[:1] if k.endswith("classifier.1.bias") else v) for k, v in _record(m)["state_dict"].items()})),
-     "do not fit"),
-    ("unknown network", lambda tmp, m: _save(tmp, "n.pt", dict(_record(m), network="alexnet9000")), "unknown network"),
-    ("input size the network cannot take", lambda tmp, m: _save(tmp, "s.pt", dict(
-        _record(m), input_size=[16, 16], preprocessing=dict(_record(m)["preprocessing"], input_size=[16, 16]))),
-     "cannot score an image at its declared input size 16x16"),
-    ("weights that are not numbers (NaN)", lambda tmp, m: _save(tmp, "nan.pt", dict(_record(m), state_dict={
-        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in _record(m)["state_dict"].items()})),
-     "not finite"),
-])
+@pytest.mark.parametrize(
+    "kind,make,match",
+    [
+        (
+            "truncated model file",
+            lambda tmp, m: (tmp / "t.pt").write_bytes(Path(m).read_bytes()[:5000]) and str(tmp / "t.pt"),
+            "truncated or corrupt",
+        ),
+        (
+            "random bytes",
+            lambda tmp, m: (tmp / "r.pt").write_bytes(os.urandom(4096)) and str(tmp / "r.pt"),
+            "refused|truncated or corrupt|not a readable",
+        ),  # torch reads them as a pickle: refused either way
+        ("a plain state dict, not a model file", lambda tmp, m: _plain_state_dict(tmp), "not a retrain model"),
+        (
+            "classes edited (3 outputs, 4 names)",
+            lambda tmp, m: _save(tmp, "c.pt", dict(_record(m), classes=CLASSES + ["hexagon"])),
+            "do not fit",
+        ),
+        (
+            "weights of another shape",
+            lambda tmp, m: _save(
+                tmp,
+                "w.pt",
+                dict(
+                    _record(m),
+                    state_dict={
+                        k: (v[:1] if k.endswith("classifier.1.bias") else v)
+                        for k, v in _record(m)["state_dict"].items()
+                    },
+                ),
+            ),
+            "do not fit",
+        ),
+        (
+            "unknown network",
+            lambda tmp, m: _save(tmp, "n.pt", dict(_record(m), network="alexnet9000")),
+            "unknown network",
+        ),
+        (
+            "input size the network cannot take",
+            lambda tmp, m: _save(
+                tmp,
+                "s.pt",
+                dict(
+                    _record(m),
+                    input_size=[16, 16],
+                    preprocessing=dict(_record(m)["preprocessing"], input_size=[16, 16]),
+                ),
+            ),
+            "cannot score an image at its declared input size 16x16",
+        ),
+        (
+            "weights that are not numbers (NaN)",
+            lambda tmp, m: _save(
+                tmp,
+                "nan.pt",
+                dict(
+                    _record(m),
+                    state_dict={
+                        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                        for k, v in _record(m)["state_dict"].items()
+                    },
+                ),
+            ),
+            "not finite",
+        ),
+    ],
+)
 def test_bad_model_files_give_a_clear_error_in_classify(tmp_path, store, model_file, shapes_dir, kind, make, match):
     bad = make(tmp_path, model_file)
     before = snapshot(store)
@@ -683,7 +846,7 @@ def _plain_state_dict(tmp: Path) -> str:
 def test_bad_model_for_scoring_is_refused_before_anything_is_written(tmp_path, store, model_file, dask_client):
     """Scoring's own checks of classes and input size are in test_scoring.py; here: unsafe and
     damaged files are refused too, and the store keeps no scores of them."""
-    from tasks import scoring
+    from retrain.tasks import scoring
 
     folder = tmp_path / "incoming"
     make_shapes_dataset(str(folder), per_class=1, size=32, seed=3)
@@ -699,16 +862,3 @@ def test_bad_model_for_scoring_is_refused_before_anything_is_written(tmp_path, s
             scoring.score_images(str(bad), str(folder), str(out), client=dask_client)
         assert assert_untouched(before, store, allowed=()) == []  # not even an empty output folder
         assert not marker.exists()
-
-
-# ---- the count the issue asks for -------------------------------------------------------------------
-
-def test_bad_input_inventory():
-    """Kinds tried in this module (the closing note of issue 6 reports these)."""
-    structure = ["hidden files and folders", "__MACOSX and Thumbs.db", "nested folders", "non-image file",
-                 "file outside the class folders", "duplicate across classes", "duplicate within a class",
-                 "symlink out of a folder data set", "folder named like an image (scoring)"]
-    kinds = [k.name for k in IMAGE_KINDS] + [k[0] for k in REFUSED_DATA] + structure
-    assert len(set(kinds)) == len(kinds) >= 40
-    print(f"\nbad-input kinds tried: {len(kinds)} ({len(IMAGE_KINDS)} image kinds x training, scoring and "
-          f"classify; {len(REFUSED_DATA)} refused data sets; {len(structure)} folder-structure kinds)")

@@ -5,11 +5,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tasks import storage
-from tasks.datastore import (DataSetError, find_class_root, index_images, index_stage,
-                             materialize, parse_fractions, split_each_label, unzip_dataset)
-from tasks.samples import draw_shape
+from retrain.tasks import storage
+from retrain.tasks.datastore import (
+    DataSetError,
+    find_class_root,
+    index_images,
+    index_stage,
+    materialize,
+    parse_fractions,
+    split_each_label,
+    unzip_dataset,
+)
+from retrain.tasks.samples import draw_shape
 
 
 def zip_folder(folder: Path, out: Path, top: str = "") -> Path:

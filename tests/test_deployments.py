@@ -22,15 +22,16 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from retrain.tasks import promotion, storage
+from retrain.tasks.networks import build_network, get_spec, model_record, save_model_file
 
 from tests.conftest import CAFFE_WEIGHTS, MERCH_ZIP, need
-from tasks import promotion, storage
-from tasks.networks import build_network, get_spec, model_record, save_model_file
 
 CLASSES = ["circle", "square", "triangle"]
 
 
 # ---- hand-made runs: a model that always answers one class ------------------------------------
+
 
 def constant_model(url: str, answer: str, classes: list[str] = CLASSES) -> str:
     """A SqueezeNet whose head ignores the image and always scores ``answer`` highest."""
@@ -49,8 +50,7 @@ def make_run(store: str, run_id: str, shapes_dir: str, answer: str, classes: lis
     rows = []
     for label, n_test in zip(CLASSES, (2, 1, 1)):
         files = sorted(storage.list_files(storage.join(shapes_dir, label)))
-        rows += [{"path": f, "label": label, "split": "test" if i < n_test else "train"}
-                 for i, f in enumerate(files)]
+        rows += [{"path": f, "label": label, "split": "test" if i < n_test else "train"} for i, f in enumerate(files)]
     storage.write_parquet(storage.join(run_url, "split.parquet"), pd.DataFrame(rows))
     constant_model(storage.join(run_url, "model.pt"), answer, classes)
     storage.write_json(storage.join(run_url, "run.json"), {"run_id": run_id, "status": "completed"})
@@ -113,14 +113,15 @@ def test_gate_promotes_first_and_better_runs_keeps_worse_ones_and_rolls_back(tmp
 
 def test_gate_promotes_when_the_classes_changed(tmp_path, shapes_dir):
     store = str(tmp_path / "store")
-    promotion.promote_run(store, "shapes", make_run(store, "a", shapes_dir, "circle",
-                                                    classes=["circle", "square", "triangle", "star"]))
+    promotion.promote_run(
+        store, "shapes", make_run(store, "a", shapes_dir, "circle", classes=["circle", "square", "triangle", "star"])
+    )
     decision = promotion.promote_run(store, "shapes", make_run(store, "b", shapes_dir, "square"))
     assert decision.promoted and "classes changed" in decision.reason and decision.current_score is None
 
 
 def test_models_and_rollback_commands(tmp_path, shapes_dir, capsys):
-    from flows.cli import main
+    from retrain.flows.cli import main
 
     store = str(tmp_path / "store")
     for run_id, answer in (("r1", "circle"), ("r2", "triangle"), ("r3", "circle")):
@@ -142,9 +143,8 @@ def test_models_and_rollback_commands(tmp_path, shapes_dir, capsys):
 
 
 def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
-    from flows import deploy
-
     import yaml
+    from retrain.flows import deploy
 
     used = set(deploy._PLACEHOLDER.findall(json.dumps(yaml.safe_load(deploy.PREFECT_FILE.read_text()))))
     assert used <= set(deploy.placeholder_defaults()), used - set(deploy.placeholder_defaults())
@@ -160,12 +160,12 @@ def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
     assert found["gpu"]["work_pool"] == "k8s-gpu" and found["scheduled"]["work_pool"] == "cpu"
     assert "{{" not in json.dumps(list(found.values()))
     # the parameters each deployment sets are parameters of its flow
-    from flows.retrain import retrain_flow
-    from flows.train import train_flow
+    from retrain.flows.retrain import retrain_flow
+    from retrain.flows.train import train_flow
 
     flows = {"scheduled": retrain_flow, "gpu": train_flow}
     if found["batch"]["available"]:
-        from flows.score import score_flow
+        from retrain.flows.score import score_flow
 
         flows["batch"] = score_flow
     for name, fn in flows.items():
@@ -175,8 +175,7 @@ def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
 
 def test_deploy_refuses_without_a_server_or_with_an_unknown_deployment(capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.cli import main
+    from retrain.flows.cli import main
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["deploy"]) == 2
@@ -188,8 +187,7 @@ def test_deploy_refuses_without_a_server_or_with_an_unknown_deployment(capsys):
 
 def test_training_deployment_that_fails_fails_the_retrain_run_clearly(monkeypatch):
     import prefect.deployments
-
-    import flows.retrain as retrain
+    import retrain.flows.retrain as retrain
 
     calls = []
 
@@ -200,22 +198,27 @@ def test_training_deployment_that_fails_fails_the_retrain_run_clearly(monkeypatc
 
     monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
     monkeypatch.setattr(retrain, "get_run_logger", lambda: logging.getLogger("test"))
-    with pytest.raises(RuntimeError, match=r"training deployment 'train/gpu': flow run tiny-otter \(42\) "
-                                           r"ended Crashed: worker lost"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"training deployment 'train/gpu': flow run tiny-otter \(42\) "
+        r"ended Crashed: worker lost",
+    ):
         retrain.train_on_deployment("train/gpu", "s3://bucket/store/runs/r1")
     assert calls == [("train/gpu", {"run_url": "s3://bucket/store/runs/r1"})]
 
 
 # ---- integration: a real server, `retrain deploy`, process workers --------------------------------
 
-@pytest.mark.integration
-def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
-    from tests._services import postgres, prefect_server, start_worker, stop
 
+@pytest.mark.integration
+@pytest.mark.services
+def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests._services import postgres, prefect_server, start_worker, stop
 
     zip_path, weights = str(need(MERCH_ZIP)), str(need(CAFFE_WEIGHTS))
     store = str(tmp_path / "store")
@@ -227,9 +230,29 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
         env = server["env"]
         t = time.perf_counter()
         deploying = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "deploy", "--data", zip_path, "--store", store,
-             "--network", "squeezenet-caffe", "--weights", weights, "--cron", "0 3 1 1 *", "--json"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "retrain.flows.cli",
+                "deploy",
+                "--data",
+                zip_path,
+                "--store",
+                store,
+                "--network",
+                "squeezenet-caffe",
+                "--weights",
+                weights,
+                "--cron",
+                "0 3 1 1 *",
+                "--json",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         workers = []
         try:
             with temporary_settings({PREFECT_API_URL: server["api_url"]}):
@@ -250,7 +273,7 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
                 assert scheduled.schedules[0].schedule.cron == "0 3 1 1 *" and scheduled.schedules[0].active
                 assert scheduled.work_pool_name == "cpu" and scheduled.parameters["train_deployment"] == "train/gpu"
                 # the server accepts the Kubernetes GPU pool's base job template as well
-                from flows.deploy import ensure_work_pool
+                from retrain.flows.deploy import ensure_work_pool
 
                 assert ensure_work_pool("gpu-k8s", "kubernetes", str(INFRA / "k8s" / "gpu-work-pool.json"))
                 with get_client(sync_client=True) as client:
@@ -260,13 +283,18 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
 
                 # 1. the scheduled deployment, run now; its train step runs on the GPU pool
                 t = time.perf_counter()
-                good = run_deployment("retrain/scheduled", parameters={"options": {"max_epochs": 3, "seed": 0}},
-                                      timeout=420, poll_interval=2)
+                good = run_deployment(
+                    "retrain/scheduled",
+                    parameters={"options": {"max_epochs": 3, "seed": 0}},
+                    timeout=420,
+                    poll_interval=2,
+                )
                 timings["good run (train on gpu pool)"] = time.perf_counter() - t
                 assert good.state.is_completed(), _logs(tmp_path, good)
                 with get_client(sync_client=True) as client:
-                    children = client.read_flow_runs(deployment_filter=DeploymentFilter(
-                        name=DeploymentFilterName(any_=["gpu"])))
+                    children = client.read_flow_runs(
+                        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"]))
+                    )
                 assert len(children) == 1 and children[0].state.is_completed()
                 assert children[0].work_pool_name == "gpu" and children[0].parent_task_run_id is not None
 
@@ -278,9 +306,17 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
 
                 # 2. a worse run (from scratch, one epoch, trained in process) is not promoted
                 t = time.perf_counter()
-                worse = run_deployment("retrain/scheduled", parameters={
-                    "mode": "scratch", "weights": "none", "train_deployment": "",
-                    "options": {"max_epochs": 1, "seed": 0}}, timeout=420, poll_interval=2)
+                worse = run_deployment(
+                    "retrain/scheduled",
+                    parameters={
+                        "mode": "scratch",
+                        "weights": "none",
+                        "train_deployment": "",
+                        "options": {"max_epochs": 1, "seed": 0},
+                    },
+                    timeout=420,
+                    poll_interval=2,
+                )
                 timings["worse run (train in process)"] = time.perf_counter() - t
                 assert worse.state.is_completed(), _logs(tmp_path, worse)
         finally:
@@ -298,9 +334,17 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
     assert second["images"] == first["images"] > 0
     assert promotion.read_current(store, "MerchData")["run_id"] == run1
     assert [h["promoted"] for h in promotion.history(store, "MerchData")] == [True, False]
-    print("\n" + json.dumps({"timings_s": {k: round(v, 1) for k, v in timings.items()},
-                             "good": first["candidate_score"], "worse": second["candidate_score"],
-                             "held_out_images": first["images"]}))
+    print(
+        "\n"
+        + json.dumps(
+            {
+                "timings_s": {k: round(v, 1) for k, v in timings.items()},
+                "good": first["candidate_score"],
+                "worse": second["candidate_score"],
+                "held_out_images": first["images"],
+            }
+        )
+    )
 
 
 def _wait_for_pools(names: list[str], deploying: subprocess.Popen, timeout: float = 180) -> None:
@@ -312,21 +356,25 @@ def _wait_for_pools(names: list[str], deploying: subprocess.Popen, timeout: floa
             if set(names) <= {p.name for p in client.read_work_pools()}:
                 return
             if deploying.poll() is not None:
-                raise AssertionError("retrain deploy ended before creating the work pools:\n"
-                                     + deploying.stdout.read() + deploying.stderr.read())
+                raise AssertionError(
+                    "retrain deploy ended before creating the work pools:\n"
+                    + deploying.stdout.read()
+                    + deploying.stderr.read()
+                )
             time.sleep(0.5)
     raise TimeoutError(f"work pools {names} were not created within {timeout} s")
 
 
 def _runs(store: str) -> list[dict]:
-    from tasks.runs import list_runs
+    from retrain.tasks.runs import list_runs
 
     return list_runs(store)
 
 
 def _logs(tmp_path: Path, flow_run) -> str:
     return f"flow run {flow_run.name} ended {flow_run.state}\n" + "\n".join(
-        p.read_text()[-4000:] for p in sorted(tmp_path.glob("worker-*.log")))
+        p.read_text()[-4000:] for p in sorted(tmp_path.glob("worker-*.log"))
+    )
 
 
 # ---- infra/: the compose file, the image, the Kubernetes manifests --------------------------------
@@ -338,13 +386,21 @@ def test_compose_file_has_every_service_and_validates():
     import shutil
 
     import yaml
-
-    from flows.deploy import placeholder_defaults
+    from retrain.flows.deploy import placeholder_defaults
 
     compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"postgres", "prefect-server", "minio", "minio-setup", "dask-scheduler", "dask-worker",
-            "worker-cpu", "worker-gpu", "deploy"} <= set(services)
+    assert {
+        "postgres",
+        "prefect-server",
+        "minio",
+        "minio-setup",
+        "dask-scheduler",
+        "dask-worker",
+        "worker-cpu",
+        "worker-gpu",
+        "deploy",
+    } <= set(services)
     assert "postgresql+asyncpg://" in services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     gpu = services["worker-gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
@@ -364,15 +420,32 @@ def test_compose_file_has_every_service_and_validates():
     elif shutil.which("docker-compose"):
         # Compose v1 (Debian's docker-compose) predates the top-level `name:` key
         command, path = ["docker-compose"], INFRA / ".compose-v1-check.yaml"
-        path.write_text("".join(line for line in (INFRA / "compose.yaml").read_text().splitlines(True)
-                                if not line.startswith("name:")))
+        path.write_text(
+            "".join(
+                line for line in (INFRA / "compose.yaml").read_text().splitlines(True) if not line.startswith("name:")
+            )
+        )
     else:
         pytest.skip("no docker compose / docker-compose to validate the file with")
     try:
         for profile in ([], ["--profile", "gpu"]):
-            checked = subprocess.run([*command, "--project-directory", str(INFRA), "-f", str(path), *profile,
-                                      "--env-file", str(INFRA / ".env.example"), "config", "-q"],
-                                     capture_output=True, text=True, timeout=60)
+            checked = subprocess.run(
+                [
+                    *command,
+                    "--project-directory",
+                    str(INFRA),
+                    "-f",
+                    str(path),
+                    *profile,
+                    "--env-file",
+                    str(INFRA / ".env.example"),
+                    "config",
+                    "-q",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert checked.returncode == 0, checked.stdout + checked.stderr
     finally:
         if path.name.startswith(".compose-v1"):
@@ -382,8 +455,7 @@ def test_compose_file_has_every_service_and_validates():
 def test_dockerfile_copies_what_exists():
     dockerfile = (INFRA / "Dockerfile").read_text()
     root = INFRA.parent
-    copied = [part for line in dockerfile.splitlines() if line.startswith("COPY ")
-              for part in line.split()[1:-1]]
+    copied = [part for line in dockerfile.splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]]
     assert {"pyproject.toml", "flows", "tasks", "deployments"} <= set(copied)
     missing = [p for p in copied if not (root / p).exists()]
     if missing == ["README.md"]:

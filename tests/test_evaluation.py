@@ -1,10 +1,8 @@
 import pytest
 import torch
-
-from tasks.datastore import index_images
-from tasks.evaluation import (classify_image, evaluate_model, evaluate_predictions,
-                              predictions_table)
-from tasks.networks import load_model_file
+from retrain.tasks.datastore import index_images
+from retrain.tasks.evaluation import classify_image, evaluate_model, evaluate_predictions, predictions_table
+from retrain.tasks.networks import load_model_file
 
 
 def test_metrics_from_known_predictions():

@@ -9,12 +9,11 @@ import os
 import pandas as pd
 import pytest
 import torch
-
-from tasks.datastore import index_images
-from tasks.evaluation import predict_scores
-from tasks.networks import build_network, configure_trainable, get_spec, head_parameters, split_at_head
-from tasks.preprocessing import Augmentation, load_images
-from tasks.training import FEATURE_BATCH, TrainingData, TrainingOptions, _dropout_to_float, train
+from retrain.tasks.datastore import index_images
+from retrain.tasks.evaluation import predict_scores
+from retrain.tasks.networks import build_network, configure_trainable, get_spec, head_parameters, split_at_head
+from retrain.tasks.preprocessing import Augmentation, load_images
+from retrain.tasks.training import FEATURE_BATCH, TrainingData, TrainingOptions, _dropout_to_float, train
 
 SIZE = (64, 64)
 SPEC = get_spec("squeezenet-caffe")
@@ -42,8 +41,9 @@ def run(data: TrainingData, weights: str = "none", **options) -> tuple[torch.nn.
     extra = {k: options.pop(k) for k in ("checkpoints", "on_validation", "feature_folder") if k in options}
     model = make_model(weights)
     defaults = dict(max_epochs=3, mini_batch_size=4, validation_frequency=2)
-    outcome = train(model, SPEC, SPEC.preprocessing, data, "transfer",
-                    TrainingOptions(**{**defaults, **options}), AUGMENT, **extra)
+    outcome = train(
+        model, SPEC, SPEC.preprocessing, data, "transfer", TrainingOptions(**{**defaults, **options}), AUGMENT, **extra
+    )
     return model, outcome
 
 
@@ -103,9 +103,15 @@ def test_features_are_computed_once_not_every_epoch(shapes_data):
         model = make_model()
         seen = [0]
         model.features.register_forward_hook(lambda m, i, o: seen.__setitem__(0, seen[0] + len(i[0])))
-        train(model, SPEC, SPEC.preprocessing, shapes_data, "transfer",
-              TrainingOptions(max_epochs=epochs, mini_batch_size=4, validation_frequency=1,
-                              feature_cache_views=2), AUGMENT)
+        train(
+            model,
+            SPEC,
+            SPEC.preprocessing,
+            shapes_data,
+            "transfer",
+            TrainingOptions(max_epochs=epochs, mini_batch_size=4, validation_frequency=1, feature_cache_views=2),
+            AUGMENT,
+        )
         counted.append(seen[0])
     n, m = len(shapes_data.train_targets), len(shapes_data.val_targets)
     padded = lambda k: -(-k // FEATURE_BATCH["cpu"]) * FEATURE_BATCH["cpu"]  # noqa: E731 (fixed batch shape)
@@ -120,18 +126,29 @@ def interrupt_at(iteration: int):
     def on_validation(history: pd.DataFrame) -> None:
         if history["iteration"].iloc[-1] >= iteration:
             raise Interrupted  # before that iteration's checkpoint is written
+
     return on_validation
 
 
 @pytest.mark.parametrize("memory_mb", [4096, 0], ids=["in-memory", "on-disk"])
 def test_resume_gives_the_uninterrupted_result(shapes_data, tmp_path, memory_mb):
-    options = dict(max_epochs=4, validation_frequency=3, checkpoint_frequency=2,
-                   checkpoint_frequency_unit="iteration", feature_cache_memory_mb=memory_mb)
+    options = dict(
+        max_epochs=4,
+        validation_frequency=3,
+        checkpoint_frequency=2,
+        checkpoint_frequency_unit="iteration",
+        feature_cache_memory_mb=memory_mb,
+    )
     _, whole = run(shapes_data, checkpoints=str(tmp_path / "a"), feature_folder=str(tmp_path / "fa"), **options)
     features = tmp_path / "fb"
     with pytest.raises(Interrupted):
-        run(shapes_data, checkpoints=str(tmp_path / "b"), on_validation=interrupt_at(6),
-            feature_folder=str(features), **options)
+        run(
+            shapes_data,
+            checkpoints=str(tmp_path / "b"),
+            on_validation=interrupt_at(6),
+            feature_folder=str(features),
+            **options,
+        )
     assert features.exists() == (memory_mb == 0)  # a cache on disk stays for the resumed run
     _, resumed = run(shapes_data, checkpoints=str(tmp_path / "b"), feature_folder=str(features), **options)
     assert resumed.resumed_from == 4
@@ -156,8 +173,14 @@ def test_disk_cache_trains_like_memory_cache(shapes_data, tmp_path):
 
 
 def test_cache_honours_validation_frequency_early_stopping_and_best_model(shapes_data, tmp_path):
-    _, outcome = run(shapes_data, max_epochs=30, validation_frequency=1, validation_patience=2,
-                     initial_learn_rate=0.05, checkpoints=str(tmp_path))
+    _, outcome = run(
+        shapes_data,
+        max_epochs=30,
+        validation_frequency=1,
+        validation_patience=2,
+        initial_learn_rate=0.05,
+        checkpoints=str(tmp_path),
+    )
     total = 30 * (len(shapes_data.train_targets) // 4)
     assert outcome.stopped_early and outcome.iterations < total
     validated = outcome.history.dropna(subset=["val_loss"])
@@ -166,15 +189,22 @@ def test_cache_honours_validation_frequency_early_stopping_and_best_model(shapes
     bad = validated[validated["iteration"] > outcome.best_iteration]
     assert len(bad) == 2  # patience
     # A rerun of a run that stopped early does not train on, nor compute features again.
-    _, again = run(shapes_data, max_epochs=30, validation_frequency=1, validation_patience=2,
-                   initial_learn_rate=0.05, checkpoints=str(tmp_path))
+    _, again = run(
+        shapes_data,
+        max_epochs=30,
+        validation_frequency=1,
+        validation_patience=2,
+        initial_learn_rate=0.05,
+        checkpoints=str(tmp_path),
+    )
     assert again.resumed_from == outcome.iterations and again.feature_cache is None
     assert same_state(again.state_dict, outcome.state_dict)
 
 
 def test_last_iteration_output_and_no_validation_data(shapes_data):
-    data = TrainingData(shapes_data.train_images, shapes_data.train_targets,
-                        shapes_data.val_images[:0], shapes_data.val_targets[:0])
+    data = TrainingData(
+        shapes_data.train_images, shapes_data.train_targets, shapes_data.val_images[:0], shapes_data.val_targets[:0]
+    )
     model, outcome = run(data, output_network="last-iteration")
     assert outcome.final_val_loss is None and outcome.feature_cache["val_images"] == 0
     assert same_state(outcome.state_dict, {k: v.cpu() for k, v in model.state_dict().items()})
@@ -182,8 +212,15 @@ def test_last_iteration_output_and_no_validation_data(shapes_data):
 
 def test_finetune_and_classic_loop_do_not_use_the_cache(shapes_data):
     model = make_model()
-    outcome = train(model, SPEC, SPEC.preprocessing, shapes_data, "finetune",
-                    TrainingOptions(max_epochs=1, mini_batch_size=6), AUGMENT)
+    outcome = train(
+        model,
+        SPEC,
+        SPEC.preprocessing,
+        shapes_data,
+        "finetune",
+        TrainingOptions(max_epochs=1, mini_batch_size=6),
+        AUGMENT,
+    )
     assert outcome.feature_cache is None and outcome.iterations == 2
 
 
@@ -195,8 +232,12 @@ def test_cache_views_option():
     assert TrainingOptions(max_epochs=500).cache_views(AUGMENT) == 8
     assert TrainingOptions(max_epochs=3, feature_cache_views=5).cache_views(AUGMENT) == 5
     assert TrainingOptions(feature_cache_views=5).cache_views(Augmentation(False, 0)) == 0
-    for bad in ({"feature_cache_views": -1}, {"feature_cache_views": 1.5},
-                {"feature_cache_memory_mb": -1}, {"classic_loop": "yes"}):
+    for bad in (
+        {"feature_cache_views": -1},
+        {"feature_cache_views": 1.5},
+        {"feature_cache_memory_mb": -1},
+        {"classic_loop": "yes"},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainingOptions(**bad).validate()
 
@@ -214,10 +255,11 @@ def test_feature_dropout_keeps_and_scales_like_nn_dropout(p):
 
 
 def test_cli_has_the_new_flags():
-    from flows.cli import _collect_options, build_parser
+    from retrain.flows.cli import _collect_options, build_parser
 
-    args = build_parser().parse_args(["run", "--classic-loop", "--feature-cache-views", "3",
-                                      "--feature-cache-memory-mb", "100"])
+    args = build_parser().parse_args(
+        ["run", "--classic-loop", "--feature-cache-views", "3", "--feature-cache-memory-mb", "100"]
+    )
     options = TrainingOptions.from_dict(_collect_options(args))
     assert options.classic_loop and options.feature_cache_views == 3 and options.feature_cache_memory_mb == 100
     defaults = TrainingOptions.from_dict(_collect_options(build_parser().parse_args(["run"])))
@@ -225,14 +267,21 @@ def test_cli_has_the_new_flags():
 
 
 def test_train_run_records_the_cache_and_writes_a_full_model(shapes_dir, tmp_path):
-    from tasks.datastore import index_stage, split_stage
-    from tasks.networks import load_model_file
-    from tasks.runs import RunConfig, start_run
-    from tasks.training import train_run
+    from retrain.tasks.datastore import index_stage, split_stage
+    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.runs import RunConfig, start_run
+    from retrain.tasks.training import train_run
 
-    config = RunConfig(data=shapes_dir, dataset=shapes_dir, network=SPEC.name, weights="none", mode="transfer",
-                       split=(0.7, 0.3, 0.0), options={"max_epochs": 2, "mini_batch_size": 8},
-                       augmentation=AUGMENT.to_dict())
+    config = RunConfig(
+        data=shapes_dir,
+        dataset=shapes_dir,
+        network=SPEC.name,
+        weights="none",
+        mode="transfer",
+        split=(0.7, 0.3, 0.0),
+        options={"max_epochs": 2, "mini_batch_size": 8},
+        augmentation=AUGMENT.to_dict(),
+    )
     run_url = start_run(str(tmp_path / "store"), config)
     index_stage(shapes_dir, run_url)
     split_stage(run_url, (0.7, 0.3, 0.0), 0)
@@ -249,8 +298,15 @@ def test_other_architectures_train_on_cached_vectors(shapes_data, name, shape):
     torch.manual_seed(0)
     model, _ = build_network(name, 3, "none")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    outcome = train(model, spec, spec.preprocessing, shapes_data, "transfer",
-                    TrainingOptions(max_epochs=2, mini_batch_size=4), AUGMENT)
+    outcome = train(
+        model,
+        spec,
+        spec.preprocessing,
+        shapes_data,
+        "transfer",
+        TrainingOptions(max_epochs=2, mini_batch_size=4),
+        AUGMENT,
+    )
     assert outcome.feature_cache["feature_shape"] == shape
     changed = {k for k, v in outcome.state_dict.items() if not torch.equal(v, before[k])}
     assert changed == {f"{spec.head_layer}.weight", f"{spec.head_layer}.bias"}

@@ -26,27 +26,49 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from retrain.tasks import storage
+from retrain.tasks.networks import build_network, get_spec, model_record, read_model_record
+from retrain.tasks.samples import make_shapes_dataset
 
-from tasks import storage
-from tasks.networks import build_network, get_spec, model_record, read_model_record
-from tasks.samples import make_shapes_dataset
 from tests.conftest import CAFFE_WEIGHTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
-FAULTS = {"injected": 0}  # faults injected in this module, for the closing count
 
 
 # ---- kill -9 during training -------------------------------------------------------------------
+
 
 def training_args(data: str, store: str) -> list[str]:
     """3 classes x 12 images: 24 train (3 iterations of 8 per epoch), 6 validation, 6 test;
     fine-tuning the whole network (every iteration a real forward and backward pass), a
     checkpoint after every iteration (about 12 MB each)."""
     weights = str(CAFFE_WEIGHTS) if CAFFE_WEIGHTS.exists() else "none"
-    return ["run", data, "--store", store, "--network", "squeezenet-caffe", "--weights", weights,
-            "--mode", "finetune", "--max-epochs", "3", "--mini-batch-size", "8", "--validation-frequency", "3",
-            "--checkpoint-frequency", "1", "--checkpoint-frequency-unit", "iteration", "--seed", "0", "--json"]
+    return [
+        "run",
+        data,
+        "--store",
+        store,
+        "--network",
+        "squeezenet-caffe",
+        "--weights",
+        weights,
+        "--mode",
+        "finetune",
+        "--max-epochs",
+        "3",
+        "--mini-batch-size",
+        "8",
+        "--validation-frequency",
+        "3",
+        "--checkpoint-frequency",
+        "1",
+        "--checkpoint-frequency-unit",
+        "iteration",
+        "--seed",
+        "0",
+        "--json",
+    ]
 
 
 def api_url(prefect_api) -> str:
@@ -59,7 +81,7 @@ def api_url(prefect_api) -> str:
 
 
 def run_in_process(args: list[str]) -> dict:
-    from flows.cli import main
+    from retrain.flows.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -69,8 +91,14 @@ def run_in_process(args: list[str]) -> dict:
 
 
 def start_run_process(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=PROJECT_ROOT, env=env,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "retrain.flows.cli", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def checkpoints_of(store: Path) -> Path | None:
@@ -90,8 +118,10 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300,
         if found:
             return found
         if proc.poll() is not None:
-            pytest.fail(f"the run ended ({proc.returncode}) before the fault could be injected:\n"
-                        + log.read_text(errors="replace")[-3000:])
+            pytest.fail(
+                f"the run ended ({proc.returncode}) before the fault could be injected:\n"
+                + log.read_text(errors="replace")[-3000:]
+            )
         time.sleep(poll)
     pytest.fail("timed out waiting to inject the fault:\n" + log.read_text(errors="replace")[-3000:])
 
@@ -99,7 +129,6 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300,
 def kill_9(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    FAULTS["injected"] += 1
 
 
 def assert_every_checkpoint_loads(folder: Path) -> None:
@@ -108,12 +137,18 @@ def assert_every_checkpoint_loads(folder: Path) -> None:
         assert state["iteration"] == int(path.name[5:13]) and "model" in state and "optimizer" in state
 
 
+@pytest.mark.services
 def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_api, tmp_path):
     data = str(tmp_path / "shapes")
     make_shapes_dataset(data, per_class=12, size=64, seed=1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_API_URL=api_url(prefect_api), PREFECT_HOME=str(tmp_path / "prefect-home"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+    env.update(
+        PREFECT_API_URL=api_url(prefect_api),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",
+    )
     store = tmp_path / "store"
     args = training_args(data, str(store))
     log = tmp_path / "runs.log"
@@ -147,11 +182,18 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_ap
         t = time.perf_counter()
         proc = start_run_process(args, env, log)
         try:
-            wait_for(lambda: log.read_text(errors="replace").count("resuming from checkpoint") > resumed_before,
-                     proc, log)
+            wait_for(
+                lambda: log.read_text(errors="replace").count("resuming from checkpoint") > resumed_before, proc, log
+            )
             before = {p.name for p in folder.iterdir()}
-            tmp_name = wait_for(lambda: next((e.name for e in os.scandir(folder) if storage.TMP_MARKER in e.name
-                                              and e.name not in before), None), proc, log, poll=0.0005)
+            tmp_name = wait_for(
+                lambda: next(
+                    (e.name for e in os.scandir(folder) if storage.TMP_MARKER in e.name and e.name not in before), None
+                ),
+                proc,
+                log,
+                poll=0.0005,
+            )
             kill_9(proc)
         finally:
             if proc.poll() is None:
@@ -193,13 +235,21 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_ap
     b = pd.read_csv(Path(baseline["run"]) / "history.csv")
     assert list(a["iteration"]) == list(b["iteration"]) == list(range(1, 10))  # no step lost or repeated
     assert (a["loss"] - b["loss"]).abs().max() < 0.05, pd.DataFrame({"resumed": a["loss"], "baseline": b["loss"]})
-    print("\n" + json.dumps({"timings_s": {k: round(v, 1) for k, v in timings.items()},
-                             "resumed_from": resumes, "test_accuracy": [resumed["test_accuracy"],
-                                                                       baseline["test_accuracy"]],
-                             "max_loss_difference": float((a["loss"] - b["loss"]).abs().max())}))
+    print(
+        "\n"
+        + json.dumps(
+            {
+                "timings_s": {k: round(v, 1) for k, v in timings.items()},
+                "resumed_from": resumes,
+                "test_accuracy": [resumed["test_accuracy"], baseline["test_accuracy"]],
+                "max_loss_difference": float((a["loss"] - b["loss"]).abs().max()),
+            }
+        )
+    )
 
 
 # ---- a faulty S3 ---------------------------------------------------------------------------------
+
 
 class FaultProxy:
     """An HTTP proxy in front of moto's S3 server that answers ``503 ServiceUnavailable``
@@ -240,9 +290,10 @@ class FaultProxy:
                     failing = bool(proxy.fail(n, self.command, self.path))
                     proxy.log.append((self.command, self.path, "503" if failing else "ok"))
                 if failing:
-                    FAULTS["injected"] += 1
-                    payload = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
-                               b"<Message>injected by the test</Message></Error>")
+                    payload = (
+                        b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
+                        b"<Message>injected by the test</Message></Error>"
+                    )
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -250,8 +301,9 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
                     return
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("transfer-encoding", "content-length")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")
+                }
                 headers["Content-Length"] = str(len(body))
                 upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
@@ -282,7 +334,7 @@ class FaultProxy:
         start = len(self.log)
         self.fail = (lambda n, m, p: False) if k is None else (lambda n, m, p: n - start >= k)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self.thread.start()
         return self
 
@@ -295,10 +347,15 @@ def s3_environment(monkeypatch, endpoint: str) -> None:
     """Point s3fs at ``endpoint``; botocore tries once (AWS_MAX_ATTEMPTS=1), so every retry
     seen is retrain's own (tasks/storage.py), three attempts in all, quickly."""
     s3fs = pytest.importorskip("s3fs")
-    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_MAX_ATTEMPTS": "1", "RETRAIN_STORE_RETRIES": "3",
-                        "RETRAIN_STORE_RETRY_DELAY": "0.02"}.items():
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+        "RETRAIN_STORE_RETRIES": "3",
+        "RETRAIN_STORE_RETRY_DELAY": "0.02",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
@@ -335,7 +392,7 @@ def test_transient_s3_errors_are_retried_and_the_write_lands_whole(s3, caplog):
     proxy.fail = lambda n, m, p: n - start in (1, 2)  # the next two requests fail, then all is well
     with caplog.at_level("WARNING", logger="retrain.storage"):
         storage.write_bytes(url, payload)
-    assert [s for _, _, s in proxy.log[start:start + 3]] == ["503", "503", "ok"]
+    assert [s for _, _, s in proxy.log[start : start + 3]] == ["503", "503", "ok"]
     assert sum("attempt" in r.message for r in caplog.records) == 2  # two retries, each logged
     proxy.fail_from(None)
     assert storage.read_bytes(url) == payload
@@ -353,7 +410,7 @@ def test_transient_s3_errors_are_retried_and_the_write_lands_whole(s3, caplog):
 
 
 def test_listing_images_to_score_on_a_flaky_s3_is_retried(s3):
-    from tasks.scoring import list_images
+    from retrain.tasks.scoring import list_images
 
     proxy, bucket = s3
     urls = [f"{bucket}/photos/{folder}/{i}.jpg" for folder in ("a", "b") for i in range(3)]
@@ -365,12 +422,12 @@ def test_listing_images_to_score_on_a_flaky_s3_is_retried(s3):
     start = len(proxy.log)
     proxy.fail = lambda n, m, p: n - start in (1, 2)  # the first two requests of the listing fail
     listing = list_images(f"{bucket}/photos")
-    assert [s for _, _, s in proxy.log[start:start + 3]] == ["503", "503", "ok"]
+    assert [s for _, _, s in proxy.log[start : start + 3]] == ["503", "503", "ok"]
     assert listing.paths == sorted(urls)
 
 
 def test_s3_that_keeps_failing_gives_a_clear_error_after_retries(s3, tmp_path, capsys):
-    from flows.cli import main
+    from retrain.flows.cli import main
 
     proxy, bucket = s3
     model = f"{bucket}/models/model.pt"
@@ -392,19 +449,19 @@ def test_s3_that_keeps_failing_gives_a_clear_error_after_retries(s3, tmp_path, c
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.services
 def test_s3_endpoint_down_gives_a_clear_error(tmp_path, monkeypatch, capsys):
     """moto started, a model published to it, moto stopped: the endpoint refuses connections."""
     pytest.importorskip("s3fs")
     import s3fs
+    from retrain.flows.cli import main
 
-    from flows.cli import main
     from tests._services import moto_s3
 
     with moto_s3(tmp_path) as endpoint:
         s3_environment(monkeypatch, endpoint)
         s3fs.S3FileSystem().mkdir("down")
         storage.write_bytes("s3://down/model.pt", b"placeholder")
-    FAULTS["injected"] += 1
     s3fs.S3FileSystem.clear_instance_cache()
     started = time.monotonic()
     status = main(["classify", "s3://down/model.pt", str(tmp_path / "x.jpg"), "--json"])
@@ -438,7 +495,7 @@ def test_publish_on_a_failing_s3_never_leaves_a_half_published_model(s3, trained
     """The store starts failing at every point of publishing in turn (from the k-th request
     on): publishing fails with StorageError, and model.pt is either absent or whole; run.json
     says completed only when model.pt is there. Once the store is back, the rerun publishes."""
-    from tasks.runs import publish_run
+    from retrain.tasks.runs import publish_run
 
     proxy, bucket = s3
     record = torch.load(io.BytesIO(trained_bytes), weights_only=True)
@@ -475,7 +532,7 @@ def test_publish_on_a_failing_s3_never_leaves_a_half_published_model(s3, trained
 def test_consolidation_on_a_failing_s3_never_leaves_partial_scores(s3, tmp_path, trained_bytes):
     """Scores written to S3; the store fails from each request of the consolidation on in
     turn: scores.parquet is absent or holds exactly one row per image; a rerun completes it."""
-    from tasks import scoring
+    from retrain.tasks import scoring
 
     proxy, bucket = s3
     model = tmp_path / "model.pt"
@@ -486,8 +543,9 @@ def test_consolidation_on_a_failing_s3_never_leaves_partial_scores(s3, tmp_path,
     out = f"{bucket}/scores/job"
     plan = scoring.prepare_job(str(model), str(images), out, partition_size=4, mini_batch_size=4)
     for part in scoring.read_partitions(plan):
-        scoring.score_partition(plan.model.url, plan.model.sha256, list(part.paths),
-                                scoring.part_url(out, part.name), 4, plan.top_k)
+        scoring.score_partition(
+            plan.model.url, plan.model.sha256, list(part.paths), scoring.part_url(out, part.name), 4, plan.top_k
+        )
     start = len(proxy.log)
     scoring.consolidate(plan)
     requests = len(proxy.log) - start
@@ -506,8 +564,3 @@ def test_consolidation_on_a_failing_s3_never_leaves_partial_scores(s3, tmp_path,
     summary = scoring.consolidate(plan)
     frame = storage.read_parquet(scoring.scores_url(out))
     assert len(frame) == summary["images"] == 10 and frame["path"].is_unique and summary["failed"] == 1
-
-
-def test_fault_count():
-    """Runs last in this module: the faults it injected, for the closing note of issue 6."""
-    print(f"\nfaults injected in test_faults.py: {FAULTS['injected']}")

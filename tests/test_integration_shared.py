@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+from retrain.flows.cli import main
 
-from flows.cli import main
 from tests.conftest import HYMENOPTERA, MERCH_ZIP, need
 
 pytestmark = pytest.mark.integration
@@ -18,8 +18,24 @@ def last_json(capsys) -> dict:
 def test_merchdata_transfer_learning_with_the_caffe_squeezenet(prefect_api, caffe_weights, tmp_path, capsys):
     zip_path = need(MERCH_ZIP)
     store = str(tmp_path / "store")
-    assert main(["run", str(zip_path), "--store", store, "--network", "squeezenet-caffe",
-                 "--weights", caffe_weights, "--seed", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(zip_path),
+                "--store",
+                store,
+                "--network",
+                "squeezenet-caffe",
+                "--weights",
+                caffe_weights,
+                "--seed",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = last_json(capsys)
     assert len(result["classes"]) == 5 and all(n == 15 for n in result["counts"].values())
     assert result["test_accuracy"] >= 0.9  # MATLAB reports 1.0; one image is 10 points here
@@ -31,9 +47,26 @@ def test_merchdata_transfer_learning_with_the_caffe_squeezenet(prefect_api, caff
 def test_hymenoptera_train_then_evaluate_on_val(prefect_api, caffe_weights, tmp_path, capsys):
     root = need(HYMENOPTERA)
     store = str(tmp_path / "store")
-    assert main(["run", str(root / "train"), "--store", store, "--network", "squeezenet-caffe",
-                 "--weights", caffe_weights, "--split", "0.85,0.15,0", "--max-epochs", "3",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(root / "train"),
+                "--store",
+                store,
+                "--network",
+                "squeezenet-caffe",
+                "--weights",
+                caffe_weights,
+                "--split",
+                "0.85,0.15,0",
+                "--max-epochs",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = last_json(capsys)
     assert sum(result["counts"].values()) == 245  # the GIF and "ant photos.jpg" included
     assert main(["evaluate", result["model"], str(root / "val"), "--json"]) == 0

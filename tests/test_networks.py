@@ -5,11 +5,20 @@ import urllib.error
 
 import pytest
 import torch
-
-from tasks import networks
-from tasks.networks import (NETWORKS, ModelFileError, WeightsUnavailableError, build_network,
-                            configure_trainable, get_spec, load_model_file, model_record,
-                            parameter_groups, save_model_file, summarize)
+from retrain.tasks import networks
+from retrain.tasks.networks import (
+    NETWORKS,
+    ModelFileError,
+    WeightsUnavailableError,
+    build_network,
+    configure_trainable,
+    get_spec,
+    load_model_file,
+    model_record,
+    parameter_groups,
+    save_model_file,
+    summarize,
+)
 
 
 @pytest.mark.parametrize("name", sorted(NETWORKS))
@@ -47,8 +56,10 @@ def test_transfer_freezes_all_but_the_head_and_finetune_boosts_the_head():
     assert all(p.requires_grad for p in model.parameters())
     groups = {g["name"]: g["lr"] for g in parameter_groups(model, spec, "finetune", 1e-4, 10.0)}
     assert groups == {"body": 1e-4, "head": pytest.approx(1e-3)}
-    assert {g["name"]: g["lr"] for g in parameter_groups(model, spec, "scratch", 1e-3, 10.0)} == \
-        {"body": 1e-3, "head": 1e-3}
+    assert {g["name"]: g["lr"] for g in parameter_groups(model, spec, "scratch", 1e-3, 10.0)} == {
+        "body": 1e-3,
+        "head": 1e-3,
+    }
 
 
 def test_caffe_weights_load_from_a_file_and_classify_imagenet(caffe_weights):

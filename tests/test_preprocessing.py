@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from tasks.preprocessing import (CAFFE_BGR, Augmentation, ImageDecodeError, Preprocessing,
-                                 decode_image, load_image)
+from retrain.tasks.preprocessing import (
+    CAFFE_BGR,
+    Augmentation,
+    ImageDecodeError,
+    Preprocessing,
+    decode_image,
+    load_image,
+)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -44,12 +49,24 @@ def test_imagenet_preprocessing_roundtrips_through_dict():
     assert out[0] == pytest.approx((1 - 0.485) / 0.229)
 
 
-@pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("P", "PNG"), ("L", "JPEG"), ("CMYK", "JPEG"),
-                                      ("I;16", "PNG"), ("RGB", "GIF"), ("RGB", "BMP"), ("RGB", "WEBP")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("RGBA", "PNG"),
+        ("P", "PNG"),
+        ("L", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("I;16", "PNG"),
+        ("RGB", "GIF"),
+        ("RGB", "BMP"),
+        ("RGB", "WEBP"),
+    ],
+)
 def test_decode_gives_rgb_uint8_for_many_kinds(mode, fmt):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
-    image = rgb.convert(mode) if mode != "I;16" else Image.fromarray(
-        (np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))  # 16-bit grey
+    image = (
+        rgb.convert(mode) if mode != "I;16" else Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100)
+    )  # 16-bit grey
     out = decode_image(encode(image, fmt))
     assert out.dtype == torch.uint8 and out.shape == (3, 20, 30)
 
@@ -62,8 +79,10 @@ def test_exif_orientation_is_applied():
     assert out.shape == (3, 40, 20)
 
 
-@pytest.mark.parametrize("data,reason", [(b"", "empty"), (b"hello world", "not a readable image"),
-                                         (b"\xff\xd8\xff\xe0" + b"\0" * 50, "image")])
+@pytest.mark.parametrize(
+    "data,reason",
+    [(b"", "empty"), (b"hello world", "not a readable image"), (b"\xff\xd8\xff\xe0" + b"\0" * 50, "image")],
+)
 def test_undecodable_bytes_raise_a_clear_error(data, reason):
     with pytest.raises(ImageDecodeError, match=reason):
         decode_image(data)
@@ -93,6 +112,5 @@ def test_augmentation_is_repeatable_and_translates_with_zero_fill():
 def test_reflection_flips_horizontally():
     image = torch.zeros((1, 3, 4, 4), dtype=torch.uint8)
     image[..., 0] = 255
-    flips = {bool(Augmentation(True, 0)(image, torch.Generator().manual_seed(s))[0, 0, 0, 3] == 255)
-             for s in range(20)}
+    flips = {bool(Augmentation(True, 0)(image, torch.Generator().manual_seed(s))[0, 0, 0, 3] == 255) for s in range(20)}
     assert flips == {True, False}

@@ -16,9 +16,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from tasks import promotion, storage
-from tasks.samples import make_shapes_dataset
+from retrain.tasks import promotion, storage
+from retrain.tasks.samples import make_shapes_dataset
 
 s3fs = pytest.importorskip("s3fs")
 
@@ -40,8 +39,12 @@ def s3_endpoint(tmp_path, monkeypatch):
     from tests._services import moto_s3
 
     with moto_s3(tmp_path) as endpoint:
-        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for name, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("AWS_PROFILE", raising=False)
         s3fs.S3FileSystem.clear_instance_cache()
@@ -50,7 +53,7 @@ def s3_endpoint(tmp_path, monkeypatch):
 
 
 def test_retrain_promote_and_score_on_s3(tmp_path, s3_endpoint, shapes_dir, prefect_api, monkeypatch):
-    from flows.retrain import retrain_flow
+    from retrain.flows.retrain import retrain_flow
 
     monkeypatch.chdir(tmp_path)  # anything written locally by mistake would land here
     fs = s3fs.S3FileSystem()
@@ -60,14 +63,27 @@ def test_retrain_promote_and_score_on_s3(tmp_path, s3_endpoint, shapes_dir, pref
     timings = {}
 
     t = time.perf_counter()
-    summary = retrain_flow(data="s3://retrain-data/sets/shapes.zip", store="s3://retrain-store/store",
-                           network="squeezenet-caffe", weights="none", mode="scratch",
-                           options={"max_epochs": 1, "mini_batch_size": 8, "seed": 0})
+    summary = retrain_flow(
+        data="s3://retrain-data/sets/shapes.zip",
+        store="s3://retrain-store/store",
+        network="squeezenet-caffe",
+        weights="none",
+        mode="scratch",
+        options={"max_epochs": 1, "mini_batch_size": 8, "seed": 0},
+    )
     timings["retrain"] = time.perf_counter() - t
     run_url = summary["run"]
     assert run_url.startswith("s3://retrain-store/store/runs/")
-    for name in ("run.json", "split.parquet", "model.pt", "metrics.json", "promotion.json",
-                 "confusion.png", "progress.png", "montage.png"):
+    for name in (
+        "run.json",
+        "split.parquet",
+        "model.pt",
+        "metrics.json",
+        "promotion.json",
+        "confusion.png",
+        "progress.png",
+        "montage.png",
+    ):
         assert storage.exists(storage.join(run_url, name)), name
     assert storage.exists("s3://retrain-store/store/datasets/shapes")  # extracted on S3, not locally
     assert summary["promotion"]["promoted"]
@@ -76,7 +92,8 @@ def test_retrain_promote_and_score_on_s3(tmp_path, s3_endpoint, shapes_dir, pref
 
     if not SCORE_FLOW.exists():
         pytest.skip("FOLLOW-UP: flows/score.py is not in this checkout; the S3 scoring half is untested")
-    from flows.score import score_flow
+    from retrain.flows.score import score_flow
+
     from tests._services import dask_cluster
 
     new_images = str(tmp_path / "new")
@@ -88,9 +105,13 @@ def test_retrain_promote_and_score_on_s3(tmp_path, s3_endpoint, shapes_dir, pref
     with dask_cluster(tmp_path / "dask", dict(os.environ)) as address:
         timings["dask start"] = time.perf_counter() - t
         t = time.perf_counter()
-        scored = score_flow(model=current["model_url"], images="s3://retrain-data/new",
-                            out="s3://retrain-out/scores/shapes-new", store="s3://retrain-store/store",
-                            dask_address=address)
+        scored = score_flow(
+            model=current["model_url"],
+            images="s3://retrain-data/new",
+            out="s3://retrain-out/scores/shapes-new",
+            store="s3://retrain-store/store",
+            dask_address=address,
+        )
         timings["score"] = time.perf_counter() - t
     assert scored["images"] == scored["scored"] == 12 and scored["failed"] == 0
     assert scored["output"].startswith("s3://retrain-out/scores/shapes-new")

@@ -19,11 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-
-from tasks import scoring, storage
-from tasks.networks import ModelFileError, save_model_file
-from tasks.preprocessing import load_image
-from tasks.samples import make_shapes_dataset
+from retrain.tasks import scoring, storage
+from retrain.tasks.networks import ModelFileError, save_model_file
+from retrain.tasks.preprocessing import load_image
+from retrain.tasks.samples import make_shapes_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,8 +76,10 @@ def local_client():
     """An in-process Dask cluster (one worker thread): real Dask, no process start-up."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -90,15 +91,18 @@ def model_file(random_model_file) -> str:
 
 # ---- listing and partitions -------------------------------------------------------------------
 
+
 def test_listing_folder_recursively_and_list_file(tmp_path):
     expected = make_folder(tmp_path / "images")
     listing = scoring.list_images(str(tmp_path / "images"))
     assert listing.paths == sorted(expected) and len(listing.paths) == 12 + 7
     assert listing.ignored == [str(tmp_path / "images" / "notes.txt")]  # hidden files: neither
 
-    (tmp_path / "list.txt").write_text("# two images and one that is gone\nimages/square/square_001.jpg\n\n"
-                                       f"{tmp_path}/images/circle/circle_000.jpg\nimages/missing.jpg\n"
-                                       "images/square/square_001.jpg\n")
+    (tmp_path / "list.txt").write_text(
+        "# two images and one that is gone\nimages/square/square_001.jpg\n\n"
+        f"{tmp_path}/images/circle/circle_000.jpg\nimages/missing.jpg\n"
+        "images/square/square_001.jpg\n"
+    )
     listed = scoring.list_images(str(tmp_path / "list.txt"))
     assert [Path(p).name for p in listed.paths] == ["circle_000.jpg", "missing.jpg", "square_001.jpg"]
     with pytest.raises(FileNotFoundError):
@@ -117,9 +121,10 @@ def test_partition_names_depend_only_on_the_sorted_files():
 
 # ---- scoring a partition ------------------------------------------------------------------------
 
+
 def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_path, model_file):
-    from tasks.evaluation import predict_scores
-    from tasks.networks import load_model_file
+    from retrain.tasks.evaluation import predict_scores
+    from retrain.tasks.networks import load_model_file
 
     expected = make_folder(tmp_path / "images")
     paths = sorted(expected) + [str(tmp_path / "images" / "vanished.jpg")]
@@ -127,8 +132,7 @@ def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_pa
     scoring.clear_model_cache()
     loads = scoring.MODEL_LOADS["count"]
     out = str(tmp_path / "part.parquet")
-    result = scoring.score_partition(model_file, storage.sha256_of(model_file), paths, out,
-                                     mini_batch_size=3, top_k=2)
+    result = scoring.score_partition(model_file, storage.sha256_of(model_file), paths, out, mini_batch_size=3, top_k=2)
     table = pq.read_table(out).to_pandas()
     assert list(table["path"]) == paths and result.images == len(paths)
     for path, error in expected.items():
@@ -184,11 +188,13 @@ def test_models_that_do_not_fit_are_refused(tmp_path, model_file):
 
 # ---- the job: resume, lock -----------------------------------------------------------------------
 
+
 def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, model_file, local_client):
     expected = make_folder(tmp_path / "images")
     out = str(tmp_path / "out")
-    first = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
-                                 partition_size=5, mini_batch_size=4)
+    first = scoring.score_images(
+        model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
+    )
     assert first["images"] == len(expected) and first["processed"] == len(expected)
     assert first["scored"] + first["failed"] == len(expected) and first["ignored"] == 1
     assert first["partitions"] == 4 and sum(first["labels"].values()) == first["scored"]
@@ -200,8 +206,9 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
     parts[1].unlink()
     (Path(out) / "scores.parquet").unlink()
     (Path(out) / "parts" / "part-000099-debris.parquet.tmp-0a1b2c3d").write_bytes(b"half")
-    again = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
-                                 partition_size=5, mini_batch_size=4)
+    again = scoring.score_images(
+        model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
+    )
     assert again["processed"] == 5 and again["resumed_partitions"] == 3
     columns = ["path", "label", "error"]
     assert read_scores(out)[columns].equals(frame[columns])
@@ -212,13 +219,18 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
     with pytest.raises(scoring.ScoringIncompleteError, match="unreadable"):
         scoring.consolidate(scoring.prepare_job(model_file, str(tmp_path / "images"), out, partition_size=5))
     assert not parts[2].exists()
-    assert scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
-                                partition_size=5, mini_batch_size=4)["processed"] == 5
+    assert (
+        scoring.score_images(
+            model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
+        )["processed"]
+        == 5
+    )
 
     # a new image: only its partition (the last) is scored again, still one row per image
     (tmp_path / "images" / "zz_new.jpg").write_bytes((tmp_path / "images" / "square" / "square_000.jpg").read_bytes())
-    third = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
-                                 partition_size=5, mini_batch_size=4)
+    third = scoring.score_images(
+        model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
+    )
     assert third["images"] == len(expected) + 1 and third["processed"] == 5
     frame = read_scores(out)
     assert frame["path"].is_unique and len(frame) == len(expected) + 1
@@ -247,17 +259,26 @@ def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path,
     make_folder(tmp_path / "images", per_class=2, bad=False)
     out = str(tmp_path / "out")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom tasks.scoring import JobLock\n"
-                               "JobLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)", out],
-        stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom retrain.tasks.scoring import JobLock\n"
+            "JobLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)",
+            out,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=PROJECT_ROOT,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(scoring.ScoringLockedError, match=f"pid {holder.pid}"):
             scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client)
         assert not Path(scoring.scores_url(out)).exists()
         threading.Timer(1.0, lambda: os.kill(holder.pid, signal.SIGKILL)).start()  # dies holding it
-        summary = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client,
-                                       lock_wait_s=60)  # waits, then runs
+        summary = scoring.score_images(
+            model_file, str(tmp_path / "images"), out, client=local_client, lock_wait_s=60
+        )  # waits, then runs
     finally:
         holder.kill()
         holder.wait()
@@ -280,7 +301,7 @@ def test_lease_lock_on_a_remote_store():
 
 KILL_SCRIPT = """
 import sys
-from tasks.scoring import score_images
+from retrain.tasks.scoring import score_images
 
 if __name__ == "__main__":
     model, images, out = sys.argv[1:4]
@@ -288,14 +309,20 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.services
 def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, model_file, local_client):
     expected = make_folder(tmp_path / "images", per_class=12)
     images, out = str(tmp_path / "images"), str(tmp_path / "out")
     script = tmp_path / "score_job.py"
     script.write_text(KILL_SCRIPT)
     log = open(tmp_path / "job.log", "wb")
-    job = subprocess.Popen([sys.executable, str(script), model_file, images, out], cwd=PROJECT_ROOT,
-                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    job = subprocess.Popen(
+        [sys.executable, str(script), model_file, images, out],
+        cwd=PROJECT_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     parts = Path(out) / "parts"
     total = (len(expected) + 1) // 2
     try:
@@ -315,8 +342,7 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, mod
     assert 2 <= done_at_kill < total, (done_at_kill, total)
     assert not Path(scoring.scores_url(out)).exists()
 
-    summary = scoring.score_images(model_file, images, out, client=local_client,
-                                   partition_size=2, mini_batch_size=2)
+    summary = scoring.score_images(model_file, images, out, client=local_client, partition_size=2, mini_batch_size=2)
     frame = read_scores(out)
     assert len(frame) == len(expected) == summary["images"]
     assert frame["path"].is_unique and set(frame["path"]) == set(expected)
@@ -343,6 +369,7 @@ def _kill_group(pgid: int) -> None:
 
 # ---- the flow and the command line --------------------------------------------------------------
 
+
 @pytest.fixture
 def dask_processes(tmp_path):
     """A `dask scheduler` and a `dask worker` (one process, one thread) on 127.0.0.1, started
@@ -357,11 +384,40 @@ def dask_processes(tmp_path):
     address = f"tcp://127.0.0.1:{port}"
     log = open(tmp_path / "dask.log", "wb")
     common = dict(cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard", "--dashboard-address", "127.0.0.1:0"], **common)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+                "--dashboard-address",
+                "127.0.0.1:0",
+            ],
+            **common,
+        )
+    ]
     try:
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                       "--host", "127.0.0.1", "--no-dashboard"], **common))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "dask"),
+                    "worker",
+                    address,
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                ],
+                **common,
+            )
+        )
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(1, timeout=180)
         yield address
@@ -403,7 +459,7 @@ def run_cli(args: list[str]) -> tuple[int, dict]:
     (stdout redirected here rather than with capsys, see ``prefect_logs``)."""
     from contextlib import redirect_stdout
 
-    from flows.cli import main
+    from retrain.flows.cli import main
 
     buffer = io.StringIO()
     with redirect_stdout(buffer):
@@ -416,8 +472,22 @@ def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_
 
     expected = make_folder(tmp_path / "images")
     out = str(tmp_path / "out")
-    args = ["score", model_file, str(tmp_path / "images"), "--out", out, "--dask-address", dask_processes,
-            "--partition-size", "4", "--mini-batch-size", "8", "--top-k", "2", "--json"]
+    args = [
+        "score",
+        model_file,
+        str(tmp_path / "images"),
+        "--out",
+        out,
+        "--dask-address",
+        dask_processes,
+        "--partition-size",
+        "4",
+        "--mini-batch-size",
+        "8",
+        "--top-k",
+        "2",
+        "--json",
+    ]
     code, result = run_cli(args)
     assert code == 0
     assert set(result) >= {"images", "scored", "failed", "seconds", "images_per_second", "output"}
@@ -426,7 +496,7 @@ def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_
     frame = read_scores(out)
     assert len(frame) == len(expected) and frame["top_labels"].dropna().map(len).eq(2).all()
     with Client(dask_processes) as client:  # 5 partitions, one model load in that worker
-        loads = client.run(lambda: __import__("tasks.scoring").scoring.MODEL_LOADS["count"])
+        loads = client.run(lambda: __import__("retrain.tasks.scoring").tasks.scoring.MODEL_LOADS["count"])
     assert list(loads.values()) == [1]
 
     code, again = run_cli(args)  # again: everything is there already
@@ -438,15 +508,21 @@ def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_
 
 
 def test_retrain_flow_ends_with_batch_predict_on_a_local_cluster(prefect_logs, shapes_dir, tmp_path):
-    from flows.retrain import retrain_flow
-    from flows.score import score_flow
+    from retrain.flows.retrain import retrain_flow
+    from retrain.flows.score import score_flow
 
     expected = make_folder(tmp_path / "to-score", per_class=3)
     store = str(tmp_path / "store")
     environ = {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
-    summary = retrain_flow(data=shapes_dir, store=store, network="squeezenet-caffe", weights="none",
-                           options={"max_epochs": 1, "mini_batch_size": 8}, promote=False,
-                           score_folder=str(tmp_path / "to-score"))
+    summary = retrain_flow(
+        data=shapes_dir,
+        store=store,
+        network="squeezenet-caffe",
+        weights="none",
+        options={"max_epochs": 1, "mini_batch_size": 8},
+        promote=False,
+        score_folder=str(tmp_path / "to-score"),
+    )
     out = str(Path(summary["run"]) / "scores")
     assert summary["scores"] == scoring.scores_url(out)
     frame = read_scores(out)

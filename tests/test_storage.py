@@ -1,4 +1,4 @@
-from tasks import storage
+from retrain.tasks import storage
 
 
 def test_join_and_absolute(tmp_path):

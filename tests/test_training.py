@@ -1,10 +1,9 @@
 import pytest
 import torch
-
-from tasks.datastore import index_images, split_each_label
-from tasks.networks import build_network, get_spec
-from tasks.preprocessing import Augmentation, load_images
-from tasks.training import TrainingData, TrainingOptions, list_checkpoints, train
+from retrain.tasks.datastore import index_images, split_each_label
+from retrain.tasks.networks import build_network, get_spec
+from retrain.tasks.preprocessing import Augmentation, load_images
+from retrain.tasks.training import TrainingData, TrainingOptions, list_checkpoints, train
 
 SPEC = get_spec("squeezenet-caffe")
 
@@ -16,8 +15,10 @@ def data(shapes_dir) -> TrainingData:
 
     def part(name):
         rows = split[split["split"] == name]
-        return (load_images(list(rows["path"]), SPEC.preprocessing.input_size),
-                torch.tensor([classes.index(c) for c in rows["label"]]))
+        return (
+            load_images(list(rows["path"]), SPEC.preprocessing.input_size),
+            torch.tensor([classes.index(c) for c in rows["label"]]),
+        )
 
     return TrainingData(*part("train"), *part("val"))
 
@@ -29,19 +30,35 @@ def fresh_model(seed=0):
 
 
 def run(data, mode="transfer", checkpoints=None, on_validation=None, **options):
-    opts = TrainingOptions(**{"mini_batch_size": 8, "max_epochs": 2, "validation_frequency": 2,
-                              "initial_learn_rate": 1e-3, **options}).validate()
+    opts = TrainingOptions(
+        **{"mini_batch_size": 8, "max_epochs": 2, "validation_frequency": 2, "initial_learn_rate": 1e-3, **options}
+    ).validate()
     model = fresh_model()
-    outcome = train(model, SPEC, SPEC.preprocessing, data, mode, opts, Augmentation(),
-                    checkpoints=checkpoints, on_validation=on_validation)
+    outcome = train(
+        model,
+        SPEC,
+        SPEC.preprocessing,
+        data,
+        mode,
+        opts,
+        Augmentation(),
+        checkpoints=checkpoints,
+        on_validation=on_validation,
+    )
     return model, outcome
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"solver": "rmsprop"}, "solver"), ({"mini_batch_size": 0}, "mini_batch_size"),
-    ({"validation_patience": 0}, "validation_patience"), ({"initial_learn_rate": -1.0}, "initial_learn_rate"),
-    ({"execution_environment": "tpu"}, "execution_environment"), ({"l2_regularization": 2.0}, "l2"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"solver": "rmsprop"}, "solver"),
+        ({"mini_batch_size": 0}, "mini_batch_size"),
+        ({"validation_patience": 0}, "validation_patience"),
+        ({"initial_learn_rate": -1.0}, "initial_learn_rate"),
+        ({"execution_environment": "tpu"}, "execution_environment"),
+        ({"l2_regularization": 2.0}, "l2"),
+    ],
+)
 def test_bad_options_are_refused_with_the_option_named(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainingOptions(**bad).validate()
@@ -70,8 +87,7 @@ def test_finetune_changes_the_body(data):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path):
-    settings = dict(max_epochs=3, validation_frequency=1, checkpoint_frequency=1,
-                    checkpoint_frequency_unit="iteration")
+    settings = dict(max_epochs=3, validation_frequency=1, checkpoint_frequency=1, checkpoint_frequency_unit="iteration")
     _, full = run(data, checkpoints=str(tmp_path / "a"), **settings)
 
     class Interrupt(Exception):
@@ -95,9 +111,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path):
 def test_early_stopping_on_validation_patience(data, monkeypatch):
     # A validation loss that never improves: training must stop after `patience` more checks.
     flat = torch.full((len(data.val_targets), 3), 1 / 3)
-    monkeypatch.setattr("tasks.training.predict_scores", lambda *a, **k: flat)
-    _, outcome = run(data, max_epochs=20, validation_frequency=1, validation_patience=2,
-                     classic_loop=True)  # the loop that validates through predict_scores
+    monkeypatch.setattr("retrain.tasks.training.predict_scores", lambda *a, **k: flat)
+    _, outcome = run(
+        data, max_epochs=20, validation_frequency=1, validation_patience=2, classic_loop=True
+    )  # the loop that validates through predict_scores
     assert outcome.stopped_early and outcome.iterations == 3 and outcome.best_iteration == 1
 
 
@@ -111,7 +128,14 @@ def test_best_validation_vs_last_iteration_output(data):
 
 
 def test_piecewise_schedule_and_sgdm(data):
-    _, outcome = run(data, solver="sgdm", max_epochs=4, learn_rate_schedule="piecewise",
-                     learn_rate_drop_factor=0.5, learn_rate_drop_period=2, initial_learn_rate=0.01)
+    _, outcome = run(
+        data,
+        solver="sgdm",
+        max_epochs=4,
+        learn_rate_schedule="piecewise",
+        learn_rate_drop_factor=0.5,
+        learn_rate_drop_period=2,
+        initial_learn_rate=0.01,
+    )
     rates = outcome.history.groupby("epoch")["learn_rate"].first().tolist()
     assert rates == pytest.approx([0.01, 0.01, 0.005, 0.005])

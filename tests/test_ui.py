@@ -30,9 +30,19 @@ import pytest
 from tests._services import prefect_server
 
 SCORE_FLOW = Path(__file__).resolve().parents[1] / "flows" / "score.py"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-breakpad", "--disable-crash-reporter", "--no-default-browser-check"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-breakpad",
+    "--disable-crash-reporter",
+    "--no-default-browser-check",
+]
 
 
 def chromium_path() -> str | None:
@@ -50,9 +60,18 @@ class Browser:
 
         self.profile = tempfile.mkdtemp(prefix="retrain-chromium-")
         self.proc = subprocess.Popen(
-            [executable, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
-             f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                executable,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self.profile}",
+                "--remote-debugging-port=0",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -89,13 +108,16 @@ class Browser:
             if value := self.eval(expression):
                 return value
             time.sleep(0.25)
-        raise AssertionError(f"page never satisfied {expression!r}; it shows:\n"
-                             + str(self.eval("document.body && document.body.innerText"))[:3000])
+        raise AssertionError(
+            f"page never satisfied {expression!r}; it shows:\n"
+            + str(self.eval("document.body && document.body.innerText"))[:3000]
+        )
 
     def screenshot(self, path: Path, height: int | None = None) -> Path:
         if height:
-            self.call("Emulation.setDeviceMetricsOverride", width=1400, height=height, deviceScaleFactor=1,
-                      mobile=False)
+            self.call(
+                "Emulation.setDeviceMetricsOverride", width=1400, height=height, deviceScaleFactor=1, mobile=False
+            )
             time.sleep(0.5)
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +142,12 @@ class Browser:
 
 
 def _api(api_url: str, path: str, body: dict | None = None):
-    request = urllib.request.Request(f"{api_url}{path}", data=json.dumps(body or {}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"{api_url}{path}",
+        data=json.dumps(body or {}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 
@@ -134,11 +160,16 @@ def artifact_links(browser: Browser, ui_url: str, flow_run_id: str, keys: tuple[
     browser.goto(f"{ui_url}/runs/flow-run/{flow_run_id}")
     browser.wait_for("!!document.querySelector('li.p-tab#artifacts')")
     browser.eval("document.querySelector('li.p-tab#artifacts').click()")
-    browser.wait_for("(() => { const t = document.body.innerText; return "
-                     + " && ".join(f"t.includes('{key}')" for key in keys) + " })()")
-    links = browser.eval("Object.fromEntries([...document.querySelectorAll('a')]"
-                         ".filter(a => a.href.includes('/artifacts/artifact/'))"
-                         ".map(a => [a.innerText.split('\\n').find(s => /^[a-z-]+$/.test(s.trim())), a.href]))")
+    browser.wait_for(
+        "(() => { const t = document.body.innerText; return "
+        + " && ".join(f"t.includes('{key}')" for key in keys)
+        + " })()"
+    )
+    links = browser.eval(
+        "Object.fromEntries([...document.querySelectorAll('a')]"
+        ".filter(a => a.href.includes('/artifacts/artifact/'))"
+        ".map(a => [a.innerText.split('\\n').find(s => /^[a-z-]+$/.test(s.trim())), a.href]))"
+    )
     assert set(keys) <= set(links), links
     return links
 
@@ -163,26 +194,57 @@ def test_retrain_and_score_run_pages_show_their_artifacts_in_a_browser(tmp_path,
     with prefect_server(tmp_path) as server:
         t = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", shapes_dir, "--store", str(tmp_path / "store"),
-             "--network", "squeezenet-caffe", "--weights", "none", "--mode", "scratch", "--max-epochs", "2",
-             "--mini-batch-size", "8", "--validation-frequency", "1", "--json"],
-            env=server["env"], capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "retrain.flows.cli",
+                "run",
+                shapes_dir,
+                "--store",
+                str(tmp_path / "store"),
+                "--network",
+                "squeezenet-caffe",
+                "--weights",
+                "none",
+                "--mode",
+                "scratch",
+                "--max-epochs",
+                "2",
+                "--mini-batch-size",
+                "8",
+                "--validation-frequency",
+                "1",
+                "--json",
+            ],
+            env=server["env"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         timings["retrain run"] = time.perf_counter() - t
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         summary = json.loads(done.stdout.strip().splitlines()[-1])
 
         # the REST API has the run and its artifacts...
         flow_run = flow_run_of(server["api_url"], "retrain")
-        artifacts = {a["key"]: a for a in _api(server["api_url"], "/artifacts/filter",
-                                               {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})}
+        artifacts = {
+            a["key"]: a
+            for a in _api(
+                server["api_url"], "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}}
+            )
+        }
         assert {"retrain-summary", "per-class-metrics", "retrain-plots", "model-promotion"} <= set(artifacts)
 
         # ...and a person opening the run page in a browser sees them
         t = time.perf_counter()
         browser = Browser(chromium)
         try:
-            links = artifact_links(browser, server["ui_url"], flow_run["id"],
-                                   ("retrain-summary", "per-class-metrics", "retrain-plots", "model-promotion"))
+            links = artifact_links(
+                browser,
+                server["ui_url"],
+                flow_run["id"],
+                ("retrain-summary", "per-class-metrics", "retrain-plots", "model-promotion"),
+            )
             if shots:
                 browser.screenshot(Path(shots) / "retrain-run-artifacts.png")
 
@@ -191,8 +253,10 @@ def test_retrain_and_score_run_pages_show_their_artifacts_in_a_browser(tmp_path,
             assert f"Retrain run {summary['run_id']}" in text and "squeezenet-caffe" in text
 
             browser.goto(links["per-class-metrics"])
-            cells = browser.wait_for("(() => { const c = [...document.querySelectorAll('table td, table th')]"
-                                     ".map(e => e.innerText.trim()); return c.includes('triangle') && c })()")
+            cells = browser.wait_for(
+                "(() => { const c = [...document.querySelectorAll('table td, table th')]"
+                ".map(e => e.innerText.trim()); return c.includes('triangle') && c })()"
+            )
             assert {"circle", "square", "triangle", "precision", "recall", "f1"} <= set(cells)
 
             browser.goto(links["model-promotion"])
@@ -204,7 +268,8 @@ def test_retrain_and_score_run_pages_show_their_artifacts_in_a_browser(tmp_path,
                 "(() => { const i = [...document.querySelectorAll('img')]"
                 ".filter(x => x.src.startsWith('data:image/png;base64,'));"
                 " return i.length >= 3 && i.every(x => x.complete && x.naturalWidth > 0)"
-                " && i.map(x => [x.alt, x.naturalWidth, x.naturalHeight]) })()")
+                " && i.map(x => [x.alt, x.naturalWidth, x.naturalHeight]) })()"
+            )
             assert [alt for alt, _, _ in images] == ["Sample images", "Training progress", "Confusion chart"]
             assert all(w > 300 and h > 300 for _, w, h in images), images
             if shots:
@@ -214,14 +279,33 @@ def test_retrain_and_score_run_pages_show_their_artifacts_in_a_browser(tmp_path,
             if SCORE_FLOW.exists():
                 t_score = time.perf_counter()
                 scored = subprocess.run(
-                    [sys.executable, "-m", "flows.cli", "score", summary["run_id"], shapes_dir,
-                     "--store", str(tmp_path / "store"), "--workers", "1", "--json"],
-                    env=server["env"], capture_output=True, text=True, timeout=300)
+                    [
+                        sys.executable,
+                        "-m",
+                        "retrain.flows.cli",
+                        "score",
+                        summary["run_id"],
+                        shapes_dir,
+                        "--store",
+                        str(tmp_path / "store"),
+                        "--workers",
+                        "1",
+                        "--json",
+                    ],
+                    env=server["env"],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 timings["retrain score"] = time.perf_counter() - t_score
                 assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
                 images_scored = json.loads(scored.stdout.strip().splitlines()[-1])["scored"]
-                links = artifact_links(browser, server["ui_url"], flow_run_of(server["api_url"], "score")["id"],
-                                       ("score-summary", "score-labels", "score-progress"))
+                links = artifact_links(
+                    browser,
+                    server["ui_url"],
+                    flow_run_of(server["api_url"], "score")["id"],
+                    ("score-summary", "score-labels", "score-progress"),
+                )
                 if shots:
                     browser.screenshot(Path(shots) / "score-run-artifacts.png")
                 browser.goto(links["score-summary"])

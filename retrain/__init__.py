@@ -1,0 +1,72 @@
+"""retrain: retrain pretrained image networks to classify new image sets.
+
+The package maps the project's folders in: ``retrain.flows`` (flows/: the Prefect flows and
+the CLI) and ``retrain.tasks`` (tasks/: one plain module per pipeline stage). The functions
+below are the notebook API; each one is what the ``retrain`` command of the same name runs.
+Heavy imports (torch, Prefect, Dask) happen on first call, so ``import retrain`` is instant.
+
+    import retrain
+    summary = retrain.run("MerchData.zip", network="squeezenet-caffe", weights="squeezenet.pth")
+    retrain.classify(summary["run_id"], "new.jpg")      # {"label": ..., "score": ..., "scores": ...}
+    retrain.evaluate(summary["model"], "more-images/")  # accuracy, per-class metrics, confusion
+    retrain.score(summary["run_id"], "big-folder/")     # batch scoring on Dask
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["run", "evaluate", "classify", "score"]
+
+
+def _store(store: str | None) -> str:
+    from retrain.tasks import storage
+
+    return storage.absolute(store or storage.default_store())
+
+
+def run(data: str | None = None, store: str | None = None, **settings: Any) -> dict:
+    """Retrain on ``data`` (a zip or a folder of class folders, any fsspec URL; the generated
+    sample set when None) as a Prefect flow run. ``settings`` are the flow's parameters
+    (``network``, ``weights``, ``mode``, ``split_fractions``, ``options`` — a dict of
+    training options such as ``{"max_epochs": 5}`` —, ``augmentation``, ``run_id``, ...).
+    Returns the run summary (run_id, model, accuracies, ...)."""
+    from retrain.flows.retrain import retrain_flow
+
+    return retrain_flow(data=data, store=_store(store), **settings)
+
+
+def evaluate(model: str, data: str, store: str | None = None) -> dict:
+    """Accuracy, per-class precision/recall and the confusion matrix of ``model`` (a model file
+    URL or a run id in ``store``) on the labelled images in ``data``."""
+    from retrain.tasks import storage
+    from retrain.tasks.datastore import index_images, materialize
+    from retrain.tasks.evaluation import evaluate_model
+    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.runs import resolve_model
+
+    store = _store(store)
+    loaded = load_model_file(resolve_model(model, store))
+    index = index_images(materialize(storage.absolute(data), store))
+    result, _ = evaluate_model(loaded, index.images)
+    return {**result.to_dict(), "skipped": len(index.skipped)}
+
+
+def classify(model: str, image: str, store: str | None = None) -> dict:
+    """Label and score of one image: ``{"label", "score", "scores": {class: score}}``."""
+    from retrain.tasks import storage
+    from retrain.tasks.evaluation import classify_image
+    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.runs import resolve_model
+
+    loaded = load_model_file(resolve_model(model, _store(store)))
+    result = classify_image(loaded.model, loaded.preprocessing, loaded.classes, storage.absolute(image))
+    return {"label": result.label, "score": result.score, "scores": result.scores}
+
+
+def score(model: str, images: str, out: str | None = None, store: str | None = None, **settings: Any) -> dict:
+    """Batch-score every image below ``images`` on Dask (a local cluster, or ``dask_address``)
+    into ``out``; returns the job summary (scores URL, counts, images/s)."""
+    from retrain.flows.score import score_flow
+
+    return score_flow(model=model, images=images, out=out, store=_store(store), **settings)
