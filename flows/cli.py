@@ -35,7 +35,7 @@ from retrain.tasks.networks import (  # noqa: E402
 )
 from retrain.tasks.preprocessing import ImageDecodeError  # noqa: E402
 from retrain.tasks.scoring import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE  # noqa: E402
-from retrain.tasks.training import TrainingOptions  # noqa: E402
+from retrain.tasks.training.options import TrainingOptions  # noqa: E402
 
 USER_ERRORS = (DataSetError, WeightsUnavailableError, ModelFileError, ImageDecodeError, FileNotFoundError, ValueError)
 

@@ -20,7 +20,7 @@ from retrain.tasks.promotion import decision_markdown, model_name_for, promote_r
 from retrain.tasks.reports import png_markdown, run_summary_markdown
 from retrain.tasks.runs import STATUS_FAILED, RunConfig, publish_run, start_run, update_run
 from retrain.tasks.samples import ensure_sample_dataset
-from retrain.tasks.training import TrainingOptions
+from retrain.tasks.training.options import TrainingOptions
 
 unzip = task(materialize, name="unzip")
 index = task(index_stage, name="index")

@@ -8,7 +8,7 @@ named, :mod:`flows.retrain` calls it in process as a subflow.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from retrain.tasks.training import train_run
+from retrain.tasks.training.stage import train_run
 
 
 @flow(name="train", log_prints=True)

@@ -113,10 +113,10 @@ def unzip_dataset(zip_url: str, store: str) -> str:
         raise DataSetError(f"data set not found: {zip_url}")
     content_hash = storage.sha256_of(zip_url)
     name = posixpath.basename(zip_url.rstrip("/")).rsplit(".", 1)[0] or "dataset"
-    target = storage.dataset_dir(store, name, content_hash)
-    manifest_url = storage.join(target, "manifest.json")
+    layout = storage.StoreLayout(store).dataset(name, content_hash)
+    target, manifest_url = layout.url, layout.manifest
     if storage.exists(manifest_url):
-        return storage.join(target, "files")
+        return layout.files
     data = storage.read_bytes(zip_url)
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -125,7 +125,7 @@ def unzip_dataset(zip_url: str, store: str) -> str:
     with archive:
         entries = check_zip_entries(archive, zip_url)
         _check_free_space(store, sum(i.file_size for i in entries), zip_url)
-        files_root = storage.join(target, "files")
+        files_root = layout.files
         try:
             for info in entries:
                 storage.write_bytes(storage.join(files_root, info.filename), _read_entry(archive, info, zip_url))
@@ -354,14 +354,24 @@ class IndexRecord:
 def index_stage(dataset_url: str, run_url: str, seed: int = 0) -> IndexRecord:
     """Index the data set into the run folder: ``index.parquet``, ``skipped.csv`` and the
     montage of 16 random images."""
+    layout = storage.RunLayout(run_url)
     index = index_images(dataset_url)
-    index_url = storage.write_parquet(storage.join(run_url, "index.parquet"), index.images)
-    storage.write_bytes(storage.join(run_url, "skipped.csv"), index.skipped.to_csv(index=False).encode())
+    index_url = storage.write_parquet(layout.index, index.images)
+    storage.write_bytes(layout.skipped, index.skipped.to_csv(index=False).encode())
     sample = sample_for_montage(index.images, 16, seed)
-    montage_url = montage(
-        load_images(list(sample["path"]), (160, 160)), list(sample["label"]), storage.join(run_url, "montage.png")
-    )
+    montage_url = montage(load_images(list(sample["path"]), (160, 160)), list(sample["label"]), layout.montage)
     return IndexRecord(index.root, index_url, index.classes, index.counts(), len(index.skipped), montage_url)
+
+
+def held_out(split: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The images a run holds out to judge its model on (evaluation and the promotion gate):
+    its test split, or its validation split when it has no test part. Returns (rows, which);
+    the rows are empty when it has neither."""
+    for name in ("test", "val"):
+        rows = split[split["split"] == name]
+        if len(rows):
+            return rows, name
+    return split.iloc[:0], "val"
 
 
 @dataclass
@@ -371,9 +381,9 @@ class SplitRecord:
 
 
 def split_stage(run_url: str, fractions: tuple[float, float, float], seed: int) -> SplitRecord:
-    images = storage.read_parquet(storage.join(run_url, "index.parquet"))
-    split = split_each_label(images, fractions, seed)
-    url = storage.write_parquet(storage.join(run_url, "split.parquet"), split)
+    layout = storage.RunLayout(run_url)
+    split = split_each_label(storage.read_parquet(layout.index), fractions, seed)
+    url = storage.write_parquet(layout.split, split)
     counts = {
         s: {k: int(v) for k, v in split[split["split"] == s]["label"].value_counts().sort_index().items()}
         for s in SPLITS

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from retrain.tasks import storage
+from retrain.tasks.datastore import held_out
 from retrain.tasks.networks import LoadedModel, ModelFileError, load_model_file
 from retrain.tasks.preprocessing import ImageDecodeError, Preprocessing, load_image, load_images
 from retrain.tasks.reports import confusion_chart
@@ -171,16 +172,12 @@ def evaluate_model(
 def evaluate_run(run_url: str) -> dict:
     """The evaluate stage: the trained network on the run's test split. Writes
     ``predictions.parquet``, ``metrics.json`` and ``confusion.png``; returns the metrics."""
-    loaded = load_model_file(storage.join(run_url, "trained.pt"))
-    split = storage.read_parquet(storage.join(run_url, "split.parquet"))
-    test = split[split["split"] == "test"]
-    if not len(test):  # a split with no test part: report on validation instead
-        test = split[split["split"] == "val"]
+    layout = storage.RunLayout(run_url)
+    loaded = load_model_file(layout.trained)
+    test, _ = held_out(storage.read_parquet(layout.split))
     result, table = evaluate_model(loaded, test)
-    storage.write_parquet(storage.join(run_url, "predictions.parquet"), table)
-    confusion_url = confusion_chart(
-        result.confusion, result.classes, storage.join(run_url, "confusion.png"), title="Test set"
-    )
+    storage.write_parquet(layout.predictions, table)
+    confusion_url = confusion_chart(result.confusion, result.classes, layout.confusion, title="Test set")
     metrics = {
         "test_accuracy": result.accuracy,
         "test_images": result.count,
@@ -190,5 +187,5 @@ def evaluate_run(run_url: str) -> dict:
         "classes": result.classes,
         "confusion_chart": confusion_url,
     }
-    storage.write_json(storage.join(run_url, "metrics.json"), metrics)
+    storage.write_json(layout.metrics, metrics)
     return metrics

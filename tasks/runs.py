@@ -41,24 +41,24 @@ def new_run_id() -> str:
 
 
 def read_run(run_url: str) -> dict:
-    return storage.read_json(storage.join(run_url, "run.json"))
+    return storage.read_json(storage.RunLayout(run_url).run_json)
 
 
 def update_run(run_url: str, **changes) -> dict:
     record = read_run(run_url)
     record.update(changes, updated=datetime.now(timezone.utc).isoformat())
-    storage.write_json(storage.join(run_url, "run.json"), record)
+    storage.write_json(storage.RunLayout(run_url).run_json, record)
     return record
 
 
 def list_runs(store: str) -> list[dict]:
-    root = storage.runs_dir(store)
+    root = storage.StoreLayout(store).runs
     if not storage.exists(root):
         return []
     fs, path = storage.filesystem(root)
     records = []
     for entry in sorted(fs.ls(path, detail=False)):
-        run_json = storage.join(storage.to_url(fs, entry), "run.json")
+        run_json = storage.RunLayout(storage.to_url(fs, entry)).run_json
         if storage.exists(run_json):
             records.append(storage.read_json(run_json))
     return records
@@ -78,8 +78,8 @@ def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: 
     if run_id is None and resume:
         run_id = find_resumable(store, fingerprint)
     run_id = run_id or new_run_id()
-    run_url = storage.run_dir(store, run_id)
-    run_json = storage.join(run_url, "run.json")
+    run_url = storage.StoreLayout(store).run(run_id).url
+    run_json = storage.RunLayout(run_url).run_json
     if storage.exists(run_json):
         record = storage.read_json(run_json)
         if record.get("fingerprint") != fingerprint:
@@ -110,7 +110,7 @@ def resolve_model(model: str, store: str) -> str:
     """A model file URL from a URL/path or a run id in the store."""
     if storage.exists(model) and not storage.isdir(model):
         return model
-    for candidate in (storage.join(model, "model.pt"), storage.join(storage.run_dir(store, model), "model.pt")):
+    for candidate in (storage.RunLayout(model).model, storage.StoreLayout(store).run(model).model):
         if storage.exists(candidate):
             return candidate
     raise FileNotFoundError(
@@ -121,11 +121,12 @@ def resolve_model(model: str, store: str) -> str:
 def publish_run(run_url: str) -> str:
     """Write ``model.pt``: the trained network with its test metrics, self-describing.
     Written last and atomically, so a model file in the store is always a finished one."""
-    record = read_model_record(storage.join(run_url, "trained.pt"))
-    metrics = storage.read_json(storage.join(run_url, "metrics.json"))
+    layout = storage.RunLayout(run_url)
+    record = read_model_record(layout.trained)
+    metrics = storage.read_json(layout.metrics)
     record["metrics"] = {**record.get("metrics", {}), **metrics}
     record["run_id"] = read_run(run_url)["run_id"]
-    model_url = storage.join(run_url, "model.pt")
+    model_url = layout.model
     save_model_file(model_url, record)
     update_run(run_url, status=STATUS_COMPLETED, model=model_url, test_accuracy=metrics.get("test_accuracy"))
     return model_url

@@ -300,16 +300,74 @@ def sha256_of(url: str, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-# ---- the store layout: one function per place, so a layout change touches one spot ----
+# ---- the store layout: one object per folder kind names its files once ----------------------
+# (The scoring job folder, scores/<job-id>/, has its own in tasks/scoring.)
 
 
-def dataset_dir(store: str, name: str, content_hash: str) -> str:
-    return join(store, "datasets", name, content_hash[:16])
+class RunLayout:
+    """``runs/<run-id>/``: every file of a run folder, by what it holds."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.run_json = join(url, "run.json")  # what was asked for, fingerprint, status
+        self.index = join(url, "index.parquet")  # every usable image and its label
+        self.skipped = join(url, "skipped.csv")  # the files that are not, and why
+        self.montage = join(url, "montage.png")
+        self.split = join(url, "split.parquet")  # the index with its train/val/test split
+        self.network = join(url, "network.txt")  # the network summary
+        self.checkpoints = join(url, "checkpoints")
+        self.features = join(url, "features")  # transfer mode's feature cache when too large for memory
+        self.history = join(url, "history.csv")
+        self.progress = join(url, "progress.png")
+        self.trained = join(url, "trained.pt")  # the trained network, before its test metrics
+        self.training = join(url, "training.json")  # what training did (training.json)
+        self.predictions = join(url, "predictions.parquet")  # the held-out images' predictions
+        self.metrics = join(url, "metrics.json")
+        self.confusion = join(url, "confusion.png")
+        self.model = join(url, "model.pt")  # the published model
+        self.summary = join(url, "summary.json")
+        self.promotion = join(url, "promotion.json")  # the promotion gate's decision on this run
+        self.scores = join(url, "scores")  # default output of the run's batch-predict step
+
+    @property
+    def run_id(self) -> str:
+        return posixpath.basename(self.url.rstrip("/"))
 
 
-def run_dir(store: str, run_id: str) -> str:
-    return join(store, "runs", run_id)
+class DatasetLayout:
+    """``datasets/<name>/<content-hash>/``: an extracted zip and its manifest (written last)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.files = join(url, "files")
+        self.manifest = join(url, "manifest.json")
 
 
-def runs_dir(store: str) -> str:
-    return join(store, "runs")
+class ModelLayout:
+    """``models/<name>/``: the promoted run and every decision taken on the name."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.current = join(url, "current.json")  # the promoted run
+        self.history = join(url, "history")  # one <utc-time>-<run-id>.json per decision
+        self.lock = join(url, "promotion.lock")  # held while a decision is taken
+
+
+class StoreLayout:
+    """The store root: where each kind of folder lives."""
+
+    def __init__(self, store: str):
+        self.url = store
+        self.datasets = join(store, "datasets")
+        self.runs = join(store, "runs")
+        self.models = join(store, "models")
+        self.scores = join(store, "scores")
+
+    def run(self, run_id: str) -> RunLayout:
+        return RunLayout(join(self.runs, run_id))
+
+    def dataset(self, name: str, content_hash: str) -> DatasetLayout:
+        return DatasetLayout(join(self.datasets, name, content_hash[:16]))
+
+    def model(self, name: str) -> ModelLayout:
+        return ModelLayout(join(self.models, name))

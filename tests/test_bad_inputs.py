@@ -35,7 +35,7 @@ from retrain.tasks.datastore import unzip_dataset
 from retrain.tasks.networks import MODEL_FORMAT, ModelFileError, build_network, save_model_file
 from retrain.tasks.preprocessing import ImageDecodeError, decode_image
 from retrain.tasks.samples import make_shapes_dataset
-from retrain.tasks.training import load_latest_checkpoint
+from retrain.tasks.training.checkpoints import load_latest_checkpoint
 
 CLASSES = ["circle", "square", "triangle"]
 FAST = [

@@ -13,7 +13,11 @@ from retrain.tasks.datastore import index_images
 from retrain.tasks.evaluation import predict_scores
 from retrain.tasks.networks import build_network, configure_trainable, get_spec, head_parameters, split_at_head
 from retrain.tasks.preprocessing import Augmentation, load_images
-from retrain.tasks.training import FEATURE_BATCH, TrainingData, TrainingOptions, _dropout_to_float, train
+from retrain.tasks.training.data import TrainingData
+from retrain.tasks.training.features import FEATURE_BATCH
+from retrain.tasks.training.loop import train
+from retrain.tasks.training.options import TrainingOptions
+from retrain.tasks.training.steps import dropout_to_float
 
 SIZE = (64, 64)
 SPEC = get_spec("squeezenet-caffe")
@@ -246,12 +250,12 @@ def test_cache_views_option():
 def test_feature_dropout_keeps_and_scales_like_nn_dropout(p):
     torch.manual_seed(0)
     features = torch.rand(64, 7, 7, 128).add_(0.5).half()
-    out = _dropout_to_float(features.clone(), p)
+    out = dropout_to_float(features.clone(), p)
     kept = out != 0
     assert out.dtype == torch.float32
     assert float(kept.float().mean()) == pytest.approx(1 - p, abs=0.01)
     assert torch.allclose(out[kept], features.float()[kept] / (1 - p), rtol=1e-3)
-    assert torch.equal(_dropout_to_float(features.clone(), 0.0), features.float())
+    assert torch.equal(dropout_to_float(features.clone(), 0.0), features.float())
 
 
 def test_cli_has_the_new_flags():
@@ -270,7 +274,7 @@ def test_train_run_records_the_cache_and_writes_a_full_model(shapes_dir, tmp_pat
     from retrain.tasks.datastore import index_stage, split_stage
     from retrain.tasks.networks import load_model_file
     from retrain.tasks.runs import RunConfig, start_run
-    from retrain.tasks.training import train_run
+    from retrain.tasks.training.stage import train_run
 
     config = RunConfig(
         data=shapes_dir,

@@ -81,7 +81,7 @@ def test_run_evaluate_classify_through_the_cli(prefect_api, shapes_dir, tmp_path
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(prefect_api, shapes_dir, tmp_path, monkeypatch):
-    import retrain.tasks.training as training
+    import retrain.tasks.training.loop as training
 
     store = str(tmp_path / "store")
     options = {"max_epochs": 3, "mini_batch_size": 8, "checkpoint_frequency": 1}

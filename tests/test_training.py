@@ -3,7 +3,10 @@ import torch
 from retrain.tasks.datastore import index_images, split_each_label
 from retrain.tasks.networks import build_network, get_spec
 from retrain.tasks.preprocessing import Augmentation, load_images
-from retrain.tasks.training import TrainingData, TrainingOptions, list_checkpoints, train
+from retrain.tasks.training.checkpoints import list_checkpoints
+from retrain.tasks.training.data import TrainingData
+from retrain.tasks.training.loop import train
+from retrain.tasks.training.options import TrainingOptions
 
 SPEC = get_spec("squeezenet-caffe")
 
@@ -111,7 +114,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path):
 def test_early_stopping_on_validation_patience(data, monkeypatch):
     # A validation loss that never improves: training must stop after `patience` more checks.
     flat = torch.full((len(data.val_targets), 3), 1 / 3)
-    monkeypatch.setattr("retrain.tasks.training.predict_scores", lambda *a, **k: flat)
+    monkeypatch.setattr("retrain.tasks.training.steps.predict_scores", lambda *a, **k: flat)
     _, outcome = run(
         data, max_epochs=20, validation_frequency=1, validation_patience=2, classic_loop=True
     )  # the loop that validates through predict_scores

@@ -1,0 +1,321 @@
+"""The training loop: resume, step, validate (best model, early stopping), checkpoint, finish.
+
+:func:`train` reads like MATLAB's ``trainnet``: cross-entropy on mini-batches, validation
+every ``validation_frequency`` iterations, the best-validation network out. Its state lives
+in a :class:`LoopState` (what a checkpoint keeps), its arithmetic in a :class:`Plan` (how many
+iterations, which images each takes), and one iteration's work in a step strategy
+(:mod:`retrain.tasks.training.steps`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import pandas as pd
+import torch
+from retrain.tasks.allocator import tune_allocator
+from retrain.tasks.networks import (
+    MODES,
+    NetworkSpec,
+    configure_trainable,
+    freeze_batchnorm,
+    parameter_groups,
+    resolve_device,
+)
+from retrain.tasks.preprocessing import Augmentation, Preprocessing
+from retrain.tasks.training.checkpoints import load_latest_checkpoint, remove_write_debris, save_checkpoint
+from retrain.tasks.training.data import TrainingData
+from retrain.tasks.training.devices import Prefetcher, autocast
+from retrain.tasks.training.options import TrainingOptions
+from retrain.tasks.training.schedule import dropout_seed, epoch_order, make_optimizer, set_epoch_learn_rate
+from retrain.tasks.training.steps import CachedSteps, ClassicSteps, make_steps, validation_metrics
+from torch import nn
+
+log = logging.getLogger("retrain.training")
+
+
+@dataclass
+class TrainingOutcome:
+    iterations: int
+    epochs_completed: int
+    final_val_loss: float | None
+    final_val_accuracy: float | None
+    best_iteration: int | None
+    stopped_early: bool
+    resumed_from: int | None
+    seconds: float
+    history: pd.DataFrame = field(repr=False)
+    state_dict: dict = field(repr=False)
+    feature_cache: dict | None = None  # what the transfer-mode feature cache held and cost
+
+
+@dataclass
+class LoopState:
+    """Where training is and its best so far: what a checkpoint keeps besides the weights."""
+
+    iteration: int = 0
+    best_loss: float = math.inf
+    best_iteration: int | None = None
+    best_state: dict | None = None  # weights at the best validation loss (CPU copies)
+    bad_validations: int = 0  # validations since the best one
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def to_checkpoint(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> LoopState:
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The loop's arithmetic: mini-batches of ``batch`` images, the last partial batch of an
+    epoch dropped (like MATLAB), ``total`` iterations."""
+
+    options: TrainingOptions
+    n_train: int
+    batch: int
+    per_epoch: int
+    total: int
+
+    @classmethod
+    def of(cls, n_train: int, options: TrainingOptions) -> Plan:
+        batch = min(options.mini_batch_size, n_train)
+        per_epoch = max(1, n_train // batch)
+        return cls(options, n_train, batch, per_epoch, per_epoch * options.max_epochs)
+
+    def batch_indices(self, iteration: int) -> tuple[int, int, torch.Tensor]:
+        """(epoch, position in the epoch, training image indices) of an iteration."""
+        epoch, position = divmod(iteration, self.per_epoch)
+        order = epoch_order(self.n_train, epoch, self.options)
+        return epoch, position, order[position * self.batch : (position + 1) * self.batch]
+
+    def validation_due(self, done: int) -> bool:
+        return done % self.options.validation_frequency == 0 or done == self.total
+
+    def checkpoint_due(self, done: int) -> bool:
+        """After ``done`` iterations: every checkpoint_frequency iterations or whole epochs."""
+        if not self.options.checkpoint_frequency:
+            return False
+        if self.options.checkpoint_frequency_unit == "iteration":
+            units = done
+        else:
+            units = done // self.per_epoch if done % self.per_epoch == 0 else 0
+        return bool(units) and units % self.options.checkpoint_frequency == 0
+
+
+class _Trainer:
+    """The model, its optimizer and the loop's state, with the four things the loop does."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: NetworkSpec,
+        mode: str,
+        options: TrainingOptions,
+        plan: Plan,
+        device: torch.device,
+        checkpoints: str | None,
+        logger: logging.Logger,
+    ):
+        self.model, self.spec, self.mode, self.options, self.plan = model, spec, mode, options, plan
+        self.device, self.checkpoints, self.logger = device, checkpoints, logger
+        configure_trainable(model, spec, mode)
+        model.to(device, memory_format=torch.channels_last)
+        groups = parameter_groups(model, spec, mode, options.learn_rate(mode), options.head_learn_rate_factor)
+        self.optimizer = make_optimizer(groups, options)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.state = LoopState()
+        self.started = time.perf_counter()
+
+    @property
+    def unfinished(self) -> bool:
+        return self.state.iteration < self.plan.total and not self.state.stopped_early
+
+    def resume(self) -> int | None:
+        """Continue from the newest checkpoint, if any; returns its iteration."""
+        if not self.checkpoints:
+            return None
+        remove_write_debris(self.checkpoints)
+        saved = load_latest_checkpoint(self.checkpoints)
+        if saved is None:
+            return None
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = LoopState.from_checkpoint(saved)
+        self.logger.info("resuming from checkpoint at iteration %d of %d", self.state.iteration, self.plan.total)
+        return self.state.iteration
+
+    def step(self, steps: ClassicSteps | CachedSteps, prepared: tuple) -> dict:
+        """One optimizer step on a prepared batch; returns its history record."""
+        epoch = self.state.iteration // self.plan.per_epoch
+        learn_rate = set_epoch_learn_rate(self.optimizer, epoch, self.options)
+        self.model.train()
+        freeze_batchnorm(self.model, self.spec, self.mode)
+        torch.manual_seed(dropout_seed(self.options.seed, self.state.iteration))
+        with autocast(self.device, training=True):
+            logits, targets = steps.logits(prepared)
+            loss = self.loss_fn(logits.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.state.iteration += 1
+        return {
+            "iteration": self.state.iteration,
+            "epoch": epoch + 1,
+            "loss": float(loss.detach()),
+            "accuracy": float((logits.argmax(1) == targets).float().mean()),
+            "learn_rate": learn_rate,
+            "val_loss": math.nan,
+            "val_accuracy": math.nan,
+            "seconds": time.perf_counter() - self.started,
+        }
+
+    def validate(self, steps: ClassicSteps | CachedSteps, targets: torch.Tensor, record: dict) -> None:
+        """Fill ``record``'s validation figures; keep the best weights; stop early when the
+        loss has not improved for ``validation_patience`` validations."""
+        record["val_loss"], record["val_accuracy"] = validation_metrics(steps.val_scores(), targets)
+        state, it = self.state, record["iteration"]
+        if record["val_loss"] < state.best_loss:
+            state.best_loss, state.best_iteration, state.bad_validations = record["val_loss"], it, 0
+            state.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        else:
+            state.bad_validations += 1
+            patience = self.options.validation_patience
+            if patience is not None and state.bad_validations >= patience:
+                state.stopped_early = True
+                self.logger.info(
+                    "early stop at iteration %d: validation loss has not improved for %d validations", it, patience
+                )
+        (self.logger.info if self.options.verbose else self.logger.debug)(
+            f"epoch {record['epoch']} iteration {it}/{self.plan.total}: loss {record['loss']:.4f}, "
+            f"val loss {record['val_loss']:.4f}, val accuracy {record['val_accuracy']:.4f}"
+        )
+
+    def checkpoint(self) -> None:
+        if self.checkpoints:
+            save_checkpoint(
+                self.checkpoints,
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    **self.state.to_checkpoint(),
+                },
+            )
+
+    def finish(self, resumed_from: int | None, feature_info: dict | None) -> TrainingOutcome:
+        """The output network (best validation, or the last iteration) and its figures."""
+        state = self.state
+        if state.stopped_early:
+            self.checkpoint()  # so a rerun of a finished-early run does not train on
+        history = pd.DataFrame(state.history)
+        use_best = self.options.output_network == "best-validation" and state.best_state is not None
+        if use_best:
+            final_state = state.best_state
+        else:
+            final_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        validated = history.dropna(subset=["val_loss"]) if len(history) else history
+        best_row = validated[validated["iteration"] == state.best_iteration] if use_best else validated.tail(1)
+        return TrainingOutcome(
+            iterations=state.iteration,
+            epochs_completed=state.iteration // self.plan.per_epoch,
+            final_val_loss=float(best_row["val_loss"].iloc[0]) if len(best_row) else None,
+            final_val_accuracy=float(best_row["val_accuracy"].iloc[0]) if len(best_row) else None,
+            best_iteration=state.best_iteration if use_best else state.iteration,
+            stopped_early=state.stopped_early,
+            resumed_from=resumed_from,
+            seconds=time.perf_counter() - self.started,
+            history=history,
+            state_dict=final_state,
+            feature_cache=feature_info,
+        )
+
+
+def train(
+    model: nn.Module,
+    spec: NetworkSpec,
+    preprocessing: Preprocessing,
+    data: TrainingData,
+    mode: str,
+    options: TrainingOptions,
+    augmentation: Augmentation,
+    checkpoints: str | None = None,
+    on_validation: Callable[[pd.DataFrame], None] | None = None,
+    progress: bool = False,
+    logger: logging.Logger | None = None,
+    feature_folder: str | None = None,
+) -> TrainingOutcome:
+    """Train ``model`` with cross-entropy; returns the output network's weights and history.
+
+    ``checkpoints``: a folder URL; when it holds checkpoints of this run, training resumes
+    from the newest. ``on_validation`` gets the history after each validation (for the
+    progress plot). In transfer mode the head trains on cached body features (see
+    :func:`~retrain.tasks.training.features.build_feature_cache`; ``feature_folder`` is where
+    a cache too large for memory goes) unless ``options.classic_loop``; the result is the
+    same kind of full state dict.
+    """
+    logger = logger or log
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    options.validate()
+    device = resolve_device(options.execution_environment)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
+    else:
+        tune_allocator("training")  # activations and gradients stay in the heap (tasks/allocator.py)
+    plan = Plan.of(len(data.train_targets), options)
+    trainer = _Trainer(model, spec, mode, options, plan, device, checkpoints, logger)
+    resumed_from = trainer.resume()
+    if trainer.unfinished:
+        steps = make_steps(
+            model, spec, preprocessing, data, mode, options, augmentation, device, feature_folder, progress, logger
+        )
+    else:  # nothing left to train: no feature cache to build
+        steps = ClassicSteps(model, preprocessing, data, augmentation, options, device)
+    _loop(trainer, steps, data, on_validation, progress)
+    return trainer.finish(resumed_from, steps.feature_info)
+
+
+def _loop(
+    trainer: _Trainer,
+    steps: ClassicSteps | CachedSteps,
+    data: TrainingData,
+    on_validation: Callable[[pd.DataFrame], None] | None,
+    progress: bool,
+) -> None:
+    """Iterate until the plan's last iteration or an early stop; batches are prepared ahead
+    on a GPU (see :class:`~retrain.tasks.training.devices.Prefetcher`)."""
+    plan, state = trainer.plan, trainer.state
+    has_val = len(data.val_targets) > 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.total, initial=state.iteration, desc="training", unit="it", leave=False)
+    batches = Prefetcher(lambda it: steps.prepare(*plan.batch_indices(it)), background=trainer.device.type == "cuda")
+    trained = False
+    try:
+        while trainer.unfinished:
+            record = trainer.step(steps, batches.get(state.iteration, plan.total))
+            if has_val and plan.validation_due(record["iteration"]):
+                trainer.validate(steps, data.val_targets, record)
+            state.history.append(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", val_acc=f"{record['val_accuracy']:.3f}")
+            if not math.isnan(record["val_loss"]) and on_validation is not None:
+                on_validation(pd.DataFrame(state.history))
+            if plan.checkpoint_due(record["iteration"]):
+                trainer.checkpoint()
+        trained = True
+    finally:
+        batches.close()
+        if bar is not None:
+            bar.close()
+        steps.close(trained)

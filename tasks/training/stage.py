@@ -1,0 +1,131 @@
+"""The training stage: a run folder in (``run.json``, ``split.parquet``), ``trained.pt`` out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+from retrain.tasks import storage
+from retrain.tasks.networks import build_network, get_spec, model_record, resolve_device, save_model_file, summarize
+from retrain.tasks.preprocessing import Augmentation
+from retrain.tasks.reports import training_progress
+from retrain.tasks.runs import read_run
+from retrain.tasks.storage import RunLayout
+from retrain.tasks.training.data import load_training_data
+from retrain.tasks.training.loop import TrainingOutcome, train
+from retrain.tasks.training.options import TrainingOptions
+
+log = logging.getLogger("retrain.training")
+PLOT_INTERVAL_S = 10  # the progress plot costs ~0.3 s: redrawn at most this often while training
+
+
+class _ProgressPlot:
+    """``progress.png`` redrawn from the history at most every PLOT_INTERVAL_S seconds."""
+
+    def __init__(self, url: str):
+        self.url, self.last = url, 0.0
+
+    def __call__(self, history: pd.DataFrame) -> None:
+        if time.monotonic() - self.last > PLOT_INTERVAL_S:
+            training_progress(history, self.url)
+            self.last = time.monotonic()
+
+
+def train_run(
+    run_url: str,
+    progress: bool = False,
+    logger: logging.Logger | None = None,
+    on_validation: Callable[[pd.DataFrame], None] | None = None,
+) -> dict:
+    """Train the network a run asks for on its split; writes ``trained.pt``, ``history.csv``,
+    ``progress.png``, ``network.txt`` and ``training.json`` into the run folder and returns
+    the ``training.json`` record. Resumes from the run's checkpoints; a run already trained
+    is not trained again. ``on_validation`` gets the history (a DataFrame) after each
+    validation, besides the progress plot (a UI's live progress)."""
+    logger = logger or log
+    layout = RunLayout(run_url)
+    if storage.exists(layout.training) and storage.exists(layout.trained):
+        logger.info("run already trained; using %s", layout.trained)
+        return storage.read_json(layout.training)
+    config = read_run(run_url)["config"]
+    mode = config["mode"]
+    options = TrainingOptions.from_dict(config["options"])
+    augmentation = Augmentation(**config["augmentation"])
+    spec = get_spec(config["network"])
+    split = storage.read_parquet(layout.split)
+    classes = sorted(split["label"].unique())
+    torch.manual_seed(options.seed)  # the new head's initial weights
+    model, origin = build_network(spec.name, len(classes), "none" if mode == "scratch" else config["weights"])
+    storage.write_bytes(layout.network, summarize(model, spec).to_text().encode())
+    data = load_training_data(split, classes, spec.preprocessing.input_size)
+    logger.info(
+        "training %s (%s mode) on %d images, validating on %d, %d classes",
+        spec.name,
+        mode,
+        len(data.train_targets),
+        len(data.val_targets),
+        len(classes),
+    )
+    plot = _ProgressPlot(layout.progress)
+
+    def after_validation(history: pd.DataFrame) -> None:
+        plot(history)
+        if on_validation is not None:
+            on_validation(history)
+
+    outcome = train(
+        model,
+        spec,
+        spec.preprocessing,
+        data,
+        mode,
+        options,
+        augmentation,
+        checkpoints=layout.checkpoints,
+        on_validation=after_validation,
+        progress=progress,
+        logger=logger,
+        feature_folder=layout.features,
+    )
+    storage.write_bytes(layout.history, outcome.history.to_csv(index=False).encode())
+    if len(outcome.history):
+        training_progress(outcome.history, layout.progress)
+    model.load_state_dict(outcome.state_dict)
+    training = {
+        "mode": mode,
+        "options": options.to_dict(),
+        "augmentation": augmentation.to_dict(),
+        "iterations": outcome.iterations,
+        "epochs": outcome.epochs_completed,
+    }
+    metrics = {"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss}
+    save_model_file(layout.trained, model_record(model, spec, classes, origin, metrics=metrics, training=training))
+    summary = _summary(outcome, layout, origin, options, len(data.train_targets), len(data.val_targets))
+    storage.write_json(layout.training, summary)
+    return summary
+
+
+def _summary(
+    outcome: TrainingOutcome, layout: RunLayout, origin: str, options: TrainingOptions, n_train: int, n_val: int
+) -> dict:
+    """The ``training.json`` record."""
+    return {
+        "iterations": outcome.iterations,
+        "epochs": outcome.epochs_completed,
+        "val_loss": outcome.final_val_loss,
+        "val_accuracy": outcome.final_val_accuracy,
+        "best_iteration": outcome.best_iteration,
+        "stopped_early": outcome.stopped_early,
+        "resumed_from": outcome.resumed_from,
+        "seconds": outcome.seconds,
+        "device": str(resolve_device(options.execution_environment)),
+        "weights_origin": origin,
+        "train_images": n_train,
+        "val_images": n_val,
+        "trained": layout.trained,
+        "progress_plot": layout.progress,
+        "feature_cache": outcome.feature_cache,
+    }
