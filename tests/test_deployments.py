@@ -1,8 +1,8 @@
-"""Deployments and the promotion gate.
+"""Deployments.
 
-Fast tests: the promotion gate on hand-made run folders (models that always answer one class,
-so their accuracy is known exactly), rollback, the CLI, prefect.yaml's placeholders, and the
-retrain flow's wait on a training deployment that fails.
+Fast tests: prefect.yaml's placeholders and defaults, ``retrain deploy``'s refusals, and the
+retrain flow's wait on a training deployment that fails. (The promotion gate itself:
+tests/test_promotion.py.)
 
 Integration (../shared): a real ``prefect server``, ``retrain deploy``, two process workers
 (a CPU pool and a stand-in for the GPU pool), the scheduled-retraining deployment run on
@@ -19,127 +19,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
-import torch
 from retrain.tasks import promotion, storage
-from retrain.tasks.networks import build_network, get_spec, model_record, save_model_file
 
 from tests.conftest import CAFFE_WEIGHTS, MERCH_ZIP, need
 
 CLASSES = ["circle", "square", "triangle"]
-
-
-# ---- hand-made runs: a model that always answers one class ------------------------------------
-
-
-def constant_model(url: str, answer: str, classes: list[str] = CLASSES) -> str:
-    """A SqueezeNet whose head ignores the image and always scores ``answer`` highest."""
-    spec = get_spec("squeezenet-caffe")
-    model, origin = build_network(spec.name, len(classes), weights="none")
-    head = model.get_submodule(spec.head_layer)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.copy_(torch.tensor([1.0 if c == answer else 0.0 for c in classes]))
-    return save_model_file(url, model_record(model, spec, classes, origin))
-
-
-def make_run(store: str, run_id: str, shapes_dir: str, answer: str, classes: list[str] = CLASSES) -> str:
-    """runs/<run_id>/ with split.parquet (test: 2 circles, 1 square, 1 triangle) and model.pt."""
-    run_url = storage.run_dir(store, run_id)
-    rows = []
-    for label, n_test in zip(CLASSES, (2, 1, 1)):
-        files = sorted(storage.list_files(storage.join(shapes_dir, label)))
-        rows += [{"path": f, "label": label, "split": "test" if i < n_test else "train"} for i, f in enumerate(files)]
-    storage.write_parquet(storage.join(run_url, "split.parquet"), pd.DataFrame(rows))
-    constant_model(storage.join(run_url, "model.pt"), answer, classes)
-    storage.write_json(storage.join(run_url, "run.json"), {"run_id": run_id, "status": "completed"})
-    return run_url
-
-
-def test_model_name_comes_from_the_data_set():
-    assert promotion.model_name_for("/data/MerchData.zip") == "MerchData"
-    assert promotion.model_name_for("s3://bucket/sets/hymenoptera_data/") == "hymenoptera_data"
-    assert promotion.model_name_for("/x/ant photos (2).ZIP") == "ant-photos-2"
-    assert promotion.model_name_for(None) == "sample-shapes"
-    with pytest.raises(promotion.PromotionError, match="model name"):
-        promotion.check_name("../escape")
-
-
-def test_gate_promotes_first_and_better_runs_keeps_worse_ones_and_rolls_back(tmp_path, shapes_dir):
-    store = str(tmp_path / "store")
-    # first run: no current model -> promoted; it answers "circle": 2 of 4 test images right
-    first = make_run(store, "r1", shapes_dir, "circle")
-    d1 = promotion.promote_run(store, "shapes", first)
-    assert d1.promoted and d1.action == "promote" and d1.reason == "no current model"
-    assert d1.candidate_score == pytest.approx(0.5) and d1.images == 4 and d1.split == "test"
-    assert promotion.read_current(store, "shapes")["run_id"] == "r1"
-
-    # worse run ("square": 1 of 4) -> kept out; both scores recorded, scored on r2's split
-    worse = make_run(store, "r2", shapes_dir, "square")
-    d2 = promotion.promote_run(store, "shapes", worse)
-    assert not d2.promoted and d2.action == "keep"
-    assert (d2.candidate_score, d2.current_score) == (pytest.approx(0.25), pytest.approx(0.5))
-    assert d2.current_run == "r1" and d2.current_trained_on == 0
-    assert promotion.read_current(store, "shapes")["run_id"] == "r1"
-    assert storage.read_json(storage.join(worse, "promotion.json"))["promoted"] is False
-
-    # as good (another "circle" model) -> promoted: "at least as good"
-    equal = make_run(store, "r3", shapes_dir, "circle")
-    d3 = promotion.promote_run(store, "shapes", equal)
-    assert d3.promoted and d3.current_score == pytest.approx(0.5) and d3.current_run == "r1"
-    current = promotion.read_current(store, "shapes")
-    assert current["run_id"] == "r3" and current["previous"] == "r1"
-    assert current["model_url"] == storage.join(equal, "model.pt")
-
-    history = promotion.history(store, "shapes")
-    assert [(h["run_id"], h["action"]) for h in history] == [("r1", "promote"), ("r2", "keep"), ("r3", "promote")]
-
-    # rollback: to the run promoted before the current one, then to a named run
-    back = promotion.rollback(store, "shapes")
-    assert back.run_id == "r1" and back.action == "rollback" and back.current_run == "r3"
-    assert promotion.read_current(store, "shapes")["run_id"] == "r1"
-    with pytest.raises(promotion.PromotionError, match="no run was promoted before"):
-        promotion.rollback(store, "shapes")
-    assert promotion.rollback(store, "shapes", to_run="r3").run_id == "r3"
-    with pytest.raises(promotion.PromotionError, match="no published model"):
-        promotion.rollback(store, "shapes", to_run="nope")
-    with pytest.raises(promotion.PromotionError, match="no model named"):
-        promotion.rollback(store, "other")
-    assert promotion.current_model_url(store, "shapes") == storage.join(equal, "model.pt")
-    # nothing half-written is left behind
-    assert not [f for f in storage.list_files(store) if storage.TMP_MARKER in f]
-
-
-def test_gate_promotes_when_the_classes_changed(tmp_path, shapes_dir):
-    store = str(tmp_path / "store")
-    promotion.promote_run(
-        store, "shapes", make_run(store, "a", shapes_dir, "circle", classes=["circle", "square", "triangle", "star"])
-    )
-    decision = promotion.promote_run(store, "shapes", make_run(store, "b", shapes_dir, "square"))
-    assert decision.promoted and "classes changed" in decision.reason and decision.current_score is None
-
-
-def test_models_and_rollback_commands(tmp_path, shapes_dir, capsys):
-    from retrain.flows.cli import main
-
-    store = str(tmp_path / "store")
-    for run_id, answer in (("r1", "circle"), ("r2", "triangle"), ("r3", "circle")):
-        promotion.promote_run(store, "shapes", make_run(store, run_id, shapes_dir, answer))
-    assert main(["models", "--store", store, "--json"]) == 0
-    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["models"]
-    assert [m["model"] for m in listed] == ["shapes"] and listed[0]["current"]["run_id"] == "r3"
-    assert [h["promoted"] for h in listed[0]["history"]] == [True, False, True]
-
-    assert main(["models", "--store", store]) == 0
-    text = capsys.readouterr().out
-    assert "shapes: current run r3" in text and "keep" in text and "0.2500 vs 0.5000" in text
-
-    assert main(["rollback", "shapes", "--store", store, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run_id"] == "r1"
-    assert main(["rollback", "shapes", "--to", "r9", "--store", store]) == 2
-    assert "no published model" in capsys.readouterr().err
-    assert main(["models", "nothing", "--store", store]) == 2
 
 
 def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
@@ -299,7 +184,7 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
                 assert children[0].work_pool_name == "gpu" and children[0].parent_task_run_id is not None
 
                 (run1,) = [r["run_id"] for r in _runs(store)]
-                first = storage.read_json(storage.join(storage.run_dir(store, run1), "promotion.json"))
+                first = storage.read_json(storage.StoreLayout(store).run(run1).promotion)
                 assert first["promoted"] and first["reason"] == "no current model"
                 current = promotion.read_current(store, "MerchData")
                 assert current["run_id"] == run1
@@ -326,7 +211,7 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
                 stop(w)
 
     run2 = [r["run_id"] for r in _runs(store) if r["run_id"] != run1][0]
-    second = storage.read_json(storage.join(storage.run_dir(store, run2), "promotion.json"))
+    second = storage.read_json(storage.StoreLayout(store).run(run2).promotion)
     assert not second["promoted"] and second["action"] == "keep"
     assert second["candidate_score"] < second["current_score"]
     # same data, same seed: the same held-out split, so the current model scores what it did
