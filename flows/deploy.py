@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 from retrain.tasks import storage
+from retrain.tasks.request import DEFAULTS, MODES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
@@ -25,13 +26,14 @@ _PLACEHOLDER = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
 def placeholder_defaults() -> dict[str, tuple[str, str]]:
-    """Each placeholder of prefect.yaml: (default, what it is)."""
+    """Each placeholder of prefect.yaml: (default, what it is). The run's choices default to
+    :data:`tasks.request.DEFAULTS`, as the flow's parameters do."""
     return {
         "RETRAIN_DATA": ("", "data set URL the schedule retrains on (empty: the generated sample set)"),
         "RETRAIN_STORE": (storage.absolute(storage.default_store()), "store URL every worker reaches"),
-        "RETRAIN_NETWORK": ("squeezenet", "network to retrain"),
-        "RETRAIN_WEIGHTS": ("default", "default, none, or a state-dict file URL"),
-        "RETRAIN_MODE": ("transfer", "transfer | finetune | scratch"),
+        "RETRAIN_NETWORK": (DEFAULTS.network, "network to retrain"),
+        "RETRAIN_WEIGHTS": (DEFAULTS.weights, "default, none, or a state-dict file URL"),
+        "RETRAIN_MODE": (DEFAULTS.mode, " | ".join(MODES)),
         "RETRAIN_MODEL_NAME": ("", "model name for promotion (empty: the data set's name)"),
         "RETRAIN_TRAIN_DEPLOYMENT": ("train/gpu", "deployment that trains (empty: train in the retrain run)"),
         "RETRAIN_CRON": ("0 3 * * 1", "when to retrain (cron)"),

@@ -12,15 +12,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from retrain.flows.train import train_flow
 from retrain.tasks import storage
-from retrain.tasks.datastore import index_stage, materialize, parse_fractions, split_stage
+from retrain.tasks.datastore import index_stage, materialize, split_stage
 from retrain.tasks.evaluation import evaluate_run
-from retrain.tasks.networks import MODES, build_network, get_spec
-from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run
 from retrain.tasks.reports import png_markdown, run_summary_markdown
+from retrain.tasks.request import DEFAULTS, RunRequest
 from retrain.tasks.runs import STATUS_FAILED, RunConfig, publish_run, start_run, update_run
 from retrain.tasks.samples import ensure_sample_dataset
-from retrain.tasks.training.options import TrainingOptions
 
 unzip = task(materialize, name="unzip")
 index = task(index_stage, name="index")
@@ -33,10 +31,10 @@ publish = task(publish_run, name="publish")
 def retrain_flow(
     data: str | None = None,
     store: str | None = None,
-    network: str = "squeezenet",
-    weights: str = "default",
-    mode: str = "transfer",
-    split_fractions: str = "0.7,0.15,0.15",
+    network: str = DEFAULTS.network,
+    weights: str = DEFAULTS.weights,
+    mode: str = DEFAULTS.mode,
+    split_fractions: str = DEFAULTS.split_fractions,
     options: dict | None = None,
     augmentation: dict | None = None,
     run_id: str | None = None,
@@ -51,6 +49,8 @@ def retrain_flow(
     """Retrain ``network`` on the images in ``data`` (a zip or a folder of class folders,
     any fsspec URL; the generated sample set when None). Returns the run summary.
 
+    ``network`` ... ``augmentation``: the run's choices (:class:`tasks.request.RunRequest`,
+    whose defaults these are; ``options`` are training options such as ``{"max_epochs": 5}``).
     ``train_deployment`` ("flow/deployment", e.g. ``train/gpu``): run the train step as a
     flow run of that deployment (a GPU work pool) and wait for it; in process when None.
     ``promote``: pass the model through the promotion gate of ``model_name`` (default: the
@@ -61,40 +61,37 @@ def retrain_flow(
     started = time.perf_counter()
     store = storage.absolute(store or storage.default_store())
     data, train_deployment = data or None, train_deployment or None  # "" from a deployment = unset
-    training_options, augment, fractions = check_request(
-        network, weights, mode, split_fractions, options, augmentation, fetch_weights=train_deployment is None
-    )
+    request = RunRequest(network, weights, mode, split_fractions, options or {}, augmentation or {})
+    checked = request.check(fetch_weights=train_deployment is None)  # the weights are the GPU pool's business
     model_name = model_name or model_name_for(data)
     if data is None:
         data = ensure_sample_dataset(store)
         logger.info("no data given: using the generated sample set %s", data)
     data = storage.absolute(data)
-    if weights not in ("default", "none"):
-        weights = storage.absolute(weights)
 
     dataset_url = unzip(data, store)
     config = RunConfig(
         data=data,
         dataset=dataset_url,
-        network=network,
-        weights="none" if mode == "scratch" else weights,
-        mode=mode,
-        split=fractions,
-        options=training_options.to_dict(),
-        augmentation=augment.to_dict(),
+        network=checked.network,
+        weights=checked.weights,
+        mode=checked.mode,
+        split=checked.fractions,
+        options=checked.options.to_dict(),
+        augmentation=checked.augmentation,
     )
     run_url = start_run(store, config, run_id=run_id, resume=resume)
     run_name = run_url.rstrip("/").rsplit("/", 1)[-1]
     logger.info("run %s in %s", run_name, run_url)
     try:
-        indexed = index(dataset_url, run_url, training_options.seed)
+        indexed = index(dataset_url, run_url, checked.options.seed)
         logger.info(
             "%d classes: %s; %d files skipped",
             len(indexed.classes),
             ", ".join(f"{c} ({n})" for c, n in indexed.counts.items()),
             indexed.skipped,
         )
-        split(run_url, fractions, training_options.seed)
+        split(run_url, checked.fractions, checked.options.seed)
         if train_deployment:
             trained = train_on_deployment(train_deployment, run_url)
         else:
@@ -125,10 +122,10 @@ def retrain_flow(
         "epochs": trained["epochs"],
         "resumed_from": trained["resumed_from"],
         "device": trained["device"],
-        "options": training_options.to_dict(),
+        "options": checked.options.to_dict(),
         "seconds": time.perf_counter() - started,
     }
-    summary_url = storage.join(run_url, "summary.json")
+    summary_url = storage.RunLayout(run_url).summary
     storage.write_json(summary_url, summary)
     publish_artifacts(summary, metrics, run_url, indexed.montage)
     if promote:
@@ -141,34 +138,11 @@ def retrain_flow(
             images=score_folder,
             store=store,
             progress=progress,
-            out=score_out or storage.join(run_url, "scores"),
+            out=score_out or storage.RunLayout(run_url).scores,
         )["output"]
     if promote or score_folder:  # the run's record says what became of its model too
         storage.write_json(summary_url, summary)
     return summary
-
-
-def check_request(
-    network: str,
-    weights: str,
-    mode: str,
-    split_fractions: str,
-    options: dict | None,
-    augmentation: dict | None,
-    fetch_weights: bool = True,
-) -> tuple[TrainingOptions, Augmentation, tuple[float, float, float]]:
-    """Validate everything a user chose before any work is done, so a typo or missing
-    weights fail in a second with a clear message, not after unzipping and indexing.
-    ``fetch_weights`` also obtains the pretrained weights (torchvision caches them)."""
-    get_spec(network)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    training_options = TrainingOptions.from_dict(options or {})
-    augment = Augmentation(**(augmentation or {}))
-    fractions = parse_fractions(split_fractions)
-    if fetch_weights and mode != "scratch" and weights != "none":
-        build_network(network, 2, storage.absolute(weights) if weights != "default" else weights)
-    return training_options, augment, fractions
 
 
 @task(name="promote")
@@ -209,7 +183,7 @@ def train_on_deployment(name: str, run_url: str) -> dict:
             f"{': ' + state.message if state and state.message else ''}"
         )
     logger.info("trained by %s in flow run %s", name, child.name)
-    return storage.read_json(storage.join(run_url, "training.json"))
+    return storage.read_json(storage.RunLayout(run_url).training)
 
 
 def publish_artifacts(summary: dict, metrics: dict, run_url: str, montage_url: str) -> None:
@@ -222,7 +196,7 @@ def publish_artifacts(summary: dict, metrics: dict, run_url: str, montage_url: s
     )
     plots = [
         ("Sample images", montage_url),
-        ("Training progress", storage.join(run_url, "progress.png")),
+        ("Training progress", storage.RunLayout(run_url).progress),
         ("Confusion chart", metrics["confusion_chart"]),
     ]
     create_markdown_artifact(

@@ -295,16 +295,6 @@ def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageI
 # ---- split --------------------------------------------------------------------------------
 
 
-def parse_fractions(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1) > 1e-6 or values[0] <= 0:
-        raise ValueError(f"split must be three fractions train,val,test summing to 1 with train > 0, not {text!r}")
-    return values  # type: ignore[return-value]
-
-
 def split_each_label(
     images: pd.DataFrame, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0
 ) -> pd.DataFrame:

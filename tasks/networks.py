@@ -19,10 +19,10 @@ import torch
 import torchvision
 from retrain.tasks import storage
 from retrain.tasks.preprocessing import CAFFE_BGR, IMAGENET_RGB, Preprocessing
+from retrain.tasks.request import MODES
 from torch import nn
 
 MODEL_FORMAT = "retrain.model/1"
-MODES = ("transfer", "finetune", "scratch")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -156,48 +156,84 @@ def build_network(name: str, num_classes: int, weights: str = "default") -> tupl
         model = builder(weights=None)
         origin = "random initialisation"
     elif weights == "default" and spec.torchvision_weights:
-        model, origin = _torchvision_pretrained(spec, builder)
-    else:
-        url = weights
-        if weights == "default":
-            url = _cached_weights_file(spec)
-            if url is None:
-                raise WeightsUnavailableError(
-                    f"network {name!r} needs its weights file {spec.weights_file}: pass "
-                    f"--weights PATH_OR_URL (for example ../shared/weights/{spec.weights_file}), "
-                    f"or copy the file into {os.path.join(torch.hub.get_dir(), 'checkpoints')}"
-                )
-        model = builder(weights=None)
-        state = _load_state_dict_file(url)
+        weights_enum = _torchvision_weights(spec)
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise WeightsUnavailableError(
-                f"weights file {url} does not fit network {name!r} ({spec.architecture}): "
-                f"{str(exc).splitlines()[0]} ... (is it for another architecture?)"
-            ) from None
+            model = builder(weights=weights_enum)
+        except Exception as exc:  # URLError, socket errors, hash mismatch, partial download
+            raise _torchvision_unavailable(spec, exc) from None
+        origin = f"torchvision {spec.torchvision_weights} ({weights_enum.url})"
+    else:
+        url = _weights_file(spec, weights)
+        model = builder(weights=None)
+        _load_fitting(model, spec, url)
         origin = f"file {url} (sha256 {storage.sha256_of(url)[:12]})"
     replace_head(model, spec.head_layer, num_classes)
     return model, origin
 
 
-def _torchvision_pretrained(spec: NetworkSpec, builder) -> tuple[nn.Module, str]:
-    enum_name, _, member = spec.torchvision_weights.partition(".")
-    weights_enum = getattr(getattr(torchvision.models, enum_name), member)
-    try:
-        model = builder(weights=weights_enum)
-    except Exception as exc:  # URLError, socket errors, hash mismatch, partial download
-        alternatives = [n for n, s in NETWORKS.items() if s.weights_file]
+def check_weights(name: str, weights: str = "default") -> None:
+    """Fail now, as :func:`build_network` would later, when ``weights`` cannot be had for
+    network ``name`` or do not fit it; without building the network: a weights file loads
+    into the architecture on the meta device (no memory, no initialisation), torchvision's
+    weights are fetched into torch's cache (where the build finds them)."""
+    spec = get_spec(name)
+    if weights == "none":
+        return
+    if weights == "default" and spec.torchvision_weights:
+        try:
+            _torchvision_weights(spec).get_state_dict(progress=False)
+        except Exception as exc:
+            raise _torchvision_unavailable(spec, exc) from None
+        return
+    url = _weights_file(spec, weights)
+    with torch.device("meta"):
+        model = getattr(torchvision.models, spec.architecture)(weights=None)
+    _load_fitting(model, spec, url)
+
+
+def _weights_file(spec: NetworkSpec, weights: str) -> str:
+    """The state-dict file ``weights`` names ("default": the registry's file in torch's cache)."""
+    if weights != "default":
+        return weights
+    url = _cached_weights_file(spec)
+    if url is None:
         raise WeightsUnavailableError(
-            f"could not obtain the pretrained weights for {spec.name!r} "
-            f"({spec.torchvision_weights}) through torchvision: {type(exc).__name__}: {exc}. "
-            f"On a machine without internet access, use a local weights file: "
-            f"--weights PATH (a state dict for torchvision.models.{spec.architecture}), or "
-            f"--network {alternatives[0]} --weights PATH_TO_{NETWORKS[alternatives[0]].weights_file}; "
-            f"or copy the file torchvision downloads into "
-            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}"
+            f"network {spec.name!r} needs its weights file {spec.weights_file}: pass "
+            f"--weights PATH_OR_URL (for example ../shared/weights/{spec.weights_file}), "
+            f"or copy the file into {os.path.join(torch.hub.get_dir(), 'checkpoints')}"
+        )
+    return url
+
+
+def _load_fitting(model: nn.Module, spec: NetworkSpec, url: str) -> None:
+    """Load the state dict at ``url`` into ``model`` (on the meta device: check names and
+    shapes only), or say why it does not fit."""
+    state = _load_state_dict_file(url)
+    try:
+        model.load_state_dict(state, strict=True, assign=next(model.parameters()).is_meta)
+    except RuntimeError as exc:
+        raise WeightsUnavailableError(
+            f"weights file {url} does not fit network {spec.name!r} ({spec.architecture}): "
+            f"{str(exc).splitlines()[0]} ... (is it for another architecture?)"
         ) from None
-    return model, f"torchvision {spec.torchvision_weights} ({weights_enum.url})"
+
+
+def _torchvision_weights(spec: NetworkSpec):
+    enum_name, _, member = spec.torchvision_weights.partition(".")
+    return getattr(getattr(torchvision.models, enum_name), member)
+
+
+def _torchvision_unavailable(spec: NetworkSpec, exc: Exception) -> WeightsUnavailableError:
+    alternatives = [n for n, s in NETWORKS.items() if s.weights_file]
+    return WeightsUnavailableError(
+        f"could not obtain the pretrained weights for {spec.name!r} "
+        f"({spec.torchvision_weights}) through torchvision: {type(exc).__name__}: {exc}. "
+        f"On a machine without internet access, use a local weights file: "
+        f"--weights PATH (a state dict for torchvision.models.{spec.architecture}), or "
+        f"--network {alternatives[0]} --weights PATH_TO_{NETWORKS[alternatives[0]].weights_file}; "
+        f"or copy the file torchvision downloads into "
+        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}"
+    )
 
 
 # ---- what trains: freezing and learn-rate factors --------------------------------------

@@ -12,7 +12,6 @@ from retrain.tasks.datastore import (
     index_images,
     index_stage,
     materialize,
-    parse_fractions,
     split_each_label,
     unzip_dataset,
 )
@@ -165,13 +164,6 @@ def test_split_of_a_one_image_class_names_the_class(shapes_dir, tmp_path):
     images = index_images(str(root)).images
     with pytest.raises(DataSetError, match="'lonely' has 1 image"):
         split_each_label(images)
-
-
-def test_parse_fractions():
-    assert parse_fractions("0.8,0.2,0") == (0.8, 0.2, 0.0)
-    for bad in ("0.5,0.5", "0.7,0.2,0.2", "a,b,c", "0,0.5,0.5"):
-        with pytest.raises(ValueError):
-            parse_fractions(bad)
 
 
 def test_index_stage_writes_index_report_and_montage(shapes_dir, tmp_path):

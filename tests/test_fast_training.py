@@ -258,18 +258,6 @@ def test_feature_dropout_keeps_and_scales_like_nn_dropout(p):
     assert torch.equal(dropout_to_float(features.clone(), 0.0), features.float())
 
 
-def test_cli_has_the_new_flags():
-    from retrain.flows.cli import _collect_options, build_parser
-
-    args = build_parser().parse_args(
-        ["run", "--classic-loop", "--feature-cache-views", "3", "--feature-cache-memory-mb", "100"]
-    )
-    options = TrainingOptions.from_dict(_collect_options(args))
-    assert options.classic_loop and options.feature_cache_views == 3 and options.feature_cache_memory_mb == 100
-    defaults = TrainingOptions.from_dict(_collect_options(build_parser().parse_args(["run"])))
-    assert not defaults.classic_loop and defaults.feature_cache_views is None
-
-
 def test_train_run_records_the_cache_and_writes_a_full_model(shapes_dir, tmp_path):
     from retrain.tasks.datastore import index_stage, split_stage
     from retrain.tasks.networks import load_model_file

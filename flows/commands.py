@@ -1,0 +1,276 @@
+"""What each ``retrain`` command does (:mod:`flows.cli` parses the command line).
+
+Each command imports what it needs when it runs, so ``retrain --help`` and a refused flag
+import no torch, Prefect or Dask. Each returns the dict that ``--json`` prints.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from retrain.tasks import storage
+from retrain.tasks.request import request_from_args
+
+
+def _store(args) -> str:
+    return storage.absolute(args.store or storage.default_store())
+
+
+def cmd_run(args) -> dict:
+    from dataclasses import asdict
+
+    request = request_from_args(args)
+    # Fail fast, before Prefect starts (10-30 s); the flow's own check of this request is then free.
+    request.check(fetch_weights=not args.train_deployment)
+
+    from retrain.flows.retrain import retrain_flow
+
+    summary = retrain_flow(
+        data=args.data,
+        store=_store(args),
+        **asdict(request),
+        run_id=args.run_id,
+        resume=not args.fresh,
+        progress=not args.json and sys.stderr.isatty(),
+        train_deployment=args.train_deployment,
+        model_name=args.model_name,
+        promote=not args.no_promote,
+        score_folder=args.score_folder,
+        score_out=args.score_out,
+    )
+    if not args.json:
+        print(
+            f"\nrun {summary['run_id']}: {summary['network']} ({summary['mode']}) on "
+            f"{len(summary['classes'])} classes: " + ", ".join(summary["classes"])
+        )
+        print(
+            f"  validation accuracy {summary['val_accuracy']:.4f}, test accuracy "
+            f"{summary['test_accuracy']:.4f} ({summary['test_images']} images)"
+        )
+        print(
+            f"  {summary['iterations']} iterations, {summary['epochs']} epochs on {summary['device']}, "
+            f"{summary['seconds']:.1f} s"
+        )
+        print(f"  model: {summary['model']}\n  plots: {summary['run']}/{{montage,progress,confusion}}.png")
+        if "promotion" in summary:
+            decision = summary["promotion"]
+            print(
+                f"  model {decision['model']}: {'promoted' if decision['promoted'] else 'not promoted'} "
+                f"({decision['reason']})"
+            )
+        if "scores" in summary:
+            print(f"  scores: {summary['scores']}")
+    keys = (
+        "run_id",
+        "model",
+        "classes",
+        "test_accuracy",
+        "val_accuracy",
+        "seconds",
+        "run",
+        "counts",
+        "skipped",
+        "iterations",
+        "epochs",
+        "promotion",
+        "scores",
+    )
+    return {k: summary[k] for k in keys if k in summary}
+
+
+def cmd_evaluate(args) -> dict:
+    from retrain.tasks.datastore import index_images, materialize
+    from retrain.tasks.evaluation import evaluate_model
+    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.reports import confusion_chart
+    from retrain.tasks.runs import resolve_model
+
+    started = time.perf_counter()
+    loaded = load_model_file(resolve_model(args.model, _store(args)))
+    index = index_images(materialize(storage.absolute(args.data), _store(args)))
+    result, _ = evaluate_model(loaded, index.images)
+    if args.chart:
+        confusion_chart(result.confusion, result.classes, args.chart)
+    if not args.json:
+        print(
+            f"accuracy {result.accuracy:.4f} on {result.count} images"
+            + (f" ({len(index.skipped)} files skipped)" if len(index.skipped) else "")
+        )
+        print(result.per_class_table().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(result.confusion_text())
+    return {**result.to_dict(), "skipped": len(index.skipped), "seconds": time.perf_counter() - started}
+
+
+def cmd_classify(args) -> dict:
+    from retrain.tasks.evaluation import classify_image
+    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.runs import resolve_model
+
+    loaded = load_model_file(resolve_model(args.model, _store(args)))
+    result = classify_image(loaded.model, loaded.preprocessing, loaded.classes, storage.absolute(args.image))
+    if not args.json:
+        print(f"{result.label} ({result.score:.4f})")
+    return {"label": result.label, "score": result.score, "scores": result.scores}
+
+
+def cmd_score(args) -> dict:
+    from retrain.flows.score import score_flow
+
+    summary = score_flow(
+        model=args.model,
+        images=args.images,
+        out=args.out,
+        store=_store(args),
+        dask_address=args.dask_address,
+        workers=args.workers,
+        mini_batch_size=args.mini_batch_size,
+        top_k=args.top_k,
+        partition_size=args.partition_size,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    if not args.json:
+        print(
+            f"scored {summary['scored']:,} of {summary['images']:,} images ({summary['failed']:,} failed) "
+            f"in {summary['seconds']:.1f} s, {summary['images_per_second'] or 0:.1f} images/s"
+            + (
+                f"; {summary['resumed_partitions']} partitions were already done"
+                if summary["resumed_partitions"]
+                else ""
+            )
+        )
+        for label, n in list(summary["labels"].items())[:10]:
+            print(f"  {label:<30} {n:>8,}")
+        print(f"  scores: {summary['output']}\n  summary: {summary['out']}/summary.json")
+    return {
+        k: summary[k]
+        for k in (
+            "images",
+            "scored",
+            "failed",
+            "seconds",
+            "images_per_second",
+            "output",
+            "processed",
+            "resumed_partitions",
+            "ignored",
+        )
+    }
+
+
+def cmd_network(args) -> dict:
+    from retrain.tasks.networks import NETWORKS, build_network, get_spec, summarize
+
+    if not args.name:
+        if not args.json:
+            for spec in NETWORKS.values():
+                print(
+                    f"{spec.name:<20} {spec.preprocessing.input_size[0]}x{spec.preprocessing.input_size[1]}  "
+                    f"head {spec.head_name:<13} {spec.description}"
+                )
+        return {"networks": list(NETWORKS)}
+    spec = get_spec(args.name)
+    model, origin = build_network(spec.name, args.classes, args.weights)
+    summary = summarize(model, spec)
+    if not args.json:
+        print(summary.to_text())
+        print(f"weights: {origin}")
+    return {
+        "network": spec.name,
+        "input_size": list(summary.input_size),
+        "head_layer": summary.head_name,
+        "head_module": summary.head_layer,
+        "learnables": summary.learnables,
+        "layers": len(summary.layers),
+    }
+
+
+def cmd_runs(args) -> dict:
+    from retrain.tasks.runs import list_runs
+
+    records = list_runs(_store(args))
+    if not args.json:
+        for r in records:
+            acc = r.get("test_accuracy")
+            print(
+                f"{r['run_id']}  {r['status']:<9}  {r['config']['network']:<18} {r['config']['mode']:<8} "
+                f"test accuracy {acc if acc is None else f'{acc:.4f}'}"
+            )
+    return {"runs": [{k: r.get(k) for k in ("run_id", "status", "test_accuracy", "model")} for r in records]}
+
+
+def cmd_deploy(args) -> dict:
+    from pathlib import Path
+
+    from retrain.flows import deploy
+
+    values = {name: getattr(args, name) for name in deploy.placeholder_defaults()}
+    result = deploy.apply(
+        values,
+        Path(args.prefect_file) if args.prefect_file else deploy.PREFECT_FILE,
+        names=args.only,
+        create_pools=not args.no_create_pools,
+        cpu_pool_type=args.cpu_pool_type,
+        gpu_pool_type=args.gpu_pool_type,
+        gpu_job_template=args.gpu_job_template,
+    )
+    if not args.json:
+        for pool in result["work_pools_created"]:
+            print(f"created work pool {pool}")
+        for name in result["deployments"]:
+            print(f"deployed {name}")
+        for note in result["skipped"]:
+            print(f"skipped {note}")
+        print(
+            f"store {result['store']}; start workers with: "
+            + "; ".join(f"prefect worker start --pool {p}" for p in result["work_pools"])
+        )
+    return result
+
+
+def _fmt_score(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def cmd_models(args) -> dict:
+    from retrain.tasks.promotion import list_models
+
+    found = [m for m in list_models(_store(args)) if not args.name or m["model"] == args.name]
+    if args.name and not found:
+        raise FileNotFoundError(f"model {args.name!r} in {_store(args)}")
+    if not args.json:
+        for m in found:
+            cur = m["current"] or {}
+            print(
+                f"{m['model']}: current run {cur.get('run_id', '-')} ({cur.get('metric', 'accuracy')} "
+                f"{_fmt_score(cur.get('score'))}, {cur.get('action', '-')} {cur.get('promoted_at', '')})"
+            )
+            for h in m["history"]:
+                mark = "*" if h["promoted"] else " "
+                print(
+                    f"  {mark} {h['decided_at'][:19]}  {h['action']:<8}  {h['run_id']:<24} "
+                    f"{_fmt_score(h['candidate_score'])} vs {_fmt_score(h['current_score'])}  {h['reason']}"
+                )
+    return {"models": found}
+
+
+def cmd_rollback(args) -> dict:
+    from retrain.tasks.promotion import rollback
+
+    decision = rollback(_store(args), args.name, args.to_run).to_dict()
+    if not args.json:
+        print(f"model {args.name}: current run is now {decision['run_id']} ({decision['reason']})")
+    return decision
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "evaluate": cmd_evaluate,
+    "classify": cmd_classify,
+    "score": cmd_score,
+    "network": cmd_network,
+    "runs": cmd_runs,
+    "deploy": cmd_deploy,
+    "models": cmd_models,
+    "rollback": cmd_rollback,
+}
