@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny generated image sets, the ../shared data (skipped when absent), a
-small model file, and one Prefect API for the whole session."""
+"""Shared fixtures and helpers: tiny generated image sets, the ../shared data (skipped when
+absent), a small model file, one Prefect API for the whole session, an in-process Dask cluster;
+image encoding, zipping, and calling the CLI in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -74,3 +79,80 @@ def random_model_file(tmp_path_factory) -> str:
     url = str(tmp_path_factory.mktemp("model") / "model.pt")
     save_model_file(url, model_record(model, spec, ["circle", "square", "triangle"], origin))
     return url
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """An in-process Dask cluster (one worker thread): the real job, without process start-up."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def encode(image, fmt: str, **kwargs) -> bytes:
+    """A PIL image as the bytes of a file in format ``fmt`` (JPEG, PNG, ...)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def zip_folder(folder: Path, out: Path, top: str = "") -> Path:
+    """Zip the files below ``folder`` (symlinks left out) into ``out``, under ``top/``."""
+    with zipfile.ZipFile(out, "w") as archive:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                archive.write(path, (Path(top) / path.relative_to(folder)).as_posix())
+    return out
+
+
+def tiny_run_flags(max_epochs: int = 1, **options) -> list[str]:
+    """``retrain run`` flags for a quick run on generated images: the Caffe SqueezeNet layout
+    with random weights, mini-batches of 8; ``options`` as more training options."""
+    flags = ["--network", "squeezenet-caffe", "--weights", "none", "--max-epochs", str(max_epochs)]
+    flags += ["--mini-batch-size", "8"]
+    for name, value in options.items():
+        flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags
+
+
+def last_json(capsys) -> dict:
+    """The JSON object a ``--json`` command printed last."""
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def run_cli(args: list[str]) -> tuple[int, dict, str]:
+    """``retrain ARGS --json`` in this process: (exit status, the last JSON line, stderr). An
+    exception escaping ``main`` is a crash and fails the test."""
+    from retrain.flows.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main([*args, "--json"])
+        except BaseException as exc:  # noqa: BLE001 - that is the point
+            pytest.fail(f"crash: retrain {' '.join(args)} raised {type(exc).__name__}: {exc}")
+    lines = out.getvalue().strip().splitlines()
+    return status, json.loads(lines[-1]) if lines else {}, err.getvalue()
+
+
+def s3_environment(monkeypatch, endpoint: str, **extra: str) -> None:
+    """Point s3fs (botocore) at the S3 server at ``endpoint`` with test credentials; ``extra``:
+    more environment variables."""
+    s3fs = pytest.importorskip("s3fs")
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        **extra,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -10,11 +10,9 @@ below are the inventory of what is tried; ``test_bad_input_inventory`` counts th
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
-import json
 import os
 import pickle
 import shutil
@@ -29,7 +27,6 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from retrain.flows.cli import main
 from retrain.tasks import datastore, storage
 from retrain.tasks.datastore import unzip_dataset
 from retrain.tasks.networks import MODEL_FORMAT, ModelFileError, build_network, save_model_file
@@ -37,28 +34,13 @@ from retrain.tasks.preprocessing import ImageDecodeError, decode_image
 from retrain.tasks.samples import make_shapes_dataset
 from retrain.tasks.training.checkpoints import load_latest_checkpoint
 
+from tests.conftest import encode, run_cli, tiny_run_flags, zip_folder
+
 CLASSES = ["circle", "square", "triangle"]
-FAST = [
-    "--network",
-    "squeezenet-caffe",
-    "--weights",
-    "none",
-    "--max-epochs",
-    "1",
-    "--mini-batch-size",
-    "8",
-    "--seed",
-    "0",
-]
+FAST = tiny_run_flags(max_epochs=1, seed=0)
 
 
 # ---- generated images ------------------------------------------------------------------------
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def noise(seed: int, size=(48, 64)) -> Image.Image:
@@ -273,7 +255,7 @@ def store_template(tmp_path_factory, model_file) -> Path:
     shapes = tmp_path_factory.mktemp("template-data") / "old"
     make_shapes_dataset(str(shapes), per_class=2, size=32, seed=11)
     archive = tmp_path_factory.mktemp("template-zip") / "old.zip"
-    zip_tree(shapes, archive, top="old")
+    zip_folder(shapes, archive, top="old")
     unzip_dataset(str(archive), str(root))
     run = root / "runs" / "r0"
     run.mkdir(parents=True)
@@ -292,27 +274,6 @@ def store(tmp_path, store_template) -> Path:
     root = tmp_path / "store"
     shutil.copytree(store_template, root, symlinks=True)
     return root
-
-
-def zip_tree(folder: Path, out: Path, top: str = "") -> Path:
-    with zipfile.ZipFile(out, "w") as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                archive.write(path, (Path(top) / path.relative_to(folder)).as_posix())
-    return out
-
-
-def run_cli(args: list[str]) -> tuple[int, dict, str]:
-    """``retrain ARGS --json`` in this process: (exit status, the last JSON line, stderr). An
-    exception escaping ``main`` is a crash and fails the test."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = main([*args, "--json"])
-        except BaseException as exc:  # noqa: BLE001 - that is the point
-            pytest.fail(f"crash: retrain {' '.join(args)} raised {type(exc).__name__}: {exc}")
-    lines = out.getvalue().strip().splitlines()
-    return status, json.loads(lines[-1]) if lines else {}, err.getvalue()
 
 
 def assert_clear_refusal(status: int, result: dict, stderr: str, match: str, command: str) -> None:
@@ -384,7 +345,7 @@ def test_training_data_with_every_kind_runs_and_reports_what_it_skipped(prefect_
     in skipped.csv with the reason, and only this run's own places in the store are new."""
     folder = tmp_path / "src" / "mixed"
     used, skipped = mixed_data_set(folder)
-    archive = zip_tree(folder, tmp_path / "mixed.zip", top="mixed")
+    archive = zip_folder(folder, tmp_path / "mixed.zip", top="mixed")
     with zipfile.ZipFile(archive) as z:  # __MACOSX and dot files travel in the zip, as from a Mac
         assert any(n.startswith("mixed/__MACOSX/") for n in z.namelist())
     before = snapshot(store)
@@ -570,18 +531,6 @@ def test_refused_training_data_gives_a_clear_error_and_leaves_the_store_alone(
 
 
 # ---- scoring folders --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dask_client():
-    """An in-process Dask cluster (one worker thread): the real job, without process start-up."""
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
 
 
 def test_scoring_folder_with_every_kind_gives_one_row_per_image(tmp_path, store, dask_client):

@@ -17,13 +17,7 @@ from retrain.tasks.datastore import (
 )
 from retrain.tasks.samples import draw_shape
 
-
-def zip_folder(folder: Path, out: Path, top: str = "") -> Path:
-    with zipfile.ZipFile(out, "w") as z:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                z.write(f, str(Path(top) / f.relative_to(folder)))
-    return out
+from tests.conftest import zip_folder
 
 
 def copy_shapes(shapes_dir: str, tmp_path: Path) -> Path:

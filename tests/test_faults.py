@@ -30,7 +30,7 @@ from retrain.tasks import storage
 from retrain.tasks.networks import build_network, get_spec, model_record, read_model_record
 from retrain.tasks.samples import make_shapes_dataset
 
-from tests.conftest import CAFFE_WEIGHTS
+from tests.conftest import CAFFE_WEIGHTS, s3_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -343,22 +343,12 @@ class FaultProxy:
         self.server.server_close()
 
 
-def s3_environment(monkeypatch, endpoint: str) -> None:
-    """Point s3fs at ``endpoint``; botocore tries once (AWS_MAX_ATTEMPTS=1), so every retry
-    seen is retrain's own (tasks/storage.py), three attempts in all, quickly."""
-    s3fs = pytest.importorskip("s3fs")
-    for name, value in {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_MAX_ATTEMPTS": "1",
-        "RETRAIN_STORE_RETRIES": "3",
-        "RETRAIN_STORE_RETRY_DELAY": "0.02",
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    s3fs.S3FileSystem.clear_instance_cache()
+def s3_environment_with_fast_retries(monkeypatch, endpoint: str) -> None:
+    """botocore tries once (AWS_MAX_ATTEMPTS=1), so every retry seen is retrain's own
+    (tasks/storage.py), three attempts in all, quickly."""
+    s3_environment(
+        monkeypatch, endpoint, AWS_MAX_ATTEMPTS="1", RETRAIN_STORE_RETRIES="3", RETRAIN_STORE_RETRY_DELAY="0.02"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +366,7 @@ def s3(moto, monkeypatch):
     import s3fs
 
     with FaultProxy(moto) as proxy:
-        s3_environment(monkeypatch, proxy.url)
+        s3_environment_with_fast_retries(monkeypatch, proxy.url)
         bucket = f"faults-{os.urandom(4).hex()}"
         s3fs.S3FileSystem().mkdir(bucket)
         yield proxy, f"s3://{bucket}"
@@ -459,7 +449,7 @@ def test_s3_endpoint_down_gives_a_clear_error(tmp_path, monkeypatch, capsys):
     from tests._services import moto_s3
 
     with moto_s3(tmp_path) as endpoint:
-        s3_environment(monkeypatch, endpoint)
+        s3_environment_with_fast_retries(monkeypatch, endpoint)
         s3fs.S3FileSystem().mkdir("down")
         storage.write_bytes("s3://down/model.pt", b"placeholder")
     s3fs.S3FileSystem.clear_instance_cache()

@@ -1,18 +1,13 @@
 """The seed's workflow on the real data and weights in ../shared (skipped where absent)."""
 
-import json
 from pathlib import Path
 
 import pytest
 from retrain.flows.cli import main
 
-from tests.conftest import HYMENOPTERA, MERCH_ZIP, need
+from tests.conftest import HYMENOPTERA, MERCH_ZIP, last_json, need
 
 pytestmark = pytest.mark.integration
-
-
-def last_json(capsys) -> dict:
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def test_merchdata_transfer_learning_with_the_caffe_squeezenet(prefect_api, caffe_weights, tmp_path, capsys):

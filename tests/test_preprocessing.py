@@ -1,4 +1,3 @@
-import io
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,11 +14,7 @@ from retrain.tasks.preprocessing import (
     load_image,
 )
 
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
+from tests.conftest import encode
 
 
 def test_decoding_in_threads_leaves_the_warning_filters_alone():

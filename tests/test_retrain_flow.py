@@ -11,23 +11,9 @@ from retrain.flows.cli import main
 from retrain.flows.retrain import retrain_flow
 from retrain.tasks.runs import read_run
 
-FAST = [
-    "--network",
-    "squeezenet-caffe",
-    "--weights",
-    "none",
-    "--max-epochs",
-    "2",
-    "--mini-batch-size",
-    "8",
-    "--validation-frequency",
-    "2",
-]
+from tests.conftest import last_json, tiny_run_flags
 
-
-def last_json(capsys) -> dict:
-    out = capsys.readouterr().out.strip().splitlines()
-    return json.loads(out[-1])
+FAST = tiny_run_flags(max_epochs=2, validation_frequency=2)
 
 
 def test_run_evaluate_classify_through_the_cli(prefect_api, shapes_dir, tmp_path, capsys):

@@ -8,30 +8,20 @@ The Dask workers of the scoring flow are separate processes; they inherit the en
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 from retrain.tasks import promotion, storage
 from retrain.tasks.samples import make_shapes_dataset
 
+from tests.conftest import s3_environment, zip_folder
+
 s3fs = pytest.importorskip("s3fs")
 
 SCORE_FLOW = Path(__file__).resolve().parents[1] / "flows" / "score.py"
-
-
-def _zip_folder(root: str) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for folder, _, files in os.walk(root):
-            for name in sorted(files):
-                path = os.path.join(folder, name)
-                archive.write(path, os.path.relpath(path, os.path.dirname(root)))
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -39,15 +29,7 @@ def s3_endpoint(tmp_path, monkeypatch):
     from tests._services import moto_s3
 
     with moto_s3(tmp_path) as endpoint:
-        for name, value in {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
+        s3_environment(monkeypatch, endpoint)
         yield endpoint
         s3fs.S3FileSystem.clear_instance_cache()
 
@@ -59,7 +41,8 @@ def test_retrain_promote_and_score_on_s3(tmp_path, s3_endpoint, shapes_dir, pref
     fs = s3fs.S3FileSystem()
     for bucket in ("retrain-data", "retrain-store", "retrain-out"):
         fs.mkdir(bucket)
-    fs.pipe("retrain-data/sets/shapes.zip", _zip_folder(shapes_dir))
+    archive = zip_folder(Path(shapes_dir), tmp_path / "shapes.zip", top=Path(shapes_dir).name)
+    fs.pipe("retrain-data/sets/shapes.zip", archive.read_bytes())
     timings = {}
 
     t = time.perf_counter()
