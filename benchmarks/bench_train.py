@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from retrain.tasks import training  # noqa: E402
 from retrain.tasks.datastore import index_images, materialize, split_each_label  # noqa: E402
 from retrain.tasks.evaluation import predict_scores  # noqa: E402
-from retrain.tasks.networks import build_network, get_spec  # noqa: E402
+from retrain.tasks.networks import build_network, get_spec, resolve_device  # noqa: E402
 from retrain.tasks.preprocessing import Augmentation, load_images  # noqa: E402
 from retrain.tasks.training import TrainingData  # noqa: E402
 
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
-            "device": str(training.resolve_device("auto")),
+            "device": str(resolve_device("auto")),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
     }

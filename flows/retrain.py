@@ -12,11 +12,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from retrain.flows.train import train_flow
 from retrain.tasks import storage
-from retrain.tasks.datastore import index_stage, materialize, split_stage
+from retrain.tasks.datastore import IndexRecord, index_stage, materialize, split_stage
 from retrain.tasks.evaluation import evaluate_run
 from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run
 from retrain.tasks.reports import png_markdown, run_summary_markdown
-from retrain.tasks.request import DEFAULTS, RunRequest
+from retrain.tasks.request import DEFAULTS, CheckedRequest, RunRequest
 from retrain.tasks.runs import STATUS_FAILED, RunConfig, publish_run, start_run, update_run
 from retrain.tasks.samples import ensure_sample_dataset
 
@@ -81,50 +81,8 @@ def retrain_flow(
         augmentation=checked.augmentation,
     )
     run_url = start_run(store, config, run_id=run_id, resume=resume)
-    run_name = run_url.rstrip("/").rsplit("/", 1)[-1]
-    logger.info("run %s in %s", run_name, run_url)
-    try:
-        indexed = index(dataset_url, run_url, checked.options.seed)
-        logger.info(
-            "%d classes: %s; %d files skipped",
-            len(indexed.classes),
-            ", ".join(f"{c} ({n})" for c, n in indexed.counts.items()),
-            indexed.skipped,
-        )
-        split(run_url, checked.fractions, checked.options.seed)
-        if train_deployment:
-            trained = train_on_deployment(train_deployment, run_url)
-        else:
-            trained = train_flow(run_url, progress=progress)
-        metrics = evaluate(run_url)
-        model_url = publish(run_url)
-    except BaseException as exc:
-        try:
-            update_run(run_url, status=STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
-        except Exception as record_error:  # the store may be what failed: keep the first error
-            logger.warning("could not mark run %s failed: %s", run_name, record_error)
-        raise
-    summary = {
-        "run_id": run_name,
-        "run": run_url,
-        "model": model_url,
-        "data": data,
-        "network": network,
-        "mode": mode,
-        "weights_origin": trained["weights_origin"],
-        "classes": indexed.classes,
-        "counts": indexed.counts,
-        "skipped": indexed.skipped,
-        "test_accuracy": metrics["test_accuracy"],
-        "val_accuracy": trained["val_accuracy"],
-        "test_images": metrics["test_images"],
-        "iterations": trained["iterations"],
-        "epochs": trained["epochs"],
-        "resumed_from": trained["resumed_from"],
-        "device": trained["device"],
-        "options": checked.options.to_dict(),
-        "seconds": time.perf_counter() - started,
-    }
+    indexed, trained, metrics, model_url = _run_stages(run_url, dataset_url, checked, train_deployment, progress)
+    summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
     summary_url = storage.RunLayout(run_url).summary
     storage.write_json(summary_url, summary)
     publish_artifacts(summary, metrics, run_url, indexed.montage)
@@ -143,6 +101,70 @@ def retrain_flow(
     if promote or score_folder:  # the run's record says what became of its model too
         storage.write_json(summary_url, summary)
     return summary
+
+
+def _summary(
+    run_url: str,
+    model_url: str,
+    data: str,
+    checked: CheckedRequest,
+    indexed: IndexRecord,
+    trained: dict,
+    metrics: dict,
+    seconds: float,
+) -> dict:
+    """The run's summary.json (and what ``retrain run`` prints)."""
+    return {
+        "run_id": storage.RunLayout(run_url).run_id,
+        "run": run_url,
+        "model": model_url,
+        "data": data,
+        "network": checked.network,
+        "mode": checked.mode,
+        "weights_origin": trained["weights_origin"],
+        "classes": indexed.classes,
+        "counts": indexed.counts,
+        "skipped": indexed.skipped,
+        "test_accuracy": metrics["test_accuracy"],
+        "val_accuracy": trained["val_accuracy"],
+        "test_images": metrics["test_images"],
+        "iterations": trained["iterations"],
+        "epochs": trained["epochs"],
+        "resumed_from": trained["resumed_from"],
+        "device": trained["device"],
+        "options": checked.options.to_dict(),
+        "seconds": seconds,
+    }
+
+
+def _run_stages(
+    run_url: str, dataset_url: str, checked: CheckedRequest, train_deployment: str | None, progress: bool
+) -> tuple[IndexRecord, dict, dict, str]:
+    """index -> split -> train -> evaluate -> publish; a failure marks the run failed (and is
+    raised). Returns the index record, training.json, metrics.json and the model URL."""
+    logger = get_run_logger()
+    run_name = storage.RunLayout(run_url).run_id
+    logger.info("run %s in %s", run_name, run_url)
+    try:
+        indexed = index(dataset_url, run_url, checked.options.seed)
+        logger.info(
+            "%d classes: %s; %d files skipped",
+            len(indexed.classes),
+            ", ".join(f"{c} ({n})" for c, n in indexed.counts.items()),
+            indexed.skipped,
+        )
+        split(run_url, checked.fractions, checked.options.seed)
+        if train_deployment:
+            trained = train_on_deployment(train_deployment, run_url)
+        else:
+            trained = train_flow(run_url, progress=progress)
+        return indexed, trained, evaluate(run_url), publish(run_url)
+    except BaseException as exc:
+        try:
+            update_run(run_url, status=STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
+        except Exception as record_error:  # the store may be what failed: keep the first error
+            logger.warning("could not mark run %s failed: %s", run_name, record_error)
+        raise
 
 
 @task(name="promote")

@@ -258,7 +258,7 @@ def test_feature_dropout_keeps_and_scales_like_nn_dropout(p):
     assert torch.equal(dropout_to_float(features.clone(), 0.0), features.float())
 
 
-def test_train_run_records_the_cache_and_writes_a_full_model(shapes_dir, tmp_path):
+def test_train_run_records_the_cache_writes_a_full_model_and_reports_each_validation(shapes_dir, tmp_path):
     from retrain.tasks.datastore import index_stage, split_stage
     from retrain.tasks.networks import load_model_file
     from retrain.tasks.runs import RunConfig, start_run
@@ -277,8 +277,13 @@ def test_train_run_records_the_cache_and_writes_a_full_model(shapes_dir, tmp_pat
     run_url = start_run(str(tmp_path / "store"), config)
     index_stage(shapes_dir, run_url)
     split_stage(run_url, (0.7, 0.3, 0.0), 0)
-    summary = train_run(run_url)
+    histories = []
+    summary = train_run(run_url, on_validation=histories.append)
     assert summary["feature_cache"]["location"] == "memory" and summary["feature_cache"]["views"] == 1
+    # the live-progress hook: the history so far after each validation (every 5 iterations, and the last)
+    iterations = summary["iterations"]
+    assert [len(h) for h in histories] == [i for i in range(1, iterations + 1) if i % 5 == 0 or i == iterations]
+    assert histories[-1]["val_loss"].notna().iloc[-1] and histories[-1]["iteration"].iloc[-1] == iterations
     assert not os.path.exists(os.path.join(run_url, "features"))
     loaded = load_model_file(summary["trained"])  # the same self-describing file, body and head
     assert loaded.meta["training"]["options"]["classic_loop"] is False
