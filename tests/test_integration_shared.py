@@ -10,27 +10,15 @@ from tests.conftest import HYMENOPTERA, MERCH_ZIP, last_json, need
 pytestmark = pytest.mark.integration
 
 
+def caffe_run(data: str, store: str, weights: str, *flags: str) -> list[str]:
+    """``retrain run`` of the Caffe SqueezeNet with its real weights, --json."""
+    return ["run", data, "--store", store, "--network", "squeezenet-caffe", "--weights", weights, *flags, "--json"]
+
+
 def test_merchdata_transfer_learning_with_the_caffe_squeezenet(prefect_api, caffe_weights, tmp_path, capsys):
     zip_path = need(MERCH_ZIP)
     store = str(tmp_path / "store")
-    assert (
-        main(
-            [
-                "run",
-                str(zip_path),
-                "--store",
-                store,
-                "--network",
-                "squeezenet-caffe",
-                "--weights",
-                caffe_weights,
-                "--seed",
-                "0",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert main(caffe_run(str(zip_path), store, caffe_weights, "--seed", "0")) == 0
     result = last_json(capsys)
     assert len(result["classes"]) == 5 and all(n == 15 for n in result["counts"].values())
     assert result["test_accuracy"] >= 0.9  # MATLAB reports 1.0; one image is 10 points here
@@ -43,24 +31,7 @@ def test_hymenoptera_train_then_evaluate_on_val(prefect_api, caffe_weights, tmp_
     root = need(HYMENOPTERA)
     store = str(tmp_path / "store")
     assert (
-        main(
-            [
-                "run",
-                str(root / "train"),
-                "--store",
-                store,
-                "--network",
-                "squeezenet-caffe",
-                "--weights",
-                caffe_weights,
-                "--split",
-                "0.85,0.15,0",
-                "--max-epochs",
-                "3",
-                "--json",
-            ]
-        )
-        == 0
+        main(caffe_run(str(root / "train"), store, caffe_weights, "--split", "0.85,0.15,0", "--max-epochs", "3")) == 0
     )
     result = last_json(capsys)
     assert sum(result["counts"].values()) == 245  # the GIF and "ant photos.jpg" included
