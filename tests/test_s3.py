@@ -34,14 +34,15 @@ def s3_endpoint(tmp_path, monkeypatch):
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_retrain_promote_and_score_on_s3(tmp_path, s3_endpoint, shapes_dir, prefect_api, monkeypatch):
+def test_retrain_promote_and_score_on_s3(tmp_path, tmp_path_factory, s3_endpoint, shapes_dir, prefect_api, monkeypatch):
     from retrain.flows.retrain import retrain_flow
 
     monkeypatch.chdir(tmp_path)  # anything written locally by mistake would land here
     fs = s3fs.S3FileSystem()
     for bucket in ("retrain-data", "retrain-store", "retrain-out"):
         fs.mkdir(bucket)
-    archive = zip_folder(Path(shapes_dir), tmp_path / "shapes.zip", top=Path(shapes_dir).name)
+    zipped = tmp_path_factory.mktemp("upload") / "shapes.zip"  # not in tmp_path: nothing local is expected there
+    archive = zip_folder(Path(shapes_dir), zipped, top=Path(shapes_dir).name)
     fs.pipe("retrain-data/sets/shapes.zip", archive.read_bytes())
     timings = {}
 

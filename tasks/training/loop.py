@@ -25,14 +25,16 @@ from retrain.tasks.networks import (
     freeze_batchnorm,
     parameter_groups,
     resolve_device,
+    split_at_head,
 )
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.checkpoints import load_latest_checkpoint, remove_write_debris, save_checkpoint
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import Prefetcher, autocast
+from retrain.tasks.training.features import build_feature_cache
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import dropout_seed, epoch_order, make_optimizer, set_epoch_learn_rate
-from retrain.tasks.training.steps import CachedSteps, ClassicSteps, make_steps, validation_metrics
+from retrain.tasks.training.steps import CachedSteps, ClassicSteps, validation_metrics
 from torch import nn
 
 log = logging.getLogger("retrain.training")
@@ -137,6 +139,41 @@ class _Trainer:
     @property
     def unfinished(self) -> bool:
         return self.state.iteration < self.plan.total and not self.state.stopped_early
+
+    def make_steps(
+        self,
+        preprocessing: Preprocessing,
+        data: TrainingData,
+        augmentation: Augmentation,
+        feature_folder: str | None,
+        progress: bool,
+    ) -> ClassicSteps | CachedSteps:
+        """The head on transfer mode's cached body features while there is training left
+        (unless ``options.classic_loop``, or the network cannot be split at its head); the
+        classic loop otherwise (and for a finished run: no feature cache to build)."""
+        options = self.options
+        classic = ClassicSteps(self.model, preprocessing, data, augmentation, options, self.device)
+        if self.mode != "transfer" or options.classic_loop or not self.unfinished:
+            return classic
+        try:
+            split = split_at_head(self.model, self.spec)
+        except NotImplementedError as exc:
+            self.logger.info("training with the classic loop: %s", exc)
+            return classic
+        cache = build_feature_cache(
+            split.body,
+            data,
+            preprocessing,
+            augmentation,
+            options.cache_views(augmentation),
+            options.seed,
+            self.device,
+            options.feature_cache_memory_mb * 2**20,
+            feature_folder,
+            progress=progress,
+            logger=self.logger,
+        )
+        return CachedSteps(self.model, split.rest, split.dropout, cache, data, options, self.device)
 
     def resume(self) -> int | None:
         """Continue from the newest checkpoint, if any; returns its iteration."""
@@ -272,12 +309,7 @@ def train(
     plan = Plan.of(len(data.train_targets), options)
     trainer = _Trainer(model, spec, mode, options, plan, device, checkpoints, logger)
     resumed_from = trainer.resume()
-    if trainer.unfinished:
-        steps = make_steps(
-            model, spec, preprocessing, data, mode, options, augmentation, device, feature_folder, progress, logger
-        )
-    else:  # nothing left to train: no feature cache to build
-        steps = ClassicSteps(model, preprocessing, data, augmentation, options, device)
+    steps = trainer.make_steps(preprocessing, data, augmentation, feature_folder, progress)
     _loop(trainer, steps, data, on_validation, progress)
     return trainer.finish(resumed_from, steps.feature_info)
 

@@ -5,15 +5,12 @@ batch of an iteration, on the host: may run on a worker thread), ``logits`` and
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from retrain.tasks.evaluation import predict_scores
-from retrain.tasks.networks import NetworkSpec, split_at_head
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import autocast, pinned, to_device
-from retrain.tasks.training.features import FeatureCache, build_feature_cache, network_layout
+from retrain.tasks.training.features import FeatureCache, network_layout
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import epoch_views, seeded_generator
 from torch import nn
@@ -159,41 +156,3 @@ def validation_metrics(scores: torch.Tensor, targets: torch.Tensor) -> tuple[flo
     loss = float(nn.functional.nll_loss(torch.log(scores.clamp_min(1e-12)), targets))
     accuracy = float((scores.argmax(1) == targets).float().mean())
     return loss, accuracy
-
-
-def make_steps(
-    model: nn.Module,
-    spec: NetworkSpec,
-    preprocessing: Preprocessing,
-    data: TrainingData,
-    mode: str,
-    options: TrainingOptions,
-    augmentation: Augmentation,
-    device: torch.device,
-    feature_folder: str | None,
-    progress: bool,
-    logger: logging.Logger,
-) -> ClassicSteps | CachedSteps:
-    """The head on cached features in transfer mode (unless ``options.classic_loop``, or the
-    network cannot be split at its head); the classic loop otherwise."""
-    if mode == "transfer" and not options.classic_loop:
-        try:
-            split = split_at_head(model, spec)
-        except NotImplementedError as exc:
-            logger.info("training with the classic loop: %s", exc)
-        else:
-            cache = build_feature_cache(
-                split.body,
-                data,
-                preprocessing,
-                augmentation,
-                options.cache_views(augmentation),
-                options.seed,
-                device,
-                options.feature_cache_memory_mb * 2**20,
-                feature_folder,
-                progress=progress,
-                logger=logger,
-            )
-            return CachedSteps(model, split.rest, split.dropout, cache, data, options, device)
-    return ClassicSteps(model, preprocessing, data, augmentation, options, device)
