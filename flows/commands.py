@@ -61,6 +61,7 @@ def cmd_run(args) -> dict:
             )
         if "scores" in summary:
             print(f"  scores: {summary['scores']}")
+        _print_ui_url(summary)
     keys = (
         "run_id",
         "model",
@@ -75,8 +76,16 @@ def cmd_run(args) -> dict:
         "epochs",
         "promotion",
         "scores",
+        "ui_url",
     )
     return {k: summary[k] for k in keys if k in summary}
+
+
+def _print_ui_url(summary: dict) -> None:
+    if summary.get("ui_url"):
+        print(f"  in the Prefect UI: {summary['ui_url']}")
+    else:
+        print("  (start `retrain server start` once to keep runs in the Prefect UI)")
 
 
 def cmd_evaluate(args) -> dict:
@@ -142,6 +151,7 @@ def cmd_score(args) -> dict:
         for label, n in list(summary["labels"].items())[:10]:
             print(f"  {label:<30} {n:>8,}")
         print(f"  scores: {summary['output']}\n  summary: {summary['out']}/summary.json")
+        _print_ui_url(summary)
     return {
         k: summary[k]
         for k in (
@@ -154,6 +164,7 @@ def cmd_score(args) -> dict:
             "processed",
             "resumed_partitions",
             "ignored",
+            "ui_url",
         )
     }
 
@@ -263,6 +274,36 @@ def cmd_rollback(args) -> dict:
     return decision
 
 
+def cmd_server(args) -> dict:
+    from retrain.tasks import server
+
+    if args.action == "stop":
+        result = server.stop()
+        if not args.json:
+            print(
+                f"stopped the Prefect server (pid {result['pid']})"
+                if result["stopped"]
+                else "no Prefect server was running"
+            )
+        return result
+    if args.action == "start":
+        state = server.start(port=args.port, host=args.host)
+        headline = "already running" if state["already_running"] else f"started in {state['seconds']:.1f} s"
+    else:
+        state = server.status()
+        headline = f"running since {state['started_at']}" if state["running"] else ""
+    if not args.json:
+        if not headline:
+            print(f"not running (no live server in {state['state_file']}); start it with `retrain server start`")
+        else:
+            print(
+                f"Prefect server {headline} (pid {state['pid']})\n  UI:  {state['ui_url']}\n  API: {state['api_url']}\n"
+                f"  log: {state['log']}\n  database: {state['database']}\n"
+                "retrain commands use it while PREFECT_API_URL is unset; `retrain server stop` stops it."
+            )
+    return state
+
+
 COMMANDS = {
     "run": cmd_run,
     "evaluate": cmd_evaluate,
@@ -273,4 +314,5 @@ COMMANDS = {
     "deploy": cmd_deploy,
     "models": cmd_models,
     "rollback": cmd_rollback,
+    "server": cmd_server,
 }

@@ -15,7 +15,7 @@ from retrain.tasks import storage
 from retrain.tasks.datastore import IndexRecord, index_stage, materialize, split_stage
 from retrain.tasks.evaluation import evaluate_run
 from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run
-from retrain.tasks.reports import png_markdown, run_summary_markdown
+from retrain.tasks.reports import flow_run_ui_url, png_markdown, run_summary_markdown
 from retrain.tasks.request import DEFAULTS, CheckedRequest, RunRequest
 from retrain.tasks.runs import STATUS_FAILED, RunConfig, publish_run, start_run, update_run
 from retrain.tasks.samples import ensure_sample_dataset
@@ -99,6 +99,7 @@ def retrain_flow(
             out=score_out or storage.RunLayout(run_url).scores,
         )["output"]
     if promote or score_folder:  # the run's record says what became of its model too
+        summary["seconds"] = time.perf_counter() - started  # the whole flow, promotion and scoring included
         storage.write_json(summary_url, summary)
     return summary
 
@@ -134,6 +135,7 @@ def _summary(
         "device": trained["device"],
         "options": checked.options.to_dict(),
         "seconds": seconds,
+        "ui_url": flow_run_ui_url(),
     }
 
 

@@ -16,6 +16,7 @@ import time
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -23,6 +24,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from retrain.tasks import storage
+from retrain.tasks.reports import flow_run_ui_url
 from retrain.tasks.runs import resolve_model
 from retrain.tasks.scoring import (
     DEFAULT_MINI_BATCH_SIZE,
@@ -87,12 +89,23 @@ def score_task(
                 plan.partitions - len(plan.done),
                 plan.partitions,
             )
+            if dashboard := dashboard_link(client):
+                logger.info("Dask dashboard: %s", dashboard)
+                create_link_artifact(dashboard, link_text="Dask dashboard", key="score-dashboard")
             results = run_partitions(client, plan, on_done, torch_threads)
     finally:
         if bar is not None:
             bar.close()
     update_progress_artifact(artifact, 100.0)
     return results
+
+
+def dashboard_link(client) -> str | None:
+    """The Dask dashboard's address where the scheduler runs one (it needs bokeh), else None."""
+    try:
+        return client.dashboard_link
+    except (KeyError, AttributeError, OSError):  # no "dashboard" among the scheduler's services
+        return None
 
 
 @task(name="consolidate-scores", cache_policy=NO_CACHE)
@@ -152,6 +165,7 @@ def score_flow(
         summary["output"],
     )
     publish_artifacts(summary)
+    summary["ui_url"] = flow_run_ui_url()
     return summary
 
 

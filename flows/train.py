@@ -8,10 +8,18 @@ named, :mod:`flows.retrain` calls it in process as a subflow.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from retrain.tasks.reports import TrainingMonitor
+from retrain.tasks.storage import RunLayout
 from retrain.tasks.training.stage import train_run
 
 
 @flow(name="train", log_prints=True)
 def train_flow(run_url: str, progress: bool = False) -> dict:
-    """Train the network described by ``run_url/run.json`` on ``run_url/split.parquet``."""
-    return train_run(run_url, progress=progress, logger=get_run_logger())
+    """Train the network described by ``run_url/run.json`` on ``run_url/split.parquet``;
+    the UI shows its progress while it trains (:class:`tasks.reports.TrainingMonitor`)."""
+    logger = get_run_logger()
+    layout = RunLayout(run_url)
+    monitor = TrainingMonitor(f"Training run {layout.run_id}", layout.progress, logger)
+    summary = train_run(run_url, progress=progress, logger=logger, on_validation=monitor.update)
+    monitor.finish(layout.history)
+    return summary

@@ -25,12 +25,22 @@ def _store(store: str | None) -> str:
     return storage.absolute(store or storage.default_store())
 
 
+def _local_server() -> None:
+    """Use the local Prefect server (``retrain server start``) when no API is set, as the
+    ``retrain`` command does. Effective until Prefect is first imported in this process (it
+    reads its settings then)."""
+    from retrain.tasks.server import use_local_server
+
+    use_local_server()
+
+
 def run(data: str | None = None, store: str | None = None, **settings: Any) -> dict:
     """Retrain on ``data`` (a zip or a folder of class folders, any fsspec URL; the generated
     sample set when None) as a Prefect flow run. ``settings`` are the flow's parameters
     (``network``, ``weights``, ``mode``, ``split_fractions``, ``options`` — a dict of
     training options such as ``{"max_epochs": 5}`` —, ``augmentation``, ``run_id``, ...).
     Returns the run summary (run_id, model, accuracies, ...)."""
+    _local_server()
     from retrain.flows.retrain import retrain_flow
 
     return retrain_flow(data=data, store=_store(store), **settings)
@@ -67,6 +77,7 @@ def classify(model: str, image: str, store: str | None = None) -> dict:
 def score(model: str, images: str, out: str | None = None, store: str | None = None, **settings: Any) -> dict:
     """Batch-score every image below ``images`` on Dask (a local cluster, or ``dask_address``)
     into ``out``; returns the job summary (scores URL, counts, images/s)."""
+    _local_server()
     from retrain.flows.score import score_flow
 
     return score_flow(model=model, images=images, out=out, store=_store(store), **settings)

@@ -6,6 +6,7 @@ whole process group when the test is done."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -280,3 +281,36 @@ def dask_cluster(workdir: Path, env: dict[str, str] | None = None, workers: int 
         if worker is not None:
             stop(worker)
         stop(scheduler)
+
+
+def retrain_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``retrain ARGS`` in a new process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "retrain.flows.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=PROJECT_ROOT,
+    )
+
+
+@contextmanager
+def local_retrain_server(workdir: Path) -> Iterator[dict]:
+    """``retrain server start`` on a free port with its own PREFECT_HOME; yields its state
+    and ``env``: an environment with that PREFECT_HOME and no PREFECT_API_URL, in which
+    retrain commands find the server themselves. Stopped with ``retrain server stop``."""
+    home = workdir / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+    started = time.perf_counter()
+    done = retrain_cli("server", "start", "--port", str(free_port()), "--json", env=env)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"retrain server start failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    state = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        yield {**state, "env": env, "home": home, "started_s": time.perf_counter() - started}
+    finally:
+        retrain_cli("server", "stop", env=env)

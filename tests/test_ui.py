@@ -1,11 +1,15 @@
-"""The Prefect UI in a real browser: a retrain run's page shows its artifacts.
+"""The Prefect UI in a real browser: a retrain run's pages show its live progress and its
+artifacts.
 
-Starts ``prefect server`` on 127.0.0.1, runs ``retrain run`` against it (tiny generated
-images, one epoch), then drives Debian's headless Chromium over the DevTools protocol: opens
-the flow-run page, clicks its Artifacts tab, and opens each artifact, checking the summary,
-the per-class metrics table, the promotion decision and that the three plots (montage,
-training progress, confusion chart) are decoded images, not broken links. Skipped when no
-Chromium is installed (``apt-get install chromium``).
+Starts the local server as a user does (``retrain server start``, its own PREFECT_HOME and a
+free port) and runs ``retrain run`` with no PREFECT_API_URL set, so the command has to find
+the server itself; tiny generated images, enough epochs to watch. Then drives Debian's
+headless Chromium over the DevTools protocol: while the run trains, the training flow run's
+progress artifact reads two increasing percentages; after it ends, its page shows the
+training history with the progress plot, and the retrain run's artifacts (summary, per-class
+metrics, promotion decision, the three plots) are there and the plots are decoded images, not
+broken links. A batch-scoring run shows its progress and summary. Skipped when no Chromium is
+installed (``apt-get install chromium``).
 
 ``RETRAIN_UI_SCREENSHOTS=<folder>`` also saves screenshots of the pages there
 (``benchmarks/ui_screenshots.sh`` does).
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,8 +31,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from retrain.tasks.reports import HISTORY_ROWS
 
-from tests._services import prefect_server
+from tests._services import local_retrain_server, retrain_cli
 
 SCORE_FLOW = Path(__file__).resolve().parents[1] / "flows" / "score.py"
 CHROMIUM_FLAGS = [
@@ -188,12 +194,47 @@ def chromium() -> str:
     return path
 
 
-def test_retrain_and_score_run_pages_show_their_artifacts_in_a_browser(tmp_path, shapes_dir, chromium):
+def read_progress(browser: Browser, link: str) -> float:
+    """The percentage a progress artifact's page shows (the page is loaded afresh)."""
+    browser.goto(link)
+    text = browser.wait_for(
+        "(() => { const e = document.querySelector('.artifact-data-progress'); return e && e.innerText })()"
+    )
+    return float(re.search(r"([0-9.]+)\s*%", text).group(1))
+
+
+def flow_run_named(api_url: str, flow_name: str, timeout: float = 600) -> dict:
+    """The (first) flow run of ``flow_name``, once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := _api(api_url, "/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}}):
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no {flow_name} flow run within {timeout} s")
+
+
+def watch_training(browser: Browser, api_url: str, ui_url: str, run: subprocess.Popen) -> list[float]:
+    """While ``run`` trains: open its training flow run's page and read the progress artifact
+    until it has advanced once; returns the readings."""
+    train_run = flow_run_named(api_url, "train")
+    links = artifact_links(browser, ui_url, train_run["id"], ("training-progress", "training-history"))
+    readings = [read_progress(browser, links["training-progress"])]
+    while readings[-1] <= readings[0] and run.poll() is None:
+        time.sleep(1)
+        readings.append(read_progress(browser, links["training-progress"]))
+    return readings
+
+
+@pytest.mark.timeout(900)  # a server, a 40-iteration run, a scoring job: ~2 min idle, 10 on a busy machine
+def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shapes_dir, chromium):
     shots = os.environ.get("RETRAIN_UI_SCREENSHOTS")
     timings = {}
-    with prefect_server(tmp_path) as server:
+    with local_retrain_server(tmp_path) as server:
+        api_url, ui_url, env = server["api_url"], server["ui_url"], server["env"]
+        assert "PREFECT_API_URL" not in env
         t = time.perf_counter()
-        done = subprocess.run(
+        out, err = open(tmp_path / "run.out", "w+"), open(tmp_path / "run.err", "w+")
+        run = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -209,39 +250,62 @@ def test_retrain_and_score_run_pages_show_their_artifacts_in_a_browser(tmp_path,
                 "--mode",
                 "scratch",
                 "--max-epochs",
-                "2",
+                "20",
                 "--mini-batch-size",
                 "8",
                 "--validation-frequency",
                 "1",
                 "--json",
             ],
-            env=server["env"],
-            capture_output=True,
-            text=True,
-            timeout=300,
+            env=env,
+            stdout=out,
+            stderr=err,
         )
-        timings["retrain run"] = time.perf_counter() - t
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        summary = json.loads(done.stdout.strip().splitlines()[-1])
-
-        # the REST API has the run and its artifacts...
-        flow_run = flow_run_of(server["api_url"], "retrain")
-        artifacts = {
-            a["key"]: a
-            for a in _api(
-                server["api_url"], "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}}
-            )
-        }
-        assert {"retrain-summary", "per-class-metrics", "retrain-plots", "model-promotion"} <= set(artifacts)
-
-        # ...and a person opening the run page in a browser sees them
-        t = time.perf_counter()
         browser = Browser(chromium)
         try:
+            # while it trains, the progress artifact advances...
+            readings = watch_training(browser, api_url, ui_url, run)
+            assert readings[0] < 100 and readings[-1] > readings[0], (readings, run.poll())
+            if shots:
+                browser.screenshot(Path(shots) / "training-progress.png")
+            run.wait(600)
+            timings["retrain run"] = time.perf_counter() - t
+            out.seek(0), err.seek(0)
+            stdout = out.read()
+            assert run.returncode == 0, stdout[-3000:] + err.read()[-3000:]
+            summary = json.loads(stdout.strip().splitlines()[-1])
+
+            # ...the command found the local server by itself and says where to watch the run
+            flow_run = flow_run_of(api_url, "retrain")
+            assert summary["ui_url"] == f"{ui_url}/runs/flow-run/{flow_run['id']}"
+
+            # after it ends, the training page shows every validation point and the plot
+            links = artifact_links(
+                browser, ui_url, flow_run_of(api_url, "train")["id"], ("training-progress", "training-history")
+            )
+            assert read_progress(browser, links["training-progress"]) == 100
+            browser.goto(links["training-history"])
+            rows = browser.wait_for(
+                "(() => { const r = [...document.querySelectorAll('table tr')]; const i = [...document.images]"
+                ".filter(x => x.src.startsWith('data:image/png') && x.complete && x.naturalWidth > 300);"
+                " return r.length > 1 && i.length === 1 && r.map(x => x.innerText) })()"
+            )
+            points = min(summary["iterations"], HISTORY_ROWS)  # one validation per iteration
+            assert "validation accuracy" in rows[0] and len(rows) - 1 == points, rows[:3]
+            if shots:
+                browser.screenshot(Path(shots) / "training-history.png", height=2400)
+
+            # the REST API has the run and its artifacts...
+            artifacts = {
+                a["key"]: a
+                for a in _api(api_url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+            }
+            assert {"retrain-summary", "per-class-metrics", "retrain-plots", "model-promotion"} <= set(artifacts)
+
+            # ...and a person opening the run page in a browser sees them
             links = artifact_links(
                 browser,
-                server["ui_url"],
+                ui_url,
                 flow_run["id"],
                 ("retrain-summary", "per-class-metrics", "retrain-plots", "model-promotion"),
             )
@@ -278,43 +342,63 @@ def test_retrain_and_score_run_pages_show_their_artifacts_in_a_browser(tmp_path,
             # a batch-scoring run shows its progress and its summary
             if SCORE_FLOW.exists():
                 t_score = time.perf_counter()
-                scored = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "retrain.flows.cli",
-                        "score",
-                        summary["run_id"],
-                        shapes_dir,
-                        "--store",
-                        str(tmp_path / "store"),
-                        "--workers",
-                        "1",
-                        "--json",
-                    ],
-                    env=server["env"],
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
+                scored = retrain_cli(
+                    "score",
+                    summary["run_id"],
+                    shapes_dir,
+                    "--store",
+                    str(tmp_path / "store"),
+                    "--workers",
+                    "1",
+                    "--json",
+                    env=env,
                 )
                 timings["retrain score"] = time.perf_counter() - t_score
                 assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
-                images_scored = json.loads(scored.stdout.strip().splitlines()[-1])["scored"]
+                score_summary = json.loads(scored.stdout.strip().splitlines()[-1])
+                score_run = flow_run_of(api_url, "score")
+                assert score_summary["ui_url"] == f"{ui_url}/runs/flow-run/{score_run['id']}"
                 links = artifact_links(
-                    browser,
-                    server["ui_url"],
-                    flow_run_of(server["api_url"], "score")["id"],
-                    ("score-summary", "score-labels", "score-progress"),
+                    browser, ui_url, score_run["id"], ("score-summary", "score-labels", "score-progress")
                 )
                 if shots:
                     browser.screenshot(Path(shots) / "score-run-artifacts.png")
                 browser.goto(links["score-summary"])
                 text = browser.wait_for("document.body.innerText.includes('Batch scoring') && document.body.innerText")
-                assert "images scored" in text and f"{images_scored:,}" in text
-                browser.goto(links["score-progress"])
-                browser.wait_for("document.body.innerText.includes('100')")
+                assert "images scored" in text and f"{score_summary['scored']:,}" in text
+                assert read_progress(browser, links["score-progress"]) == 100
         finally:
             browser.close()
-        timings["browser checks"] = time.perf_counter() - t
+            if run.poll() is None:
+                run.kill()
         timings["server start"] = server["started_s"]
     print("\n" + json.dumps({"timings_s": {k: round(v, 1) for k, v in timings.items()}}))
+
+
+def test_training_history_lists_validation_points_with_the_training_means_since_the_previous():
+    import pandas as pd
+    from retrain.tasks.reports import history_markdown
+
+    nan = float("nan")
+    history = pd.DataFrame(
+        {
+            "iteration": [1, 2, 3, 4, 5],
+            "epoch": [1, 1, 2, 2, 3],
+            "loss": [4.0, 2.0, 1.0, 3.0, 0.5],
+            "accuracy": [0.0, 0.5, 0.5, 1.0, 1.0],
+            "val_loss": [nan, 1.5, nan, nan, 0.25],
+            "val_accuracy": [nan, 0.4, nan, nan, 0.9],
+            "seconds": [1.0, 2.0, 3.0, 4.0, 5.0],
+        }
+    )
+    history.attrs["total_iterations"] = 10
+    text = history_markdown(history, "Training run r1", "![plot](data:image/png;base64,AAAA)")
+    lines = text.splitlines()
+    assert lines[0] == "# Training run r1: iteration 5 of 10, epoch 3"
+    table = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert table == [  # newest first; training means over iterations 3-5, then 1-2
+        "| 5 | 3 | 1.5000 | 0.8333 | 0.2500 | 0.9000 | 5.0 |",
+        "| 2 | 1 | 3.0000 | 0.2500 | 1.5000 | 0.4000 | 2.0 |",
+    ]
+    assert lines[-1] == "![plot](data:image/png;base64,AAAA)"
+    assert "the newest 1," in history_markdown(history, "t", None, rows=1)

@@ -342,7 +342,9 @@ def _loop(
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", val_acc=f"{record['val_accuracy']:.3f}")
             if not math.isnan(record["val_loss"]) and on_validation is not None:
-                on_validation(pd.DataFrame(state.history))
+                history = pd.DataFrame(state.history)
+                history.attrs["total_iterations"] = plan.total  # for a progress percentage
+                on_validation(history)
             if plan.checkpoint_due(record["iteration"]):
                 trainer.checkpoint()
         trained = True

@@ -1,0 +1,94 @@
+"""What a ``retrain`` command costs outside its own work: the process's wall time minus the
+run's ``seconds`` (the flow's own duration), on Prefect's temporary API (cold: no server)
+and on the local server (``retrain server start``; its first run, then the measured ones),
+plus ``retrain --help`` and a bad flag.
+
+    .venv/bin/python benchmarks/bench_cli_overhead.py [--data ../shared/data/MerchData.zip]
+        [--weights ../shared/weights/squeezenet1_1_caffe-2c890718.pth] [--repeat 2]
+
+Each figure is printed with the load average beside it: on a shared machine only figures
+taken in the same run compare. Uses its own PREFECT_HOME and store under a temporary folder
+and a free port; the server it starts is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def retrain(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "retrain"), *args], env=env, capture_output=True, text=True
+    )
+    return time.perf_counter() - started, done
+
+
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+def timed_run(label: str, run_args: list[str], env: dict[str, str]) -> dict:
+    wall, done = retrain(run_args, env)
+    if done.returncode != 0:
+        raise SystemExit(f"{label}: retrain run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    outside = wall - summary["seconds"]
+    row = {"run": label, "wall_s": round(wall, 2), "flow_s": round(summary["seconds"], 2)}
+    row.update(outside_s=round(outside, 2), outside_share=round(outside / wall, 3), ui_url=summary.get("ui_url"))
+    print(json.dumps(row), load(), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(SHARED / "data" / "MerchData.zip"))
+    parser.add_argument("--weights", default=str(SHARED / "weights" / "squeezenet1_1_caffe-2c890718.pth"))
+    parser.add_argument("--network", default="squeezenet-caffe")
+    parser.add_argument("--repeat", type=int, default=2, help="measured runs of each kind")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="retrain-bench-cli-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(work / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    run_args = ["run", args.data, "--network", args.network, "--weights", args.weights]
+    run_args += ["--store", str(work / "store"), "--json"]
+    try:
+        for what, cli_args in (("retrain --help", ["--help"]), ("bad flag", ["run", "--max-epochs", "x"])):
+            wall, done = retrain(cli_args, env)
+            print(json.dumps({"command": what, "wall_s": round(wall, 2), "exit": done.returncode}), load())
+        for i in range(args.repeat):
+            timed_run(f"cold {i + 1} (no server: Prefect's temporary API)", run_args, env)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        wall, done = retrain(["server", "start", "--port", str(port), "--json"], env)
+        print(json.dumps({"command": "retrain server start", "wall_s": round(wall, 2)}), load())
+        timed_run("server: first run", run_args, env)
+        for i in range(args.repeat):
+            timed_run(f"server {i + 2}", run_args, env)
+        for what, cli_args in (
+            ("retrain server status", ["server", "status"]),
+            ("retrain server stop", ["server", "stop"]),
+        ):
+            wall, done = retrain(cli_args, env)
+            print(json.dumps({"command": what, "wall_s": round(wall, 2)}), load())
+            print("  " + done.stdout.strip().replace("\n", "\n  "))
+    finally:
+        retrain(["server", "stop"], env)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
