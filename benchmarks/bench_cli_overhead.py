@@ -4,7 +4,7 @@ and on the local server (``retrain server start``; its first run, then the measu
 plus ``retrain --help`` and a bad flag.
 
     .venv/bin/python benchmarks/bench_cli_overhead.py [--data ../shared/data/MerchData.zip]
-        [--weights ../shared/weights/squeezenet1_1_caffe-2c890718.pth] [--repeat 2]
+        [--weights ../shared/weights/squeezenet1_1_caffe-2c890718.pth] [--cold 1] [--repeat 2]
 
 Each figure is printed with the load average beside it: on a shared machine only figures
 taken in the same run compare. Uses its own PREFECT_HOME and store under a temporary folder
@@ -57,7 +57,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED / "data" / "MerchData.zip"))
     parser.add_argument("--weights", default=str(SHARED / "weights" / "squeezenet1_1_caffe-2c890718.pth"))
     parser.add_argument("--network", default="squeezenet-caffe")
-    parser.add_argument("--repeat", type=int, default=2, help="measured runs of each kind")
+    parser.add_argument("--repeat", type=int, default=2, help="measured runs on the server (after its first)")
+    parser.add_argument(
+        "--cold", type=int, default=1, help="runs without a server (each starts Prefect's temporary API)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="retrain-bench-cli-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -68,7 +71,7 @@ def main() -> None:
         for what, cli_args in (("retrain --help", ["--help"]), ("bad flag", ["run", "--max-epochs", "x"])):
             wall, done = retrain(cli_args, env)
             print(json.dumps({"command": what, "wall_s": round(wall, 2), "exit": done.returncode}), load())
-        for i in range(args.repeat):
+        for i in range(args.cold):
             timed_run(f"cold {i + 1} (no server: Prefect's temporary API)", run_args, env)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
