@@ -3,12 +3,13 @@
 Fills the file's ``{{ $RETRAIN_* }}`` placeholders (flags, then the environment, then the
 defaults below), creates the work pools it names that do not exist yet (``process`` pools by
 default; the GPU pool from a base job template such as ``infra/k8s/gpu-work-pool.json``), and
-runs ``prefect deploy`` from the project root, where the entrypoints' paths start. A
-deployment whose entrypoint file is not in this checkout is skipped with a note.
+runs ``prefect deploy`` from the project root. A deployment whose entrypoint module is not
+in this installation is skipped with a note.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -66,12 +67,11 @@ def _substitute(value, env: dict[str, str]):
 
 def read_deployments(prefect_file: Path = PREFECT_FILE, env: dict[str, str] | None = None) -> list[dict]:
     """The deployments of ``prefect_file`` with placeholders filled: name, entrypoint, work
-    pool, and whether the entrypoint file is in this checkout."""
+    pool, and whether the entrypoint's module is installed."""
     config = yaml.safe_load(Path(prefect_file).read_text())
     config = _substitute(config, env if env is not None else deployment_env())
     found = []
     for d in config.get("deployments") or []:
-        path = d["entrypoint"].split(":", 1)[0]
         found.append(
             {
                 "name": d["name"],
@@ -79,10 +79,20 @@ def read_deployments(prefect_file: Path = PREFECT_FILE, env: dict[str, str] | No
                 "work_pool": (d.get("work_pool") or {}).get("name"),
                 "parameters": d.get("parameters") or {},
                 "schedules": d.get("schedules") or [],
-                "available": (PROJECT_ROOT / path).exists(),
+                "available": _entrypoint_available(d["entrypoint"].split(":", 1)[0]),
             }
         )
     return found
+
+
+def _entrypoint_available(target: str) -> bool:
+    """Whether an entrypoint's module (``retrain.flows.score``) or file is in this installation."""
+    if target.endswith(".py"):
+        return (PROJECT_ROOT / target).exists()
+    try:
+        return importlib.util.find_spec(target) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def ensure_work_pool(name: str, pool_type: str = "process", job_template: str | None = None) -> bool:
@@ -142,7 +152,7 @@ def apply(
     skipped = [d for d in chosen if not d["available"]]
     chosen = [d for d in chosen if d["available"]]
     if not chosen:
-        raise ValueError("no deployment to apply: their entrypoint files are not in this checkout")
+        raise ValueError("no deployment to apply: their entrypoint modules are not installed")
     created = []
     if create_pools:
         for pool in sorted({d["work_pool"] for d in chosen}):
@@ -169,7 +179,7 @@ def apply(
         )
     return {
         "deployments": deployed_names(chosen),
-        "skipped": [f"{d['name']} ({d['entrypoint']} is not in this checkout)" for d in skipped],
+        "skipped": [f"{d['name']} ({d['entrypoint']} is not installed)" for d in skipped],
         "work_pools_created": created,
         "work_pools": sorted({d["work_pool"] for d in chosen}),
         "store": env["RETRAIN_STORE"],

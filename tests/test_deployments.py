@@ -36,9 +36,10 @@ def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
     env = deploy.deployment_env({"RETRAIN_DATA": "s3://b/MerchData.zip", "RETRAIN_GPU_POOL": "k8s-gpu"})
     found = {d["name"]: d for d in deploy.read_deployments(env=env)}
     assert set(found) == {"scheduled", "gpu", "batch"}
-    assert found["scheduled"]["entrypoint"] == "flows/retrain.py:retrain_flow"
-    assert found["gpu"]["entrypoint"] == "flows/train.py:train_flow"
-    assert found["batch"]["entrypoint"] == "flows/score.py:score_flow"
+    assert found["scheduled"]["entrypoint"] == "retrain.flows.retrain:retrain_flow"
+    assert found["gpu"]["entrypoint"] == "retrain.flows.train:train_flow"
+    assert found["batch"]["entrypoint"] == "retrain.flows.score:score_flow"
+    assert all(d["available"] for d in found.values())
     assert found["scheduled"]["parameters"]["data"] == "s3://b/MerchData.zip"
     assert found["scheduled"]["parameters"]["train_deployment"] == "train/gpu"
     assert found["scheduled"]["schedules"][0]["cron"] == "0 3 * * 1"
