@@ -5,7 +5,7 @@ defaults) and the project's settings, ``--repeats`` times each:
 
 - training: ``tasks.training.train`` fine-tuning SqueezeNet (Caffe layout, 227 px) on random
   images, batch 32, the classic loop, torch's default threads: seconds per iteration.
-- inference: ``tasks.scoring.score_paths`` (read, decode, resize, forward in mini-batches of
+- inference: ``tasks.scoring.partition.score_paths`` (read, decode, resize, forward in mini-batches of
   8, one torch thread) over photos, in the environment Dask's nanny gives each worker
   (``MALLOC_TRIM_THRESHOLD_=65536``): CPU ms per image.
 
@@ -73,15 +73,16 @@ def child_training(iterations: int) -> dict:
 def child_inference(count: int) -> dict:
     import torch
     from retrain.tasks.allocator import tune_allocator
+    from retrain.tasks.inference import build_predictor
     from retrain.tasks.networks import build_network, get_spec, model_from_record, model_record
-    from retrain.tasks.scoring import prepare_model, score_paths
+    from retrain.tasks.scoring import score_paths
 
     torch.set_num_threads(1)
     spec = get_spec("squeezenet-caffe")
     model, origin = build_network(spec.name, 1000, "none")
     record = model_record(model, spec, [f"c{i}" for i in range(1000)], origin)
-    scoring = prepare_model(model_from_record(record, source="benchmark"))
-    tune_allocator("inference")  # what scoring.cached_model does in a worker
+    scoring = build_predictor(model_from_record(record, source="benchmark"), device=torch.device("cpu"))
+    tune_allocator("inference")  # what scoring.partition.score_partition does in a worker
     if PHOTOS.exists():
         paths = sorted(str(p) for p in PHOTOS.rglob("*.jpg"))[:count]
     else:

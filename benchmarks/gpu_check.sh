@@ -2,11 +2,12 @@
 # GPU check (issue 5), under 5 minutes: on a machine with a CUDA GPU,
 #   1. trains 2 epochs on hymenoptera train/ (transfer mode with the feature cache, the classic
 #      loop, and fine-tune), on the GPU and on the same machine's CPU;
-#   2. scores a generated 5,000-image folder with `retrain score MODEL IMAGES --out URL --json`,
-#      with the GPU visible (forward passes there) and with CUDA_VISIBLE_DEVICES= (CPU), checks
-#      that both give the same labels, plus a reference figure: the
-#      model alone on pre-read JPEGs (nvJPEG decoding on the GPU against CPU decoding);
+#   2. scores a generated 5,000-image folder with `retrain score MODEL IMAGES --out URL --engine E
+#      --json` for each engine (auto, torch, torch-bf16 on the GPU; auto, torch, onnx, onnx-int8
+#      with CUDA_VISIBLE_DEVICES=, the CPU), checks that the GPU's float32 labels equal the CPU's,
+#      plus a reference figure: the model alone on pre-read JPEGs (GPU against CPU decoding);
 # and prints images/s for each, GPU and CPU side by side. Without a GPU it runs the CPU half.
+# The engines are validated on the training run's held-out images (split.parquet beside the model).
 #
 # Prepare once, here (copies the data and weights the machine cannot reach, and wheels for the
 # Python packages its image lacks, into .gpu/, which git ignores locally):
@@ -30,7 +31,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     # Dask for `retrain score` (the GPU image has torch, pandas, pyarrow, fsspec, pillow,
     # matplotlib, tqdm, cloudpickle, msgpack, psutil, toolz...). Prefect (about 75 packages,
     # 54 MB of UI) does not fit the 64 MiB carried; without it the check runs the same job
-    # without Prefect (tasks.scoring.score_images), and says so.
+    # without Prefect (tasks.scoring.score_job, what the flow runs), and says so.
     PY=${PY:-$ROOT/.venv/bin/python}
     pkgs=()
     for p in dask distributed partd locket tblib tornado zict; do
@@ -118,6 +119,7 @@ for mode, classic, label in (("transfer", False, "transfer, feature cache"),
         if env == envs[0] and mode == "transfer" and not classic:
             model.load_state_dict(outcome.state_dict)
             save_model_file(model_out, model_record(model, spec, classes, origin))
+            split.to_parquet(model_out.rsplit("/", 1)[0] + "/split.parquet")  # the engine gate's held-out images
 json.dump({"train_images": n, "epochs": 2, "decode_seconds": decode_s, "runs": rows}, open(json_out, "w"), indent=2)
 EOF
 echo "== training: 2 epochs on $HYMENOPTERA"
@@ -138,23 +140,23 @@ EOF
 
 cat > "$WORK/score_check.py" <<'EOF'
 import json, sys
-from retrain.tasks.scoring import score_images
+from retrain.tasks.scoring import score_job
 if __name__ == "__main__":  # Dask spawns worker processes
-    model, images, out = sys.argv[1:4]
-    print(json.dumps(score_images(model, images, out), default=str))
+    model, images, out, engine = sys.argv[1:5]
+    print(json.dumps(score_job(model, images, out, engine=engine), default=str))
 EOF
-score() {  # $1: label; the rest: environment for the command
-    local label=$1; shift
+score() {  # $1: label (device-engine); $2: engine; the rest: environment for the command
+    local label=$1 engine=$2; shift 2
     local out=$WORK/scores-$label
     # stdout's last line is the JSON; logs (Prefect's, Dask's) go to stderr
     if "$PY" -c "import prefect, distributed" 2>/dev/null; then
-        env "$@" "$PY" -m retrain.flows.cli score "$WORK/model.pt" "$WORK/images" --out "$out" --store "$WORK/store" --json \
+        env "$@" "$PY" -m retrain.flows.cli score "$WORK/model.pt" "$WORK/images" --out "$out" --store "$WORK/store" --engine "$engine" --json \
             > "$WORK/score-$label.out" 2> "$WORK/score-$label.log" || { tail -20 "$WORK/score-$label.log"; return 0; }
         echo "retrain score" > "$WORK/score-$label.how"
     elif "$PY" -c "import distributed" 2>/dev/null; then
-        env "$@" "$PY" "$WORK/score_check.py" "$WORK/model.pt" "$WORK/images" "$out" \
+        env "$@" "$PY" "$WORK/score_check.py" "$WORK/model.pt" "$WORK/images" "$out" "$engine" \
             > "$WORK/score-$label.out" 2> "$WORK/score-$label.log" || { tail -20 "$WORK/score-$label.log"; return 0; }
-        echo "tasks.scoring.score_images (no Prefect here)" > "$WORK/score-$label.how"
+        echo "tasks.scoring.score_job (no Prefect here)" > "$WORK/score-$label.how"
     else
         echo "  neither Prefect nor Dask importable: no retrain score figure (run --prepare first)"
         return 0
@@ -163,8 +165,12 @@ score() {  # $1: label; the rest: environment for the command
     echo "  $label: $(cat "$WORK/score-$label.how"): $(cut -c1-300 "$WORK/score-$label.json")"
 }
 echo "== scoring $IMAGES images"
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then score gpu PATH="$PATH"; fi
-score cpu CUDA_VISIBLE_DEVICES=
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    score gpu torch PATH="$PATH"  # first: float32, the labels the CPU's must equal
+    for engine in ${GPU_ENGINES:-auto torch-bf16}; do score "gpu-$engine" "$engine" PATH="$PATH"; done
+fi
+score cpu torch CUDA_VISIBLE_DEVICES=
+for engine in ${CPU_ENGINES:-auto onnx-int8}; do score "cpu-$engine" "$engine" CUDA_VISIBLE_DEVICES=; done
 
 # Reference: the model alone, on the JPEG bytes already read; decoding on the GPU (nvJPEG) and
 # inference in bf16 there, against CPU decoding and inference with all cores.
@@ -227,6 +233,13 @@ for label in ("gpu", "cpu"):
     if s:
         s["how"] = open(os.path.join(work, f"score-{label}.how")).read().strip()
         result["scoring"][label] = s
+for name in sorted(os.listdir(work)):
+    label = name[len("score-"):-len(".json")] if name.startswith("score-") and name.endswith(".json") else None
+    if label and label not in ("gpu", "cpu"):
+        s = read(name)
+        result["scoring"][label] = s
+        print(f"score, {label:<38} {s.get('images_per_second')} images/s whole job, "
+              f"{s.get('images_per_second_scoring')} while scoring (engine {s.get('engine')}, {s.get('decoder')} decoding)")
 g, c = (result["scoring"].get(k, {}).get("images_per_second") for k in ("gpu", "cpu"))
 if g and c:  # the same labels from the GPU's forward passes as from the CPU's?
     import pyarrow.parquet as pq

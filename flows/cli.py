@@ -62,6 +62,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file URL or run id in the store")
     p.add_argument("data", help="zip or folder of class folders")
     p.add_argument("--chart", default=None, help="write the confusion chart PNG here")
+    _engine_argument(p)
     _common(p)
 
 
@@ -99,6 +100,27 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
         default=partition_size,
         help=f"images per Dask task and output part (default {partition_size})",
     )
+    _engine_argument(p)
+    _common(p)
+
+
+ENGINE_CHOICES = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")  # tasks.inference.ENGINE_CHOICES
+
+
+def _engine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=ENGINE_CHOICES,
+        help="forward-pass engine: auto (default) = the fastest engine validated for this model on this "
+        "hardware; a reduced-precision engine that failed validation runs only when named, with a warning",
+    )
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file URL or run id in the store")
+    p.add_argument("--format", dest="fmt", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="URL of the exported file")
     _common(p)
 
 
@@ -176,6 +198,7 @@ SUBCOMMANDS = {
         None,
         _score_arguments,
     ),
+    "export": ("export a model to ONNX or TorchScript (MATLAB's exportONNXNetwork)", None, _export_arguments),
     "network": ("list networks, or show one's summary", None, _network_arguments),
     "runs": ("list the runs in the store", None, _runs_arguments),
     "deploy": (
@@ -219,10 +242,8 @@ def _command_of(argv: list[str]) -> str | None:
 
 def _scoring_defaults() -> tuple[int, int]:
     """Images per forward pass and per partition of batch scoring, for the help text."""
-    try:  # the scoring package's torch-free layout module
-        from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE
-    except ImportError:  # tasks/scoring.py before it became a package: imports torch
-        from retrain.tasks.scoring import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE
+    from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE  # torch-free
+
     return DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE
 
 

@@ -88,60 +88,100 @@ def _print_ui_url(summary: dict) -> None:
         print("  (start `retrain server start` once to keep runs in the Prefect UI)")
 
 
+def _predictor(model_url: str, engine: str):
+    """The model's predictor with ``engine`` (auto: the fastest validated here) and why."""
+    from retrain.tasks.engine_gate import choose_engine
+    from retrain.tasks.inference import build_predictor, load_checked
+
+    loaded, _ = load_checked(model_url)
+    choice = choose_engine(model_url, storage.sha256_of(model_url), engine) if engine != "torch" else None
+    if choice is not None and choice.reason.startswith("forced"):
+        print(f"retrain: warning: {choice.reason}", file=sys.stderr)
+    predictor = (
+        build_predictor(loaded, choice.engine, choice.onnx_url, decoder=choice.decoder)
+        if choice
+        else build_predictor(loaded)
+    )
+    return loaded, predictor, choice
+
+
 def cmd_evaluate(args) -> dict:
     from retrain.tasks.datastore import index_images, materialize
     from retrain.tasks.evaluation import evaluate_model
-    from retrain.tasks.networks import load_model_file
     from retrain.tasks.reports import confusion_chart
     from retrain.tasks.runs import resolve_model
 
     started = time.perf_counter()
-    loaded = load_model_file(resolve_model(args.model, _store(args)))
+    loaded, predictor, choice = _predictor(resolve_model(args.model, _store(args)), args.engine)
     index = index_images(materialize(storage.absolute(args.data), _store(args)))
-    result, _ = evaluate_model(loaded, index.images)
+    result, _ = evaluate_model(loaded, index.images, predictor=predictor)
     if args.chart:
         confusion_chart(result.confusion, result.classes, args.chart)
     if not args.json:
         print(
-            f"accuracy {result.accuracy:.4f} on {result.count} images"
+            f"accuracy {result.accuracy:.4f} on {result.count} images with engine {predictor.engine}"
             + (f" ({len(index.skipped)} files skipped)" if len(index.skipped) else "")
         )
         print(result.per_class_table().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(result.confusion_text())
-    return {**result.to_dict(), "skipped": len(index.skipped), "seconds": time.perf_counter() - started}
+    return {
+        **result.to_dict(),
+        "engine": predictor.engine,
+        "engine_reason": choice.reason if choice else "float32 reference, as asked",
+        "skipped": len(index.skipped),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def cmd_classify(args) -> dict:
-    from retrain.tasks.evaluation import classify_image
-    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.evaluation import classify_with
+    from retrain.tasks.inference import build_predictor, load_checked
     from retrain.tasks.runs import resolve_model
 
-    loaded = load_model_file(resolve_model(args.model, _store(args)))
-    result = classify_image(loaded.model, loaded.preprocessing, loaded.classes, storage.absolute(args.image))
+    loaded, _ = load_checked(resolve_model(args.model, _store(args)))
+    result = classify_with(build_predictor(loaded), storage.absolute(args.image))
     if not args.json:
         print(f"{result.label} ({result.score:.4f})")
     return {"label": result.label, "score": result.score, "scores": result.scores}
 
 
 def cmd_score(args) -> dict:
-    from retrain.flows.score import score_flow
+    # Three start-ups at once instead of one after the other: the local Dask cluster (its
+    # workers spawn and import torch), Prefect's temporary API (a uvicorn process), and this
+    # process importing the flow.
+    from retrain.flows.early_api import start_early_api
+    from retrain.tasks.scoring.cluster import prestart_local_cluster
 
-    summary = score_flow(
-        model=args.model,
-        images=args.images,
-        out=args.out,
-        store=_store(args),
-        dask_address=args.dask_address,
-        workers=args.workers,
-        mini_batch_size=args.mini_batch_size,
-        top_k=args.top_k,
-        partition_size=args.partition_size,
-        progress=not args.json and sys.stderr.isatty(),
-    )
+    api = start_early_api()
+    early = prestart_local_cluster(args.workers) if not args.dask_address else None
+    try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from retrain.flows.score import score_flow
+
+        url = api.wait() if api is not None else None
+        with temporary_settings({PREFECT_API_URL: url} if url else {}):
+            summary = score_flow(
+                model=args.model,
+                images=args.images,
+                out=args.out,
+                store=_store(args),
+                dask_address=args.dask_address,
+                workers=args.workers,
+                mini_batch_size=args.mini_batch_size,
+                top_k=args.top_k,
+                partition_size=args.partition_size,
+                progress=not args.json and sys.stderr.isatty(),
+                engine=args.engine,
+            )
+    finally:
+        if early is not None:
+            early.close()
+        if api is not None:
+            api.stop()
     if not args.json:
         print(
             f"scored {summary['scored']:,} of {summary['images']:,} images ({summary['failed']:,} failed) "
-            f"in {summary['seconds']:.1f} s, {summary['images_per_second'] or 0:.1f} images/s"
+            f"in {summary['seconds']:.1f} s, {summary['images_per_second'] or 0:.1f} images/s, engine {summary['engine']}"
             + (
                 f"; {summary['resumed_partitions']} partitions were already done"
                 if summary["resumed_partitions"]
@@ -160,13 +200,45 @@ def cmd_score(args) -> dict:
             "failed",
             "seconds",
             "images_per_second",
+            "images_per_second_scoring",
             "output",
             "processed",
             "resumed_partitions",
             "ignored",
             "ui_url",
+            "engine",
+            "engine_reason",
+            "decoder",
         )
     }
+
+
+def cmd_export(args) -> dict:
+    from retrain.tasks.export import export_model
+    from retrain.tasks.inference import load_checked
+    from retrain.tasks.runs import resolve_model
+
+    model_url = resolve_model(args.model, _store(args))
+    loaded, _ = load_checked(model_url)
+    out = export_model(loaded, storage.absolute(args.out), args.fmt, storage.sha256_of(model_url))
+    result = {"output": out, "format": args.fmt, "classes": list(loaded.classes)}
+    split_url = storage.join(model_url.rsplit("/", 1)[0], "split.parquet")
+    if args.fmt == "onnx" and storage.exists(split_url):  # a run's model: check on its test split
+        from retrain.tasks.datastore import held_out
+        from retrain.tasks.export import check_export
+
+        test, which = held_out(storage.read_parquet(split_url))
+        if len(test):
+            result["test_split"] = {"split": which, **check_export(loaded, out, list(test["path"]))}
+    if not args.json:
+        print(f"{args.fmt} model for {len(loaded.classes)} classes written to {out}")
+        if "test_split" in result:
+            t = result["test_split"]
+            print(
+                f"  ONNX Runtime against torch on the run's {t['images']} test images: {t['same_labels']} "
+                f"same labels, largest score difference {t['max_score_difference']:.2e}"
+            )
+    return result
 
 
 def cmd_network(args) -> dict:
@@ -309,6 +381,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "classify": cmd_classify,
     "score": cmd_score,
+    "export": cmd_export,
     "network": cmd_network,
     "runs": cmd_runs,
     "deploy": cmd_deploy,

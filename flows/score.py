@@ -1,13 +1,15 @@
 """The score flow: batch inference over a large image folder on Dask.
 
-resolve model -> lock the output -> plan (list, partition) -> score the missing partitions
-on Dask -> consolidate -> summary artifact
+resolve model -> :func:`tasks.scoring.score_job` with its stages as Prefect tasks:
+plan (check the model, choose the engine, list, partition) -> score the missing partitions on
+Dask -> consolidate -> summary artifact
 
 Prefect orchestrates, Dask computes: the ``score-partitions`` task drives a
-``dask.distributed`` client (a local cluster of one process per core, or the cluster at
-``dask_address``) and maps the plain :func:`tasks.scoring.score_partition` over partitions.
-No Prefect call runs inside a Dask worker; progress comes back to this task, which updates
-a Prefect progress artifact and, on the command line, a progress bar.
+``dask.distributed`` client (a local cluster of one process per core, started in the
+background as the job begins, or the cluster at ``dask_address``) and maps the plain
+:func:`tasks.scoring.partition.score_partition` over partitions. No Prefect call runs inside a
+Dask worker; progress comes back to this task, which updates a Prefect progress artifact and,
+on the command line, a progress bar.
 """
 
 from __future__ import annotations
@@ -26,91 +28,56 @@ from prefect.cache_policies import NO_CACHE
 from retrain.tasks import storage
 from retrain.tasks.reports import flow_run_ui_url
 from retrain.tasks.runs import resolve_model
-from retrain.tasks.scoring import (
-    DEFAULT_MINI_BATCH_SIZE,
-    DEFAULT_PARTITION_SIZE,
-    JobLock,
-    JobPlan,
-    PartResult,
-    check_settings,
-    consolidate,
-    dask_client,
-    dask_cluster,
-    default_out,
-    prepare_job,
-    run_partitions,
-    run_record,
-)
+from retrain.tasks.scoring.job import JobPlan, consolidate, prepare_job
+from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, default_out
+from retrain.tasks.scoring.partition import PartResult
+from retrain.tasks.scoring.run import Stages, score_job, score_missing
 
 PROGRESS_EVERY_S = 2.0  # at most one progress-artifact update per this many seconds
 
-
-@task(name="plan-scoring", cache_policy=NO_CACHE)
-def plan_task(
-    model_url: str, images: str, out: str, top_k: int | None, partition_size: int, mini_batch_size: int
-) -> JobPlan:
-    return prepare_job(model_url, images, out, top_k, partition_size, mini_batch_size)
+plan_task = task(name="plan-scoring", cache_policy=NO_CACHE)(prepare_job)
+consolidate_task = task(name="consolidate-scores", cache_policy=NO_CACHE)(consolidate)
 
 
-@task(name="score-partitions", cache_policy=NO_CACHE)
-def score_task(
-    plan: JobPlan, scheduler: str, torch_threads: int | None = None, progress: bool = False
-) -> list[PartResult]:
-    """Score the partitions still missing on the Dask cluster at ``scheduler``; report
-    progress as parts finish."""
-    logger = get_run_logger()
-    done_images = plan.done_images
-    artifact = create_progress_artifact(
-        100.0 * done_images / max(plan.count, 1),
-        key="score-progress",
-        description=f"Scoring {plan.count:,} images into {plan.out}",
-    )
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def _score_task(progress: bool):
+    @task(name="score-partitions", cache_policy=NO_CACHE)
+    def score_task(
+        plan: JobPlan, scheduler: str | None, torch_threads: int | None = None, client=None
+    ) -> list[PartResult]:
+        """Score the partitions still missing on the Dask cluster; report progress as parts finish."""
+        artifact = create_progress_artifact(
+            100.0 * plan.done_images / max(plan.count, 1),
+            key="score-progress",
+            description=f"Scoring {plan.count:,} images into {plan.out}",
+        )
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=plan.count, initial=done_images, desc="scoring", unit="img", leave=False)
-    state = {"images": done_images, "reported": time.monotonic()}
+            bar = tqdm(total=plan.count, initial=plan.done_images, desc="scoring", unit="img", leave=False)
+        state = {"images": plan.done_images, "reported": time.monotonic()}
 
-    def on_done(result: PartResult) -> None:
-        state["images"] += result.images
-        if bar is not None:
-            bar.update(result.images)
-        now = time.monotonic()
-        if now - state["reported"] >= PROGRESS_EVERY_S:
-            state["reported"] = now
-            update_progress_artifact(artifact, 100.0 * state["images"] / max(plan.count, 1))
+        def on_done(result: PartResult) -> None:
+            state["images"] += result.images
+            if bar is not None:
+                bar.update(result.images)
+            now = time.monotonic()
+            if now - state["reported"] >= PROGRESS_EVERY_S:
+                state["reported"] = now
+                update_progress_artifact(artifact, 100.0 * state["images"] / max(plan.count, 1))
 
-    try:
-        with dask_client(scheduler) as client:
-            logger.info(
-                "Dask scheduler %s; %d of %d partitions to score",
-                scheduler,
-                plan.partitions - len(plan.done),
-                plan.partitions,
-            )
-            if dashboard := dashboard_link(client):
-                logger.info("Dask dashboard: %s", dashboard)
-                create_link_artifact(dashboard, link_text="Dask dashboard", key="score-dashboard")
-            results = run_partitions(client, plan, on_done, torch_threads)
-    finally:
-        if bar is not None:
-            bar.close()
-    update_progress_artifact(artifact, 100.0)
-    return results
+        get_run_logger().info(
+            "Dask scheduler %s; %d of %d partitions already scored", scheduler, len(plan.done), plan.partitions
+        )
+        try:
+            results = score_missing(plan, scheduler, torch_threads, on_done, client)
+        finally:
+            if bar is not None:
+                bar.close()
+        update_progress_artifact(artifact, 100.0)
+        return results
 
-
-def dashboard_link(client) -> str | None:
-    """The Dask dashboard's address where the scheduler runs one (it needs bokeh), else None."""
-    try:
-        return client.dashboard_link
-    except (KeyError, AttributeError, OSError):  # no "dashboard" among the scheduler's services
-        return None
-
-
-@task(name="consolidate-scores", cache_policy=NO_CACHE)
-def consolidate_task(plan: JobPlan, figures: dict) -> dict:
-    return consolidate(plan, figures)
+    return score_task
 
 
 @flow(name="score")
@@ -126,15 +93,15 @@ def score_flow(
     partition_size: int = DEFAULT_PARTITION_SIZE,
     progress: bool = False,
     lock_wait_s: float = 0.0,
+    engine: str = "auto",
 ) -> dict:
     """Score every image in ``images`` (a folder, searched recursively, or a list file; any
     fsspec URL) with ``model`` (a model file URL or a run id in ``store``) into ``out``
-    (default ``<store>/scores/<job-id>``). Rerun with the same ``out`` to resume: only
-    missing partitions are scored. Returns the summary (images, scored, failed, seconds,
-    images_per_second, output, count per label, failures)."""
+    (default ``<store>/scores/<job-id>``) with ``engine`` (auto: the fastest validated one
+    here). Rerun with the same ``out`` to resume: only missing partitions are scored. Returns
+    the summary (images, scored, failed, seconds, images_per_second, engine, output, count
+    per label, failures)."""
     logger = get_run_logger()
-    started = time.perf_counter()
-    check_settings(mini_batch_size, partition_size)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
     if dask_address and workers:
@@ -143,25 +110,39 @@ def score_flow(
     model_url = storage.absolute(resolve_model(model, store))
     images = storage.absolute(images)
     out = storage.absolute(out) if out else default_out(store, storage.sha256_of(model_url), images)
-    with JobLock(out, wait_s=lock_wait_s):
-        plan = plan_task(model_url, images, out, top_k, partition_size, mini_batch_size)
+
+    def on_plan(plan: JobPlan) -> None:
         logger.info(
-            "%d images (%d other files ignored) in %d partitions; %d already scored",
+            "%d images (%d other files ignored) in %d partitions; %d already scored; engine %s (%s), %s decoding",
             plan.count,
             plan.ignored,
             plan.partitions,
             len(plan.done),
+            plan.model.engine.engine,
+            plan.model.engine.reason,
+            plan.model.engine.decoder,
         )
-        results = []
-        if len(plan.done) < plan.partitions:
-            with dask_cluster(dask_address, workers) as scheduler:
-                results = score_task(plan, scheduler, None if dask_address else 1, progress)
-        summary = consolidate_task(plan, run_record(plan, results, time.perf_counter() - started))
+
+    summary = score_job(
+        model_url,
+        images,
+        out,
+        engine=engine,
+        dask_address=dask_address,
+        workers=workers,
+        mini_batch_size=mini_batch_size,
+        top_k=top_k,
+        partition_size=partition_size,
+        lock_wait_s=lock_wait_s,
+        stages=Stages(plan_task, _score_task(progress), consolidate_task),
+        on_plan=on_plan,
+    )
     logger.info(
-        "scored %d images (%d failed) in %.1f s -> %s",
+        "scored %d images (%d failed) in %.1f s with %s -> %s",
         summary["scored"],
         summary["failed"],
         summary["seconds"],
+        summary["engine"],
         summary["output"],
     )
     publish_artifacts(summary)
@@ -177,6 +158,7 @@ def summary_markdown(summary: dict) -> str:
         "|---|---|",
         f"| images | `{summary['images_source']}` |",
         f"| model | `{summary['model']}` ({summary['network']}, {len(summary['classes'])} classes) |",
+        f"| engine | {summary['engine']} ({summary['engine_reason']}); {summary['decoder']} decoding |",
         f"| images scored | {summary['scored']:,} |",
         f"| failed | {summary['failed']:,} |",
         f"| other files ignored | {summary['ignored']:,} |",

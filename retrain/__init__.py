@@ -10,13 +10,14 @@ Heavy imports (torch, Prefect, Dask) happen on first call, so ``import retrain``
     retrain.classify(summary["run_id"], "new.jpg")      # {"label": ..., "score": ..., "scores": ...}
     retrain.evaluate(summary["model"], "more-images/")  # accuracy, per-class metrics, confusion
     retrain.score(summary["run_id"], "big-folder/")     # batch scoring on Dask
+    retrain.export(summary["model"], "model.onnx")      # ONNX (or TorchScript) for other runtimes
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["run", "evaluate", "classify", "score"]
+__all__ = ["run", "evaluate", "classify", "score", "export"]
 
 
 def _store(store: str | None) -> str:
@@ -81,3 +82,16 @@ def score(model: str, images: str, out: str | None = None, store: str | None = N
     from retrain.flows.score import score_flow
 
     return score_flow(model=model, images=images, out=out, store=_store(store), **settings)
+
+
+def export(model: str, out: str, fmt: str = "onnx", store: str | None = None) -> str:
+    """Write ``model`` to ``out`` as ONNX (class names, input size and preprocessing in its
+    metadata; dynamic batch axis) or TorchScript; returns the URL written."""
+    from retrain.tasks import storage
+    from retrain.tasks.export import export_model
+    from retrain.tasks.inference import load_checked
+    from retrain.tasks.runs import resolve_model
+
+    model_url = resolve_model(model, _store(store))
+    loaded, _ = load_checked(model_url)
+    return export_model(loaded, storage.absolute(out), fmt, storage.sha256_of(model_url))

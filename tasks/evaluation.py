@@ -1,7 +1,8 @@
-"""Prediction, scores to labels, accuracy, the confusion matrix and per-class metrics.
+"""Scores to labels, accuracy, the confusion matrix and per-class metrics.
 
-The same :func:`predict_scores` serves validation during training, the test split,
-``retrain evaluate`` and ``retrain classify``, so they can never disagree on preprocessing.
+Every prediction goes through :mod:`tasks.inference` (one preprocessing, one forward loop):
+:func:`predict_scores` serves validation during training, :func:`evaluate_model` the test
+split, ``retrain evaluate`` and the promotion gate, :func:`classify_image` ``retrain classify``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import pandas as pd
 import torch
 from retrain.tasks import storage
 from retrain.tasks.datastore import held_out
-from retrain.tasks.networks import LoadedModel, ModelFileError, load_model_file
-from retrain.tasks.preprocessing import ImageDecodeError, Preprocessing, load_image, load_images
+from retrain.tasks.inference import Predictor, check_model, prepare_torch_model, read_image, torch_predictor
+from retrain.tasks.networks import LoadedModel, load_model_file
+from retrain.tasks.preprocessing import Preprocessing
 from retrain.tasks.reports import confusion_chart
 from torch import nn
 
@@ -26,20 +28,13 @@ def predict_scores(
     device: torch.device | None = None,
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Softmax scores (N x K, on the CPU) for a uint8 batch of images at the input size."""
-    device = device or next(model.parameters()).device
+    """Softmax scores (N x K, on the CPU) for a uint8 batch of images at the input size, from
+    an in-memory model (training's validation); its training mode is restored after."""
     was_training = model.training
-    model.eval()
-    out = []
     try:
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                batch = images[start : start + batch_size].to(device, non_blocking=True)
-                x = preprocessing.normalize(batch).contiguous(memory_format=torch.channels_last)
-                out.append(torch.softmax(model(x).float(), dim=1).cpu())
+        return torch_predictor(model, preprocessing, [], device).scores(images, batch_size)
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty((0, 0))
 
 
 @dataclass
@@ -114,59 +109,74 @@ class Classification:
     scores: dict[str, float]
 
 
-def classify_image(
-    model: nn.Module, preprocessing: Preprocessing, classes: list[str], image_url: str
-) -> Classification:
-    """Label and score for one new image (MATLAB's ``scores2label(predict(net, I))``).
-
-    An image that cannot be used raises :class:`ImageDecodeError` naming the file and why; a
-    model that cannot score its own input size, or whose outputs do not match its classes,
-    raises :class:`ModelFileError`."""
-    try:
-        data = storage.read_bytes(image_url)
-    except IsADirectoryError:
-        raise ImageDecodeError(
-            f"{image_url} is a folder, not an image file (score a folder with `retrain score`)"
-        ) from None
-    try:
-        image = load_image(data, preprocessing.input_size)
-    except ImageDecodeError as exc:
-        raise ImageDecodeError(f"cannot use {image_url}: {exc}") from None
-    try:
-        scores = predict_scores(model, image[None], preprocessing)[0]
-    except RuntimeError as exc:
-        size = "x".join(str(v) for v in preprocessing.input_size)
-        raise ModelFileError(
-            f"the model cannot score an image at its declared input size {size}: {str(exc).splitlines()[0]}"
-        ) from None
-    if scores.shape != (len(classes),):
-        raise ModelFileError(f"the model gives {tuple(scores.shape)} scores per image but names {len(classes)} classes")
-    if not torch.isfinite(scores).all():
-        raise ModelFileError(
-            "the model's scores are not finite numbers (NaN or infinite weights: a damaged or tampered model file?)"
-        )
+def classify_with(predictor: Predictor, image_url: str) -> Classification:
+    """Label and score for one new image (MATLAB's ``scores2label(predict(net, I))``); an
+    image that cannot be used raises :class:`ImageDecodeError` naming the file and why."""
+    scores = predictor.scores(read_image(image_url, predictor)[None])[0]
     best = int(scores.argmax())
+    classes = predictor.classes
     return Classification(classes[best], float(scores[best]), {c: float(s) for c, s in zip(classes, scores.tolist())})
 
 
+def classify_image(
+    model: nn.Module, preprocessing: Preprocessing, classes: list[str], image_url: str
+) -> Classification:
+    """:func:`classify_with` for an in-memory model, after the model check (a model that cannot
+    score its input size, whose outputs do not match its classes, or whose weights are not
+    finite raises :class:`ModelFileError`)."""
+    check_model(_as_loaded(model, preprocessing, classes), "the model")
+    return classify_with(torch_predictor(model, preprocessing, classes), image_url)
+
+
+def _as_loaded(model: nn.Module, preprocessing: Preprocessing, classes: list[str]) -> LoadedModel:
+    from types import SimpleNamespace
+
+    return LoadedModel(model, SimpleNamespace(name=type(model).__name__), list(classes), preprocessing, {})
+
+
 def evaluate_model(
-    loaded: LoadedModel, images: pd.DataFrame, batch_size: int = 64, device: torch.device | None = None
+    loaded: LoadedModel,
+    images: pd.DataFrame,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    predictor: Predictor | None = None,
 ) -> tuple[Evaluation, pd.DataFrame]:
-    """Predict every image of an index (columns path, label) and score the predictions.
-    Labels the model does not know are refused: accuracy over them would mean nothing."""
+    """Predict every image of an index (columns path, label) and score the predictions, with
+    ``predictor`` (an engine chosen by the caller) or float32 torch. Labels the model does not
+    know are refused: accuracy over them would mean nothing."""
     unknown = sorted(set(images["label"]) - set(loaded.classes))
     if unknown:
         raise ValueError(
             f"the data has classes the model was not trained on: {', '.join(unknown)} "
             f"(model classes: {', '.join(loaded.classes)})"
         )
-    device = device or next(loaded.model.parameters()).device
-    pixels = load_images(list(images["path"]), loaded.preprocessing.input_size)
-    scores = predict_scores(
-        loaded.model.to(device, memory_format=torch.channels_last), pixels, loaded.preprocessing, device, batch_size
-    )
+    if predictor is None:
+        check_model(loaded, "the model")
+        device = device or next(loaded.model.parameters()).device
+        predictor = torch_predictor(prepare_torch_model(loaded.model, device), loaded.preprocessing, loaded.classes)
+    pixels = load_pixels(list(images["path"]), predictor)
+    scores = predictor.scores(pixels, batch_size)
     table = predictions_table(list(images["path"]), list(images["label"]), scores, loaded.classes)
     return evaluate_predictions(list(table["true_label"]), list(table["label"]), loaded.classes), table
+
+
+def load_pixels(urls: list[str], predictor: Predictor, threads: int = 4) -> torch.Tensor:
+    """Decode many images (threads overlap reads and decoding) into one uint8 batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retrain.tasks.preprocessing import ImageDecodeError
+
+    def one(url: str) -> torch.Tensor:
+        try:
+            return predictor.load(storage.read_bytes(url))
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"{url}: {exc}") from None
+
+    out = torch.empty((len(urls), 3, *predictor.preprocessing.input_size), dtype=torch.uint8)
+    with ThreadPoolExecutor(threads) as pool:
+        for i, image in enumerate(pool.map(one, urls)):
+            out[i] = image
+    return out
 
 
 def evaluate_run(run_url: str) -> dict:

@@ -554,7 +554,7 @@ def test_scoring_folder_with_every_kind_gives_one_row_per_image(tmp_path, store,
 
     before = snapshot(store)
     out = str(store / "scores" / "incoming")
-    summary = scoring.score_images(
+    summary = scoring.score_job(
         str(store / "runs" / "r0" / "model.pt"),
         str(folder),
         out,
@@ -563,7 +563,7 @@ def test_scoring_folder_with_every_kind_gives_one_row_per_image(tmp_path, store,
         mini_batch_size=4,
     )
     assert_untouched(before, store, allowed=("scores/incoming/",))
-    frame = pd.read_parquet(scoring.scores_url(out))
+    frame = pd.read_parquet(scoring.JobLayout(out).scores)
     assert len(frame) == len(expected) and frame["path"].is_unique  # no row lost, none twice
     assert set(frame["path"]) == set(expected)
     assert summary["images"] == len(expected) and summary["ignored"] == 1
@@ -759,7 +759,7 @@ def _save(tmp: Path, name: str, record: dict) -> str:
                     preprocessing=dict(_record(m)["preprocessing"], input_size=[16, 16]),
                 ),
             ),
-            "cannot score an image at its declared input size 16x16",
+            "input size 16x16 does not fit",
         ),
         (
             "weights that are not numbers (NaN)",
@@ -808,6 +808,6 @@ def test_bad_model_for_scoring_is_refused_before_anything_is_written(tmp_path, s
         before = snapshot(store)
         out = store / "scores" / bad.stem
         with pytest.raises(ModelFileError):
-            scoring.score_images(str(bad), str(folder), str(out), client=dask_client)
+            scoring.score_job(str(bad), str(folder), str(out), client=dask_client)
         assert assert_untouched(before, store, allowed=()) == []  # not even an empty output folder
         assert not marker.exists()

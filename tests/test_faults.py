@@ -534,23 +534,23 @@ def test_consolidation_on_a_failing_s3_never_leaves_partial_scores(s3, tmp_path,
     plan = scoring.prepare_job(str(model), str(images), out, partition_size=4, mini_batch_size=4)
     for part in scoring.read_partitions(plan):
         scoring.score_partition(
-            plan.model.url, plan.model.sha256, list(part.paths), scoring.part_url(out, part.name), 4, plan.top_k
+            plan.model.for_workers(), list(part.paths), scoring.JobLayout(out).part(part.name), 4, plan.top_k
         )
     start = len(proxy.log)
     scoring.consolidate(plan)
     requests = len(proxy.log) - start
-    storage.remove(scoring.scores_url(out))
-    storage.remove(scoring.summary_url(out))
+    storage.remove(scoring.JobLayout(out).scores)
+    storage.remove(scoring.JobLayout(out).summary)
     for k in range(1, requests + 1):
         proxy.fail_from(k)
         with pytest.raises(OSError):  # StorageError, or s3fs's OSError where scoring lists parts itself
             scoring.consolidate(plan)
         proxy.fail_from(None)
-        if storage.exists(scoring.scores_url(out)):
-            frame = storage.read_parquet(scoring.scores_url(out))
+        if storage.exists(scoring.JobLayout(out).scores):
+            frame = storage.read_parquet(scoring.JobLayout(out).scores)
             assert len(frame) == plan.count == 10 and frame["path"].is_unique
-            storage.remove(scoring.scores_url(out))
-            storage.remove(scoring.summary_url(out))
+            storage.remove(scoring.JobLayout(out).scores)
+            storage.remove(scoring.JobLayout(out).summary)
     summary = scoring.consolidate(plan)
-    frame = storage.read_parquet(scoring.scores_url(out))
+    frame = storage.read_parquet(scoring.JobLayout(out).scores)
     assert len(frame) == summary["images"] == 10 and frame["path"].is_unique and summary["failed"] == 1

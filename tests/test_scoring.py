@@ -1,4 +1,4 @@
-"""Batch scoring (tasks/scoring.py, flows/score.py, `retrain score`) on tiny generated images:
+"""Batch scoring (tasks/scoring/, flows/score.py, `retrain score`) on tiny generated images:
 bad files become rows with an error, parts are resumable after a kill -9, one job per output
 at a time, and the same code runs on a local cluster and on a separately started one."""
 
@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from retrain.tasks import scoring, storage
+from retrain.tasks import inference, scoring, storage
 from retrain.tasks.networks import ModelFileError, save_model_file
 from retrain.tasks.preprocessing import load_image
 from retrain.tasks.samples import make_shapes_dataset
@@ -68,7 +68,7 @@ def _gif() -> bytes:
 
 
 def read_scores(out: str):
-    return pq.read_table(scoring.scores_url(out)).to_pandas()
+    return pq.read_table(scoring.JobLayout(out).scores).to_pandas()
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +129,11 @@ def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_pa
     expected = make_folder(tmp_path / "images")
     paths = sorted(expected) + [str(tmp_path / "images" / "vanished.jpg")]
     expected[paths[-1]] = "not found"
-    scoring.clear_model_cache()
-    loads = scoring.MODEL_LOADS["count"]
+    inference.clear_cache()
+    loads = inference.LOADS["count"]
     out = str(tmp_path / "part.parquet")
-    result = scoring.score_partition(model_file, storage.sha256_of(model_file), paths, out, mini_batch_size=3, top_k=2)
+    model = scoring.WorkerModel(model_file, storage.sha256_of(model_file))
+    result = scoring.score_partition(model, paths, out, mini_batch_size=3, k=2)
     table = pq.read_table(out).to_pandas()
     assert list(table["path"]) == paths and result.images == len(paths)
     for path, error in expected.items():
@@ -155,9 +156,9 @@ def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_pa
     assert torch.allclose(torch.tensor(mine["score"].to_numpy()), reference.max(1).values, atol=1e-4)
 
     # a second partition in this process reuses the loaded model; an existing part is kept
-    again = scoring.score_partition(model_file, storage.sha256_of(model_file), good[:2], str(tmp_path / "p2.parquet"))
-    assert again.images == 2 and scoring.MODEL_LOADS["count"] == loads + 1
-    assert scoring.score_partition(model_file, storage.sha256_of(model_file), paths, out).skipped
+    again = scoring.score_partition(model, good[:2], str(tmp_path / "p2.parquet"))
+    assert again.images == 2 and inference.LOADS["count"] == loads + 1
+    assert scoring.score_partition(model, paths, out).skipped
 
 
 def test_models_that_do_not_fit_are_refused(tmp_path, model_file):
@@ -192,7 +193,7 @@ def test_models_that_do_not_fit_are_refused(tmp_path, model_file):
 def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, model_file, local_client):
     expected = make_folder(tmp_path / "images")
     out = str(tmp_path / "out")
-    first = scoring.score_images(
+    first = scoring.score_job(
         model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
     )
     assert first["images"] == len(expected) and first["processed"] == len(expected)
@@ -206,7 +207,7 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
     parts[1].unlink()
     (Path(out) / "scores.parquet").unlink()
     (Path(out) / "parts" / "part-000099-debris.parquet.tmp-0a1b2c3d").write_bytes(b"half")
-    again = scoring.score_images(
+    again = scoring.score_job(
         model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
     )
     assert again["processed"] == 5 and again["resumed_partitions"] == 3
@@ -220,7 +221,7 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
         scoring.consolidate(scoring.prepare_job(model_file, str(tmp_path / "images"), out, partition_size=5))
     assert not parts[2].exists()
     assert (
-        scoring.score_images(
+        scoring.score_job(
             model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
         )["processed"]
         == 5
@@ -228,7 +229,7 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
 
     # a new image: only its partition (the last) is scored again, still one row per image
     (tmp_path / "images" / "zz_new.jpg").write_bytes((tmp_path / "images" / "square" / "square_000.jpg").read_bytes())
-    third = scoring.score_images(
+    third = scoring.score_job(
         model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
     )
     assert third["images"] == len(expected) + 1 and third["processed"] == 5
@@ -239,19 +240,21 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
 def test_a_failing_partition_fails_the_job_but_keeps_the_others(tmp_path, model_file, local_client, monkeypatch):
     make_folder(tmp_path / "images", per_class=3, bad=False)
     out = str(tmp_path / "out")
-    real = scoring.score_partition
+    from retrain.tasks.scoring import cluster
 
-    def crash_on_second(model_url, sha, paths, part, *args):
+    real = cluster.score_partition
+
+    def crash_on_second(model, paths, part, *args):
         if "part-000001-" in part:
             raise MemoryError("worker ran out of memory")
-        return real(model_url, sha, paths, part, *args)
+        return real(model, paths, part, *args)
 
-    monkeypatch.setattr(scoring, "score_partition", crash_on_second)
+    monkeypatch.setattr(cluster, "score_partition", crash_on_second)
     with pytest.raises(scoring.ScoringIncompleteError, match="1 of 3 partitions failed .*MemoryError"):
-        scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client, partition_size=4)
-    assert len(list((Path(out) / "parts").glob("*.parquet"))) == 2 and not Path(scoring.scores_url(out)).exists()
-    monkeypatch.setattr(scoring, "score_partition", real)
-    summary = scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client, partition_size=4)
+        scoring.score_job(model_file, str(tmp_path / "images"), out, client=local_client, partition_size=4)
+    assert len(list((Path(out) / "parts").glob("*.parquet"))) == 2 and not Path(scoring.JobLayout(out).scores).exists()
+    monkeypatch.setattr(cluster, "score_partition", real)
+    summary = scoring.score_job(model_file, str(tmp_path / "images"), out, client=local_client, partition_size=4)
     assert summary["processed"] == 4 and summary["resumed_partitions"] == 2 and len(read_scores(out)) == 9
 
 
@@ -273,17 +276,17 @@ def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path,
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(scoring.ScoringLockedError, match=f"pid {holder.pid}"):
-            scoring.score_images(model_file, str(tmp_path / "images"), out, client=local_client)
-        assert not Path(scoring.scores_url(out)).exists()
+            scoring.score_job(model_file, str(tmp_path / "images"), out, client=local_client)
+        assert not Path(scoring.JobLayout(out).scores).exists()
         threading.Timer(1.0, lambda: os.kill(holder.pid, signal.SIGKILL)).start()  # dies holding it
-        summary = scoring.score_images(
+        summary = scoring.score_job(
             model_file, str(tmp_path / "images"), out, client=local_client, lock_wait_s=60
         )  # waits, then runs
     finally:
         holder.kill()
         holder.wait()
     assert summary["images"] == 6 and len(read_scores(out)) == 6
-    assert not Path(scoring.lock_url(out)).exists()
+    assert not Path(scoring.JobLayout(out).lock).exists()
 
 
 def test_lease_lock_on_a_remote_store():
@@ -294,18 +297,18 @@ def test_lease_lock_on_a_remote_store():
     with scoring.JobLock("memory://leases/out", lease_s=60):
         pass
     stale = {"host": "gone", "pid": 1, "token": "old", "since": "then", "heartbeat": time.time() - 3600}
-    storage.write_json(scoring.lock_url("memory://leases/out"), stale)
+    storage.write_json(scoring.JobLayout("memory://leases/out").lock, stale)
     with scoring.JobLock("memory://leases/out", lease_s=60):  # a lease not renewed is taken over
-        assert storage.read_json(scoring.lock_url("memory://leases/out"))["token"] != "old"
+        assert storage.read_json(scoring.JobLayout("memory://leases/out").lock)["token"] != "old"
 
 
 KILL_SCRIPT = """
 import sys
-from retrain.tasks.scoring import score_images
+from retrain.tasks.scoring import score_job
 
 if __name__ == "__main__":
     model, images, out = sys.argv[1:4]
-    score_images(model, images, out, workers=1, partition_size=2, mini_batch_size=2)
+    score_job(model, images, out, workers=1, partition_size=2, mini_batch_size=2)
 """
 
 
@@ -340,9 +343,9 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, mod
         _kill_group(job.pid)
         log.close()
     assert 2 <= done_at_kill < total, (done_at_kill, total)
-    assert not Path(scoring.scores_url(out)).exists()
+    assert not Path(scoring.JobLayout(out).scores).exists()
 
-    summary = scoring.score_images(model_file, images, out, client=local_client, partition_size=2, mini_batch_size=2)
+    summary = scoring.score_job(model_file, images, out, client=local_client, partition_size=2, mini_batch_size=2)
     frame = read_scores(out)
     assert len(frame) == len(expected) == summary["images"]
     assert frame["path"].is_unique and set(frame["path"]) == set(expected)
@@ -350,11 +353,44 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, mod
     assert not [p for p in parts.iterdir() if storage.TMP_MARKER in p.name]
 
 
-def _wait_group_gone(pgid: int, timeout: float = 30) -> None:
+@pytest.mark.services
+def test_a_dask_worker_killed_mid_job_still_gives_exactly_one_row_per_image(tmp_path, model_file):
+    """kill -9 of one worker process while the job runs: its nanny starts a new one, Dask runs
+    the lost task again, and the same job ends with every image once."""
+    from distributed import Client, LocalCluster
+
+    expected = make_folder(tmp_path / "images", per_class=8)
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    parts = Path(out) / "parts"
+    killed: list[int] = []
+
+    def kill_one_worker_after_the_first_part(client) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (parts.is_dir() and list(parts.glob("*.parquet"))):
+            time.sleep(0.02)
+        pid = next(iter(client.run(os.getpid).values()))
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        killer = threading.Thread(target=kill_one_worker_after_the_first_part, args=(client,), daemon=True)
+        killer.start()
+        summary = scoring.score_job(model_file, images, out, client=client, partition_size=2, mini_batch_size=2)
+        killer.join(timeout=60)
+    assert killed, "no worker was killed: the job ended before its first part was seen"
+    frame = read_scores(out)
+    assert len(frame) == len(expected) == summary["images"] and frame["path"].is_unique
+    assert set(frame["path"]) == set(expected) and summary["processed"] == len(expected)
+
+
+def _wait_group_gone(pid_group: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.killpg(pgid, 0)
+            os.killpg(pid_group, 0)
         except ProcessLookupError:
             return
         time.sleep(0.1)
@@ -490,13 +526,14 @@ def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_
     ]
     code, result = run_cli(args)
     assert code == 0
-    assert set(result) >= {"images", "scored", "failed", "seconds", "images_per_second", "output"}
+    assert set(result) >= {"images", "scored", "failed", "seconds", "images_per_second", "output", "engine"}
+    assert result["engine"] == "torch" and "no held-out" in result["engine_reason"]  # no run beside the model
     assert result["images"] == len(expected) == result["scored"] + result["failed"]
-    assert result["output"] == scoring.scores_url(out) and result["images_per_second"] > 0
+    assert result["output"] == scoring.JobLayout(out).scores and result["images_per_second"] > 0
     frame = read_scores(out)
     assert len(frame) == len(expected) and frame["top_labels"].dropna().map(len).eq(2).all()
     with Client(dask_processes) as client:  # 5 partitions, one model load in that worker
-        loads = client.run(lambda: __import__("retrain.tasks.scoring").tasks.scoring.MODEL_LOADS["count"])
+        loads = client.run(lambda: __import__("retrain.tasks.inference").tasks.inference.LOADS["count"])
     assert list(loads.values()) == [1]
 
     code, again = run_cli(args)  # again: everything is there already
@@ -524,10 +561,10 @@ def test_retrain_flow_ends_with_batch_predict_on_a_local_cluster(prefect_logs, s
         score_folder=str(tmp_path / "to-score"),
     )
     out = str(Path(summary["run"]) / "scores")
-    assert summary["scores"] == scoring.scores_url(out)
+    assert summary["scores"] == scoring.JobLayout(out).scores
     frame = read_scores(out)
     assert len(frame) == len(expected) and frame["path"].is_unique
-    scored = storage.read_json(scoring.summary_url(out))
+    scored = storage.read_json(scoring.JobLayout(out).summary)
     assert scored["model"] == summary["model"] and scored["images"] == len(expected)
     # the local cluster's workers had their own environment; this process keeps its own
     assert {k: os.environ.get(k) for k in environ} == environ
@@ -545,3 +582,18 @@ def _assert_artifacts(*keys: str) -> None:
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
     assert {a.key for a in found} >= set(keys)
+
+
+def test_early_prefect_api_is_not_started_where_a_server_is_configured(monkeypatch, tmp_path):
+    from retrain.flows.early_api import configured_api_url, start_early_api
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
+    assert start_early_api() is None
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    (tmp_path / "profiles.toml").write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://team:4200/api"\n[profiles.ephemeral]\n'
+    )
+    assert configured_api_url() == "http://team:4200/api"
+    monkeypatch.setenv("PREFECT_PROFILE", "ephemeral")
+    assert configured_api_url() is None

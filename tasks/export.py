@@ -1,0 +1,193 @@
+"""Export a model file to ONNX or TorchScript (MATLAB's ``exportONNXNetwork``), the int8
+quantization of an ONNX model, and the checks every ONNX file passes before it is loaded.
+
+An exported ONNX file describes itself like a model file: its metadata holds the class names,
+the input size and the preprocessing (as JSON), and its batch axis is dynamic. The network's
+input is the normalised float batch (N x 3 x H x W, in the channel order the preprocessing
+names); the output is one logit per class.
+
+ONNX files are data, not code, but they can name "external data" files: a path that leaves
+the model's folder (``../../etc/passwd``, an absolute path) would make a loader read any file.
+:func:`check_onnx` refuses those, and anything the ONNX checker rejects, before a session is
+ever created.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+from retrain.tasks import storage
+from retrain.tasks.networks import LoadedModel, ModelFileError
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def onnx_metadata(loaded: LoadedModel, sha256: str | None = None) -> dict[str, str]:
+    meta = {
+        "retrain.format": "retrain.onnx/1",
+        "retrain.network": loaded.spec.name,
+        "retrain.classes": json.dumps(list(loaded.classes)),
+        "retrain.input_size": json.dumps(list(loaded.preprocessing.input_size)),
+        "retrain.preprocessing": json.dumps(loaded.preprocessing.to_dict()),
+    }
+    if sha256:
+        meta["retrain.model_sha256"] = sha256
+    return meta
+
+
+def onnx_bytes(loaded: LoadedModel, sha256: str | None = None) -> bytes:
+    """The model as ONNX (dynamic batch axis, metadata), in memory."""
+    import onnx
+
+    model = loaded.model.eval().to("cpu", memory_format=torch.contiguous_format)
+    example = torch.zeros(1, 3, *loaded.preprocessing.input_size)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,  # the dynamo exporter needs onnxscript and takes 10x longer for the same graph
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in onnx_metadata(loaded, sha256).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = f"retrain export of {loaded.spec.name} for {len(loaded.classes)} classes"
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def torchscript_bytes(loaded: LoadedModel) -> bytes:
+    model = loaded.model.eval().to("cpu", memory_format=torch.contiguous_format)
+    example = torch.zeros(1, 3, *loaded.preprocessing.input_size)
+    with torch.inference_mode():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    extra = {"retrain.json": json.dumps({k: v for k, v in onnx_metadata(loaded).items()})}
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files=extra)
+    return buffer.getvalue()
+
+
+def export_model(loaded: LoadedModel, out: str, fmt: str, sha256: str | None = None) -> str:
+    """Write ``loaded`` to ``out`` in ``fmt`` (onnx or torchscript), atomically."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    data = onnx_bytes(loaded, sha256) if fmt == "onnx" else torchscript_bytes(loaded)
+    return storage.write_bytes(out, data)
+
+
+def check_export(loaded: LoadedModel, onnx_url: str, image_urls: list[str]) -> dict:
+    """ONNX Runtime on the exported file against the torch model on ``image_urls`` (a run's
+    test split): how many labels agree and the largest score difference."""
+    from retrain.tasks.inference import build_predictor, image_loader
+
+    load = image_loader("exact", loaded.preprocessing.input_size)
+    pixels = torch.stack([load(storage.read_bytes(u)) for u in image_urls])
+    reference = build_predictor(loaded, "torch", device=torch.device("cpu")).scores(pixels)
+    exported = build_predictor(loaded, "onnx", onnx_url, device=torch.device("cpu")).scores(pixels)
+    same = int((reference.argmax(1) == exported.argmax(1)).sum())
+    return {
+        "images": len(image_urls),
+        "same_labels": same,
+        "max_score_difference": float((reference - exported).abs().max()),
+    }
+
+
+# ---- checks before loading an ONNX file -------------------------------------------------------
+
+
+def check_onnx(proto, folder: str | None, source: str, path: str | None = None) -> None:
+    """Refuse external data that leaves ``folder`` (or any external data when the file has no
+    local folder) and anything the ONNX checker rejects (``path``: the local file, which the
+    checker needs to find external data)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    for tensor in _get_all_tensors(proto):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        if folder is None:
+            raise ModelFileError(f"{source}: refused: tensor {tensor.name} keeps its data in an external file")
+        normal = posixpath.normpath(location.replace("\\", "/"))
+        resolved = os.path.realpath(os.path.join(folder, normal))
+        inside = os.path.commonpath([resolved, os.path.realpath(folder)]) == os.path.realpath(folder)
+        if os.path.isabs(location) or normal.startswith("..") or not inside:
+            raise ModelFileError(
+                f"{source}: refused: tensor {tensor.name} names external data {location!r} outside the model's folder"
+            )
+    try:
+        onnx.checker.check_model(path if path else proto)
+    except Exception as exc:
+        raise ModelFileError(f"{source}: not a valid ONNX model: {str(exc).splitlines()[0]}") from None
+
+
+def checked_onnx_source(url: str) -> bytes | str:
+    """What ONNX Runtime should load for ``url``, after :func:`check_onnx`: the bytes, or the
+    local path when the file keeps (checked) external data beside it."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ModelFileError(f"ONNX file not found: {url}") from None
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as exc:
+        raise ModelFileError(f"{url}: not an ONNX file ({type(exc).__name__})") from None
+    external = any(uses_external_data(t) for t in _get_all_tensors(proto))
+    local = storage.is_local(url)
+    path = url[len("file://") :] if url.startswith("file://") else url
+    check_onnx(proto, os.path.dirname(os.path.abspath(path)) if local else None, url, path if external else None)
+    return path if external else data
+
+
+# ---- int8: static quantization calibrated on the run's training images -------------------------
+
+
+def quantize_int8(onnx_data: bytes, calibration: list[np.ndarray]) -> bytes:
+    """Static QDQ int8 quantization (uint8 activations, int8 per-channel weights) of an ONNX
+    model, calibrated on ``calibration`` (network-input batches). Returns the quantized model."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory(prefix="retrain-int8-") as tmp:
+        source, prepared, quantized = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        with open(source, "wb") as f:
+            f.write(onnx_data)
+        quant_pre_process(source, prepared, skip_symbolic_shape=True)
+        quantize_static(
+            prepared,
+            quantized,
+            Batches(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+        with open(quantized, "rb") as f:
+            return f.read()

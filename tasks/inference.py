@@ -1,0 +1,395 @@
+"""The one path from a model file to labels and scores: checks, engine, preprocessing,
+batched forward passes, scores -> labels.
+
+``classify``, ``evaluate``, the promotion gate, training's validation and the scoring workers
+all predict through a :class:`Predictor`, so they can never disagree on preprocessing.
+
+Engines (what runs the forward pass):
+
+- ``torch``: float32 PyTorch, channels_last; the reference every other engine is checked against.
+- ``torch-bf16``: PyTorch under bfloat16 autocast; offered only where the hardware computes in
+  bf16 (a CUDA GPU that supports it, a CPU with AVX-512 BF16 or AMX). On a CPU without it, bf16
+  is emulated and runs ~15x slower than float32 (measured on AVX2: 3 against 44 images/s).
+- ``onnx``: ONNX Runtime, float32, on the model exported by :mod:`tasks.export`.
+- ``onnx-int8``: ONNX Runtime on a statically quantized (QDQ) model calibrated on the run's own
+  training images.
+
+Which engine may run is decided by :mod:`tasks.engine_gate` (each reduced-precision engine is
+validated once per model against ``torch`` on held-out images); this module runs the one it is given.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from retrain.tasks import storage
+from retrain.tasks.networks import LoadedModel, ModelFileError, model_from_record, read_model_record, resolve_device
+from retrain.tasks.preprocessing import ImageDecodeError, Preprocessing, decode_image, resize
+
+ENGINES = ("torch", "torch-bf16", "onnx", "onnx-int8")
+ENGINE_CHOICES = ("auto", *ENGINES)
+DECODERS = ("exact", "scaled")  # scaled: JPEG decoded at a reduced size by DCT scaling
+
+try:  # libjpeg-turbo with DCT scaling: decodes a 1000 px photo meant for 227 px at 1/4 size
+    import simplejpeg
+except ImportError:  # optional: decoding falls back to the exact decoder
+    simplejpeg = None
+
+
+class EngineError(ValueError):
+    """An engine cannot run here (missing library, unsupported hardware, no exported file)."""
+
+
+# ---- hardware: what this machine can run ------------------------------------------------------
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bfloat16 natively (AVX-512 BF16 or AMX), as oneDNN sees it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def onnxruntime_providers() -> list[str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())
+
+
+def supported_engines(device: torch.device) -> list[str]:
+    """The engines that make sense on ``device`` (fastest-first is decided by measurement)."""
+    engines = ["torch"]
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            engines.append("torch-bf16")
+        if "CUDAExecutionProvider" in onnxruntime_providers():
+            engines.append("onnx")
+        return engines
+    if cpu_has_bf16():
+        engines.append("torch-bf16")
+    if "CPUExecutionProvider" in onnxruntime_providers():
+        engines += ["onnx", "onnx-int8"]
+    return engines
+
+
+def hardware_key(device: torch.device) -> str:
+    """Names the hardware speed figures were measured on (they do not carry to another machine)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{torch.backends.cpu.get_cpu_capability()}:bf16={cpu_has_bf16()}"
+
+
+# ---- the model check: one place --------------------------------------------------------------
+
+
+def check_model(loaded: LoadedModel, source: str, declared_size=None) -> None:
+    """Refuse, with the reason, a model that cannot give sensible scores: an unusable class
+    list, an input size that does not fit its network, outputs that do not match its classes,
+    or weights that are not finite numbers (NaN/inf: a damaged or tampered file)."""
+    classes = loaded.classes
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ModelFileError(
+            f"{source}: its class list is unusable ({len(classes)} classes, "
+            f"{len(classes) - len(set(classes))} duplicates)"
+        )
+    size = tuple(loaded.preprocessing.input_size)
+    if declared_size is not None and tuple(int(v) for v in declared_size) != size:
+        raise ModelFileError(
+            f"{source}: its input size {list(declared_size)} does not match its preprocessing's {list(size)}"
+        )
+    bad = [name for name, t in loaded.model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ModelFileError(
+            f"{source}: its weights are not finite numbers (NaN or infinite in {bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): a damaged or tampered model file?"
+        )
+    try:
+        with torch.inference_mode():
+            out = loaded.model.eval()(torch.zeros(1, 3, *size, device=_device_of(loaded.model)))
+    except Exception as exc:
+        raise ModelFileError(
+            f"{source}: input size {size[0]}x{size[1]} does not fit network "
+            f"{loaded.spec.name}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
+    if tuple(out.shape) != (1, len(classes)):
+        raise ModelFileError(
+            f"{source}: the network gives {tuple(out.shape)[1:]} outputs for one "
+            f"image but the model file names {len(classes)} classes"
+        )
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_checked(model_url: str) -> tuple[LoadedModel, dict]:
+    """Read, build and check a model file: what every path that loads a model goes through."""
+    record = read_model_record(model_url)
+    loaded = model_from_record(record, source=model_url)
+    check_model(loaded, model_url, record.get("input_size"))
+    return loaded, record
+
+
+# ---- preprocessing: uint8 pixels -> the network's input ----------------------------------------
+
+
+@dataclass(frozen=True)
+class InputAffine:
+    """``Preprocessing.normalize`` as one multiply-add per channel in the network's channel
+    order: two passes over the batch instead of five."""
+
+    channels: list[int]  # RGB -> the network's channel order
+    mul: torch.Tensor  # 1 x 3 x 1 x 1
+    add: torch.Tensor
+    identity_mul: bool
+
+    @classmethod
+    def of(cls, prep: Preprocessing, device: torch.device) -> InputAffine:
+        mean = torch.tensor(prep.mean, dtype=torch.float32)
+        std = torch.tensor(prep.std, dtype=torch.float32)
+        mul = (prep.scale / std).view(1, 3, 1, 1).to(device)
+        add = (-mean / std).view(1, 3, 1, 1).to(device)
+        channels = [2, 1, 0] if prep.channel_order == "BGR" else [0, 1, 2]
+        return cls(channels, mul, add, bool(torch.all(mul == 1.0)))
+
+    def __call__(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 batch (N x 3 x H x W) already in the network's channel order -> float
+        channels_last input on ``device``. To a GPU it travels as uint8, a quarter of the bytes."""
+        pixels = pixels.to(device, non_blocking=True)
+        x = torch.empty(pixels.shape, dtype=torch.float32, device=device, memory_format=torch.channels_last)
+        x.copy_(pixels)
+        if not self.identity_mul:
+            x.mul_(self.mul)
+        return x.add_(self.add)
+
+
+# ---- decoding ---------------------------------------------------------------------------------
+
+
+def _exif_rotated(data: bytes) -> bool:
+    """True when a JPEG's EXIF orientation asks for a rotation (the scaled decoder ignores EXIF)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as probe:
+        return probe.getexif().get(0x0112, 1) not in (1, None)
+
+
+def decode_scaled(data: bytes, size: tuple[int, int]) -> torch.Tensor:
+    """A JPEG decoded by DCT scaling at the smallest of 1/1, 1/2, 1/4, 1/8 of its size that is
+    still at least ``size``, then resized: 1.3-1.6x faster than the exact decoder on photos of
+    300-1000 px. Anything else (PNG, CMYK, EXIF-rotated, damaged) goes the exact way."""
+    if simplejpeg is None or data[:2] != b"\xff\xd8" or b"\xff\xd9" not in data[-64:] or _exif_rotated(data):
+        return resize(decode_image(data), size)
+    try:
+        array = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", fastdct=True, fastupsample=True, min_height=size[0], min_width=size[1]
+        )
+    except (ValueError, RuntimeError):
+        return resize(decode_image(data), size)
+    return resize(torch.from_numpy(array).permute(2, 0, 1), size)
+
+
+def image_loader(decoder: str, size: tuple[int, int]) -> Callable[[bytes], torch.Tensor]:
+    """bytes -> uint8 RGB image at ``size``; raises :class:`ImageDecodeError` for a bad file."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
+    if decoder == "scaled":
+        return lambda data: decode_scaled(data, size)
+    return lambda data: resize(decode_image(data), size)
+
+
+# ---- the predictor --------------------------------------------------------------------------
+
+
+@dataclass
+class Predictor:
+    """Scores for uint8 image batches with one engine; what every path predicts with."""
+
+    classes: list[str]
+    preprocessing: Preprocessing
+    engine: str
+    device: torch.device
+    forward: Callable[[torch.Tensor], torch.Tensor]  # network input -> logits (any device)
+    affine: InputAffine
+    decoder: str = "exact"
+
+    def network_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 batch in the network's channel order -> the network's float input."""
+        return self.affine(pixels, self.device)
+
+    def logits_ordered(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.forward(self.network_input(pixels)).float()
+
+    def scores(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Softmax scores (N x K, float32, on the CPU) for a uint8 RGB batch at the input size."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size][:, self.affine.channels]
+            out.append(torch.softmax(self.logits_ordered(batch), dim=1).cpu())
+        return torch.cat(out) if out else torch.empty((0, len(self.classes)))
+
+    def load(self, data: bytes) -> torch.Tensor:
+        """Image bytes -> uint8 RGB image at the input size, with this predictor's decoder."""
+        return image_loader(self.decoder, self.preprocessing.input_size)(data)
+
+
+def torch_forward(model: torch.nn.Module, bf16: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    if not bf16:
+        return model
+    device_type = _device_of(model).type
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return model(x)
+
+    return forward
+
+
+def prepare_torch_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def torch_predictor(
+    model: torch.nn.Module,
+    preprocessing: Preprocessing,
+    classes: list[str],
+    device: torch.device | None = None,
+    bf16: bool = False,
+) -> Predictor:
+    """A predictor over an in-memory model, put in eval mode (the caller restores training
+    mode); its parameters are left as they are (a model being trained keeps its layout)."""
+    device = device or _device_of(model)
+    model.eval()
+    engine = "torch-bf16" if bf16 else "torch"
+    return Predictor(
+        list(classes), preprocessing, engine, device, torch_forward(model, bf16), InputAffine.of(preprocessing, device)
+    )
+
+
+def onnx_session(onnx_url: str, threads: int | None = None, device: torch.device | None = None):
+    """An ONNX Runtime session on a checked ONNX file (refused when it fails the checks)."""
+    from retrain.tasks.export import checked_onnx_source
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EngineError("the onnx engines need onnxruntime: pip install onnxruntime") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if device is not None and device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(checked_onnx_source(onnx_url), options, providers=providers)
+
+
+def onnx_forward(session) -> Callable[[torch.Tensor], torch.Tensor]:
+    name = session.get_inputs()[0].name
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().cpu().contiguous().numpy()  # ONNX Runtime wants NCHW, contiguous
+        return torch.from_numpy(session.run(None, {name: array})[0])
+
+    return forward
+
+
+def build_predictor(
+    loaded: LoadedModel,
+    engine: str = "torch",
+    onnx_url: str | None = None,
+    device: torch.device | None = None,
+    decoder: str = "exact",
+) -> Predictor:
+    """A predictor for a checked model with ``engine`` (the ONNX engines run ``onnx_url``)."""
+    if engine not in ENGINES:
+        raise EngineError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {engine!r}")
+    device = device or resolve_device("auto")
+    if engine.startswith("torch"):
+        if engine == "torch-bf16" and engine not in supported_engines(device):
+            raise EngineError(f"engine torch-bf16 needs bf16 hardware; this {device.type} has none")
+        predictor = torch_predictor(
+            prepare_torch_model(loaded.model, device), loaded.preprocessing, loaded.classes, device, engine != "torch"
+        )
+        predictor.decoder = decoder
+        return predictor
+    if not onnx_url:
+        raise EngineError(f"engine {engine} needs its ONNX file (made by tasks.engine_gate.prepare_engines)")
+    session = onnx_session(onnx_url, device=device)
+    cpu = torch.device("cpu")  # ONNX Runtime takes its input from host memory
+    return Predictor(
+        list(loaded.classes),
+        loaded.preprocessing,
+        engine,
+        cpu,
+        onnx_forward(session),
+        InputAffine.of(loaded.preprocessing, cpu),
+        decoder,
+    )
+
+
+# ---- a process's predictors: loaded once per worker ------------------------------------------------
+
+_CACHE: OrderedDict[tuple, Predictor] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 2
+LOADS = {"count": 0}  # how often this process loaded a model (tests read it)
+
+
+def cached_predictor(
+    model_url: str, sha256: str, engine: str = "torch", onnx_url: str | None = None, decoder: str = "exact"
+) -> Predictor:
+    """The predictor for this process, loaded once (not once per task) while tasks keep asking
+    for the same file content and engine; a file changed under a running job is refused."""
+    key = (model_url, sha256, engine, onnx_url, decoder)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+        loaded, _ = load_checked(model_url)
+        if storage.sha256_of(model_url) != sha256:
+            raise ModelFileError(
+                f"{model_url} changed while the job was running (its sha256 is no longer {sha256[:12]}...); rerun the job"
+            )
+        predictor = build_predictor(loaded, engine, onnx_url, decoder=decoder)
+        _CACHE[key] = predictor
+        LOADS["count"] += 1
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return predictor
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, values) of the ``k`` best classes per row, best first."""
+    values, indices = scores.topk(k, dim=1)
+    return indices.cpu().numpy(), values.cpu().numpy()
+
+
+def read_image(url: str, predictor: Predictor) -> torch.Tensor:
+    """One image file for ``classify``: a clear error for a folder or an unusable file."""
+    try:
+        data = storage.read_bytes(url)
+    except IsADirectoryError:
+        raise ImageDecodeError(f"{url} is a folder, not an image file (score a folder with `retrain score`)") from None
+    try:
+        return predictor.load(data)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"cannot use {url}: {exc}") from None

@@ -1,0 +1,55 @@
+"""Batch scoring: inference over partitions of image URLs on Dask.
+
+One module per responsibility:
+
+- :mod:`.layout`    the job folder's file names (spelled once), settings defaults, errors
+- :mod:`.partition` what a Dask worker runs: one partition -> one parquet part
+- :mod:`.job`       the driver's side: list, plan, consolidate
+- :mod:`.lock`      one job per output at a time
+- :mod:`.cluster`   the Dask cluster (local, in the background, or given) and the task map
+- :mod:`.run`       the one orchestration, :func:`score_job` (what ``score_flow`` runs)
+
+Nothing here imports Prefect: these functions run inside Dask workers, and each Prefect import
+there would start its own API. :mod:`flows.score` wraps the stages in Prefect tasks.
+
+The names below load their module on first use: ``retrain.tasks.scoring.layout`` (what the
+command line needs for its help) stays free of torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_HOME = {
+    **dict.fromkeys(
+        ("JobLayout", "ScoringError", "ScoringIncompleteError", "ScoringLockedError", "default_out"), "layout"
+    ),
+    **dict.fromkeys(("DEFAULT_MINI_BATCH_SIZE", "DEFAULT_PARTITION_SIZE", "DEFAULT_TOP_K"), "layout"),
+    **dict.fromkeys(("PartResult", "WorkerModel", "score_partition", "score_paths"), "partition"),
+    **dict.fromkeys(
+        (
+            "ImageList",
+            "JobPlan",
+            "ModelInfo",
+            "Partition",
+            "consolidate",
+            "inspect_model",
+            "list_images",
+            "missing_partitions",
+            "partitions",
+            "prepare_job",
+            "read_partitions",
+        ),
+        "job",
+    ),
+    "JobLock": "lock",
+    **dict.fromkeys(("LocalClusterStart", "prestart_local_cluster", "start_cluster"), "cluster"),
+    **dict.fromkeys(("Stages", "score_job", "score_missing"), "run"),
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

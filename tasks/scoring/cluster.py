@@ -1,0 +1,221 @@
+"""The Dask side of a scoring job: the cluster (a local one started for the job, possibly in
+the background while the rest starts up, or an existing one) and mapping partitions over it.
+
+A local cluster is one process per core, one thread each; its workers import torch and the
+inference path while they start (``preload``), so that cost is paid while the driver lists
+the images, checks the model and Prefect's API starts, not after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from retrain.tasks.networks import ModelFileError
+from retrain.tasks.scoring.layout import ScoringError, ScoringIncompleteError
+from retrain.tasks.scoring.partition import PartResult, WorkerModel, score_partition
+
+# Imported by each local worker as it starts: torch, torchvision, ONNX Runtime, the predictor.
+WORKER_PRELOAD = "retrain.tasks.scoring.partition"
+
+
+@contextmanager
+def quiet_dask() -> Iterator[None]:
+    """Prefect's log handlers would otherwise show all of Dask's INFO chatter."""
+    levels = {name: logging.getLogger(name).level for name in ("distributed", "tornado")}
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def _nanny_environ_restored() -> Iterator[None]:
+    """Dask's nanny puts its worker environment (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS=1...)
+    into this process's ``os.environ`` and leaves it there, so every process started later
+    (a training run, a server) would inherit one thread and a slow allocator. Put it back."""
+    import dask
+
+    keys = set(dask.config.get("distributed.nanny.pre-spawn-environ", {})) | {"PYTHONHASHSEED"}
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _worker_count(workers: int | None) -> int:
+    n = (os.cpu_count() or 1) if workers is None else workers
+    if n < 1:
+        raise ScoringError(f"workers must be at least 1, not {n}")
+    return n
+
+
+class LocalClusterStart:
+    """A local cluster starting in a background thread: call :meth:`address` when the job is
+    ready for it (it waits for the start, re-raising its error), :meth:`close` at the end."""
+
+    def __init__(self, workers: int | None = None):
+        self.workers = _worker_count(workers)
+        self._cluster = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="dask-local-cluster", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        from distributed import LocalCluster
+
+        try:
+            with _nanny_environ_restored(), quiet_dask():
+                # All workers spawn inside the constructor (so the nanny's environment is put back
+                # once they have); each imports torch as it starts, while the driver works on.
+                self._cluster = LocalCluster(
+                    n_workers=self.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                    preload=[WORKER_PRELOAD],
+                )
+        except BaseException as exc:  # handed to the caller of address()
+            self._error = exc
+
+    def address(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._cluster.scheduler_address
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._cluster is not None:
+            with quiet_dask():
+                self._cluster.close()
+            self._cluster = None
+
+
+_PRESTARTED: list[LocalClusterStart] = []
+
+
+def prestart_local_cluster(workers: int | None = None) -> LocalClusterStart:
+    """Start a local cluster now, in the background, for the next job in this process that
+    asks for a local cluster of this size (the CLI calls it before Prefect's API starts)."""
+    started = LocalClusterStart(workers)
+    _PRESTARTED.append(started)
+    return started
+
+
+class _GivenCluster:
+    """A cluster someone else runs (an address, or one started early by its own owner)."""
+
+    def __init__(self, address: str | LocalClusterStart):
+        self._address = address
+
+    def address(self) -> str:
+        return self._address if isinstance(self._address, str) else self._address.address()
+
+    def close(self) -> None:
+        pass
+
+
+def start_cluster(address: str | None = None, workers: int | None = None) -> LocalClusterStart | _GivenCluster:
+    """The cluster a job runs on, starting now: ``address`` as given, a local cluster started
+    in advance by :func:`prestart_local_cluster` (its starter closes it), or a new local cluster
+    starting in the background (the caller closes it). ``.address()`` waits for it."""
+    if address:
+        return _GivenCluster(address)
+    n = _worker_count(workers)
+    early = next((c for c in _PRESTARTED if c.workers == n), None)
+    if early is not None:
+        _PRESTARTED.remove(early)
+        return _GivenCluster(early)
+    return LocalClusterStart(n)
+
+
+@contextmanager
+def dask_cluster(address: str | None = None, workers: int | None = None) -> Iterator[str]:
+    """The scheduler address of :func:`start_cluster`'s cluster, closed on exit when it is ours."""
+    cluster = start_cluster(address, workers)
+    try:
+        yield cluster.address()
+    finally:
+        cluster.close()
+
+
+@contextmanager
+def dask_client(address: str) -> Iterator:
+    from distributed import Client
+
+    with quiet_dask(), Client(address, timeout="30s") as client:
+        yield client
+
+
+def run_partitions(
+    client,
+    model: WorkerModel,
+    todo: list[tuple[list[str], str]],
+    mini_batch_size: int,
+    k: int,
+    on_done: Callable[[PartResult], None] | None = None,
+    torch_threads: int | None = None,
+    worker_timeout_s: float = 300.0,
+) -> list[PartResult]:
+    """Map :func:`score_partition` over ``todo`` (file list, part URL) on ``client``; calls
+    ``on_done`` in this (the driver's) thread as each finishes. A partition that fails as a
+    whole (a worker killed, say) is retried once, then reported in
+    :class:`ScoringIncompleteError` after the others are done; a bad model fails fast."""
+    from distributed import as_completed
+
+    if not todo:
+        return []
+    try:
+        client.wait_for_workers(1, timeout=worker_timeout_s)
+    except TimeoutError:
+        raise ScoringError(f"no Dask worker joined the cluster within {worker_timeout_s:.0f} s") from None
+    futures = {}
+    for paths, url in todo:
+        future = client.submit(
+            score_partition,
+            model,
+            paths,
+            url,
+            mini_batch_size,
+            k,
+            None,
+            torch_threads,
+            key=f"score-{url.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:8]}",
+            retries=1,
+        )
+        futures[future] = url
+    results, failures = [], []
+    try:
+        for future in as_completed(futures):
+            if future.status != "finished":  # error (after its retry), or cancelled
+                exc = future.exception() if future.status == "error" else None
+                if isinstance(exc, ModelFileError):
+                    raise exc
+                failures.append((futures[future], f"{type(exc).__name__}: {exc}" if exc else future.status))
+                continue
+            result = future.result()
+            results.append(result)
+            if on_done:
+                on_done(result)
+    finally:
+        client.cancel(list(futures))
+    if failures:
+        raise ScoringIncompleteError(
+            f"{len(failures)} of {len(todo)} partitions failed (first: {failures[0][0]}: {failures[0][1]}); "
+            f"the others are saved, rerun the job to retry these"
+        )
+    return results

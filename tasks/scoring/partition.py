@@ -1,0 +1,239 @@
+"""What a Dask worker runs: score one partition of image URLs and write its parquet part.
+
+The worker gets its predictor from :func:`tasks.inference.cached_predictor` (loaded once per
+process, with the engine and decoder the driver chose), reads and decodes the next mini-batch
+in a thread while the current one runs forward, and writes one row per file: a file that
+cannot be read or decoded becomes a row with an ``error``; it never fails the partition.
+
+Nothing here imports Prefect: each Prefect import in a worker would start its own API.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from retrain.tasks import storage
+from retrain.tasks.allocator import tune_allocator
+from retrain.tasks.inference import Predictor, cached_predictor, top_k
+from retrain.tasks.preprocessing import ImageDecodeError
+from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_TOP_K
+
+REMOTE_READ_THREADS = 8  # reads from object stores wait on the network: overlap them
+
+PART_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("top_labels", pa.list_(pa.string())),
+        ("top_scores", pa.list_(pa.float32())),
+        ("error", pa.string()),
+    ]
+)
+
+
+def read_and_decode(url: str, predictor: Predictor) -> tuple[torch.Tensor | None, str | None]:
+    """(uint8 RGB image at the input size, None) or (None, why it is unusable). Never raises."""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        return None, "file not found (removed after it was listed?)"
+    except IsADirectoryError:
+        return None, "is a folder, not a file"
+    except Exception as exc:  # permissions, network errors after fsspec's own retries
+        return None, f"cannot read file ({type(exc).__name__}: {exc})"
+    try:
+        return predictor.load(data), None
+    except ImageDecodeError as exc:
+        return None, str(exc)
+    except Exception as exc:  # a decoder bug must not fail the other images
+        return None, f"cannot decode image ({type(exc).__name__}: {exc})"
+
+
+@dataclass
+class _Batch:
+    pixels: torch.Tensor  # uint8, N x 3 x H x W in the network's channel order, channels_last
+    rows: list[int]  # the partition row of each image in ``pixels``
+    errors: dict[int, str]  # partition row -> reason
+    decode_seconds: float
+
+
+def _load_batch(paths: list[str], first_row: int, predictor: Predictor, pool: ThreadPoolExecutor | None) -> _Batch:
+    started = time.perf_counter()
+    size = predictor.preprocessing.input_size
+    loaded = list(
+        pool.map(lambda u: read_and_decode(u, predictor), paths)
+        if pool
+        else (read_and_decode(u, predictor) for u in paths)
+    )
+    good = [(first_row + i, image) for i, (image, _) in enumerate(loaded) if image is not None]
+    errors = {first_row + i: reason for i, (_, reason) in enumerate(loaded) if reason is not None}
+    pixels = torch.empty(
+        (len(good), 3, *size),
+        dtype=torch.uint8,
+        memory_format=torch.channels_last,
+        pin_memory=predictor.device.type == "cuda",
+    )
+    channels = predictor.affine.channels
+    for j, (_, image) in enumerate(good):
+        pixels[j] = image[channels]
+    return _Batch(pixels, [row for row, _ in good], errors, time.perf_counter() - started)
+
+
+@dataclass
+class PartResult:
+    name: str
+    url: str
+    images: int
+    failed: int
+    seconds: float
+    decode_seconds: float = 0.0  # spent reading and decoding (overlaps the forward passes)
+    forward_seconds: float = 0.0
+    skipped: bool = False  # the part was already there
+    engine: str = ""
+
+
+def score_paths(
+    paths: list[str],
+    predictor: Predictor,
+    mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
+    k: int = DEFAULT_TOP_K,
+    read_threads: int | None = None,
+    timings: dict | None = None,
+) -> pa.Table:
+    """Score ``paths`` in mini-batches; the next batch is read and decoded in a thread while
+    the current one runs forward. One row per path, in order; bad files get an error.
+    ``read_threads``: files read and decoded at once (default: 1 for local files, more for
+    remote ones, whose reads wait on the network)."""
+    n = len(paths)
+    k = min(k, len(predictor.classes))
+    label_idx = np.full((n, k), -1, dtype=np.int64)
+    top_scores = np.zeros((n, k), dtype=np.float32)
+    errors: list[str | None] = [None] * n
+    decode_s = forward_s = 0.0
+    batches = [(start, paths[start : start + mini_batch_size]) for start in range(0, n, mini_batch_size)]
+    if read_threads is None:
+        read_threads = 1 if not paths or storage.protocol_of(paths[0]) in ("file", "local") else REMOTE_READ_THREADS
+    read_pool = ThreadPoolExecutor(read_threads) if read_threads > 1 else None
+    prefetch = ThreadPoolExecutor(1)
+    try:
+        pending = prefetch.submit(_load_batch, batches[0][1], batches[0][0], predictor, read_pool) if batches else None
+        for i in range(len(batches)):
+            batch = pending.result()
+            pending = (
+                prefetch.submit(_load_batch, batches[i + 1][1], batches[i + 1][0], predictor, read_pool)
+                if i + 1 < len(batches)
+                else None
+            )
+            decode_s += batch.decode_seconds
+            for row, reason in batch.errors.items():
+                errors[row] = reason
+            if not batch.rows:
+                continue
+            started = time.perf_counter()
+            probs = torch.softmax(predictor.logits_ordered(batch.pixels), dim=1)
+            rows = np.asarray(batch.rows)
+            label_idx[rows], top_scores[rows] = top_k(probs, k)
+            forward_s += time.perf_counter() - started
+    finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
+        if read_pool:
+            read_pool.shutdown(wait=True, cancel_futures=True)
+    if timings is not None:
+        timings.update(decode_seconds=decode_s, forward_seconds=forward_s)
+    return _table(paths, label_idx, top_scores, errors, predictor.classes)
+
+
+def _table(
+    paths: list[str], label_idx: np.ndarray, top_scores: np.ndarray, errors: list[str | None], classes: list[str]
+) -> pa.Table:
+    """The part: one row per path; label, score and the top-k lists are null for a bad file."""
+    bad = np.asarray([e is not None for e in errors], dtype=bool)
+    names = np.asarray(classes, dtype=object)[np.clip(label_idx, 0, None)]  # n x k
+    names[bad] = None
+    k = label_idx.shape[1]
+    offsets = pa.array(np.arange(0, (len(paths) + 1) * k, k, dtype=np.int32))
+    return pa.table(
+        {
+            "path": pa.array(paths, type=pa.string()),
+            "label": pa.array(names[:, 0], type=pa.string()),
+            "score": pa.array(top_scores[:, 0], type=pa.float32(), mask=bad),
+            "top_labels": pa.ListArray.from_arrays(
+                offsets, pa.array(names.reshape(-1), type=pa.string()), mask=pa.array(bad)
+            ),
+            "top_scores": pa.ListArray.from_arrays(
+                offsets, pa.array(top_scores.reshape(-1), type=pa.float32()), mask=pa.array(bad)
+            ),
+            "error": pa.array(errors, type=pa.string()),
+        },
+        schema=PART_SCHEMA,
+    )
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """What a worker needs to build its predictor: small, sent with every task."""
+
+    url: str
+    sha256: str
+    engine: str = "torch"
+    onnx_url: str | None = None
+    decoder: str = "exact"
+
+
+def score_partition(
+    model: WorkerModel,
+    paths: list[str],
+    out_url: str,
+    mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
+    k: int = DEFAULT_TOP_K,
+    read_threads: int | None = None,
+    torch_threads: int | None = None,
+) -> PartResult:
+    """What one Dask task does: score ``paths`` with the (cached) predictor and write the part
+    atomically to ``out_url``. A part already there is not scored again. ``torch_threads``:
+    set this process's torch threads first (1 in a local cluster of one process per core)."""
+    started = time.perf_counter()
+    if torch_threads and torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    name = posixpath.basename(out_url).rsplit(".parquet", 1)[0]
+    if storage.exists(out_url):  # a duplicate task, or a straggler of an earlier run
+        table = pq.read_table(io.BytesIO(storage.read_bytes(out_url)), columns=["error"])
+        return PartResult(
+            name,
+            out_url,
+            table.num_rows,
+            table.num_rows - table["error"].null_count,
+            time.perf_counter() - started,
+            skipped=True,
+            engine=model.engine,
+        )
+    predictor = cached_predictor(model.url, model.sha256, model.engine, model.onnx_url, model.decoder)
+    tune_allocator("inference")  # decoding and forward passes alternate (tasks/allocator.py)
+    timings: dict = {}
+    table = score_paths(list(paths), predictor, mini_batch_size, k, read_threads, timings)
+    storage.write_bytes(out_url, table_bytes(table))
+    return PartResult(
+        name,
+        out_url,
+        table.num_rows,
+        table.num_rows - table["error"].null_count,
+        time.perf_counter() - started,
+        timings["decode_seconds"],
+        timings["forward_seconds"],
+        engine=model.engine,
+    )
