@@ -24,21 +24,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import tomllib
+from retrain.tasks.server import _profile_sets_api_url  # one reading of Prefect's profiles
 
 
-def configured_api_url() -> str | None:
-    """PREFECT_API_URL from the environment or the active Prefect profile."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
-    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml")).expanduser()
-    try:
-        data = tomllib.loads(profiles.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return None
-    active = os.environ.get("PREFECT_PROFILE") or data.get("active", "ephemeral")
-    return data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL") or None
+def api_configured(environ=os.environ) -> bool:
+    """Whether a Prefect API is chosen: PREFECT_API_URL (set by the user, or by
+    ``tasks.server`` for a running local server) or the active profile's."""
+    if environ.get("PREFECT_API_URL"):
+        return True
+    return _profile_sets_api_url(Path(environ.get("PREFECT_HOME") or "~/.prefect").expanduser(), environ)
 
 
 def _free_port() -> int:
@@ -118,6 +112,6 @@ class EarlyApi:
 
 def start_early_api() -> EarlyApi | None:
     """Start the temporary API now unless a server is configured (then None)."""
-    if configured_api_url() or os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "").lower() == "false":
+    if api_configured() or os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "").lower() == "false":
         return None
     return EarlyApi(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))

@@ -585,7 +585,7 @@ def _assert_artifacts(*keys: str) -> None:
 
 
 def test_early_prefect_api_is_not_started_where_a_server_is_configured(monkeypatch, tmp_path):
-    from retrain.flows.early_api import configured_api_url, start_early_api
+    from retrain.flows.early_api import api_configured, start_early_api
 
     monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
     assert start_early_api() is None
@@ -594,6 +594,6 @@ def test_early_prefect_api_is_not_started_where_a_server_is_configured(monkeypat
     (tmp_path / "profiles.toml").write_text(
         'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://team:4200/api"\n[profiles.ephemeral]\n'
     )
-    assert configured_api_url() == "http://team:4200/api"
+    assert api_configured() and start_early_api() is None
     monkeypatch.setenv("PREFECT_PROFILE", "ephemeral")
-    assert configured_api_url() is None
+    assert not api_configured()
