@@ -40,6 +40,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         help="zip or folder of class folders, any fsspec URL (default: a generated sample set)",
     )
     add_run_arguments(p)  # network, weights, mode, split, augmentation; training options below
+    add_labels_argument(p)
     p.add_argument("--run-id", default=None, help="name the run (or resume that run)")
     p.add_argument(
         "--fresh", action="store_true", help="start a new run even if an unfinished run with the same settings exists"
@@ -58,6 +59,16 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
+def add_labels_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="TABLE",
+        help="CSV or parquet table (any fsspec URL) with columns path (relative to DATA, or a URL), label and "
+        "optionally split (train/val/test), instead of class folders",
+    )
+
+
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file URL or run id in the store")
     p.add_argument("data", help="zip or folder of class folders")
@@ -69,6 +80,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def _classify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file URL or run id in the store")
     p.add_argument("image", help="image URL")
+    p.add_argument("--explain", default=None, metavar="OUT.png", help="also write the image with its Grad-CAM overlay")
     _common(p)
 
 
@@ -128,6 +140,7 @@ def _network_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="network to summarise")
     p.add_argument("--classes", type=int, default=5, help="classes for the new head")
     p.add_argument("--weights", default="none", help="weights to load (default: none, architecture only)")
+    p.add_argument("--all-layers", action="store_true", help="list every layer (default: the first 40)")
     _common(p)
 
 
@@ -188,6 +201,26 @@ def _server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
+def _experiment_arguments(p: argparse.ArgumentParser) -> None:
+    from retrain.flows.experiment_cli import add_experiment_arguments
+
+    p.add_argument(
+        "data",
+        nargs="?",
+        default=None,
+        help="zip or folder of class folders, any fsspec URL (default: a generated sample set)",
+    )
+    add_run_arguments(p)
+    add_labels_argument(p)
+    p.add_argument(
+        "--train-deployment",
+        default=None,
+        help="train every run as a flow run of this deployment (e.g. train/gpu): its pool's workers run them",
+    )
+    add_experiment_arguments(p)
+    _common(p)
+
+
 # Each command: its one-line help, its description (None: the help line) and its arguments.
 SUBCOMMANDS = {
     "run": ("retrain a network on a data set (Prefect flow)", None, _run_arguments),
@@ -206,6 +239,12 @@ SUBCOMMANDS = {
         "Create the missing work pools and apply deployments/prefect.yaml against the Prefect API in "
         "PREFECT_API_URL. Each flag fills a {{ $RETRAIN_* }} placeholder of the file (flag > environment > default).",
         _deploy_arguments,
+    ),
+    "experiment": (
+        "grid of run options x seeds, compared (MATLAB's Experiment Manager; Prefect flow)",
+        "Every --grid combination is run once per seed (each a retrain run in the store); every other flag "
+        "applies to all runs. Prints the comparison table (mean ± sd over seeds).",
+        _experiment_arguments,
     ),
     "models": ("list the promoted models and their history", None, _models_arguments),
     "rollback": ("make an earlier run the current model again", None, _rollback_arguments),

@@ -22,6 +22,10 @@ def cmd_run(args) -> dict:
 
     request = request_from_args(args)
     # Fail fast, before Prefect starts (10-30 s); the flow's own check of this request is then free.
+    if args.labels:
+        from retrain.tasks.labels import read_label_table
+
+        read_label_table(storage.absolute(args.labels))  # a table without path/label columns: refused now
     request.check(fetch_weights=not args.train_deployment)
 
     from retrain.flows.retrain import retrain_flow
@@ -38,6 +42,7 @@ def cmd_run(args) -> dict:
         promote=not args.no_promote,
         score_folder=args.score_folder,
         score_out=args.score_out,
+        labels=args.labels,
     )
     if not args.json:
         print(
@@ -52,7 +57,9 @@ def cmd_run(args) -> dict:
             f"  {summary['iterations']} iterations, {summary['epochs']} epochs on {summary['device']}, "
             f"{summary['seconds']:.1f} s"
         )
-        print(f"  model: {summary['model']}\n  plots: {summary['run']}/{{montage,progress,confusion}}.png")
+        print(
+            f"  model: {summary['model']}\n  plots: {summary['run']}/{{montage,progress,confusion,mistakes,gradcam}}.png"
+        )
         if "promotion" in summary:
             decision = summary["promotion"]
             print(
@@ -140,9 +147,14 @@ def cmd_classify(args) -> dict:
 
     loaded, _ = load_checked(resolve_model(args.model, _store(args)))
     result = classify_with(build_predictor(loaded), storage.absolute(args.image))
+    answer = {"label": result.label, "score": result.score, "scores": result.scores}
+    if args.explain:
+        from retrain.tasks.explain import explain_image
+
+        answer["explanation"] = explain_image(loaded, storage.absolute(args.image), args.explain)["explanation"]
     if not args.json:
-        print(f"{result.label} ({result.score:.4f})")
-    return {"label": result.label, "score": result.score, "scores": result.scores}
+        print(f"{result.label} ({result.score:.4f})" + (f"; Grad-CAM: {args.explain}" if args.explain else ""))
+    return answer
 
 
 def cmd_score(args) -> dict:
@@ -242,30 +254,41 @@ def cmd_export(args) -> dict:
 
 
 def cmd_network(args) -> dict:
-    from retrain.tasks.networks import NETWORKS, build_network, get_spec, summarize
+    from retrain.tasks.networks import build_network, describe_network, get_spec, network_names, summarize
 
     if not args.name:
+        rows = [describe_network(name) for name in network_names()]
         if not args.json:
-            for spec in NETWORKS.values():
-                print(
-                    f"{spec.name:<20} {spec.preprocessing.input_size[0]}x{spec.preprocessing.input_size[1]}  "
-                    f"head {spec.head_name:<13} {spec.description}"
-                )
-        return {"networks": list(NETWORKS)}
+            for row in rows:
+                size = "x".join(str(v) for v in row["input_size"])
+                print(f"{row['network']:<20} {size:<8} {row['description']}")
+        return {"networks": [row["network"] for row in rows]}
     spec = get_spec(args.name)
     model, origin = build_network(spec.name, args.classes, args.weights)
     summary = summarize(model, spec)
     if not args.json:
-        print(summary.to_text())
+        print(summary.to_text(max_rows=None if args.all_layers else 40))
         print(f"weights: {origin}")
+        if spec.torchvision_weights:
+            print(f"pretrained weights: {spec.description}; {spec.categories} categories")
     return {
         "network": spec.name,
+        "architecture": spec.architecture,
         "input_size": list(summary.input_size),
+        "preprocessing": spec.preprocessing.to_dict(),
         "head_layer": summary.head_name,
         "head_module": summary.head_layer,
         "learnables": summary.learnables,
         "layers": len(summary.layers),
+        "pretrained_weights": spec.torchvision_weights or spec.weights_file,
+        "weights_origin": origin,
     }
+
+
+def cmd_experiment(args) -> dict:
+    from retrain.flows.experiment_cli import cmd_experiment as experiment
+
+    return experiment(args, _store(args))
 
 
 def cmd_runs(args) -> dict:
@@ -383,6 +406,7 @@ COMMANDS = {
     "score": cmd_score,
     "export": cmd_export,
     "network": cmd_network,
+    "experiment": cmd_experiment,
     "runs": cmd_runs,
     "deploy": cmd_deploy,
     "models": cmd_models,

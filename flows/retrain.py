@@ -14,6 +14,7 @@ from retrain.flows.train import train_flow
 from retrain.tasks import storage
 from retrain.tasks.datastore import IndexRecord, index_stage, materialize, split_stage
 from retrain.tasks.evaluation import evaluate_run
+from retrain.tasks.explain import explain_run
 from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run
 from retrain.tasks.reports import flow_run_ui_url, png_markdown, run_summary_markdown
 from retrain.tasks.request import DEFAULTS, CheckedRequest, RunRequest
@@ -24,6 +25,7 @@ unzip = task(materialize, name="unzip")
 index = task(index_stage, name="index")
 split = task(split_stage, name="split")
 evaluate = task(evaluate_run, name="evaluate")
+explain = task(explain_run, name="explain")
 publish = task(publish_run, name="publish")
 
 
@@ -45,6 +47,9 @@ def retrain_flow(
     promote: bool = True,
     score_folder: str | None = None,
     score_out: str | None = None,
+    labels: str | None = None,
+    split_seed: int | None = None,
+    shared_features: dict | None = None,
 ) -> dict:
     """Retrain ``network`` on the images in ``data`` (a zip or a folder of class folders,
     any fsspec URL; the generated sample set when None). Returns the run summary.
@@ -56,13 +61,21 @@ def retrain_flow(
     ``promote``: pass the model through the promotion gate of ``model_name`` (default: the
     data set's name), see :mod:`tasks.promotion`.
     ``score_folder``: end with a batch-predict step that scores that folder with the new model
-    (:mod:`flows.score`) into ``score_out`` (default ``<run>/scores``)."""
+    (:mod:`flows.score`) into ``score_out`` (default ``<run>/scores``).
+    ``labels``: a CSV or parquet label table (path, label[, split]) instead of class folders;
+    its relative paths start at ``data`` (default: the table's folder).
+    ``split_seed``: draw the split from this seed instead of the training seed (an experiment
+    keeps one split for all its seeds). ``shared_features``: ``{"folder", "seed"}`` of a
+    feature cache shared with other runs (tasks/feature_sharing.py)."""
     logger = get_run_logger()
     started = time.perf_counter()
     store = storage.absolute(store or storage.default_store())
     data, train_deployment = data or None, train_deployment or None  # "" from a deployment = unset
     request = RunRequest(network, weights, mode, split_fractions, options or {}, augmentation or {})
     checked = request.check(fetch_weights=train_deployment is None)  # the weights are the GPU pool's business
+    if labels:
+        labels = storage.absolute(labels)
+        data = data or labels.rsplit("/", 1)[0]
     model_name = model_name or model_name_for(data)
     if data is None:
         data = ensure_sample_dataset(store)
@@ -79,9 +92,16 @@ def retrain_flow(
         split=checked.fractions,
         options=checked.options.to_dict(),
         augmentation=checked.augmentation,
+        extra={
+            **({"labels": labels, "labels_sha256": storage.sha256_of(labels)} if labels else {}),
+            **({"split_seed": split_seed} if split_seed is not None else {}),
+            **({"shared_features": shared_features} if shared_features else {}),
+        },
     )
     run_url = start_run(store, config, run_id=run_id, resume=resume)
-    indexed, trained, metrics, model_url = _run_stages(run_url, dataset_url, checked, train_deployment, progress)
+    indexed, trained, metrics, model_url = _run_stages(
+        run_url, dataset_url, checked, train_deployment, progress, labels, split_seed
+    )
     summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
     summary_url = storage.RunLayout(run_url).summary
     storage.write_json(summary_url, summary)
@@ -140,33 +160,50 @@ def _summary(
 
 
 def _run_stages(
-    run_url: str, dataset_url: str, checked: CheckedRequest, train_deployment: str | None, progress: bool
+    run_url: str,
+    dataset_url: str,
+    checked: CheckedRequest,
+    train_deployment: str | None,
+    progress: bool,
+    labels: str | None = None,
+    split_seed: int | None = None,
 ) -> tuple[IndexRecord, dict, dict, str]:
-    """index -> split -> train -> evaluate -> publish; a failure marks the run failed (and is
-    raised). Returns the index record, training.json, metrics.json and the model URL."""
+    """index -> split -> train -> evaluate -> explain -> publish; a failure marks the run
+    failed (and is raised). Returns the index record, training.json, metrics.json and the
+    model URL."""
     logger = get_run_logger()
     run_name = storage.RunLayout(run_url).run_id
     logger.info("run %s in %s", run_name, run_url)
     try:
-        indexed = index(dataset_url, run_url, checked.options.seed)
+        indexed = index(dataset_url, run_url, checked.options.seed, labels)
         logger.info(
             "%d classes: %s; %d files skipped",
             len(indexed.classes),
             ", ".join(f"{c} ({n})" for c, n in indexed.counts.items()),
             indexed.skipped,
         )
-        split(run_url, checked.fractions, checked.options.seed)
+        split(run_url, checked.fractions, checked.options.seed if split_seed is None else split_seed)
         if train_deployment:
             trained = train_on_deployment(train_deployment, run_url)
         else:
             trained = train_flow(run_url, progress=progress)
-        return indexed, trained, evaluate(run_url), publish(run_url)
+        metrics = evaluate(run_url)
+        explain_step(run_url)
+        return indexed, trained, metrics, publish(run_url)
     except BaseException as exc:
         try:
             update_run(run_url, status=STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
         except Exception as record_error:  # the store may be what failed: keep the first error
             logger.warning("could not mark run %s failed: %s", run_name, record_error)
         raise
+
+
+def explain_step(run_url: str) -> None:
+    """mistakes.png and gradcam.png; an explanation that fails costs the run nothing."""
+    try:
+        explain(run_url)
+    except Exception as exc:  # e.g. an architecture without a spatial feature map
+        get_run_logger().warning("no explanations for this run: %s: %s", type(exc).__name__, exc)
 
 
 @task(name="promote")
@@ -222,9 +259,11 @@ def publish_artifacts(summary: dict, metrics: dict, run_url: str, montage_url: s
         ("Sample images", montage_url),
         ("Training progress", storage.RunLayout(run_url).progress),
         ("Confusion chart", metrics["confusion_chart"]),
+        ("Top losses", storage.RunLayout(run_url).mistakes),
+        ("Grad-CAM", storage.RunLayout(run_url).gradcam),
     ]
     create_markdown_artifact(
         "\n\n".join(f"## {title}\n\n{png_markdown(url, title)}" for title, url in plots if storage.exists(url)),
         key="retrain-plots",
-        description="Montage, training progress, confusion chart",
+        description="Montage, training progress, confusion chart, top losses, Grad-CAM",
     )

@@ -216,13 +216,15 @@ def find_class_root(root_url: str) -> str:
         return storage.to_url(fs, path)
 
 
-def _check_image(url: str) -> tuple[str, str | None, str | None]:
+def check_image(url: str) -> tuple[str, str | None, str | None]:
     """(url, content digest, reason it is unusable or None)."""
     try:
         data = storage.read_bytes(url)
         decode_image(data)
     except ImageDecodeError as exc:
         return url, None, str(exc)
+    except FileNotFoundError:
+        return url, None, "file not found"
     except OSError as exc:
         return url, None, f"cannot read file ({exc})"
     return url, hashlib.sha1(data).hexdigest(), None
@@ -263,7 +265,7 @@ def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageI
     rows = []
     if verify:
         with ThreadPoolExecutor(threads) as pool:
-            checks = list(pool.map(_check_image, [u for u, _ in candidates]))
+            checks = list(pool.map(check_image, [u for u, _ in candidates]))
         labels_by_digest: dict[str, dict[str, str]] = {}
         for (url, label), (_, digest, reason) in zip(candidates, checks):
             if reason:
@@ -341,11 +343,17 @@ class IndexRecord:
     montage: str
 
 
-def index_stage(dataset_url: str, run_url: str, seed: int = 0) -> IndexRecord:
+def index_stage(dataset_url: str, run_url: str, seed: int = 0, labels: str | None = None) -> IndexRecord:
     """Index the data set into the run folder: ``index.parquet``, ``skipped.csv`` and the
-    montage of 16 random images."""
+    montage of 16 random images. ``labels``: a label table (:mod:`tasks.labels`) instead of
+    class folders."""
     layout = storage.RunLayout(run_url)
-    index = index_images(dataset_url)
+    if labels:
+        from retrain.tasks.labels import index_from_table
+
+        index = index_from_table(labels, dataset_url)
+    else:
+        index = index_images(dataset_url)
     index_url = storage.write_parquet(layout.index, index.images)
     storage.write_bytes(layout.skipped, index.skipped.to_csv(index=False).encode())
     sample = sample_for_montage(index.images, 16, seed)
@@ -372,7 +380,13 @@ class SplitRecord:
 
 def split_stage(run_url: str, fractions: tuple[float, float, float], seed: int) -> SplitRecord:
     layout = storage.RunLayout(run_url)
-    split = split_each_label(storage.read_parquet(layout.index), fractions, seed)
+    images = storage.read_parquet(layout.index)
+    if "split" in images.columns:  # a label table that fixes some rows' split
+        from retrain.tasks.labels import split_with_fixed_parts
+
+        split = split_with_fixed_parts(images, lambda rest: split_each_label(rest, fractions, seed))
+    else:
+        split = split_each_label(images, fractions, seed)
     url = storage.write_parquet(layout.split, split)
     counts = {
         s: {k: int(v) for k, v in split[split["split"] == s]["label"].value_counts().sort_index().items()}

@@ -9,16 +9,19 @@ file carries the same facts plus the classes, metrics and state dict, and loads 
 
 from __future__ import annotations
 
+import copy
+import difflib
+import functools
 import io
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torchvision
 from retrain.tasks import storage
-from retrain.tasks.preprocessing import CAFFE_BGR, IMAGENET_RGB, Preprocessing
+from retrain.tasks.preprocessing import CAFFE_BGR, Preprocessing
 from retrain.tasks.request import MODES
 from torch import nn
 
@@ -43,56 +46,138 @@ class NetworkSpec:
     torchvision_weights: str | None = None  # e.g. "SqueezeNet1_1_Weights.IMAGENET1K_V1"
     weights_file: str | None = None  # expected file name in torch's hub cache
     description: str = ""
+    categories: int = 0  # classes of the pretrained head (ImageNet: 1000)
 
 
-NETWORKS: dict[str, NetworkSpec] = {
-    spec.name: spec
-    for spec in [
-        NetworkSpec(
-            "squeezenet",
-            "squeezenet1_1",
-            "classifier.1",
-            "conv10",
-            Preprocessing(input_size=(224, 224), **IMAGENET_RGB),
-            torchvision_weights="SqueezeNet1_1_Weights.IMAGENET1K_V1",
-            description="SqueezeNet 1.1, torchvision's ImageNet weights (1.2 M parameters)",
-        ),
-        NetworkSpec(
-            "squeezenet-caffe",
-            "squeezenet1_1",
-            "classifier.1",
-            "conv10",
-            Preprocessing(input_size=(227, 227), **CAFFE_BGR),
-            weights_file="squeezenet1_1_caffe-2c890718.pth",
-            description="SqueezeNet 1.1 with the original Caffe ImageNet weights MATLAB imports",
-        ),
-        NetworkSpec(
-            "resnet18",
-            "resnet18",
-            "fc",
-            "fc",
-            Preprocessing(input_size=(224, 224), **IMAGENET_RGB),
-            torchvision_weights="ResNet18_Weights.IMAGENET1K_V1",
-            description="ResNet-18, torchvision's ImageNet weights (11.7 M parameters)",
-        ),
-        NetworkSpec(
-            "mobilenet_v3_small",
-            "mobilenet_v3_small",
-            "classifier.3",
-            "classifier.3",
-            Preprocessing(input_size=(224, 224), **IMAGENET_RGB),
-            torchvision_weights="MobileNet_V3_Small_Weights.IMAGENET1K_V1",
-            description="MobileNetV3-Small, torchvision's ImageNet weights (2.5 M parameters)",
-        ),
-    ]
+# Names users know from MATLAB or the seed that are not torchvision builder names.
+ALIASES = {"squeezenet": "squeezenet1_1"}
+# Builder arguments torchvision itself passes along with these networks' pretrained weights:
+# the Inception networks take ImageNet-normalised input and rescale it inside
+# (transform_input), and their auxiliary heads only matter when training from scratch on
+# ImageNet. Applied to every build, so a state-dict file and the pretrained enum agree.
+_BUILDER_ARGS = {
+    "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True},
 }
+_AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")  # in the raw downloaded files; never used here
+
+
+def torchvision_classifiers() -> list[str]:
+    """Every image classifier torchvision's registry knows (not detection, video...)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def network_names() -> list[str]:
+    """What ``--network`` accepts: every torchvision classifier, the aliases and squeezenet-caffe."""
+    return sorted({*torchvision_classifiers(), *ALIASES, "squeezenet-caffe"})
+
+
+def _builder_args(architecture: str, input_size: tuple[int, int]) -> dict:
+    args = dict(_BUILDER_ARGS.get(architecture, {}))
+    if architecture.startswith("vit_"):  # position embeddings are sized for one input size
+        args["image_size"] = input_size[0]
+    return args
+
+
+def _default_weights(architecture: str):
+    return torchvision.models.get_model_weights(architecture).DEFAULT
+
+
+def find_head(model: nn.Module) -> str:
+    """The module path of a classifier's final learnable layer: the last Linear or 1x1
+    convolution registered (every torchvision classifier registers its head last)."""
+    heads = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1))
+    ]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no Linear or 1x1 convolution to use as its head")
+    return heads[-1]
+
+
+def _skeleton(architecture: str, input_size: tuple[int, int]) -> nn.Module:
+    """The architecture without memory for its weights (meta tensors) where it builds that
+    way; a few (RegNet) compute their widths with tensors and need a real build."""
+    builder_args = {**_builder_args(architecture, input_size), "weights": None}
+    try:
+        with torch.device("meta"):
+            return torchvision.models.get_model(architecture, **builder_args)
+    except (NotImplementedError, RuntimeError):
+        return torchvision.models.get_model(architecture, **builder_args)
+
+
+@functools.cache
+def _torchvision_spec(architecture: str) -> NetworkSpec:
+    """A spec from torchvision's registry: input size, normalisation and categories from the
+    architecture's DEFAULT weights enum, the head found in the architecture itself."""
+    weights = _default_weights(architecture)
+    transforms = weights.transforms()
+    size = int(transforms.crop_size[0])
+    preprocessing = Preprocessing(
+        input_size=(size, size),
+        channel_order="RGB",
+        scale=1 / 255,
+        mean=tuple(transforms.mean),
+        std=tuple(transforms.std),
+    )
+    head = find_head(_skeleton(architecture, (size, size)))
+    metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    accuracy = f", ImageNet top-1 {metrics['acc@1']:.1f} %" if "acc@1" in metrics else ""
+    return NetworkSpec(
+        name=architecture,
+        architecture=architecture,
+        head_layer=head,
+        head_name=head,
+        preprocessing=preprocessing,
+        torchvision_weights=f"{type(weights).__name__}.{weights.name}",
+        description=f"torchvision {type(weights).__name__}.{weights.name} "
+        f"({weights.meta['num_params'] / 1e6:.1f} M parameters{accuracy})",
+        categories=len(weights.meta["categories"]),
+    )
 
 
 def get_spec(name: str) -> NetworkSpec:
-    try:
-        return NETWORKS[name]
-    except KeyError:
-        raise ValueError(f"unknown network {name!r}; choose one of: {', '.join(NETWORKS)}") from None
+    """The spec of any torchvision classifier by its builder name, of ``squeezenet``
+    (SqueezeNet 1.1, its head named ``conv10`` as in MATLAB) or of ``squeezenet-caffe``."""
+    if name == "squeezenet-caffe":
+        return replace(
+            get_spec("squeezenet"),
+            name=name,
+            preprocessing=Preprocessing(input_size=(227, 227), **CAFFE_BGR),
+            torchvision_weights=None,
+            weights_file="squeezenet1_1_caffe-2c890718.pth",
+            description="SqueezeNet 1.1 with the original Caffe ImageNet weights MATLAB imports",
+        )
+    architecture = ALIASES.get(name, name)
+    if architecture not in torchvision_classifiers():
+        close = difflib.get_close_matches(name, network_names(), n=5, cutoff=0.5)
+        raise ValueError(
+            f"unknown network {name!r}: any torchvision classifier (see `retrain network`), "
+            f"or squeezenet-caffe" + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
+    spec = _torchvision_spec(architecture)
+    if architecture.startswith("squeezenet"):
+        spec = replace(spec, head_name="conv10")  # MATLAB's (and the paper's) name
+    return replace(spec, name=name) if name != architecture else spec
+
+
+def describe_network(name: str) -> dict:
+    """One line of the network list, from torchvision's weights metadata alone (building
+    every architecture to list them would take a minute)."""
+    if name in ALIASES or name == "squeezenet-caffe":
+        spec = get_spec(name)
+        return {"network": name, "input_size": list(spec.preprocessing.input_size), "description": spec.description}
+    weights = _default_weights(name)
+    size = int(weights.transforms().crop_size[0])
+    metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    return {
+        "network": name,
+        "input_size": [size, size],
+        "parameters": weights.meta["num_params"],
+        "imagenet_top1": metrics.get("acc@1"),
+        "description": f"{type(weights).__name__}.{weights.name}, {weights.meta['num_params'] / 1e6:.1f} M parameters",
+    }
 
 
 def _module(model: nn.Module, path: str) -> nn.Module:
@@ -144,27 +229,28 @@ def _cached_weights_file(spec: NetworkSpec) -> str | None:
 def build_network(name: str, num_classes: int, weights: str = "default") -> tuple[nn.Module, str]:
     """The network ``name`` with its head replaced for ``num_classes``.
 
-    ``weights``: ``"default"`` (the registry's pretrained weights), ``"none"`` (random init,
-    for training from scratch) or the URL of a state-dict file. Returns the model and a
-    description of where its weights came from.
+    ``weights``: ``"default"`` (the network's pretrained weights: torchvision's DEFAULT enum
+    member, or the weights file of squeezenet-caffe), ``"none"`` (random init, for training
+    from scratch) or the URL of a state-dict file for the torchvision architecture. Returns
+    the model and a description of where its weights came from.
     """
     spec = get_spec(name)
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes to train a classifier, got {num_classes}")
-    builder = getattr(torchvision.models, spec.architecture)
+    builder_args = _builder_args(spec.architecture, spec.preprocessing.input_size)
     if weights == "none":
-        model = builder(weights=None)
+        model = torchvision.models.get_model(spec.architecture, weights=None, **builder_args)
         origin = "random initialisation"
     elif weights == "default" and spec.torchvision_weights:
         weights_enum = _torchvision_weights(spec)
         try:
-            model = builder(weights=weights_enum)
+            model = torchvision.models.get_model(spec.architecture, weights=weights_enum, **builder_args)
         except Exception as exc:  # URLError, socket errors, hash mismatch, partial download
             raise _torchvision_unavailable(spec, exc) from None
         origin = f"torchvision {spec.torchvision_weights} ({weights_enum.url})"
     else:
         url = _weights_file(spec, weights)
-        model = builder(weights=None)
+        model = torchvision.models.get_model(spec.architecture, weights=None, **builder_args)
         _load_fitting(model, spec, url)
         origin = f"file {url} (sha256 {storage.sha256_of(url)[:12]})"
     replace_head(model, spec.head_layer, num_classes)
@@ -174,7 +260,7 @@ def build_network(name: str, num_classes: int, weights: str = "default") -> tupl
 def check_weights(name: str, weights: str = "default") -> None:
     """Fail now, as :func:`build_network` would later, when ``weights`` cannot be had for
     network ``name`` or do not fit it; without building the network: a weights file loads
-    into the architecture on the meta device (no memory, no initialisation), torchvision's
+    into the architecture's skeleton (meta tensors where it builds that way), torchvision's
     weights are fetched into torch's cache (where the build finds them)."""
     spec = get_spec(name)
     if weights == "none":
@@ -185,10 +271,7 @@ def check_weights(name: str, weights: str = "default") -> None:
         except Exception as exc:
             raise _torchvision_unavailable(spec, exc) from None
         return
-    url = _weights_file(spec, weights)
-    with torch.device("meta"):
-        model = getattr(torchvision.models, spec.architecture)(weights=None)
-    _load_fitting(model, spec, url)
+    _load_fitting(_skeleton(spec.architecture, spec.preprocessing.input_size), spec, _weights_file(spec, weights))
 
 
 def _weights_file(spec: NetworkSpec, weights: str) -> str:
@@ -207,8 +290,9 @@ def _weights_file(spec: NetworkSpec, weights: str) -> str:
 
 def _load_fitting(model: nn.Module, spec: NetworkSpec, url: str) -> None:
     """Load the state dict at ``url`` into ``model`` (on the meta device: check names and
-    shapes only), or say why it does not fit."""
-    state = _load_state_dict_file(url)
+    shapes only), or say why it does not fit. The Inception networks' auxiliary heads, in
+    the raw downloaded files, are left out (never used here)."""
+    state = {k: v for k, v in _load_state_dict_file(url).items() if not k.startswith(_AUX_PREFIXES)}
     try:
         model.load_state_dict(state, strict=True, assign=next(model.parameters()).is_meta)
     except RuntimeError as exc:
@@ -224,14 +308,13 @@ def _torchvision_weights(spec: NetworkSpec):
 
 
 def _torchvision_unavailable(spec: NetworkSpec, exc: Exception) -> WeightsUnavailableError:
-    alternatives = [n for n, s in NETWORKS.items() if s.weights_file]
     return WeightsUnavailableError(
         f"could not obtain the pretrained weights for {spec.name!r} "
         f"({spec.torchvision_weights}) through torchvision: {type(exc).__name__}: {exc}. "
         f"On a machine without internet access, use a local weights file: "
         f"--weights PATH (a state dict for torchvision.models.{spec.architecture}), or "
-        f"--network {alternatives[0]} --weights PATH_TO_{NETWORKS[alternatives[0]].weights_file}; "
-        f"or copy the file torchvision downloads into "
+        f"--network squeezenet-caffe --weights PATH_TO_squeezenet1_1_caffe-2c890718.pth; "
+        f"or copy the file torchvision downloads ({_torchvision_weights(spec).url}) into "
         f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}"
     )
 
@@ -488,30 +571,55 @@ class BodyHeadSplit:
 
 
 def split_at_head(model: nn.Module, spec: NetworkSpec) -> BodyHeadSplit:
-    """The body/rest split of a registry network; raises ``NotImplementedError`` for an
-    architecture it does not know (callers then fall back to running the whole model)."""
-    arch = spec.architecture
-    if arch.startswith("squeezenet"):
+    """The body/rest split of a network. SqueezeNet's 1x1-conv head is followed by ReLU and
+    pooling, so its split is written out; for every other network the head is the last
+    operation and the body is the model with the head replaced by an identity. That is checked
+    by one forward pass; where it does not hold, ``NotImplementedError`` (callers then run the
+    whole model)."""
+    if spec.architecture.startswith("squeezenet"):
         # features -> classifier [Dropout, conv10 (the head), ReLU, AdaptiveAvgPool] -> flatten
         c = model.classifier
         return BodyHeadSplit(model.features, nn.Sequential(c[1], c[2], c[3], nn.Flatten(1)), c[0].p)
-    if arch.startswith("resnet"):
-        body = nn.Sequential(
-            model.conv1,
-            model.bn1,
-            model.relu,
-            model.maxpool,
-            model.layer1,
-            model.layer2,
-            model.layer3,
-            model.layer4,
-            model.avgpool,
-            nn.Flatten(1),
-        )
-        return BodyHeadSplit(body, model.fc)
-    if arch.startswith("mobilenet_v3"):
-        # classifier [Linear, Hardswish, Dropout, Linear (the head)]: the first two are frozen
-        # pretrained layers, so they belong to the body.
-        c = model.classifier
-        return BodyHeadSplit(nn.Sequential(model.features, model.avgpool, nn.Flatten(1), c[0], c[1]), c[3], c[2].p)
-    raise NotImplementedError(f"no body/head split known for architecture {arch!r}")
+    parent_path, _, child = spec.head_layer.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    head = parent.get_submodule(child)
+    dropout = 0.0
+    if isinstance(parent, nn.Sequential):  # a dropout just before the head acts on the features
+        siblings = list(parent._modules)
+        position = siblings.index(child)
+        if position and isinstance(parent[position - 1], nn.Dropout):
+            dropout = parent[position - 1].p
+    split = BodyHeadSplit(_with_identity_head(model, spec.head_layer), head, dropout)
+    if not _split_matches(model, split, spec.preprocessing.input_size):
+        raise NotImplementedError(f"{spec.architecture}: its head {spec.head_layer} is not its last operation")
+    return split
+
+
+def _with_identity_head(model: nn.Module, head_path: str) -> nn.Module:
+    """``model`` with the head module swapped for an identity: shallow copies of the modules
+    on the path to the head, every parameter and other module shared (no copies)."""
+    *parents, child = head_path.split(".")
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    node = root
+    for part in parents:
+        copied = copy.copy(node._modules[part])
+        copied._modules = dict(copied._modules)
+        node._modules[part] = copied
+        node = copied
+    node._modules[child] = nn.Identity()
+    return root
+
+
+def _split_matches(model: nn.Module, split: BodyHeadSplit, input_size: tuple[int, int]) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            parameter = next(model.parameters())
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(2, 3, *input_size, generator=generator).to(parameter.device, parameter.dtype)
+            whole, parts = model(x), split.rest(split.body(x))
+    finally:
+        model.train(was_training)
+    return whole.shape == parts.shape and torch.allclose(whole, parts, rtol=1e-3, atol=1e-4 * whole.abs().max().item())

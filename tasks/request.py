@@ -18,9 +18,8 @@ from typing import Any
 
 from retrain.tasks.training.options import TrainingOptions
 
-# The vocabulary of a request. NETWORK_NAMES are the keys of tasks.networks.NETWORKS (a test
-# holds them equal): the registry itself needs torch, the command line's choices must not.
-NETWORK_NAMES = ("squeezenet", "squeezenet-caffe", "resnet18", "mobilenet_v3_small")
+# The vocabulary of a request. The networks are torchvision's registry (tasks.networks), which
+# needs torch: a network name is checked by RunRequest.check, not by the command line.
 MODES = ("transfer", "finetune", "scratch")
 AUGMENTATION_KEYS = ("reflect", "max_translation")  # tasks.preprocessing.Augmentation's fields
 
@@ -47,9 +46,9 @@ class RunRequest:
 
     def _check(self, fetch_weights: bool) -> CheckedRequest:
         from retrain.tasks import storage
+        from retrain.tasks.networks import get_spec
 
-        if self.network not in NETWORK_NAMES:
-            raise ValueError(f"unknown network {self.network!r}; choose one of: {', '.join(NETWORK_NAMES)}")
+        get_spec(self.network)  # an unknown name: ValueError with the closest names
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         options = TrainingOptions.from_dict(dict(self.options or {}))
@@ -123,7 +122,12 @@ _FLAG_TYPES = {"int": int, "float": float, "int | None": int, "float | None": fl
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The request's flags (network, weights, mode, split, augmentation) and one flag per
     TrainingOptions field, with their defaults."""
-    parser.add_argument("--network", default=DEFAULTS.network, choices=sorted(NETWORK_NAMES))
+    parser.add_argument(
+        "--network",
+        default=DEFAULTS.network,
+        help="any torchvision classifier (resnet50, efficientnet_b0, vit_b_16, ...; `retrain network` lists them), "
+        "squeezenet or squeezenet-caffe",
+    )
     parser.add_argument(
         "--weights",
         default=DEFAULTS.weights,

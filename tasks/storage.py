@@ -324,6 +324,8 @@ class RunLayout:
         self.predictions = join(url, "predictions.parquet")  # the held-out images' predictions
         self.metrics = join(url, "metrics.json")
         self.confusion = join(url, "confusion.png")
+        self.mistakes = join(url, "mistakes.png")  # the top-loss test images (tasks/explain.py)
+        self.gradcam = join(url, "gradcam.png")  # Grad-CAM overlays for a sample of test images
         self.model = join(url, "model.pt")  # the published model
         self.summary = join(url, "summary.json")
         self.promotion = join(url, "promotion.json")  # the promotion gate's decision on this run

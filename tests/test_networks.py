@@ -5,9 +5,9 @@ import urllib.error
 
 import pytest
 import torch
+import torchvision
 from retrain.tasks import networks
 from retrain.tasks.networks import (
-    NETWORKS,
     ModelFileError,
     WeightsUnavailableError,
     build_network,
@@ -17,11 +17,91 @@ from retrain.tasks.networks import (
     model_record,
     parameter_groups,
     save_model_file,
+    split_at_head,
     summarize,
+    torchvision_classifiers,
 )
 
+# One network of each torchvision family (the smallest), besides the seed's entries.
+# (Transformers and ConvNeXt work the same way but take a minute each on two CPU cores.)
+FAMILY_REPRESENTATIVES = [
+    "squeezenet",
+    "mobilenet_v3_small",
+    "resnet18",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "googlenet",
+    "shufflenet_v2_x0_5",
+]
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+
+def _families() -> dict[str, str]:
+    """The smallest network of each torchvision family (resnet, vit, swin_v2, ...)."""
+    import re
+
+    import torchvision
+
+    smallest: dict[str, tuple[int, str]] = {}
+    for name in torchvision_classifiers():
+        family = re.sub(r"\d+$", "", name.split("_")[0])
+        size = torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
+        if family not in smallest or size < smallest[family][0]:
+            smallest[family] = (size, name)
+    return {family: name for family, (_, name) in sorted(smallest.items())}
+
+
+def test_every_torchvision_family_has_its_head_and_preprocessing_from_the_weights_enum():
+    families = _families()
+    assert {"resnet", "vit", "swin", "convnext", "efficientnet", "regnet", "densenet", "maxvit"} <= set(families)
+    for family, name in families.items():
+        spec = get_spec(name)
+        head = networks._skeleton(name, spec.preprocessing.input_size).get_submodule(spec.head_layer)
+        outputs = head.out_features if isinstance(head, torch.nn.Linear) else head.out_channels
+        assert outputs == spec.categories == 1000, family
+        transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        assert spec.preprocessing.input_size == (transforms.crop_size[0],) * 2
+        assert spec.preprocessing.mean == tuple(transforms.mean) and spec.preprocessing.std == tuple(transforms.std)
+
+
+def test_a_typo_in_a_network_name_suggests_the_right_one():
+    with pytest.raises(ValueError, match="did you mean.*resnet50"):
+        get_spec("resnet_50")
+
+
+@pytest.mark.parametrize("name", FAMILY_REPRESENTATIVES)
+def test_network_from_a_state_dict_file_gets_a_new_head_and_splits_for_the_feature_cache(name, tmp_path):
+    """Weights cannot be downloaded here: a state dict of the whole (1000-class) torchvision
+    model, saved by hand, stands in for the pretrained file."""
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    original, _ = build_network(name, 1000, weights="none")
+    path = tmp_path / "weights.pth"
+    torch.save(original.state_dict(), path)
+    model, origin = build_network(name, 3, weights=str(path))
+    assert origin.startswith(f"file {path}")
+    body_keys = [k for k in original.state_dict() if not k.startswith(spec.head_layer + ".")]
+    assert body_keys and all(torch.equal(model.state_dict()[k], original.state_dict()[k]) for k in body_keys)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, *spec.preprocessing.input_size)).shape == (1, 3)
+    split_at_head(model, spec)  # checks rest(body(x)) == model(x) itself
+    configure_trainable(model, spec, "transfer")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{spec.head_layer}.weight",
+        f"{spec.head_layer}.bias",
+    }
+
+
+def test_a_split_that_does_not_reproduce_the_model_is_refused():
+    spec = get_spec("resnet18")
+    model, _ = build_network("resnet18", 3, weights="none")
+    model.fc = torch.nn.Sequential(model.fc, torch.nn.Softmax(dim=1))  # something after the head
+    spec = networks.replace(spec, head_layer="fc.0")
+    with pytest.raises(NotImplementedError, match="not its last operation"):
+        split_at_head(model, spec)
+
+
+@pytest.mark.parametrize("name", ["squeezenet", "mobilenet_v3_small"])
 def test_every_network_gets_a_head_for_k_classes(name):
     spec = get_spec(name)
     model, origin = build_network(name, 4, weights="none")

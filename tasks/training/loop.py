@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 import pandas as pd
 import torch
 from retrain.tasks.allocator import tune_allocator
+from retrain.tasks.feature_sharing import feature_lock
 from retrain.tasks.networks import (
     MODES,
     NetworkSpec,
@@ -147,10 +148,13 @@ class _Trainer:
         augmentation: Augmentation,
         feature_folder: str | None,
         progress: bool,
+        shared_features: dict | None = None,
     ) -> ClassicSteps | CachedSteps:
         """The head on transfer mode's cached body features while there is training left
         (unless ``options.classic_loop``, or the network cannot be split at its head); the
-        classic loop otherwise (and for a finished run: no feature cache to build)."""
+        classic loop otherwise (and for a finished run: no feature cache to build).
+        ``shared_features`` (``{"folder", "seed"}``, tasks/feature_sharing.py): a cache other
+        runs share, built on disk once, under a lock, from that seed's views, and kept."""
         options = self.options
         classic = ClassicSteps(self.model, preprocessing, data, augmentation, options, self.device)
         if self.mode != "transfer" or options.classic_loop or not self.unfinished:
@@ -160,20 +164,22 @@ class _Trainer:
         except NotImplementedError as exc:
             self.logger.info("training with the classic loop: %s", exc)
             return classic
-        cache = build_feature_cache(
-            split.body,
-            data,
-            preprocessing,
-            augmentation,
-            options.cache_views(augmentation),
-            options.seed,
-            self.device,
-            options.feature_cache_memory_mb * 2**20,
-            feature_folder,
-            progress=progress,
-            logger=self.logger,
-        )
-        return CachedSteps(self.model, split.rest, split.dropout, cache, data, options, self.device)
+        shared = shared_features or {}
+        with feature_lock(shared.get("folder")):
+            cache = build_feature_cache(
+                split.body,
+                data,
+                preprocessing,
+                augmentation,
+                options.cache_views(augmentation),
+                shared.get("seed", options.seed),
+                self.device,
+                0 if shared else options.feature_cache_memory_mb * 2**20,  # shared: on disk
+                shared.get("folder", feature_folder),
+                progress=progress,
+                logger=self.logger,
+            )
+        return CachedSteps(self.model, split.rest, split.dropout, cache, data, options, self.device, bool(shared))
 
     def resume(self) -> int | None:
         """Continue from the newest checkpoint, if any; returns its iteration."""
@@ -287,6 +293,7 @@ def train(
     progress: bool = False,
     logger: logging.Logger | None = None,
     feature_folder: str | None = None,
+    shared_features: dict | None = None,
 ) -> TrainingOutcome:
     """Train ``model`` with cross-entropy; returns the output network's weights and history.
 
@@ -309,7 +316,7 @@ def train(
     plan = Plan.of(len(data.train_targets), options)
     trainer = _Trainer(model, spec, mode, options, plan, device, checkpoints, logger)
     resumed_from = trainer.resume()
-    steps = trainer.make_steps(preprocessing, data, augmentation, feature_folder, progress)
+    steps = trainer.make_steps(preprocessing, data, augmentation, feature_folder, progress, shared_features)
     _loop(trainer, steps, data, on_validation, progress)
     return trainer.finish(resumed_from, steps.feature_info)
 

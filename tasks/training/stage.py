@@ -89,6 +89,7 @@ def train_run(
         progress=progress,
         logger=logger,
         feature_folder=layout.features,
+        shared_features=config.get("extra", {}).get("shared_features"),  # from an experiment
     )
     storage.write_bytes(layout.history, outcome.history.to_csv(index=False).encode())
     if len(outcome.history):

@@ -113,16 +113,17 @@ class CachedSteps:
         data: TrainingData,
         options: TrainingOptions,
         device: torch.device,
+        shared: bool = False,
     ):
         self.model, self.rest, self.dropout, self.cache, self.data = model, _StoredRest(rest), dropout, cache, data
-        self.options, self.device = options, device
+        self.options, self.device, self.shared = options, device, shared
         self.feature_info: dict | None = cache.describe()  # what the cache held and cost
 
     def close(self, trained: bool) -> None:
         """Let go of the cache: delete its files once trained (a resume would not need them),
         and a temporary folder's files in any case."""
         if trained or self.cache.temporary:
-            self.cache.close(delete=trained)
+            self.cache.close(delete=trained and not self.shared)  # a cache shared with other runs stays
 
     def prepare(self, epoch: int, position: int, indices: torch.Tensor) -> tuple:
         views = epoch_views(len(self.data.train_targets), self.cache.views, epoch, self.options.seed)[indices]

@@ -1,0 +1,44 @@
+"""Runs that share a frozen body share its features.
+
+Transfer-mode runs on the same images, network, weights, augmentation and number of cached
+views compute the same feature cache (tasks/training/features.py): an experiment points them at one
+folder, ``features/<key>/`` in the store, and the first run to get there builds it while the
+others wait on a file lock, then memory-map it. The folder's name is a digest of everything
+the cache depends on that is known before training; the manifest inside still checks the
+images and body weights, so a wrong guess costs a rebuild, never wrong features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+
+from retrain.tasks import storage
+
+
+def shared_feature_folder(store: str, **key) -> str:
+    """``<store>/features/<digest of key>``: one folder per distinct frozen-body cache."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return storage.join(store, "features", digest)
+
+
+@contextlib.contextmanager
+def feature_lock(folder: str | None) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a local path; a no-op for None or a remote URL)
+    while its cache is checked or built, so concurrent runs build it once. ``flock`` locks
+    belong to the open file, so threads of one process exclude each other too."""
+    if folder is None or ("://" in folder and not folder.startswith("file://")):
+        yield
+        return
+    path = storage.absolute(folder).rstrip("/") + ".lock"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
