@@ -74,7 +74,8 @@ def child_inference(count: int) -> dict:
     import torch
     from retrain.tasks.allocator import tune_allocator
     from retrain.tasks.inference import build_predictor
-    from retrain.tasks.networks import build_network, get_spec, model_from_record, model_record
+    from retrain.tasks.model_file import model_from_record, model_record
+    from retrain.tasks.networks import build_network, get_spec
     from retrain.tasks.scoring import score_paths
 
     torch.set_num_threads(1)

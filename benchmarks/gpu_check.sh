@@ -68,7 +68,8 @@ cat > "$WORK/train_check.py" <<'EOF'
 import json, sys, time
 import torch
 from retrain.tasks.datastore import index_images, split_each_label
-from retrain.tasks.networks import build_network, get_spec, model_record, save_model_file
+from retrain.tasks.networks import build_network, get_spec
+from retrain.tasks.model_file import model_record, save_model_file
 from retrain.tasks.preprocessing import Augmentation, load_images
 from retrain.tasks.training import TrainingData, TrainingOptions, train
 
@@ -179,7 +180,7 @@ import glob, json, sys, time
 import torch, torchvision
 from torchvision.io import decode_jpeg, ImageReadMode
 import torchvision.transforms.v2.functional as TF
-from retrain.tasks.networks import load_model_file
+from retrain.tasks.model_file import load_model_file
 loaded = load_model_file(sys.argv[1])
 files = sorted(glob.glob(sys.argv[2] + "/**/*.jpg", recursive=True))
 blobs = [torchvision.io.read_file(f) for f in files]

@@ -302,7 +302,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """What refuses a request (bad input, data, model or option). Imported when a command
     failed: the modules that raise them are loaded by then."""
     from retrain.tasks.datastore import DataSetError
-    from retrain.tasks.networks import ModelFileError, WeightsUnavailableError
+    from retrain.tasks.model_file import ModelFileError
+    from retrain.tasks.networks import WeightsUnavailableError
     from retrain.tasks.preprocessing import ImageDecodeError
 
     return (

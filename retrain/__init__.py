@@ -53,7 +53,7 @@ def evaluate(model: str, data: str, store: str | None = None) -> dict:
     from retrain.tasks import storage
     from retrain.tasks.datastore import index_images, materialize
     from retrain.tasks.evaluation import evaluate_model
-    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.model_file import load_model_file
     from retrain.tasks.runs import resolve_model
 
     store = _store(store)
@@ -67,7 +67,7 @@ def classify(model: str, image: str, store: str | None = None) -> dict:
     """Label and score of one image: ``{"label", "score", "scores": {class: score}}``."""
     from retrain.tasks import storage
     from retrain.tasks.evaluation import classify_image
-    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.model_file import load_model_file
     from retrain.tasks.runs import resolve_model
 
     loaded = load_model_file(resolve_model(model, _store(store)))

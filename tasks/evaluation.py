@@ -15,7 +15,7 @@ import torch
 from retrain.tasks import storage
 from retrain.tasks.datastore import held_out
 from retrain.tasks.inference import Predictor, check_model, prepare_torch_model, read_image, torch_predictor
-from retrain.tasks.networks import LoadedModel, load_model_file
+from retrain.tasks.model_file import LoadedModel, load_model_file
 from retrain.tasks.preprocessing import Preprocessing
 from retrain.tasks.reports import confusion_chart
 from torch import nn

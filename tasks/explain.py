@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from retrain.tasks import storage  # noqa: E402
-from retrain.tasks.networks import LoadedModel, load_model_file  # noqa: E402
+from retrain.tasks.model_file import LoadedModel, load_model_file
 from retrain.tasks.preprocessing import load_image, load_images  # noqa: E402
 from retrain.tasks.reports import _save  # noqa: E402
 from torch import nn  # noqa: E402

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 from retrain.tasks import storage
-from retrain.tasks.networks import LoadedModel, ModelFileError
+from retrain.tasks.model_file import LoadedModel, ModelFileError
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17

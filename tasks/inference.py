@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from retrain.tasks import storage
-from retrain.tasks.networks import LoadedModel, ModelFileError, model_from_record, read_model_record, resolve_device
+from retrain.tasks.model_file import LoadedModel, ModelFileError, model_from_record, read_model_record
+from retrain.tasks.networks import resolve_device
 from retrain.tasks.preprocessing import ImageDecodeError, Preprocessing, decode_image, resize
 
 ENGINES = ("torch", "torch-bf16", "onnx", "onnx-int8")

@@ -1,20 +1,16 @@
-"""Pretrained network registry, head replacement, freezing, learn-rate factors, summary,
-and the self-describing model file.
+"""Pretrained network registry, head replacement, freezing, learn-rate factors, summary.
 
 Each registry entry knows its architecture, where its weights come from, its input size and
-preprocessing, and its head layer (``conv10`` in SqueezeNet, as MATLAB names it). A model
-file carries the same facts plus the classes, metrics and state dict, and loads with
-``torch.load(..., weights_only=True)``: nothing in it can run code.
+preprocessing, and its head layer (``conv10`` in SqueezeNet, as MATLAB names it). The model
+file that carries these facts with the weights is :mod:`retrain.tasks.model_file`.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import functools
 import io
 import os
-import pickle
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,15 +21,9 @@ from retrain.tasks.preprocessing import CAFFE_BGR, Preprocessing
 from retrain.tasks.request import MODES
 from torch import nn
 
-MODEL_FORMAT = "retrain.model/1"
-
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be obtained or do not fit the network."""
-
-
-class ModelFileError(ValueError):
-    """A model file is missing, truncated, tampered with, unsafe or not a retrain model."""
 
 
 @dataclass(frozen=True)
@@ -450,176 +440,3 @@ def resolve_device(execution_environment: str = "auto") -> torch.device:
     if execution_environment == "cpu":
         return torch.device("cpu")
     raise ValueError(f"execution_environment must be auto, cpu or gpu, not {execution_environment!r}")
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    spec: NetworkSpec
-    classes: list[str]
-    preprocessing: Preprocessing
-    meta: dict
-
-
-def model_record(
-    model: nn.Module,
-    spec: NetworkSpec,
-    classes: list[str],
-    weights_origin: str,
-    metrics: dict | None = None,
-    training: dict | None = None,
-) -> dict:
-    """Everything a model file holds: plain Python values and tensors only."""
-    return {
-        "format": MODEL_FORMAT,
-        "network": spec.name,
-        "architecture": spec.architecture,
-        "head_layer": spec.head_layer,
-        "weights_origin": weights_origin,
-        "classes": list(classes),
-        "input_size": list(spec.preprocessing.input_size),
-        "preprocessing": spec.preprocessing.to_dict(),
-        "metrics": metrics or {},
-        "training": training or {},
-        "torch_version": str(torch.__version__),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-    }
-
-
-def save_model_file(url: str, record: dict) -> str:
-    buffer = io.BytesIO()
-    torch.save(record, buffer)
-    return storage.write_bytes(url, buffer.getvalue())
-
-
-def read_model_record(url: str) -> dict:
-    """Load a model file's record without building the network; refuses anything unsafe."""
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise ModelFileError(f"model file not found: {url}") from None
-    try:
-        record = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = str(exc).splitlines()
-        unsafe = next((line.strip() for line in lines if "Unsupported global" in line), None)
-        if unsafe:
-            raise ModelFileError(
-                f"refused to load {url}: it holds Python objects other than tensors and plain "
-                f"values, which could run code ({unsafe})"
-            ) from None
-        # torch's message suggests weights_only=False: advice never to pass on. Keep its reason.
-        text = str(exc)
-        detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
-        raise ModelFileError(
-            f"refused to load {url}: not a model file that loads safely (truncated, "
-            f"corrupt or not written by torch.save): {detail or lines[0]}"
-        ) from None
-    except Exception as exc:
-        raise ModelFileError(
-            f"{url} is not a readable model file (truncated or corrupt?): {type(exc).__name__}: {exc}"
-        ) from None
-    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{url} is not a retrain model file (expected format {MODEL_FORMAT})")
-    missing = [k for k in ("network", "classes", "preprocessing", "state_dict") if k not in record]
-    if missing:
-        raise ModelFileError(f"model file {url} lacks {', '.join(missing)}")
-    return record
-
-
-def model_from_record(record: dict, source: str = "model file") -> LoadedModel:
-    spec = get_spec(record["network"])
-    classes = [str(c) for c in record["classes"]]
-    model, _ = build_network(spec.name, len(classes), weights="none")
-    try:
-        model.load_state_dict(record["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise ModelFileError(
-            f"{source}: its weights do not fit {spec.name} with {len(classes)} classes: {str(exc).splitlines()[0]}"
-        ) from None
-    model.eval()
-    return LoadedModel(
-        model,
-        spec,
-        classes,
-        Preprocessing.from_dict(record["preprocessing"]),
-        {k: v for k, v in record.items() if k != "state_dict"},
-    )
-
-
-def load_model_file(url: str) -> LoadedModel:
-    return model_from_record(read_model_record(url), source=url)
-
-
-# ---- body and head: the split the transfer-mode feature cache trains on -----------------
-
-
-@dataclass
-class BodyHeadSplit:
-    """A network cut just before its trainable head, sharing the model's modules (no copies).
-
-    ``body`` maps a normalised image batch to features; ``rest`` maps features to logits: the
-    head and the parameter-free layers after it (activation, pooling, flatten). ``dropout``
-    is the probability of the dropout layer just before the head, which in training acts on
-    the features (the caller applies it). ``rest(body(x)) == model(x)`` in eval mode; in
-    transfer mode the body is frozen, so its output can be computed once and cached.
-    """
-
-    body: nn.Module
-    rest: nn.Module
-    dropout: float = 0.0
-
-
-def split_at_head(model: nn.Module, spec: NetworkSpec) -> BodyHeadSplit:
-    """The body/rest split of a network. SqueezeNet's 1x1-conv head is followed by ReLU and
-    pooling, so its split is written out; for every other network the head is the last
-    operation and the body is the model with the head replaced by an identity. That is checked
-    by one forward pass; where it does not hold, ``NotImplementedError`` (callers then run the
-    whole model)."""
-    if spec.architecture.startswith("squeezenet"):
-        # features -> classifier [Dropout, conv10 (the head), ReLU, AdaptiveAvgPool] -> flatten
-        c = model.classifier
-        return BodyHeadSplit(model.features, nn.Sequential(c[1], c[2], c[3], nn.Flatten(1)), c[0].p)
-    parent_path, _, child = spec.head_layer.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    head = parent.get_submodule(child)
-    dropout = 0.0
-    if isinstance(parent, nn.Sequential):  # a dropout just before the head acts on the features
-        siblings = list(parent._modules)
-        position = siblings.index(child)
-        if position and isinstance(parent[position - 1], nn.Dropout):
-            dropout = parent[position - 1].p
-    split = BodyHeadSplit(_with_identity_head(model, spec.head_layer), head, dropout)
-    if not _split_matches(model, split, spec.preprocessing.input_size):
-        raise NotImplementedError(f"{spec.architecture}: its head {spec.head_layer} is not its last operation")
-    return split
-
-
-def _with_identity_head(model: nn.Module, head_path: str) -> nn.Module:
-    """``model`` with the head module swapped for an identity: shallow copies of the modules
-    on the path to the head, every parameter and other module shared (no copies)."""
-    *parents, child = head_path.split(".")
-    root = copy.copy(model)
-    root._modules = dict(model._modules)
-    node = root
-    for part in parents:
-        copied = copy.copy(node._modules[part])
-        copied._modules = dict(copied._modules)
-        node._modules[part] = copied
-        node = copied
-    node._modules[child] = nn.Identity()
-    return root
-
-
-def _split_matches(model: nn.Module, split: BodyHeadSplit, input_size: tuple[int, int]) -> bool:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            parameter = next(model.parameters())
-            generator = torch.Generator().manual_seed(0)
-            x = torch.randn(2, 3, *input_size, generator=generator).to(parameter.device, parameter.dtype)
-            whole, parts = model(x), split.rest(split.body(x))
-    finally:
-        model.train(was_training)
-    return whole.shape == parts.shape and torch.allclose(whole, parts, rtol=1e-3, atol=1e-4 * whole.abs().max().item())

@@ -197,7 +197,7 @@ def trained_on(run_url: str | None, paths: set[str]) -> int | None:
 def accuracy_on(model_url: str, rows) -> float:
     """Accuracy of the model file at ``model_url`` on ``rows`` (columns path, label)."""
     from retrain.tasks.evaluation import evaluate_model
-    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.model_file import load_model_file
 
     result, _ = evaluate_model(load_model_file(model_url), rows)
     return result.accuracy
@@ -243,7 +243,7 @@ def promote_run(store: str, name: str, run_url: str) -> Decision:
 
 def _decide(base: dict, current: dict | None, candidate: float, rows) -> Decision:
     """Compare the candidate with the current model (evaluated here on the same rows)."""
-    from retrain.tasks.networks import read_model_record
+    from retrain.tasks.model_file import read_model_record
 
     if current is None:
         return Decision(**base, action=PROMOTE, promoted=True, current_score=None, reason="no current model")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from retrain.tasks import storage
-from retrain.tasks.networks import read_model_record, save_model_file
+from retrain.tasks.model_file import read_model_record, save_model_file
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED = "running", "completed", "failed"
 

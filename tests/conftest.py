@@ -16,7 +16,8 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from retrain.tasks.networks import build_network, get_spec, model_record, save_model_file  # noqa: E402
+from retrain.tasks.model_file import model_record, save_model_file
+from retrain.tasks.networks import build_network, get_spec
 from retrain.tasks.samples import make_shapes_dataset  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 from retrain.tasks import datastore, storage
 from retrain.tasks.datastore import unzip_dataset
-from retrain.tasks.networks import MODEL_FORMAT, ModelFileError, build_network, save_model_file
+from retrain.tasks.model_file import MODEL_FORMAT, ModelFileError, save_model_file
+from retrain.tasks.networks import build_network
 from retrain.tasks.preprocessing import ImageDecodeError, decode_image
 from retrain.tasks.samples import make_shapes_dataset
 from retrain.tasks.training.checkpoints import load_latest_checkpoint

@@ -2,7 +2,7 @@ import pytest
 import torch
 from retrain.tasks.datastore import index_images
 from retrain.tasks.evaluation import classify_image, evaluate_model, evaluate_predictions, predictions_table
-from retrain.tasks.networks import load_model_file
+from retrain.tasks.model_file import load_model_file
 
 
 def test_metrics_from_known_predictions():

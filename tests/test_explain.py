@@ -11,7 +11,7 @@ from retrain.flows.cli import main
 from retrain.tasks.datastore import index_images
 from retrain.tasks.evaluation import evaluate_model
 from retrain.tasks.explain import explain_run, find_cam_layer, grad_cam, top_losses
-from retrain.tasks.networks import load_model_file
+from retrain.tasks.model_file import load_model_file
 from torch import nn
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from retrain.tasks.datastore import index_images
 from retrain.tasks.export import checked_onnx_source
-from retrain.tasks.networks import ModelFileError, load_model_file
+from retrain.tasks.model_file import ModelFileError, load_model_file
 from retrain.tasks.preprocessing import decode_image, resize
 
 from tests.conftest import run_cli

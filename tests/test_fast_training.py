@@ -11,8 +11,9 @@ import pytest
 import torch
 from retrain.tasks.datastore import index_images
 from retrain.tasks.evaluation import predict_scores
-from retrain.tasks.networks import build_network, configure_trainable, get_spec, head_parameters, split_at_head
+from retrain.tasks.networks import build_network, configure_trainable, get_spec, head_parameters
 from retrain.tasks.preprocessing import Augmentation, load_images
+from retrain.tasks.training.body_head import split_at_head
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.features import FEATURE_BATCH
 from retrain.tasks.training.loop import train
@@ -260,7 +261,7 @@ def test_feature_dropout_keeps_and_scales_like_nn_dropout(p):
 
 def test_train_run_records_the_cache_writes_a_full_model_and_reports_each_validation(shapes_dir, tmp_path):
     from retrain.tasks.datastore import index_stage, split_stage
-    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.model_file import load_model_file
     from retrain.tasks.runs import RunConfig, start_run
     from retrain.tasks.training.stage import train_run
 

@@ -27,7 +27,8 @@ import pandas as pd
 import pytest
 import torch
 from retrain.tasks import storage
-from retrain.tasks.networks import build_network, get_spec, model_record, read_model_record
+from retrain.tasks.model_file import model_record, read_model_record
+from retrain.tasks.networks import build_network, get_spec
 from retrain.tasks.samples import make_shapes_dataset
 
 from tests.conftest import CAFFE_WEIGHTS, s3_environment

@@ -13,7 +13,7 @@ import pytest
 import torch
 from retrain.tasks import engine_gate, inference, storage
 from retrain.tasks.datastore import index_images
-from retrain.tasks.networks import ModelFileError, load_model_file, save_model_file
+from retrain.tasks.model_file import ModelFileError, load_model_file, save_model_file
 from retrain.tasks.preprocessing import decode_image, resize
 
 from tests.conftest import run_cli

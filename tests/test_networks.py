@@ -6,21 +6,18 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-from retrain.tasks import networks
+from retrain.tasks import model_file, networks
+from retrain.tasks.model_file import ModelFileError, load_model_file, model_record, save_model_file
 from retrain.tasks.networks import (
-    ModelFileError,
     WeightsUnavailableError,
     build_network,
     configure_trainable,
     get_spec,
-    load_model_file,
-    model_record,
     parameter_groups,
-    save_model_file,
-    split_at_head,
     summarize,
     torchvision_classifiers,
 )
+from retrain.tasks.training.body_head import split_at_head
 
 # One network of each torchvision family (the smallest), besides the seed's entries.
 # (Transformers and ConvNeXt work the same way but take a minute each on two CPU cores.)
@@ -199,7 +196,7 @@ class Payload:
 def test_malicious_pickle_model_is_refused_without_running_it(tmp_path):
     url = tmp_path / "evil.pt"
     with open(url, "wb") as f:
-        torch.save({"format": networks.MODEL_FORMAT, "payload": Payload()}, f)
+        torch.save({"format": model_file.MODEL_FORMAT, "payload": Payload()}, f)
     with pytest.raises(ModelFileError, match="refused"):
         load_model_file(str(url))
     assert not os.path.exists("/tmp/retrain-pwned")

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 from retrain.tasks import promotion, storage
-from retrain.tasks.networks import build_network, get_spec, model_record, save_model_file
+from retrain.tasks.model_file import model_record, save_model_file
+from retrain.tasks.networks import build_network, get_spec
 
 CLASSES = ["circle", "square", "triangle"]
 

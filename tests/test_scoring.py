@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from retrain.tasks import inference, scoring, storage
-from retrain.tasks.networks import ModelFileError, save_model_file
+from retrain.tasks.model_file import ModelFileError, save_model_file
 from retrain.tasks.preprocessing import load_image
 from retrain.tasks.samples import make_shapes_dataset
 
@@ -124,7 +124,7 @@ def test_partition_names_depend_only_on_the_sorted_files():
 
 def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_path, model_file):
     from retrain.tasks.evaluation import predict_scores
-    from retrain.tasks.networks import load_model_file
+    from retrain.tasks.model_file import load_model_file
 
     expected = make_folder(tmp_path / "images")
     paths = sorted(expected) + [str(tmp_path / "images" / "vanished.jpg")]

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from retrain.tasks.networks import ModelFileError
+from retrain.tasks.model_file import ModelFileError
 from retrain.tasks.scoring.layout import ScoringError, ScoringIncompleteError
 from retrain.tasks.scoring.partition import PartResult, WorkerModel, score_partition
 

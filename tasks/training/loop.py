@@ -26,9 +26,9 @@ from retrain.tasks.networks import (
     freeze_batchnorm,
     parameter_groups,
     resolve_device,
-    split_at_head,
 )
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
+from retrain.tasks.training.body_head import split_at_head
 from retrain.tasks.training.checkpoints import load_latest_checkpoint, remove_write_debris, save_checkpoint
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import Prefetcher, autocast

@@ -9,7 +9,8 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 from retrain.tasks import storage
-from retrain.tasks.networks import build_network, get_spec, model_record, resolve_device, save_model_file, summarize
+from retrain.tasks.model_file import model_record, save_model_file
+from retrain.tasks.networks import build_network, get_spec, resolve_device, summarize
 from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import training_progress
 from retrain.tasks.runs import read_run
