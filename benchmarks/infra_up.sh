@@ -79,6 +79,8 @@ teardown() {
   local rc=$?
   trap - EXIT
   if docker info >/dev/null 2>&1; then
+    # what the services said, where a step failed (the flow runs' output is the workers')
+    [[ $rc = 0 ]] || compose logs --no-color --tail 60 worker-cpu worker-gpu-on-cpu deploy dask-worker >&2 || true
     local start=$SECONDS
     compose down --volumes --remove-orphans --timeout 10 >"$WORK/down.log" 2>&1 || cat "$WORK/down.log" >&2
     TIMES+=("$(printf '%-34s %5d s' "teardown (compose down -v)" $((SECONDS - start)))")
