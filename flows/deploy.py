@@ -100,7 +100,7 @@ def ensure_work_pool(name: str, pool_type: str = "process", job_template: str | 
     ``job_template``: a base job template file (JSON), e.g. the GPU Kubernetes one in infra/."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
@@ -119,7 +119,10 @@ def ensure_work_pool(name: str, pool_type: str = "process", job_template: str | 
                 f"work pool {name!r} of type {pool_type!r}: give its base job template "
                 f"(--gpu-job-template), e.g. infra/k8s/gpu-work-pool.json"
             )
-        client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+        except ObjectAlreadyExists:  # a worker started at the same time made it (compose starts both at once)
+            return False
         return True
 
 
