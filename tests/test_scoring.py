@@ -72,18 +72,6 @@ def read_scores(out: str):
 
 
 @pytest.fixture(scope="module")
-def local_client():
-    """An in-process Dask cluster (one worker thread): real Dask, no process start-up."""
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
-
-
-@pytest.fixture(scope="module")
 def model_file(random_model_file) -> str:
     """The shared random-weights model for the CLASSES (tests/conftest.py)."""
     return random_model_file
@@ -190,11 +178,11 @@ def test_models_that_do_not_fit_are_refused(tmp_path, model_file):
 # ---- the job: resume, lock -----------------------------------------------------------------------
 
 
-def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, model_file, local_client):
+def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, model_file, dask_client):
     expected = make_folder(tmp_path / "images")
     out = str(tmp_path / "out")
     first = scoring.score_job(
-        model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
+        model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=5, mini_batch_size=4
     )
     assert first["images"] == len(expected) and first["processed"] == len(expected)
     assert first["scored"] + first["failed"] == len(expected) and first["ignored"] == 1
@@ -208,7 +196,7 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
     (Path(out) / "scores.parquet").unlink()
     (Path(out) / "parts" / "part-000099-debris.parquet.tmp-0a1b2c3d").write_bytes(b"half")
     again = scoring.score_job(
-        model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
+        model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=5, mini_batch_size=4
     )
     assert again["processed"] == 5 and again["resumed_partitions"] == 3
     columns = ["path", "label", "error"]
@@ -222,7 +210,7 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
     assert not parts[2].exists()
     assert (
         scoring.score_job(
-            model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
+            model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=5, mini_batch_size=4
         )["processed"]
         == 5
     )
@@ -230,14 +218,14 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
     # a new image: only its partition (the last) is scored again, still one row per image
     (tmp_path / "images" / "zz_new.jpg").write_bytes((tmp_path / "images" / "square" / "square_000.jpg").read_bytes())
     third = scoring.score_job(
-        model_file, str(tmp_path / "images"), out, client=local_client, partition_size=5, mini_batch_size=4
+        model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=5, mini_batch_size=4
     )
     assert third["images"] == len(expected) + 1 and third["processed"] == 5
     frame = read_scores(out)
     assert frame["path"].is_unique and len(frame) == len(expected) + 1
 
 
-def test_a_failing_partition_fails_the_job_but_keeps_the_others(tmp_path, model_file, local_client, monkeypatch):
+def test_a_failing_partition_fails_the_job_but_keeps_the_others(tmp_path, model_file, dask_client, monkeypatch):
     make_folder(tmp_path / "images", per_class=3, bad=False)
     out = str(tmp_path / "out")
     from retrain.tasks.scoring import cluster
@@ -251,14 +239,14 @@ def test_a_failing_partition_fails_the_job_but_keeps_the_others(tmp_path, model_
 
     monkeypatch.setattr(cluster, "score_partition", crash_on_second)
     with pytest.raises(scoring.ScoringIncompleteError, match="1 of 3 partitions failed .*MemoryError"):
-        scoring.score_job(model_file, str(tmp_path / "images"), out, client=local_client, partition_size=4)
+        scoring.score_job(model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=4)
     assert len(list((Path(out) / "parts").glob("*.parquet"))) == 2 and not Path(scoring.JobLayout(out).scores).exists()
     monkeypatch.setattr(cluster, "score_partition", real)
-    summary = scoring.score_job(model_file, str(tmp_path / "images"), out, client=local_client, partition_size=4)
+    summary = scoring.score_job(model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=4)
     assert summary["processed"] == 4 and summary["resumed_partitions"] == 2 and len(read_scores(out)) == 9
 
 
-def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path, model_file, local_client):
+def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path, model_file, dask_client):
     make_folder(tmp_path / "images", per_class=2, bad=False)
     out = str(tmp_path / "out")
     holder = subprocess.Popen(
@@ -276,11 +264,11 @@ def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path,
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(scoring.ScoringLockedError, match=f"pid {holder.pid}"):
-            scoring.score_job(model_file, str(tmp_path / "images"), out, client=local_client)
+            scoring.score_job(model_file, str(tmp_path / "images"), out, client=dask_client)
         assert not Path(scoring.JobLayout(out).scores).exists()
         threading.Timer(1.0, lambda: os.kill(holder.pid, signal.SIGKILL)).start()  # dies holding it
         summary = scoring.score_job(
-            model_file, str(tmp_path / "images"), out, client=local_client, lock_wait_s=60
+            model_file, str(tmp_path / "images"), out, client=dask_client, lock_wait_s=60
         )  # waits, then runs
     finally:
         holder.kill()
@@ -313,7 +301,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.services
-def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, model_file, local_client):
+def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, model_file, dask_client):
     expected = make_folder(tmp_path / "images", per_class=12)
     images, out = str(tmp_path / "images"), str(tmp_path / "out")
     script = tmp_path / "score_job.py"
@@ -345,7 +333,7 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, mod
     assert 2 <= done_at_kill < total, (done_at_kill, total)
     assert not Path(scoring.JobLayout(out).scores).exists()
 
-    summary = scoring.score_job(model_file, images, out, client=local_client, partition_size=2, mini_batch_size=2)
+    summary = scoring.score_job(model_file, images, out, client=dask_client, partition_size=2, mini_batch_size=2)
     frame = read_scores(out)
     assert len(frame) == len(expected) == summary["images"]
     assert frame["path"].is_unique and set(frame["path"]) == set(expected)
