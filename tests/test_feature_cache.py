@@ -1,4 +1,4 @@
-"""Transfer mode on cached backbone features (issue 5): same kind of model as the classic loop,
+"""Transfer mode on cached backbone features: same kind of model as the classic loop,
 features computed once, and validation, early stopping, best model, checkpoints and resume all
 still hold. Tiny generated images at 64 px keep it fast (the networks are convolutional)."""
 
