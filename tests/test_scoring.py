@@ -342,6 +342,23 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, mod
 
 
 @pytest.mark.services
+def test_a_prestarted_cluster_closed_unused_is_never_handed_to_a_later_job():
+    """`retrain score` starts a local cluster before its flow; when the flow fails before taking
+    it (a bad model, say) the command closes it, and a later job in the same process must start
+    its own instead of getting the closed one."""
+    from retrain.tasks.scoring.cluster import LocalClusterStart, prestart_local_cluster, start_cluster
+
+    early = prestart_local_cluster(1)
+    early.close()
+    later = start_cluster(None, 1)
+    try:
+        assert isinstance(later, LocalClusterStart) and later is not early
+        assert later.address().startswith("tcp://")
+    finally:
+        later.close()
+
+
+@pytest.mark.services
 def test_a_dask_worker_killed_mid_job_still_gives_exactly_one_row_per_image(tmp_path, model_file):
     """kill -9 of one worker process while the job runs: its nanny starts a new one, Dask runs
     the lost task again, and the same job ends with every image once."""

@@ -98,6 +98,8 @@ class LocalClusterStart:
         return self._cluster.scheduler_address
 
     def close(self) -> None:
+        if self in _PRESTARTED:  # started early but never taken by a job: no later job may take it
+            _PRESTARTED.remove(self)
         self._thread.join()
         if self._cluster is not None:
             with quiet_dask():
