@@ -347,12 +347,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``retrain`` program: :func:`main`, then the process ends without the interpreter's
-    teardown. With torch and Prefect loaded that teardown (freeing every module's objects)
-    took 6-8 s of a ``retrain run`` on a busy 2-core machine; what an exit must do still
-    happens: output flushed, other threads finished, exit handlers run (Prefect's send the
-    last logs and events to the API)."""
-    status = main()
+    """The ``retrain`` program: :func:`main` here, or in the resident process when the local
+    server runs one (flows/resident.py: the same command without the imports), then
+    :func:`finish`."""
+    argv = sys.argv[1:]
+    status = _delegated(argv)
+    finish(main(argv) if status is None else status)
+
+
+def _delegated(argv: list[str]) -> int | None:
+    """The exit status of ``argv`` run by the resident process; None to run it here."""
+    args = build_parser(_command_of(argv) or "").parse_args(argv)  # --help and bad flags: answered here
+    if args.command == "server" or server.use_local_server() is None:
+        return None
+    from retrain.flows import resident
+
+    return resident.delegate(argv, server.prefect_home())
+
+
+def finish(status: int) -> None:
+    """End the process without the interpreter's teardown. With torch and Prefect loaded that
+    teardown (freeing every module's objects) took 6-8 s of a ``retrain run`` on a busy 2-core
+    machine; what an exit must do still happens: output flushed, other threads finished, exit
+    handlers run (Prefect's send the last logs and events to the API)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     for thread in threading.enumerate():
