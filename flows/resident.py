@@ -35,7 +35,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 SOCKET_NAME = "retrain-resident.sock"
-PID_NAME = "retrain-resident.pid"
 # Environment variables that take effect when a module is imported or a library is loaded:
 # where the caller's differ from the resident process's, its imported state would be wrong.
 IMPORT_TIME_PREFIXES = (
@@ -379,7 +378,6 @@ def serve(home: Path) -> None:
     if state is None or use_local_server() is None:  # PREFECT_API_URL as every command sets it
         _log(f"no local server runs in {home}; exiting")
         return
-    (home / PID_NAME).write_text(str(os.getpid()))
     resident = Resident(home, state["pid"])  # the fingerprint first: the code as it is when the imports begin
     _preload()
     _log(f"imported in {time.perf_counter() - started:.1f} s")

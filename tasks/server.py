@@ -28,7 +28,7 @@ DEFAULT_PORT = 4200  # Prefect's own default: the address its documentation show
 STATE_FILE = "retrain-server.json"
 LOG_FILE = "retrain-server.log"
 RESIDENT_LOG_FILE = "retrain-resident.log"
-RESIDENT_PID_FILE = "retrain-resident.pid"  # written by the resident process itself (flows/resident.py)
+RESIDENT_PID_FILE = "retrain-resident.pid"
 START_TIMEOUT_S = 180.0  # the first start creates the database (migrations: ~10-20 s on 2 busy cores)
 STOP_TIMEOUT_S = 30.0
 
@@ -232,6 +232,7 @@ def start_resident(home: Path) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # outside the caller's terminal group: its Ctrl-C is not for it
         )
+    (home / RESIDENT_PID_FILE).write_text(str(proc.pid))  # now: a `stop` right after this start finds it
     return proc.pid
 
 
