@@ -229,15 +229,17 @@ def _dask_cli(args: list[str], env: dict[str, str], log: Path):
 @pytest.mark.services
 @pytest.mark.timeout(900)
 def test_tls_cluster_with_compose_settings_scores_a_folder_and_refuses_clients_without_certificates(
-    tmp_path, random_model_file
+    tmp_path, random_model_file, prefect_api
 ):
     from distributed import Client
     from distributed.security import Security
+    from prefect.settings import PREFECT_API_URL
     from retrain.tasks.samples import make_shapes_dataset
 
     certs = make_certs(tmp_path / "certs")
     other_ca = make_certs(tmp_path / "other-ca")  # a certificate this cluster never signed
-    base = _without_dask_settings()
+    # the commands use the session's Prefect API (no temporary one each: minutes on a busy machine)
+    base = {**_without_dask_settings(), "PREFECT_API_URL": prefect_api or PREFECT_API_URL.value()}
     port = free_port()
     address = f"tls://127.0.0.1:{port}"
     scheduler_log, worker_log = tmp_path / "dask-scheduler.log", tmp_path / "dask-worker.log"
