@@ -159,8 +159,26 @@ def dask_cluster(address: str | None = None, workers: int | None = None) -> Iter
 def dask_client(address: str) -> Iterator:
     from distributed import Client
 
+    check_tls_settings(address)
     with quiet_dask(), Client(address, timeout="30s") as client:
         yield client
+
+
+def check_tls_settings(address: str) -> None:
+    """A ``tls://`` scheduler (infra/compose.yaml's) lets in only clients holding a certificate
+    of its CA, which Dask reads from its settings (``DASK_DISTRIBUTED__COMM__TLS__*``); without
+    them Dask fails with a TypeError about an ``ssl_context``. Say instead what is missing."""
+    if not address.startswith("tls://"):
+        return
+    from distributed.security import Security
+
+    security = Security()
+    if not (security.tls_ca_file and security.tls_client_cert):
+        raise ScoringError(
+            f"{address} is a TLS Dask scheduler: this client needs the cluster's CA and a client "
+            "certificate (DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT "
+            "and DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY; see infra/README.md)"
+        )
 
 
 def run_partitions(
