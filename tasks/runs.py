@@ -32,7 +32,11 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        # The number of training processes is left out: it does not change the result
+        # (tasks/training/distributed.py), so a run resumes with another.
+        record = asdict(self)
+        record["options"] = {k: v for k, v in record["options"].items() if k != "processes"}
+        blob = json.dumps(record, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -87,7 +91,8 @@ def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: 
                 f"run {run_id} exists with a different configuration; "
                 f"choose another run id or rerun it with its own settings"
             )
-        update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1)
+        # The same configuration but for what the fingerprint leaves out (processes): this one.
+        update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1, config=asdict(config))
     else:
         now = datetime.now(timezone.utc).isoformat()
         storage.write_json(
