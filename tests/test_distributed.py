@@ -171,3 +171,56 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(trained, tmp_path
     summary = train_run(run)
     assert summary["resumed_from"] == 2 and summary["processes"] == after and summary["iterations"] == 4
     assert _max_difference(weights, load_model_file(summary["trained"]).model.state_dict()) < TOLERANCE
+
+
+@pytest.mark.services  # kills a process
+def test_kill_9_of_the_launcher_ends_its_ranks_and_the_run_resumes_in_one_process(shapes_dir, tmp_path):
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    config = _config(shapes_dir, 2)
+    config.options.update(max_epochs=8, mini_batch_size=6, checkpoint_frequency=1)  # 24 iterations
+    run = start_run(str(tmp_path / "store"), config)
+    index_stage(shapes_dir, run)
+    split_stage(run, (0.75, 0.25, 0.0), 0)
+    checkpoints = RunLayout(run).checkpoints
+    code = "import sys; from retrain.tasks.training.stage import train_run; train_run(sys.argv[1])"
+    log = open(tmp_path / "launcher.log", "w")
+    ranks = []
+    # Started with SIGINT ignored, as under nohup or as a background job: torch's own
+    # parent-death signal for its ranks (SIGINT) is then lost.
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", code, run],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not any(i >= 2 for i, _ in list_checkpoints(checkpoints)):
+            assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        ranks = psutil.Process(launcher.pid).children()
+        assert len(ranks) >= 2  # the two ranks (and multiprocessing's resource tracker)
+        launcher.send_signal(9)
+        launcher.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=60)
+        assert not alive, "a rank outlived its launcher"
+    finally:
+        for process in [launcher, *ranks]:  # nothing left behind, whatever failed
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()
+        log.close()
+    killed_at = list_checkpoints(checkpoints)[-1][0]
+    assert killed_at < 24
+    config_now = read_run(run)["config"]
+    config_now["options"]["processes"] = 1
+    update_run(run, config=config_now)
+    summary = train_run(run)
+    assert summary["resumed_from"] == killed_at and summary["iterations"] == 24 and summary["processes"] == 1

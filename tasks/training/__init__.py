@@ -8,6 +8,8 @@
 - :mod:`.data`: decoding a run's train and validation images,
 - :mod:`.features`: transfer mode's cache of body features,
 - :mod:`.steps`: one iteration, classic or on cached features,
+- :mod:`.dropout`: dropout masks keyed by each sample's place in the global batch,
+- :mod:`.distributed`: fine-tune and scratch modes in several processes (DDP),
 - :mod:`.loop`: ``train()``: resume, step, validate, checkpoint, finish,
 - :mod:`.stage`: ``train_run()``: a run folder in, ``trained.pt`` out.
 

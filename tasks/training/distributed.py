@@ -119,7 +119,7 @@ def launch(
         store = os.path.join(folder, "store")  # the rendezvous: a file, no port to pick
         ranks = mp.start_processes(
             _rank_main,
-            (target, args, processes, backend_for(device), store, relay),
+            (target, args, processes, backend_for(device), store, relay, os.getpid()),
             nprocs=processes,
             join=False,
             start_method="spawn",
@@ -151,7 +151,23 @@ def _drain(relay, logger, on_validation) -> None:
             on_validation(payload)
 
 
-def _rank_main(rank: int, target, args: tuple, size: int, backend: str, store: str, relay) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A rank ends when the process that launched it does (killed: kill -9, a work pool
+    cancelling the flow run), so no orphan trains on or holds the GPU; the run resumes from its
+    checkpoints (writes are atomic). torch sets SIGINT for this, which a process started with
+    SIGINT ignored (nohup, a background job) never gets: SIGKILL here. Linux only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def _rank_main(rank: int, target, args: tuple, size: int, backend: str, store: str, relay, parent: int) -> None:
+    _die_with_parent(parent)
     if backend == "nccl":
         torch.cuda.set_device(rank)
     else:
