@@ -14,10 +14,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from retrain.tasks.model_file import ModelFileError
 from retrain.tasks.scoring.layout import ScoringError, ScoringIncompleteError
-from retrain.tasks.scoring.partition import PartResult, WorkerModel, score_partition
+
+if TYPE_CHECKING:  # torch, imported when a job maps partitions: not before the local cluster starts
+    from retrain.tasks.scoring.partition import PartResult, WorkerModel
 
 # Imported by each local worker as it starts: torch, torchvision, ONNX Runtime, the predictor.
 WORKER_PRELOAD = "retrain.tasks.scoring.partition"
@@ -196,6 +198,8 @@ def run_partitions(
     whole (a worker killed, say) is retried once, then reported in
     :class:`ScoringIncompleteError` after the others are done; a bad model fails fast."""
     from distributed import as_completed
+    from retrain.tasks.model_file import ModelFileError
+    from retrain.tasks.scoring.partition import score_partition
 
     if not todo:
         return []
