@@ -432,6 +432,10 @@ def _watch_api(args, url: str, grace_s: float) -> orchestrator.ApiWatch:
             stream.flush()
         os._exit(EXIT_ORCHESTRATOR)
 
+    # After os._exit, the resource tracker of a local Dask cluster's processes (started later,
+    # with this interpreter's -W options) frees their semaphores and would warn about them
+    # below the error line; the freeing is what matters.
+    sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
     return orchestrator.ApiWatch(url, grace_s, lost).start()
 
 

@@ -55,13 +55,14 @@ def grace_seconds(environ=os.environ) -> float:
 def bound_client_retries(grace_s: float, environ=os.environ) -> None:
     """Fit Prefect's client retries into the grace (the user's own PREFECT_* settings win):
     as many retries as the backoff 2 + 4 + ... fits into a quarter of it (at least one), and a
-    request timeout of at most half of it, so that one failing call gives up well inside it."""
+    request timeout of half of it (15 to 60 s: a busy server's answers may take seconds), so that
+    one failing call gives up inside it."""
     retries, waited = 1, 2
     while waited + 2 ** (retries + 1) <= grace_s / 4 and retries < 5:
         retries += 1
         waited += 2**retries
     environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", str(retries))
-    environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", f"{max(5.0, min(60.0, grace_s / 2)):g}")
+    environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", f"{max(15.0, min(60.0, grace_s / 2)):g}")
 
 
 def configured_api_url(environ=os.environ) -> str | None:
@@ -151,11 +152,15 @@ def failure_of(exc: BaseException, url: str | None) -> OrchestratorError:
 class ApiWatch:
     """A daemon thread that asks ``<url>/health`` every few seconds while a command runs; once
     the API has not answered for ``grace_s`` seconds it calls ``on_lost`` with the
-    :class:`OrchestratorError` (the CLI then ends the command: nothing waits on the API longer)."""
+    :class:`OrchestratorError` (the CLI then ends the command: nothing waits on the API longer).
+    A probe waits up to half the grace (5 to 20 s) for an answer: on a busy machine a slow
+    answer is an answer. So ``on_lost`` comes at most grace + one interval (5 s) + one probe
+    (20 s) after the API went away: under 2 minutes for the default grace of 90 s."""
 
     def __init__(self, url: str, grace_s: float, on_lost: Callable[[OrchestratorError], None]):
         self.url, self.grace_s, self.on_lost = url, grace_s, on_lost
         self.interval = max(0.5, min(5.0, grace_s / 6))
+        self.probe_timeout = max(5.0, min(20.0, grace_s / 2))
         self.down_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="prefect-api-watch", daemon=True)
@@ -166,18 +171,16 @@ class ApiWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            # A busy server may be slow to answer: a slow answer is an answer, so wait long.
-            reason = why_unreachable(self.url, timeout=max(2.0, min(10.0, self.grace_s / 3)))
-            now = time.monotonic()
+            probed = time.monotonic()
+            reason = why_unreachable(self.url, timeout=self.probe_timeout)
             if reason is None:
                 self.down_since = None
                 continue
             if self.down_since is None:
-                self.down_since = now
-            elif now - self.down_since >= self.grace_s and not self._stop.is_set():
-                self.on_lost(
-                    OrchestratorError(self.url, f"has not answered for {now - self.down_since:.0f} s (last: {reason})")
-                )
+                self.down_since = probed  # it did not answer from (at the latest) the probe's start
+            down_s = time.monotonic() - self.down_since
+            if down_s >= self.grace_s and not self._stop.is_set():
+                self.on_lost(OrchestratorError(self.url, f"has not answered for {down_s:.0f} s (last: {reason})"))
                 return
 
     def stop(self) -> None:

@@ -36,7 +36,10 @@ def refused_port_url() -> str:
 
 
 def last_line(stderr: str) -> str:
-    return stderr.strip().splitlines()[-1]
+    """The last line a command printed on stderr (shown with ``pytest -s``: the fault table)."""
+    line = stderr.strip().splitlines()[-1]
+    print(f"\nlast line: {line}")
+    return line
 
 
 def session_api(prefect_api) -> str:
@@ -125,10 +128,10 @@ def test_client_retries_fit_into_the_grace_and_the_users_settings_win():
     orchestrator.bound_client_retries(90, env)
     retries = int(env["PREFECT_CLIENT_MAX_RETRIES"])
     assert 1 <= retries and sum(2**i for i in range(1, retries + 1)) <= 90 / 4
-    assert float(env["PREFECT_API_REQUEST_TIMEOUT"]) <= 45
+    assert float(env["PREFECT_API_REQUEST_TIMEOUT"]) == 45
     env = {"PREFECT_CLIENT_MAX_RETRIES": "7"}
     orchestrator.bound_client_retries(10, env)
-    assert env["PREFECT_CLIENT_MAX_RETRIES"] == "7" and float(env["PREFECT_API_REQUEST_TIMEOUT"]) == 5
+    assert env["PREFECT_CLIENT_MAX_RETRIES"] == "7" and float(env["PREFECT_API_REQUEST_TIMEOUT"]) == 15
     assert orchestrator.grace_seconds({}) == orchestrator.DEFAULT_GRACE_S <= 120
     with pytest.raises(ValueError, match="RETRAIN_API_GRACE_SECONDS"):
         orchestrator.grace_seconds({"RETRAIN_API_GRACE_SECONDS": "soon"})
@@ -142,7 +145,7 @@ def test_the_api_watch_gives_up_within_the_grace_and_not_while_the_api_answers(t
     watch = orchestrator.ApiWatch(refused_port_url(), 2.0, lambda e: lost.append((time.monotonic(), e))).start()
     wait_until(lambda: lost, timeout=60, what="the watch to give up")
     watch.stop()
-    assert lost[0][0] - started < 2.0 + 2 * watch.interval + 10
+    assert lost[0][0] - started < 2.0 + 2 * watch.interval + watch.probe_timeout + 10
     assert "has not answered for" in str(lost[0][1]) and "rerun the same command" in str(lost[0][1])
 
     import http.server
@@ -173,13 +176,13 @@ def test_prefect_api_killed_mid_run_gives_up_within_the_grace_and_the_rerun_resu
     tmp_path, shapes_dir, prefect_api, logs, monkeypatch
 ):
     """A real `prefect server`, killed while `retrain run` trains: the command ends with status 4
-    within the grace (10 s here) plus slack, its last line names the API; the checkpoints stay;
+    within the grace (20 s here) plus slack, its last line names the API; the checkpoints stay;
     the same command against a running API resumes the run and finishes it."""
     store = tmp_path / "store"
     args = ["run", shapes_dir, "--store", str(store), *tiny_run_flags(max_epochs=8), "--mode", "finetune"]
     args += ["--checkpoint-frequency", "1", "--checkpoint-frequency-unit", "iteration", "--no-promote"]
     with _services.prefect_server(tmp_path) as server:
-        env = cli_env(server["api_url"], tmp_path, RETRAIN_API_GRACE_SECONDS="10")
+        env = cli_env(server["api_url"], tmp_path, RETRAIN_API_GRACE_SECONDS="20")
         proc = start_cli([*args, "--json"], env, tmp_path / "run.log")
         try:
             wait_until(lambda: list(store.glob("runs/*/checkpoints/iter-*.pt")), proc, what="the first checkpoint")
@@ -197,9 +200,10 @@ def test_prefect_api_killed_mid_run_gives_up_within_the_grace_and_the_rerun_resu
         f"retrain run: error: orchestrator unreachable: the Prefect API at {server['api_url']}"
     )
     assert "Traceback" not in err
-    assert gave_up_s < 10 + 60, gave_up_s  # the grace, a probe, and slack for a loaded machine
+    assert gave_up_s < 20 + 90, gave_up_s  # the grace, an interval and a probe, and slack for a loaded machine
     run = next(store.glob("runs/*"))
     kept = sorted(p.name for p in (run / "checkpoints").glob("iter-*.pt"))
+    print(f"gave up {gave_up_s:.1f} s after the API was stopped; checkpoints kept: {kept}")
     assert kept and storage.read_json(str(run / "run.json"))["status"] in ("running", "failed")
 
     monkeypatch.setenv("PREFECT_API_URL", session_api(prefect_api))
@@ -225,7 +229,7 @@ def test_prefect_api_killed_mid_score_keeps_the_parts_and_the_rerun_resumes(
     args = ["score", random_model_file, str(tmp_path / "images"), "--out", str(out), "--workers", "1"]
     args += ["--partition-size", "2", "--mini-batch-size", "2"]
     with _services.prefect_server(tmp_path) as server:
-        env = cli_env(server["api_url"], tmp_path, RETRAIN_API_GRACE_SECONDS="10")
+        env = cli_env(server["api_url"], tmp_path, RETRAIN_API_GRACE_SECONDS="20")
         proc = start_cli([*args, "--json"], env, tmp_path / "score.log")
         try:
             wait_until(lambda: list(out.glob("parts/*.parquet")), proc, what="the first part")
@@ -242,6 +246,7 @@ def test_prefect_api_killed_mid_score_keeps_the_parts_and_the_rerun_resumes(
     )
     assert "Traceback" not in err
     kept = {p.name for p in out.glob("parts/*.parquet")}
+    print(f"parts kept: {len(kept)} of {-(-len(images) // 2)}")
     assert kept and not list(out.glob("parts/*.tmp-*"))
 
     monkeypatch.setenv("PREFECT_API_URL", session_api(prefect_api))
@@ -299,6 +304,7 @@ def test_dask_scheduler_killed_mid_score_is_status_5_and_a_new_scheduler_scores_
     assert line.startswith(f"retrain score: error: compute cluster lost: {address}"), line
     assert "score the missing partitions" in line and "store failure" not in line and "Traceback" not in err
     kept = {p.name for p in out.glob("parts/*.parquet")}
+    print(f"parts kept: {len(kept)} of {len(images)}")
     assert 1 <= len(kept) < len(images) and not (out / "scores.parquet").exists()
 
     with _services.dask_cluster(tmp_path / "second") as second:
