@@ -357,12 +357,13 @@ def test_the_same_run_started_twice_is_refused_and_a_killed_first_does_not_block
     tmp_path, shapes_dir, prefect_api, logs, monkeypatch
 ):
     store = tmp_path / "store"
-    args = ["run", shapes_dir, "--store", str(store), *tiny_run_flags(max_epochs=20), "--no-promote"]
+    args = ["run", shapes_dir, "--store", str(store), *tiny_run_flags(max_epochs=4), "--no-promote"]
     args += ["--checkpoint-frequency", "1", "--checkpoint-frequency-unit", "iteration"]
     api = session_api(prefect_api)
     first = start_cli(args, cli_env(api, tmp_path), tmp_path / "first.log")
     try:
         wait_until(lambda: list(store.glob("runs/*/checkpoints/iter-*.pt")), first, what="the first checkpoint")
+        os.killpg(first.pid, signal.SIGSTOP)  # held mid-run, lock and all, however fast this machine is
         run = next(store.glob("runs/*"))
         monkeypatch.setenv("PREFECT_API_URL", api)
         status, result, err = run_cli(args)  # the same command while the first runs
@@ -370,7 +371,7 @@ def test_the_same_run_started_twice_is_refused_and_a_killed_first_does_not_block
         line = last_line(err)
         assert line.startswith(f"retrain run: error: run {run.name} is already running (pid {first.pid}"), line
         assert "--fresh" in line and "Traceback" not in err
-        assert first.poll() is None  # the first went on, alone
+        assert first.poll() is None  # the first is untouched
         record = storage.read_json(str(run / "run.json"))
         assert record["resumed"] == 0 and record["status"] == "running"  # the refused one wrote nothing
     finally:
