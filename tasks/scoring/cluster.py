@@ -283,7 +283,7 @@ def run_partitions(
         except Exception:  # a lost scheduler: nothing left to cancel there
             pass
     if failures and _lost(client):  # cancelled by the scheduler going away, not failed
-        raise cluster_lost(_address_of(client), f" ({len(results)} of {len(todo)} partitions finished)")
+        raise cluster_lost(_address_of(client))  # the workers may have written more parts than reported here
     if failures:
         raise ScoringIncompleteError(
             f"{len(failures)} of {len(todo)} partitions failed (first: {failures[0][0]}: {failures[0][1]}); "
