@@ -219,7 +219,7 @@ def _run_forked(request: dict, fds: list[int]) -> None:
             stream.reconfigure(line_buffering=stream.isatty())
         from retrain.flows.cli import finish, main
 
-        finish(main(request["argv"]))  # exits
+        finish(main(request["argv"], watch_api=True))  # exits; like the program, it watches the API
     except SystemExit as exc:  # argparse's own exit
         status = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # noqa: BLE001 - the fork must never return into the server loop
