@@ -107,11 +107,19 @@ def _config(shapes_dir: str, processes: int) -> RunConfig:
     )
 
 
+def _started(store: str, config: RunConfig) -> str:
+    """A run folder made (or reopened) as the flow does, its lock released: the stages are
+    driven here, one after the other, as the flow would."""
+    run, lock = start_run(store, config)
+    lock.release()
+    return run
+
+
 def test_the_number_of_processes_is_not_part_of_the_run_fingerprint(shapes_dir, tmp_path):
     one, two = _config(shapes_dir, 1), _config(shapes_dir, 2)
     assert one.fingerprint() == two.fingerprint()
-    run = start_run(str(tmp_path), one)
-    assert start_run(str(tmp_path), two) == run  # resumed, with the new count
+    run = _started(str(tmp_path), one)
+    assert _started(str(tmp_path), two) == run  # resumed, with the new count
     assert read_run(run)["config"]["options"]["processes"] == 2
 
 
@@ -121,7 +129,7 @@ def trained(shapes_dir, tmp_path_factory):
     weights, histories the launching process received)}."""
     out = {}
     for processes in (1, 2):
-        run = start_run(str(tmp_path_factory.mktemp(f"store{processes}")), _config(shapes_dir, processes))
+        run = _started(str(tmp_path_factory.mktemp(f"store{processes}")), _config(shapes_dir, processes))
         index_stage(shapes_dir, run)
         split_stage(run, (0.75, 0.25, 0.0), 0)
         histories = []
@@ -185,7 +193,7 @@ def test_kill_9_of_the_launcher_ends_its_ranks_and_the_run_resumes_in_one_proces
 
     config = _config(shapes_dir, 2)
     config.options.update(max_epochs=8, mini_batch_size=6, checkpoint_frequency=1)  # 24 iterations
-    run = start_run(str(tmp_path / "store"), config)
+    run = _started(str(tmp_path / "store"), config)
     index_stage(shapes_dir, run)
     split_stage(run, (0.75, 0.25, 0.0), 0)
     checkpoints = RunLayout(run).checkpoints
