@@ -354,8 +354,24 @@ def test_a_prestarted_cluster_closed_unused_is_never_handed_to_a_later_job():
     try:
         assert isinstance(later, LocalClusterStart) and later is not early
         assert later.address().startswith("tcp://")
+        # Its workers drop the heartbeat traceback a scheduler closed under them would print
+        # (partition.dask_setup), and only that record.
+        from distributed import Client
+
+        with Client(later.address()) as client:
+            kept = client.run(_worker_logs_after_scheduler_loss)
+        assert list(kept.values()) == [[False, True]]
     finally:
         later.close()
+
+
+def _worker_logs_after_scheduler_loss() -> list[bool]:
+    """In a worker: whether its logger lets the lost-scheduler heartbeat and another error through."""
+    import logging
+
+    log = logging.getLogger("distributed.worker")
+    messages = ["Failed to communicate with scheduler during heartbeat.", "other"]
+    return [bool(log.filter(log.makeRecord(log.name, logging.ERROR, __file__, 1, m, (), None))) for m in messages]
 
 
 @pytest.mark.services

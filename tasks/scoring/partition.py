@@ -11,6 +11,7 @@ Nothing here imports Prefect: each Prefect import in a worker would start its ow
 from __future__ import annotations
 
 import io
+import logging
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -237,3 +238,19 @@ def score_partition(
         timings["forward_seconds"],
         engine=model.engine,
     )
+
+
+class _SchedulerGoneHeartbeat(logging.Filter):
+    """Drops the worker's "Failed to communicate with scheduler during heartbeat" record. When
+    the job fails (the Prefect API went away, the user pressed Ctrl-C) the driver closes its
+    scheduler while a worker may still be finishing a partition; that worker's next heartbeat
+    would print a traceback on the user's terminal, under the one-line error that says what
+    happened. A lost scheduler is reported by the driver itself (ClusterLostError)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
+
+
+def dask_setup(worker) -> None:
+    """Dask calls this in each local worker that preloads this module (cluster.WORKER_PRELOAD)."""
+    logging.getLogger("distributed.worker").addFilter(_SchedulerGoneHeartbeat())
