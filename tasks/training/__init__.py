@@ -5,8 +5,10 @@
 - :mod:`.schedule`: seeded randomness and the learn-rate schedule,
 - :mod:`.checkpoints`: checkpoint files, resume,
 - :mod:`.devices`: mixed precision, pinned memory, the batch prefetcher,
-- :mod:`.data`: decoding a run's train and validation images,
-- :mod:`.features`: transfer mode's cache of body features,
+- :mod:`.shards`: a data set's images decoded once into shards in the store, read per batch,
+- :mod:`.cluster`: the Dask cluster shard preparation and feature extraction may run on,
+- :mod:`.data`: a run's train and validation images (from the shards) and targets,
+- :mod:`.features`: transfer mode's cache of body features (in memory, or feature shards),
 - :mod:`.steps`: one iteration, classic or on cached features,
 - :mod:`.loop`: ``train()``: resume, step, validate, checkpoint, finish,
 - :mod:`.stage`: ``train_run()``: a run folder in, ``trained.pt`` out.

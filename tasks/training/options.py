@@ -54,9 +54,11 @@ class TrainingOptions:
     # Random augmented views per training image in the feature cache, besides the image
     # itself; None: automatic (see cache_views).
     feature_cache_views: int | None = None
-    # A feature cache larger than this (MiB) is kept on disk, in the run folder, memory-mapped
-    # (on a GPU it is kept in GPU memory when it takes less than half of what is free).
-    feature_cache_memory_mb: int = 4096
+    # A feature cache larger than this (MiB) is kept on disk as feature shards, in the run
+    # folder, and streamed from there (on a GPU it is kept in GPU memory when it takes less than
+    # half of what is free). The bound on what training holds in memory, whatever the data
+    # set's size: streaming from the page cache costs a head step ~1 ms (benchmarks/bench_scale.py).
+    feature_cache_memory_mb: int = 1024
 
     def validate(self) -> TrainingOptions:
         def bad(name: str, expected: str) -> ValueError:

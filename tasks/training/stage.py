@@ -15,6 +15,7 @@ from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import training_progress
 from retrain.tasks.runs import read_run
 from retrain.tasks.storage import RunLayout
+from retrain.tasks.training.cluster import ClusterRequest, training_cluster
 from retrain.tasks.training.data import load_training_data
 from retrain.tasks.training.loop import TrainingOutcome, train
 from retrain.tasks.training.options import TrainingOptions
@@ -40,18 +41,25 @@ def train_run(
     progress: bool = False,
     logger: logging.Logger | None = None,
     on_validation: Callable[[pd.DataFrame], None] | None = None,
+    cluster: dict | ClusterRequest | None = None,
 ) -> dict:
     """Train the network a run asks for on its split; writes ``trained.pt``, ``history.csv``,
     ``progress.png``, ``network.txt`` and ``training.json`` into the run folder and returns
     the ``training.json`` record. Resumes from the run's checkpoints; a run already trained
     is not trained again. ``on_validation`` gets the history (a DataFrame) after each
-    validation, besides the progress plot (a UI's live progress)."""
+    validation, besides the progress plot (a UI's live progress).
+
+    The images come from the data set's image shards in the store (prepared now where
+    missing); ``cluster`` (``{"address", "workers"}``, :class:`~.cluster.ClusterRequest`)
+    prepares them, and computes transfer mode's features, on Dask instead of in this process."""
     logger = logger or log
     layout = RunLayout(run_url)
     if storage.exists(layout.training) and storage.exists(layout.trained):
         logger.info("run already trained; using %s", layout.trained)
         return storage.read_json(layout.training)
-    config = read_run(run_url)["config"]
+    record = read_run(run_url)
+    config = record["config"]
+    store = record.get("store") or run_url.rstrip("/").rsplit("/runs/", 1)[0]
     mode = config["mode"]
     options = TrainingOptions.from_dict(config["options"])
     augmentation = Augmentation(**config["augmentation"])
@@ -61,37 +69,35 @@ def train_run(
     torch.manual_seed(options.seed)  # the new head's initial weights
     model, origin = build_network(spec.name, len(classes), "none" if mode == "scratch" else config["weights"])
     storage.write_bytes(layout.network, summarize(model, spec).to_text().encode())
-    data = load_training_data(split, classes, spec.preprocessing.input_size)
-    logger.info(
-        "training %s (%s mode) on %d images, validating on %d, %d classes",
-        spec.name,
-        mode,
-        len(data.train_targets),
-        len(data.val_targets),
-        len(classes),
-    )
-    plot = _ProgressPlot(layout.progress)
-
-    def after_validation(history: pd.DataFrame) -> None:
-        plot(history)
-        if on_validation is not None:
-            on_validation(history)
-
-    outcome = train(
-        model,
-        spec,
-        spec.preprocessing,
-        data,
-        mode,
-        options,
-        augmentation,
-        checkpoints=layout.checkpoints,
-        on_validation=after_validation,
-        progress=progress,
-        logger=logger,
-        feature_folder=layout.features,
-        shared_features=config.get("extra", {}).get("shared_features"),  # from an experiment
-    )
+    if not isinstance(cluster, ClusterRequest):
+        cluster = ClusterRequest.from_dict(cluster)
+    with training_cluster(cluster, logger) as lazy_cluster:
+        data = load_training_data(split, classes, spec.preprocessing.input_size, store, lazy_cluster, logger)
+        logger.info(
+            "training %s (%s mode) on %d images, validating on %d, %d classes",
+            spec.name,
+            mode,
+            len(data.train_targets),
+            len(data.val_targets),
+            len(classes),
+        )
+        try:
+            outcome = _train(
+                model,
+                spec,
+                mode,
+                options,
+                augmentation,
+                config,
+                data,
+                layout,
+                progress,
+                logger,
+                on_validation,
+                lazy_cluster,
+            )
+        finally:
+            data.close()
     storage.write_bytes(layout.history, outcome.history.to_csv(index=False).encode())
     if len(outcome.history):
         training_progress(outcome.history, layout.progress)
@@ -106,8 +112,36 @@ def train_run(
     metrics = {"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss}
     save_model_file(layout.trained, model_record(model, spec, classes, origin, metrics=metrics, training=training))
     summary = _summary(outcome, layout, origin, options, len(data.train_targets), len(data.val_targets))
+    summary["image_shards"] = data.shards
     storage.write_json(layout.training, summary)
     return summary
+
+
+def _train(model, spec, mode, options, augmentation, config, data, layout, progress, logger, on_validation, cluster):
+    """The loop on the run's data, with the progress plot after each validation."""
+    plot = _ProgressPlot(layout.progress)
+
+    def after_validation(history: pd.DataFrame) -> None:
+        plot(history)
+        if on_validation is not None:
+            on_validation(history)
+
+    return train(
+        model,
+        spec,
+        spec.preprocessing,
+        data,
+        mode,
+        options,
+        augmentation,
+        checkpoints=layout.checkpoints,
+        on_validation=after_validation,
+        progress=progress,
+        logger=logger,
+        feature_folder=layout.features,
+        shared_features=config.get("extra", {}).get("shared_features"),  # from an experiment
+        feature_cluster=cluster,
+    )
 
 
 def _summary(
