@@ -13,8 +13,9 @@ Each size: ``retrain run DATA --network squeezenet-caffe --weights ../shared/wei
 --max-epochs 2 --seed 0 --no-promote --json`` in a fresh process with its own store, on one
 local Prefect server started for the benchmark (``--prefect temporary``: each run starts
 Prefect's temporary API, in its wall time); peak RSS of that process (its
-``ru_maxrss``) and of its whole process tree (psutil, polled every 0.2 s); the stages' own
-seconds from the run's training.json. Goals: peak RSS at the largest size <= 1.5x the
+``ru_maxrss``) and of its whole process tree (psutil, polled every 0.2 s); its CPU seconds
+(user + system: what other work on the machine changes least); the stages' own seconds from
+the run's training.json and history.csv. Goals: peak RSS at the largest size <= 1.5x the
 smallest; wall time per image at the largest <= 1.5x the smallest.
 
 Then, on the smallest size's shards: transfer mode's feature extraction in this process and on
@@ -185,13 +186,15 @@ def measured(command: list[str], env: dict, log: Path) -> dict:
     return {
         "rc": proc.returncode,
         "wall_s": round(wall, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),  # its own and its reaped children's
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 0),  # Linux: KiB
         "peak_tree_rss_mib": round(peak_tree[0] / 2**20, 0),
         "result": result,
     }
 
 
-def run_args(data: Path, store: Path, epochs: int) -> list[str]:
+def run_args(data: Path, store: Path, epochs: int, validation_frequency: int | None = None) -> list[str]:
+    extra = ["--validation-frequency", str(validation_frequency)] if validation_frequency else []
     return [
         "run",
         str(data),
@@ -206,6 +209,7 @@ def run_args(data: Path, store: Path, epochs: int) -> list[str]:
         "--seed",
         "0",
         "--no-promote",
+        *extra,
         "--json",
     ]
 
@@ -241,8 +245,25 @@ def stage_seconds(store: Path) -> dict:
     training = json.loads(runs[-1].read_text())
     cache = training.get("feature_cache") or {}
     shards = training.get("image_shards") or {}
-    history = runs[-1].parent / "history.csv"
     iterations = training.get("iterations")
+    steps = {}
+    try:
+        import numpy as np
+        import pandas as pd
+
+        history = pd.read_csv(runs[-1].parent / "history.csv")
+        step = np.diff(history["seconds"].to_numpy(), prepend=np.nan)
+        validated = history["val_loss"].notna().to_numpy()
+        # A record's seconds are taken before its validation: that lands in the next step.
+        after = np.concatenate([[False], validated[:-1]])
+        median = float(np.nanmedian(step[~after]))
+        steps = {
+            "median_step_ms": round(1000 * median, 1),
+            "validations": int(validated.sum()),
+            "validation_s": round(float(np.nansum(step[after]) - median * after.sum()), 1),
+        }
+    except (OSError, ValueError, KeyError):
+        pass
     return {
         "train_images": training.get("train_images"),
         "image_shards_s": shards.get("seconds"),
@@ -250,7 +271,7 @@ def stage_seconds(store: Path) -> dict:
         "feature_cache_location": cache.get("location"),
         "training_s": round(training.get("seconds", 0), 1),
         "iterations": iterations,
-        "history": str(history),
+        **steps,
     }
 
 
@@ -258,7 +279,7 @@ def bench_size(size: int, args, work: Path) -> dict:
     data = make_crops(work, size)
     store = work / f"store-{size}"
     shutil.rmtree(store, ignore_errors=True)
-    command = [str(BIN / "retrain"), *run_args(data, store, args.max_epochs)]
+    command = [str(BIN / "retrain"), *run_args(data, store, args.max_epochs, args.validation_frequency)]
     print(f"[{size}] {' '.join(command)}", flush=True)
     record = measured(command, clean_env(work, f"new-{size}"), work / f"run-{size}.log")
     if record["rc"] != 0:
@@ -267,6 +288,7 @@ def bench_size(size: int, args, work: Path) -> dict:
     record.update(
         images=size,
         wall_per_image_ms=round(1000 * record["wall_s"] / size, 2),
+        cpu_per_image_ms=round(1000 * record["cpu_s"] / size, 2),
         test_accuracy=result["test_accuracy"],
         val_accuracy=result["val_accuracy"],
         run=result["run"],
@@ -280,7 +302,7 @@ def bench_main(size: int, args, work: Path) -> dict:
     data = make_crops(work, size)
     store = work / f"main-store-{size}"
     shutil.rmtree(store, ignore_errors=True)
-    command = [str(args.main_retrain), *run_args(data, store, args.max_epochs)]
+    command = [str(args.main_retrain), *run_args(data, store, args.max_epochs, args.validation_frequency)]
     print(f"[main {size}] {' '.join(command)}", flush=True)
     record = measured(command, clean_env(work, f"main-{size}"), work / f"main-{size}.log")
     if record["rc"] != 0:
@@ -289,6 +311,7 @@ def bench_main(size: int, args, work: Path) -> dict:
     record.update(
         images=size,
         wall_per_image_ms=round(1000 * record["wall_s"] / size, 2),
+        cpu_per_image_ms=round(1000 * record["cpu_s"] / size, 2),
         test_accuracy=result["test_accuracy"],
         val_accuracy=result["val_accuracy"],
         run=result["run"],
@@ -390,7 +413,9 @@ def goals(records: list[dict]) -> dict:
     small, large = records[0], records[-1]
     rss = large["peak_rss_mib"] / small["peak_rss_mib"]
     per_image = large["wall_per_image_ms"] / small["wall_per_image_ms"]
+    cpu_per_image = large["cpu_per_image_ms"] / small["cpu_per_image_ms"]
     return {
+        "cpu_per_image_ratio": round(cpu_per_image, 2),
         "sizes": [small["images"], large["images"]],
         "peak_rss_ratio": round(rss, 2),
         "peak_rss_goal_met": rss <= 1.5,
@@ -404,6 +429,13 @@ def main() -> int:
     parser.add_argument("--sizes", default="2400,9600,38400", help="comma-separated set sizes (multiples of 12)")
     parser.add_argument("--work", default=None, help="work folder (default: a temporary one, removed at the end)")
     parser.add_argument("--max-epochs", type=int, default=2)
+    parser.add_argument(
+        "--validation-frequency",
+        type=int,
+        default=None,
+        help="retrain's --validation-frequency (default: retrain's, 5 iterations: validation then costs "
+        "(iterations / 5) x validation images, which grows as the square of the set's size)",
+    )
     parser.add_argument("--main-retrain", default=str(MAIN_RETRAIN), help="the retrain to compare accuracy with")
     parser.add_argument("--no-main", action="store_true", help="skip the comparison with --main-retrain")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask vs in-process feature extraction")

@@ -457,6 +457,9 @@ def extract_part(task: FeatureTask, kind: str, j: int, first: int, indices: np.n
     url = storage.join(task.folder, FeaturePlan.name(kind, j))
     if storage.exists(url):
         return {"kind": kind, "part": j, "images": len(indices), "seconds": 0.0, "skipped": True}
+    from retrain.tasks.allocator import tune_allocator
+
+    tune_allocator("inference")  # Dask's nanny starts workers with a trimming malloc (tasks/allocator.py)
     body, device = _worker_body(task.body)
     images = _worker_shards(task.shards).read(indices)
     views = task.views if kind == "train" else 0
@@ -591,12 +594,14 @@ def _build_in_process(
     settings = (augmentation, preprocessing, seed, device)
     where, target, temporary = None, None, False
     memory: dict[str, torch.Tensor] = {}
+    computed = 0
     for kind, j, first, stop in plan.parts():
         name = plan.name(kind, j)
         if name in done:
             if bar is not None:
                 bar.update((stop - first) * ((plan.views + 1) if kind == "train" else 1))
             continue
+        computed += 1
         views = plan.views if kind == "train" else 0
         features = part_features(body, _images_of(data, kind)[first:stop], first, views, *settings)
         if where is None:  # the first part computed tells the size, and so where the cache goes
@@ -619,14 +624,15 @@ def _build_in_process(
             bar.update((stop - first) * (views + 1))
     if where is None:  # every part was on disk already, but not the manifest
         where, target, temporary = local, local, False
+    stats = {"where": "in process", "parts": len(plan.parts()), "computed": computed}
     if target is None:
         shape = next(iter(memory.values())).shape[2:]
         train = memory["train"]
         val = memory.get("val", torch.empty((1, 0, *shape), dtype=FEATURE_DTYPE, device=train.device))[0]
-        return FeatureCache(train, val, where, 0.0)
+        return FeatureCache(train, val, where, 0.0, extraction=stats)
     storage.write_json(os.path.join(target, MANIFEST), {"parts": len(plan.parts())})
     train, val = _open_shards(plan, target, target)
-    return FeatureCache(train, val, target, 0.0, folder=target, temporary=temporary)
+    return FeatureCache(train, val, target, 0.0, folder=target, temporary=temporary, extraction=stats)
 
 
 def _placement(

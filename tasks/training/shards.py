@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import posixpath
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -184,6 +185,9 @@ def write_shard(plan: ShardPlan, i: int, paths: list[str] | None = None, threads
     url = plan.shard_url(i)
     if storage.exists(url):
         return {"shard": i, "images": 0, "seconds": 0.0, "skipped": True}
+    from retrain.tasks.allocator import tune_allocator
+
+    tune_allocator("inference")  # decoding allocates and frees image-sized blocks (tasks/allocator.py)
     start, stop = plan.shard_range(i)
     paths = list(plan.paths[start:stop]) if paths is None else list(paths)
     if len(paths) != stop - start:
@@ -315,26 +319,36 @@ class RowFiles:
         self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
         self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         self._fds: dict[int, tuple[int, int]] = {}
+        self._lock = threading.Lock()  # the batch prefetcher's thread and the loop's read too
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_fds"] = {}
+        state["_fds"], state["_lock"] = {}, None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _open(self, k: int) -> tuple[int, int]:
         found = self._fds.get(k)
-        if found is None:
-            with open(self.files[k], "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read_header = (
-                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                )
-                shape, fortran, dtype = read_header(f)
-                if fortran or np.dtype(dtype) != self.dtype or tuple(shape[-len(self.row_shape) :]) != self.row_shape:
-                    raise ValueError(f"{self.files[k]}: {shape} {dtype} does not hold rows of {self.row_shape}")
-                offset = f.tell()
-            found = (os.open(self.files[k], os.O_RDONLY), offset)
-            self._fds[k] = found
+        if found is not None:
+            return found
+        with self._lock:
+            return self._fds.get(k) or self._open_locked(k)
+
+    def _open_locked(self, k: int) -> tuple[int, int]:
+        with open(self.files[k], "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if fortran or np.dtype(dtype) != self.dtype or tuple(shape[-len(self.row_shape) :]) != self.row_shape:
+                raise ValueError(f"{self.files[k]}: {shape} {dtype} does not hold rows of {self.row_shape}")
+            offset = f.tell()
+        found = (os.open(self.files[k], os.O_RDONLY), offset)
+        self._fds[k] = found
         return found
 
     def read_into(self, out: np.ndarray, files: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -361,7 +375,7 @@ class RowFiles:
         return out
 
     def close(self) -> None:
-        for fd, _ in self._fds.values():
+        for fd, _ in list(self._fds.values()):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = {}
