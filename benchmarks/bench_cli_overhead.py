@@ -1,7 +1,8 @@
 """What a ``retrain`` command costs outside its own work: the process's wall time minus the
 run's ``seconds`` (the flow's own duration), on Prefect's temporary API (cold: no server)
-and on the local server (``retrain server start``; its first run, then the measured ones),
-plus ``retrain --help`` and a bad flag.
+and on the local server (``retrain server start``; its first run, then the measured ones,
+which run in the resident process once it has finished its imports: each row says whether
+it did), plus ``retrain --help`` and a bad flag.
 
     .venv/bin/python benchmarks/bench_cli_overhead.py [--data ../shared/data/MerchData.zip]
         [--weights ../shared/weights/squeezenet1_1_caffe-2c890718.pth] [--cold 1] [--repeat 2]
@@ -40,7 +41,14 @@ def load() -> str:
     return f"load {os.getloadavg()[0]:.1f}"
 
 
+def resident_commands(env: dict[str, str]) -> int:
+    """How many commands the resident process has run (its log has a line per command)."""
+    log = Path(env["PREFECT_HOME"]) / "retrain-resident.log"
+    return log.read_text().count(": retrain ") if log.exists() else 0
+
+
 def timed_run(label: str, run_args: list[str], env: dict[str, str]) -> dict:
+    before = resident_commands(env)
     wall, done = retrain(run_args, env)
     if done.returncode != 0:
         raise SystemExit(f"{label}: retrain run failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -48,6 +56,7 @@ def timed_run(label: str, run_args: list[str], env: dict[str, str]) -> dict:
     outside = wall - summary["seconds"]
     row = {"run": label, "wall_s": round(wall, 2), "flow_s": round(summary["seconds"], 2)}
     row.update(outside_s=round(outside, 2), outside_share=round(outside / wall, 3), ui_url=summary.get("ui_url"))
+    row["in_resident_process"] = resident_commands(env) > before
     print(json.dumps(row), load(), flush=True)
     return row
 

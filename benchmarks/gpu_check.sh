@@ -6,7 +6,12 @@
 #      --json` for each engine (auto, torch, torch-bf16 on the GPU; auto, torch, onnx, onnx-int8
 #      with CUDA_VISIBLE_DEVICES=, the CPU), checks that the GPU's float32 labels equal the CPU's,
 #      plus a reference figure: the model alone on pre-read JPEGs (GPU against CPU decoding);
-# and prints images/s for each, GPU and CPU side by side. Without a GPU it runs the CPU half.
+#   3. fine-tunes with DistributedDataParallel (issue 12, benchmarks/ddp_check.py): one process per
+#      GPU (NCCL) on 2+ GPUs, one NCCL rank through the same launcher on 1 GPU, against one
+#      process; checks that the final weights agree (SGD; largest difference under 5 % of the
+#      largest change training made) and prints both runs' images/s;
+# and prints images/s for each, GPU and CPU side by side. Without a GPU it runs the CPU half
+# (DDP: 2 gloo processes, 1 epoch).
 # The engines are validated on the training run's held-out images (split.parquet beside the model).
 #
 # Prepare once, here (copies the data and weights the machine cannot reach, and wheels for the
@@ -126,6 +131,12 @@ EOF
 echo "== training: 2 epochs on $HYMENOPTERA"
 "$PY" "$WORK/train_check.py" "$HYMENOPTERA" "$WEIGHTS" "$WORK/model.pt" "$WORK/train.json"
 
+# ---- 1b. DDP fine-tuning against one process ----------------------------------------------------
+echo "== DDP fine-tuning on $HYMENOPTERA"
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then ddp_epochs=2; else ddp_epochs=1; fi
+DDP_CHECK_EPOCHS=${DDP_CHECK_EPOCHS:-$ddp_epochs} "$PY" "$ROOT/benchmarks/ddp_check.py" "$HYMENOPTERA" "$WEIGHTS" "$WORK/ddp.json" \
+    > "$WORK/ddp.log" 2>&1 && grep '^  ' "$WORK/ddp.log" || { echo "  DDP check FAILED:"; tail -25 "$WORK/ddp.log"; }
+
 # ---- 2. scoring a generated folder: GPU visible, then CPU only --------------------------------
 cat > "$WORK/make_images.py" <<'EOF'
 import os, sys
@@ -222,7 +233,8 @@ def read(name):
     except (OSError, ValueError):
         return None
 train = read("train.json") or {"runs": []}
-result = {"training": train, "scoring": {}, "reference": read("reference.json"), "seconds": seconds}
+result = {"training": train, "scoring": {}, "reference": read("reference.json"), "ddp": read("ddp.json"),
+          "seconds": seconds}
 print("\n" + "=" * 78)
 print(f"{'images/s':<44} {'GPU':>10} {'CPU':>10} {'GPU/CPU':>9}")
 by = {(r["training"], r["device"]): r for r in train["runs"]}
@@ -258,6 +270,14 @@ g, c = ref.get("cuda", {}).get("images_per_second"), ref.get("cpu", {}).get("ima
 print(f"{'reference: decode + model only':<44} {g or '-':>10} {c or '-':>10} {f'{g / c:.1f}x' if g and c else '-':>9}")
 print(f"(scoring through {how}; the GPU column is with the GPU visible to it, the CPU column with "
       f"CUDA_VISIBLE_DEVICES=)")
+ddp = result["ddp"]
+if ddp:
+    d = ddp["runs"]["ddp"]
+    print(f"DDP fine-tune ({d['processes']} x {d['backend']}): {d['images_per_second']} images/s against "
+          f"{ddp['runs']['one process']['images_per_second']} in one process; largest weight difference "
+          f"{ddp['max_weight_difference']:.3g} of {ddp['max_weight_change']:.3g} moved: {'ok' if ddp['ok'] else 'FAILED'}")
+else:
+    print("DDP fine-tune: no result (see the log above)")
 print(f"(whole check {seconds} s; results {out})")
 json.dump(result, open(out, "w"), indent=2, default=str)
 EOF

@@ -7,13 +7,16 @@ read what it left in the bucket. Each step prints one line of JSON.
     python benchmarks/infra_check.py promoted MODEL_NAME
     python benchmarks/infra_check.py scores IMAGES
     python benchmarks/infra_check.py dask ADDRESS
+    python benchmarks/infra_check.py refused ADDRESS
 
-Settings come from the environment infra_up.sh exports (infra/test.env): the S3 endpoint
-and credentials (AWS_*), PREFECT_API_URL, RETRAIN_BUCKET.
+Settings come from the environment infra_up.sh exports (infra/test.env and the secrets it
+makes): the S3 endpoint and credentials (AWS_*), PREFECT_API_URL and PREFECT_API_AUTH_STRING,
+the Dask client's certificate (DASK_DISTRIBUTED__COMM__TLS__*), RETRAIN_BUCKET.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -105,9 +108,60 @@ def dask(address: str) -> dict:
     return {"workers": workers, "task_prefixes": prefixes}
 
 
+def _api_status(path: str, auth_string: str | None) -> int:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{os.environ['PREFECT_API_URL']}{path}",
+        data=b"{}",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    if auth_string:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth_string.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def refused(address: str) -> dict:
+    """Nobody walks in: the Prefect API answers only with the auth string; the scheduler at
+    ``address`` refuses a client without a certificate, one whose certificate another CA
+    signed, and one without TLS."""
+    from distributed import Client
+    from distributed.security import Security
+
+    result = {
+        "api_without_auth": _api_status("/flows/filter", None),
+        "api_wrong_auth": _api_status("/flows/filter", "admin:not-the-password"),
+        "api_with_auth": _api_status("/flows/filter", os.environ["PREFECT_API_AUTH_STRING"]),
+    }
+    if (result["api_without_auth"], result["api_wrong_auth"], result["api_with_auth"]) != (401, 401, 200):
+        raise SystemExit(f"the Prefect API's authentication: {result}")
+    none = Security(require_encryption=False, tls_ca_file=None, tls_client_cert=None, tls_client_key=None)
+    attempts = {
+        "dask_without_certificate": (address, none),
+        "dask_other_ca": (address, Security.temporary()),
+        "dask_plain_tcp": (address.replace("tls://", "tcp://"), none),
+    }
+    for name, (addr, security) in attempts.items():
+        try:
+            Client(addr, security=security, timeout="15s").close()
+        except Exception as exc:  # what the user sees
+            result[name] = f"refused: {type(exc).__name__}: {str(exc)[:160]}"
+        else:
+            raise SystemExit(f"{name}: the scheduler at {addr} let the client in")
+    with Client(address, timeout="30s") as client:  # the configured client (the CA's client key)
+        result["dask_with_certificate_workers"] = len(client.scheduler_info()["workers"])
+    return result
+
+
 def main(argv: list[str]) -> None:
     step, args = argv[0], argv[1:]
-    steps = {"upload": upload, "promoted": promoted, "scores": scores, "dask": dask}
+    steps = {"upload": upload, "promoted": promoted, "scores": scores, "dask": dask, "refused": refused}
     result = run(args[0], args[1:]) if step == "run" else steps[step](*args)
     print(json.dumps(result, default=str))
 

@@ -7,9 +7,14 @@
 #   up      infra/compose.yaml + infra/compose.test.yaml: Prefect server on PostgreSQL, the S3
 #           store, a Dask scheduler and 2 workers, the CPU worker, the "gpu" pool's worker on
 #           the CPU, and the one-shot `retrain deploy`
+#   secure  as a user sets it up (infra/README.md): passwords and the Prefect API's auth string
+#           made afresh (never written to the repository), the Dask certificates made by
+#           infra/make-certs.sh; published ports on 127.0.0.1 (compose.ports.yaml adds MinIO
+#           and the TLS scheduler for the checks from this host)
 #   run     MerchData and the SqueezeNet weights put in the bucket; the scheduled retraining
 #           deployment started now; its model promoted in the bucket; the score deployment run
-#           on a folder of the bucket through the Dask service
+#           on a folder of the bucket through the Dask service (tls://); the API without the
+#           auth string and the scheduler without a certificate of the cluster's CA refused
 #   down    everything removed (containers, volumes); the engine stopped if this script started it
 #
 # Prints the time of each step and the images' sizes. Exit 0: all of it worked; 77: no
@@ -17,8 +22,8 @@
 #
 #   bash benchmarks/infra_up.sh               # as root where dockerd is not running yet
 #
-# Settings: infra/test.env (ports on the host network, passwords, data URLs); a variable set
-# in the environment wins. PYTHON (default .venv/bin/python) runs the checks from the host.
+# Settings: infra/test.env (ports on the host network, data URLs); a variable set in the
+# environment wins. The secrets are made here, in a folder removed at the end. PYTHON (default .venv/bin/python) runs the checks from the host.
 # INFRA_KEEP_IMAGES=0 removes the images at the end too (the next run builds from nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,14 +40,27 @@ while IFS='=' read -r key value; do
   [[ $key =~ ^[A-Z_][A-Z0-9_]*$ ]] || continue
   [[ -n ${!key+x} ]] || export "$key=$value"
 done < infra/test.env
+[[ -f $MERCH_ZIP && -f $WEIGHTS ]] || skip "$MERCH_ZIP or $WEIGHTS is missing"
+[[ -x $PYTHON ]] || skip "no $PYTHON (set PYTHON to a Python with retrain's test extras)"
+
+# the secrets a user sets in infra/.env, made afresh; the Dask certificates by the documented step
+secret() { "$PYTHON" -c 'import secrets; print(secrets.token_hex(24))'; }
+[[ -n ${POSTGRES_PASSWORD:-} ]] || POSTGRES_PASSWORD=$(secret)
+[[ -n ${MINIO_ROOT_PASSWORD:-} ]] || MINIO_ROOT_PASSWORD=$(secret)
+[[ -n ${PREFECT_API_AUTH_STRING:-} ]] || PREFECT_API_AUTH_STRING="admin:$(secret)"
+export POSTGRES_PASSWORD MINIO_ROOT_PASSWORD PREFECT_API_AUTH_STRING
+export RETRAIN_DASK_CERTS=$WORK/certs
+bash infra/make-certs.sh "$RETRAIN_DASK_CERTS" >/dev/null
+# this host's checks are a Dask client like the CPU worker: the client's key, the cluster's CA
+export DASK_DISTRIBUTED__COMM__TLS__CA_FILE=$RETRAIN_DASK_CERTS/ca.crt \
+       DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT=$RETRAIN_DASK_CERTS/client.crt \
+       DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY=$RETRAIN_DASK_CERTS/client.key
+
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api" PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 export AWS_ENDPOINT_URL="http://127.0.0.1:$MINIO_PORT" AWS_ACCESS_KEY_ID=$MINIO_ROOT_USER \
        AWS_SECRET_ACCESS_KEY=$MINIO_ROOT_PASSWORD AWS_DEFAULT_REGION=us-east-1
 unset PREFECT_PROFILE
 export PREFECT_HOME=$WORK/prefect-home
-
-[[ -f $MERCH_ZIP && -f $WEIGHTS ]] || skip "$MERCH_ZIP or $WEIGHTS is missing"
-[[ -x $PYTHON ]] || skip "no $PYTHON (set PYTHON to a Python with retrain's test extras)"
 
 # ---- timings -----------------------------------------------------------------------------------
 declare -a TIMES=()
@@ -70,8 +88,8 @@ start_engine() {
 
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose); else COMPOSE=(docker-compose); fi
 compose() {
-  "${COMPOSE[@]}" --project-directory infra -f infra/compose.yaml -f infra/compose.test.yaml \
-    --env-file infra/test.env "$@"
+  "${COMPOSE[@]}" --project-directory infra -f infra/compose.yaml -f infra/compose.ports.yaml \
+    -f infra/compose.test.yaml --env-file infra/test.env "$@"
 }
 
 INDEX_PID=""
@@ -163,6 +181,16 @@ up() {
 
 check() { "$PYTHON" benchmarks/infra_check.py "$@" | tee -a "$WORK/checks.jsonl"; }
 
+published_on_localhost() {  # every port the stack publishes is bound to 127.0.0.1
+  local ports
+  ports=$(docker ps --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" --format '{{.Names}} {{.Ports}}')
+  echo "$ports" >&2
+  if grep -E -- '(0\.0\.0\.0|\[?::\]?):[0-9]+->' <<<"$ports"; then
+    echo "a port is published beyond 127.0.0.1" >&2
+    return 1
+  fi
+}
+
 start_engine
 trap teardown EXIT
 check_ports_free
@@ -170,11 +198,13 @@ step "debian base (debootstrap + import)" debian_base
 step "images (stand-ins, base, retrain)" build_images
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^(retrain-test|retrain)' | sort
 step "up (healthy) + retrain deploy" up
+step "ports published on 127.0.0.1 only" published_on_localhost
+step "refused without credentials" check refused "tls://127.0.0.1:$DASK_SCHEDULER_PORT"
 step "data into the bucket" check upload "$MERCH_ZIP" "$WEIGHTS"
 step "retrain/scheduled (train on gpu pool)" check run retrain/scheduled
 step "promotion in the bucket" check promoted MerchData
 RUN_ID=$(tail -1 "$WORK/checks.jsonl" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["run_id"])')
 step "score/batch on the Dask service" check run score/batch "model=$RUN_ID" "images=s3://$RETRAIN_BUCKET/new"
 step "scores in the bucket" check scores "s3://$RETRAIN_BUCKET/new"
-step "dask scheduler ran the partitions" check dask "tcp://127.0.0.1:$DASK_SCHEDULER_PORT"
+step "dask scheduler ran the partitions" check dask "tls://127.0.0.1:$DASK_SCHEDULER_PORT"
 echo "ALL STEPS PASSED"

@@ -23,7 +23,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # 20 s limit would fail the run before it begins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from retrain.tasks import server  # noqa: E402  (standard library only: the local-server check costs ms)
+from retrain.tasks import orchestrator, server  # noqa: E402  (standard library only: costs ms)
+from retrain.tasks.orchestrator import DEFAULT_GRACE_S  # noqa: E402
 from retrain.tasks.request import add_run_arguments  # noqa: E402
 
 
@@ -271,14 +272,34 @@ SUBCOMMANDS = {
 }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, except that the exit-status table of the epilog keeps its lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text is EXIT_STATUSES:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line. With ``command``, only that subcommand gets its arguments (the others
     keep their help line): what ``retrain X ...`` needs, without importing what the other
     commands' defaults come from."""
-    parser = argparse.ArgumentParser(prog="retrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="retrain",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXIT_STATUSES,
+        formatter_class=_HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_line, description, add_arguments) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_line, description=description)
+        p = sub.add_parser(
+            name,
+            help=help_line,
+            description=description,
+            epilog=EXIT_STATUSES,
+            formatter_class=_HelpFormatter,
+        )
         if command in (None, name):
             add_arguments(p)
     return parser
@@ -299,15 +320,62 @@ def _scoring_defaults() -> tuple[int, int]:
     return DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE
 
 
-# Exit statuses: 0 done; 2 refused (bad input, data, model or option: running it again will
-# not help); 3 the store kept failing after retries (try again later); 130 interrupted.
-EXIT_REFUSED, EXIT_STORE_FAILED, EXIT_INTERRUPTED = 2, 3, 130
+# Exit statuses, one per failure class (the help's epilog and the README list them too).
+EXIT_REFUSED = 2  # the input or request was refused: running it again as it is will not help
+EXIT_STORE_FAILED = 3  # the store failed after retries (unreachable, full, credentials refused)
+EXIT_ORCHESTRATOR = 4  # the Prefect API is unreachable (before the command, or for the grace)
+EXIT_CLUSTER_LOST = 5  # the Dask scheduler is unreachable or went away during the job
+EXIT_INTERRUPTED = 130
+EXIT_STATUSES = f"""exit status:
+  0    done
+  {EXIT_REFUSED}    the input or request was refused (bad data, options, model file; a run already running)
+  {EXIT_STORE_FAILED}    the store failed after retries (unreachable, full, credentials refused)
+  {EXIT_ORCHESTRATOR}    the Prefect API is unreachable, before the command or for longer than
+       $RETRAIN_API_GRACE_SECONDS (default {DEFAULT_GRACE_S:.0f}) while it ran
+  {EXIT_CLUSTER_LOST}    the Dask cluster (--dask-address) is unreachable or was lost
+  {EXIT_INTERRUPTED}  interrupted
+After 3, 4, 5 and 130 what is in the store is kept: rerun the same command to resume.
+The last line on stderr says what failed; a traceback goes to the log file it names."""
+# Commands whose flows talk to the Prefect API.
+PREFECT_COMMANDS = frozenset({"run", "score", "experiment", "deploy"})
+
+
+def _log_dir() -> str:
+    """Where a failed command's traceback goes: ``$RETRAIN_LOG_DIR``, else
+    ``$XDG_STATE_HOME/retrain`` (``~/.local/state/retrain``)."""
+    if os.environ.get("RETRAIN_LOG_DIR"):
+        return os.environ["RETRAIN_LOG_DIR"]
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "retrain")
+
+
+def _write_log(args, exc: BaseException, message: str) -> str | None:
+    """The command line, the message and the traceback, in a new file of :func:`_log_dir`."""
+    import time
+    import traceback
+
+    try:
+        folder = _log_dir()
+        os.makedirs(folder, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        path = os.path.join(folder, f"{args.command}-{stamp}-{os.getpid()}.log")
+        with open(path, "w") as f:
+            f.write(f"retrain {' '.join(sys.argv[1:])}\n{message}\n\n")
+            f.write("".join(traceback.format_exception(exc)))
+        return path
+    except OSError:  # no place for a log is no reason to hide the message
+        return None
 
 
 def _fail(args, exc: BaseException, message: str, status: int) -> int:
+    """Report a failure: its traceback to a log file, one plain line (the last) on stderr,
+    and with --json an object with the error, its class and the exit status."""
+    log = _write_log(args, exc, message)
+    if log:
+        print(f"retrain {args.command}: details in {log}", file=sys.stderr)
     print(f"retrain {args.command}: error: {message}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"error": message, "type": type(exc).__name__}))
+        print(json.dumps({"error": message, "type": type(exc).__name__, "status": status, "log": log}))
     return status
 
 
@@ -330,44 +398,122 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _classify(args, exc: BaseException) -> tuple[str, int] | None:
+    """The message and exit status of a failure; None for a bug (its traceback is what a
+    report needs, so it is raised)."""
+    import errno
+
+    from retrain.tasks import storage
+    from retrain.tasks.scoring.layout import ClusterLostError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted; what is in the store is kept: rerun the same command to resume", EXIT_INTERRUPTED
+    if orchestrator.is_api_failure(exc):
+        return str(orchestrator.failure_of(exc, orchestrator.configured_api_url())), EXIT_ORCHESTRATOR
+    if isinstance(exc, ClusterLostError):
+        return str(exc), EXIT_CLUSTER_LOST
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = (
+            f" writing {exc.filename}"
+            if exc.filename
+            else f" (store {getattr(args, 'store', None) or storage.default_store()})"
+        )
+        return (
+            f"store full: no space left on device{where}; what was written before is kept: "
+            "free some space and rerun the same command to resume",
+            EXIT_STORE_FAILED,
+        )
+    if isinstance(exc, storage.StorageError):
+        return str(exc), EXIT_STORE_FAILED
+    if isinstance(exc, _user_errors()):
+        return (str(exc) if not isinstance(exc, FileNotFoundError) else f"not found: {exc}"), EXIT_REFUSED
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError, PermissionError)):
+        return f"{type(exc).__name__}: {exc}", EXIT_REFUSED
+    if storage.transient(exc):  # a store failure that escaped the retries (a remote filesystem called directly)
+        return f"store failure: {type(exc).__name__}: {exc}", EXIT_STORE_FAILED
+    return None
+
+
+def _watch_api(args, url: str, grace_s: float) -> orchestrator.ApiWatch:
+    """End the program once the API has not answered for ``grace_s`` seconds: whatever the
+    command waits on then (Prefect's client retrying call after call) waits no longer. The
+    store keeps what was written (every write is atomic), so the rerun resumes."""
+
+    def lost(error: orchestrator.OrchestratorError) -> None:
+        _fail(args, error, str(error), EXIT_ORCHESTRATOR)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(EXIT_ORCHESTRATOR)
+
+    # After os._exit, the resource tracker of a local Dask cluster's processes (started later,
+    # with this interpreter's -W options) frees their semaphores and would warn about them
+    # below the error line; the freeing is what matters.
+    sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
+    return orchestrator.ApiWatch(url, grace_s, lost).start()
+
+
+def main(argv: list[str] | None = None, watch_api: bool = False) -> int:
+    """Run the command in ``argv``; returns its exit status. ``watch_api`` (the ``retrain``
+    program): bound Prefect's client retries and end the process once the Prefect API stays
+    away for the grace."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command_of(argv) or "").parse_args(argv)  # "": no subcommand, so none's arguments
     if args.command != "server":
         server.use_local_server()  # the local server, when it runs and no other API is set
-    from retrain.flows.commands import COMMANDS
-    from retrain.tasks import storage
-
+    watch = None
     try:
+        if args.command in PREFECT_COMMANDS:
+            grace = orchestrator.grace_seconds()
+            if watch_api:  # the program's own environment (in-process callers keep Prefect's settings)
+                orchestrator.bound_client_retries(grace)
+            url = orchestrator.configured_api_url()
+            if url:  # a server the user chose: down now is said now, not after Prefect's retries
+                orchestrator.check_api(url)
+                watch = _watch_api(args, url, grace) if watch_api else None
+        from retrain.flows.commands import COMMANDS
+
         result = COMMANDS[args.command](args)
-    except KeyboardInterrupt as exc:
-        return _fail(args, exc, "interrupted", EXIT_INTERRUPTED)
-    except Exception as exc:
-        if isinstance(exc, storage.StorageError):
-            return _fail(args, exc, str(exc), EXIT_STORE_FAILED)
-        if isinstance(exc, _user_errors()):
-            message = str(exc) if not isinstance(exc, FileNotFoundError) else f"not found: {exc}"
-            return _fail(args, exc, message, EXIT_REFUSED)
-        if isinstance(exc, (IsADirectoryError, NotADirectoryError, PermissionError)):
-            return _fail(args, exc, f"{type(exc).__name__}: {exc}", EXIT_REFUSED)
-        if not storage.transient(exc):  # a bug: the traceback is what its report needs
+    except (Exception, KeyboardInterrupt) as exc:
+        failure = _classify(args, exc)
+        if failure is None:
             raise
-        # a store failure that escaped the retries (a remote filesystem called directly)
-        return _fail(args, exc, f"store failure: {type(exc).__name__}: {exc}", EXIT_STORE_FAILED)
+        return _fail(args, exc, *failure)
+    finally:
+        if watch is not None:
+            watch.stop()
     if args.json:
         print(json.dumps(result, default=str))
     return 0
 
 
 def entry() -> None:
-    """The ``retrain`` program: :func:`main`, then the process ends without the interpreter's
-    teardown. With torch and Prefect loaded that teardown (freeing every module's objects)
-    took 6-8 s of a ``retrain run`` on a busy 2-core machine; what an exit must do still
-    happens: output flushed, other threads finished, exit handlers run (Prefect's send the
-    last logs and events to the API)."""
-    status = main()
+    """The ``retrain`` program: :func:`main` here, or in the resident process when the local
+    server runs one (flows/resident.py: the same command without the imports), then
+    :func:`finish`."""
+    argv = sys.argv[1:]
+    status = _delegated(argv)
+    finish(main(argv, watch_api=True) if status is None else status)
+
+
+def _delegated(argv: list[str]) -> int | None:
+    """The exit status of ``argv`` run by the resident process; None to run it here."""
+    args = build_parser(_command_of(argv) or "").parse_args(argv)  # --help and bad flags: answered here
+    if args.command == "server" or server.use_local_server() is None:
+        return None
+    from retrain.flows import resident
+
+    return resident.delegate(argv, server.prefect_home())
+
+
+def finish(status: int) -> None:
+    """End the process without the interpreter's teardown. With torch and Prefect loaded that
+    teardown (freeing every module's objects) took 6-8 s of a ``retrain run`` on a busy 2-core
+    machine; what an exit must do still happens: output flushed, other threads finished, exit
+    handlers run (Prefect's send the last logs and events to the API)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    if status == EXIT_ORCHESTRATOR:  # Prefect's exit handlers would only retry sending to the lost API
+        os._exit(status)
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()

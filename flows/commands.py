@@ -31,7 +31,9 @@ def cmd_run(args) -> dict:
         raise ValueError(f"--dask-workers must be 0 (in process) or more, not {args.dask_workers}")
 
     from retrain.flows.retrain import retrain_flow
+    from retrain.tasks.orchestrator import console_without_tracebacks
 
+    console_without_tracebacks()
     summary = retrain_flow(
         data=args.data,
         store=_store(args),
@@ -173,7 +175,9 @@ def cmd_score(args) -> dict:
     try:
         from prefect.settings import PREFECT_API_URL, temporary_settings
         from retrain.flows.score import score_flow
+        from retrain.tasks.orchestrator import console_without_tracebacks
 
+        console_without_tracebacks()
         url = api.wait() if api is not None else None
         with temporary_settings({PREFECT_API_URL: url} if url else {}):
             summary = score_flow(

@@ -51,6 +51,9 @@ def cmd_experiment(args: argparse.Namespace, store: str) -> dict:
         from retrain.tasks.labels import read_label_table
 
         read_label_table(storage.absolute(args.labels))
+    from retrain.tasks.orchestrator import console_without_tracebacks
+
+    console_without_tracebacks()
     record = experiment_flow(
         data=args.data,
         store=store,

@@ -7,6 +7,7 @@ unzip -> index (+ montage) -> split -> train (its own flow) -> evaluate -> publi
 from __future__ import annotations
 
 import time
+import traceback
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -103,31 +104,34 @@ def retrain_flow(
             **({"shared_features": shared_features} if shared_features else {}),
         },
     )
-    run_url = start_run(store, config, run_id=run_id, resume=resume)
+    run_url, lock = start_run(store, config, run_id=run_id, resume=resume)  # refused while another writes it
     cluster = {"address": dask_address or None, "workers": dask_workers or None}
-    indexed, trained, metrics, model_url = _run_stages(
-        run_url, dataset_url, checked, train_deployment, progress, labels, split_seed, cluster
-    )
-    summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
-    summary_url = storage.RunLayout(run_url).summary
-    storage.write_json(summary_url, summary)
-    publish_artifacts(summary, metrics, run_url, indexed.montage)
-    if promote:
-        summary["promotion"] = promotion_gate(store, model_name, run_url)
-    if score_folder:  # batch predict with the model just published
-        from retrain.flows.score import score_flow
-
-        summary["scores"] = score_flow(
-            model=model_url,
-            images=score_folder,
-            store=store,
-            progress=progress,
-            out=score_out or storage.RunLayout(run_url).scores,
-        )["output"]
-    if promote or score_folder:  # the run's record says what became of its model too
-        summary["seconds"] = time.perf_counter() - started  # the whole flow, promotion and scoring included
+    try:
+        indexed, trained, metrics, model_url = _run_stages(
+            run_url, dataset_url, checked, train_deployment, progress, labels, split_seed, cluster
+        )
+        summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
+        summary_url = storage.RunLayout(run_url).summary
         storage.write_json(summary_url, summary)
-    return summary
+        publish_artifacts(summary, metrics, run_url, indexed.montage)
+        if promote:
+            summary["promotion"] = promotion_gate(store, model_name, run_url)
+        if score_folder:  # batch predict with the model just published
+            from retrain.flows.score import score_flow
+
+            summary["scores"] = score_flow(
+                model=model_url,
+                images=score_folder,
+                store=store,
+                progress=progress,
+                out=score_out or storage.RunLayout(run_url).scores,
+            )["output"]
+        if promote or score_folder:  # the run's record says what became of its model too
+            summary["seconds"] = time.perf_counter() - started  # the whole flow, promotion and scoring included
+            storage.write_json(summary_url, summary)
+        return summary
+    finally:
+        lock.release()
 
 
 def _summary(
@@ -199,7 +203,12 @@ def _run_stages(
         return indexed, trained, metrics, publish(run_url)
     except BaseException as exc:
         try:
-            update_run(run_url, status=STATUS_FAILED, error=f"{type(exc).__name__}: {exc}")
+            update_run(
+                run_url,
+                status=STATUS_FAILED,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc))[-20000:],  # the record keeps the details
+            )
         except Exception as record_error:  # the store may be what failed: keep the first error
             logger.warning("could not mark run %s failed: %s", run_name, record_error)
         raise

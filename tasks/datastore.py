@@ -86,8 +86,16 @@ def check_zip_entries(archive: zipfile.ZipFile, source: str) -> list[zipfile.Zip
     return [i for i in infos if not i.is_dir()]
 
 
+FREE_SPACE_MARGIN = 256 * 2**20  # room left on the store's disk after an extraction (checkpoints, models)
+
+
+def _gib(n: int) -> str:
+    """Bytes in GiB with enough digits that a small amount does not read as 0.00."""
+    return f"{n / 2**30:.3f} GiB"
+
+
 def _check_free_space(store: str, needed: int, source: str) -> None:
-    """A local store must have room for the extracted files (plus a margin)."""
+    """A local store must have room for the extracted files plus :data:`FREE_SPACE_MARGIN`."""
     if not storage.is_local(store):
         return
     import shutil
@@ -96,10 +104,11 @@ def _check_free_space(store: str, needed: int, source: str) -> None:
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     free = shutil.disk_usage(path).free
-    if needed + 256 * 2**20 > free:
+    if needed + FREE_SPACE_MARGIN > free:
         raise DataSetError(
-            f"{source}: refused, it expands to {needed / 2**30:.2f} GiB but the store "
-            f"{store} has {free / 2**30:.2f} GiB free"
+            f"{source}: refused, extracting it needs {_gib(needed + FREE_SPACE_MARGIN)} ({_gib(needed)} expanded "
+            f"+ {_gib(FREE_SPACE_MARGIN)} margin for the run's checkpoints and model) but the store {store} has "
+            f"{_gib(free)} free; free some space or use another --store"
         )
 
 

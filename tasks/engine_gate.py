@@ -46,7 +46,7 @@ MAX_ACCURACY_DROP = 0.005  # accuracy at most half a point below float32 torch
 MAX_HELD_OUT = 400  # enough to see a 0.5 % disagreement, few enough to decode in seconds
 CALIBRATION_IMAGES = 64
 SPEED_BATCH, SPEED_SECONDS = 8, 0.6  # forward-only rate: one thread, batches of 8 (a worker's)
-GATE_VERSION = 1
+GATE_VERSION = 3  # 3: int8 keeps its stem convolutions in float32; scaled decoding at twice the input
 
 
 @dataclass

@@ -188,6 +188,21 @@ def quantize_int8(onnx_data: bytes, calibration: list[np.ndarray]) -> bytes:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
+            nodes_to_exclude=_float_stem(prepared),
         )
         with open(quantized, "rb") as f:
             return f.read()
+
+
+# The stem sees raw pixel values, and its error feeds every later layer: with every convolution
+# quantized, a hymenoptera SqueezeNet agreed with float32 torch on 95.9 % of its held-out images;
+# with the first two left in float32, on 100 %, at the same speed (ONNX Runtime fuses the rest).
+FLOAT_STEM_CONVOLUTIONS = 2
+
+
+def _float_stem(onnx_path: str) -> list[str]:
+    """Names of the first convolutions in graph order, which stay in float32."""
+    import onnx
+
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    return [node.name for node in graph.node if node.op_type == "Conv"][:FLOAT_STEM_CONVOLUTIONS]

@@ -184,15 +184,26 @@ def _exif_rotated(data: bytes) -> bool:
         return probe.getexif().get(0x0112, 1) not in (1, None)
 
 
+# Decoded at no less than twice the network's input, with the accurate DCT and upsampling, the
+# antialiased resize that follows hides the scaling: on hymenoptera's held-out photos it agreed
+# with the exact decoder on every label (at 1x with the fast DCT: 98.6 %, which the gate refuses).
+SCALED_MARGIN = 2
+
+
 def decode_scaled(data: bytes, size: tuple[int, int]) -> torch.Tensor:
     """A JPEG decoded by DCT scaling at the smallest of 1/1, 1/2, 1/4, 1/8 of its size that is
-    still at least ``size``, then resized: 1.3-1.6x faster than the exact decoder on photos of
-    300-1000 px. Anything else (PNG, CMYK, EXIF-rotated, damaged) goes the exact way."""
+    still at least twice ``size``, then resized: 1.1-1.3x faster than the exact decoder on
+    photos of 300-1000 px. Anything else (PNG, CMYK, EXIF-rotated, damaged) goes the exact way."""
     if simplejpeg is None or data[:2] != b"\xff\xd8" or b"\xff\xd9" not in data[-64:] or _exif_rotated(data):
         return resize(decode_image(data), size)
     try:
         array = simplejpeg.decode_jpeg(
-            data, colorspace="RGB", fastdct=True, fastupsample=True, min_height=size[0], min_width=size[1]
+            data,
+            colorspace="RGB",
+            fastdct=False,
+            fastupsample=False,
+            min_height=size[0] * SCALED_MARGIN,
+            min_width=size[1] * SCALED_MARGIN,
         )
     except (ValueError, RuntimeError):
         return resize(decode_image(data), size)

@@ -201,12 +201,18 @@ class Augmentation:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment a uint8 batch (N x 3 x H x W); the generator makes it repeatable."""
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, first: int = 0, total: int | None = None
+    ) -> torch.Tensor:
+        """Augment a uint8 batch (N x 3 x H x W); the generator makes it repeatable. ``images``
+        may be the part of a batch of ``total`` starting at ``first`` (one training process's
+        share): its images get the draws they would get in the whole batch."""
         n, _, h, w = images.shape
+        total = n if total is None else total
+        mine = slice(first, first + n)
         out = images
         if self.reflect:
-            flip = torch.rand(n, generator=generator) < 0.5
+            flip = (torch.rand(total, generator=generator) < 0.5)[mine]
             if flip.any():
                 out = out.clone()
                 out[flip] = out[flip].flip(-1)
@@ -214,7 +220,7 @@ class Augmentation:
         if t > 0:
             # Zero fill like MATLAB's imageAugmenter: pad, then crop at a random offset.
             padded = torch.nn.functional.pad(out, (t, t, t, t))
-            offsets = torch.randint(0, 2 * t + 1, (n, 2), generator=generator)
+            offsets = torch.randint(0, 2 * t + 1, (total, 2), generator=generator)[mine]
             out = torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
         return out
 

@@ -115,6 +115,7 @@ _NONE_MEANS = {
     "initial_learn_rate": "per mode",
     "validation_patience": "never stop early",
     "feature_cache_views": "automatic",
+    "processes": "every visible GPU in finetune/scratch mode on CUDA, else 1",
 }
 _FLAG_TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
 

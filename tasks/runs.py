@@ -19,6 +19,11 @@ from retrain.tasks.model_file import read_model_record, save_model_file
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED = "running", "completed", "failed"
 
 
+class RunLockedError(ValueError):
+    """Another process is writing to this run folder (a second ``retrain run`` of the same
+    unfinished run): refused, so that a run folder never has two writers."""
+
+
 @dataclass
 class RunConfig:
     data: str  # the data set URL as given
@@ -32,7 +37,11 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        # The number of training processes is left out: it does not change the result
+        # (tasks/training/distributed.py), so a run resumes with another.
+        record = asdict(self)
+        record["options"] = {k: v for k, v in record["options"].items() if k != "processes"}
+        blob = json.dumps(record, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -72,13 +81,43 @@ def find_resumable(store: str, fingerprint: str) -> str | None:
     return None
 
 
-def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: bool = True) -> str:
-    """Create the run folder (or reopen the unfinished run to resume); returns its URL."""
+def lock_run(run_url: str):
+    """The run folder's lock (scoring's :class:`JobLock` on ``runs/<run-id>/.lock``: ``flock``
+    on a local disk, released by the kernel even when the holder is killed -9; a lease on an
+    object store, taken over once its holder stops renewing it). Acquire it before writing."""
+    from retrain.tasks.scoring.lock import JobLock
+
+    run_id = storage.RunLayout(run_url).run_id
+
+    def refusal(who: str) -> RunLockedError:
+        return RunLockedError(
+            f"run {run_id} is already running{who}, writing to {run_url}; a run folder takes one writer at a "
+            "time: wait for that run to end (if it stops unfinished, the same command resumes it), or pass "
+            "--fresh to start a new run"
+        )
+
+    return JobLock(run_url, refusal=refusal)
+
+
+def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: bool = True):
+    """Create the run folder (or reopen the unfinished run to resume) under its lock; returns
+    its URL and the held lock (the caller releases it when the run ends). A run that another
+    process is writing to is refused with :class:`RunLockedError`."""
     fingerprint = config.fingerprint()
     if run_id is None and resume:
         run_id = find_resumable(store, fingerprint)
     run_id = run_id or new_run_id()
     run_url = storage.StoreLayout(store).run(run_id).url
+    lock = lock_run(run_url).acquire()
+    try:
+        _open_record(run_url, run_id, store, config, fingerprint)
+    except BaseException:
+        lock.release()
+        raise
+    return run_url, lock
+
+
+def _open_record(run_url: str, run_id: str, store: str, config: RunConfig, fingerprint: str) -> None:
     run_json = storage.RunLayout(run_url).run_json
     if storage.exists(run_json):
         record = storage.read_json(run_json)
@@ -87,7 +126,8 @@ def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: 
                 f"run {run_id} exists with a different configuration; "
                 f"choose another run id or rerun it with its own settings"
             )
-        update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1)
+        # The same configuration but for what the fingerprint leaves out (processes): this one.
+        update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1, config=asdict(config))
     else:
         now = datetime.now(timezone.utc).isoformat()
         storage.write_json(
@@ -103,7 +143,6 @@ def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: 
                 "resumed": 0,
             },
         )
-    return run_url
 
 
 def resolve_model(model: str, store: str) -> str:

@@ -27,6 +27,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4200  # Prefect's own default: the address its documentation shows
 STATE_FILE = "retrain-server.json"
 LOG_FILE = "retrain-server.log"
+RESIDENT_LOG_FILE = "retrain-resident.log"
+RESIDENT_PID_FILE = "retrain-resident.pid"
 START_TIMEOUT_S = 180.0  # the first start creates the database (migrations: ~10-20 s on 2 busy cores)
 STOP_TIMEOUT_S = 30.0
 
@@ -171,6 +173,8 @@ def start(
     (with ``already_running`` when one was up already, ``seconds`` the start took)."""
     home = home or prefect_home()
     if (state := running(home)) is not None:
+        if resident_pid(home) is None:
+            start_resident(home)
         return {**state, "already_running": True, "seconds": 0.0}
     if (stale := read_state(home)) is not None and pid_alive(stale["pid"]):
         return _wait_until_up(stale, home, None, timeout)  # another `start` is bringing it up
@@ -212,7 +216,51 @@ def start(
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _write_state(home, state)  # at once, so that `stop` finds a server that is still starting
-    return _wait_until_up(state, home, proc, timeout)
+    up = _wait_until_up(state, home, proc, timeout)
+    start_resident(home)
+    return up
+
+
+def start_resident(home: Path) -> int:
+    """Start the resident process (flows/resident.py) for the server in ``home``, in the
+    background: it is ready seconds later, and commands run in their own process until then."""
+    with open(home / RESIDENT_LOG_FILE, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "retrain.flows.resident", str(home)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outside the caller's terminal group: its Ctrl-C is not for it
+        )
+    (home / RESIDENT_PID_FILE).write_text(str(proc.pid))  # now: a `stop` right after this start finds it
+    return proc.pid
+
+
+def resident_pid(home: Path) -> int | None:
+    """The resident process's pid while it runs."""
+    try:
+        pid = int((home / RESIDENT_PID_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"retrain.flows.resident" in cmdline else None  # a recycled pid is not ours
+
+
+def _stop_resident(home: Path, timeout: float = 5.0) -> None:
+    """It exits by itself within a fraction of a second once the server is gone; else it is killed."""
+    if (pid := resident_pid(home)) is None:
+        return
+    deadline = time.monotonic() + timeout
+    while resident_pid(home) is not None and time.monotonic() < deadline:
+        pid_alive(pid)  # reaps it when this process started it
+        time.sleep(0.05)
+    if resident_pid(home) is not None:
+        _signal_group(pid, signal.SIGKILL)
+        while resident_pid(home) is not None and pid_alive(pid):
+            time.sleep(0.05)
 
 
 def _wait_until_up(state: dict, home: Path, proc: subprocess.Popen | None, timeout: float) -> dict:
@@ -266,6 +314,7 @@ def stop(home: Path | None = None, timeout: float = STOP_TIMEOUT_S) -> dict:
         stopped = True
     else:
         stopped = False  # stale state: the process had gone already
+    _stop_resident(home)
     state_path(home).unlink(missing_ok=True)
     return {"stopped": stopped, "running": False, "pid": pid, "api_url": state["api_url"]}
 
@@ -286,4 +335,4 @@ def status(home: Path | None = None) -> dict:
     state = running(home)
     if state is None:
         return {"running": False, "home": str(home), "state_file": str(state_path(home))}
-    return {"running": True, "home": str(home), **state}
+    return {"running": True, "home": str(home), **state, "resident_pid": resident_pid(home)}

@@ -28,6 +28,7 @@ which URL failed, how often and why. A missing file or a refused permission fail
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import io
@@ -90,6 +91,38 @@ def transient(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in _REMOTE_CLIENT_MODULES
 
 
+def access_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is a remote store refusing these credentials (wrong, missing, or not
+    allowed there): a store failure to report with its endpoint, not a request to refuse."""
+    name = type(exc).__name__
+    text = str(exc)
+    return (
+        isinstance(exc, PermissionError)
+        or "Credential" in name
+        or any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"))
+    )
+
+
+def _endpoint_of(url: str) -> str:
+    """The endpoint a remote URL is reached through, for messages."""
+    try:
+        fs, _ = filesystem(url)
+        endpoint = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") or getattr(fs, "endpoint_url", None)
+    except Exception:
+        endpoint = None
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint or f"the default {url.split('://', 1)[0]} endpoint"
+
+
+def _access_error(operation: str, url: str, exc: BaseException) -> StorageError:
+    bucket = url.split("://", 1)[-1].split("/", 1)[0]
+    return StorageError(
+        f"store failure: access refused: {operation} {url} (bucket {bucket} at {_endpoint_of(url)}): "
+        f"{type(exc).__name__}: {exc}; check the store's credentials (AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, for S3) and that they may use that bucket, then rerun the same command"
+    )
+
+
 def _retry_settings() -> tuple[int, float]:
     try:
         attempts = max(1, int(os.environ.get("RETRAIN_STORE_RETRIES", DEFAULT_RETRIES)))
@@ -114,6 +147,8 @@ def retrying(operation: Callable[..., T]) -> Callable[..., T]:
                 return operation(url, *args, **kwargs)
             except Exception as exc:
                 if not transient(exc):
+                    if access_refused(exc) and not isinstance(exc, StorageError):
+                        raise _access_error(operation.__name__, url, exc) from exc
                     raise
                 reason = f"{type(exc).__name__}: {exc}"
                 if attempt == attempts:
@@ -238,12 +273,14 @@ def write_bytes(url: str, data: bytes) -> str:
             os.replace(tmp, path)  # atomic on POSIX, even over an existing file
         else:
             fs.mv(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:  # best effort: a store that just failed may fail this too; debris is ignored
             if fs.exists(tmp):
                 fs.rm(tmp)
         except Exception:
             pass
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename:  # say where
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), url) from exc
         raise
     return url
 

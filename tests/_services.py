@@ -229,11 +229,12 @@ def start_worker(pool: str, env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 @contextmanager
-def moto_s3(workdir: Path) -> Iterator[str]:
-    """moto's standalone S3 server on 127.0.0.1; yields its endpoint URL."""
+def moto_s3(workdir: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """moto's standalone S3 server on 127.0.0.1; yields its endpoint URL. ``env``: more
+    environment for it (``INITIAL_NO_AUTH_ACTION_COUNT=0`` makes it check credentials)."""
     port = free_port()
     log = workdir / "moto.log"
-    proc = start([tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, dict(os.environ))
+    proc = start([tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, {**os.environ, **(env or {})})
     try:
         wait_http(f"http://127.0.0.1:{port}/moto-api/", proc, log, timeout=60)
         yield f"http://127.0.0.1:{port}"

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Failed commands write their tracebacks to log files (flows/cli.py): here, not in ~/.local/state.
+os.environ.setdefault("RETRAIN_LOG_DIR", tempfile.mkdtemp(prefix="retrain-test-logs-"))
 
 from retrain.tasks.model_file import model_record, save_model_file
 from retrain.tasks.networks import build_network, get_spec

@@ -279,7 +279,8 @@ def store(tmp_path, store_template) -> Path:
 
 def assert_clear_refusal(status: int, result: dict, stderr: str, match: str, command: str) -> None:
     assert status == 2, (status, result, stderr[-2000:])
-    assert set(result) == {"error", "type"} and pd.Series([result["error"]]).str.contains(match).all(), result
+    assert set(result) == {"error", "type", "status", "log"} and result["status"] == 2, result
+    assert pd.Series([result["error"]]).str.contains(match).all(), result
     assert f"retrain {command}: error: " in stderr
 
 

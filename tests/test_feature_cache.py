@@ -275,7 +275,8 @@ def test_train_run_records_the_cache_writes_a_full_model_and_reports_each_valida
         options={"max_epochs": 2, "mini_batch_size": 8},
         augmentation=AUGMENT.to_dict(),
     )
-    run_url = start_run(str(tmp_path / "store"), config)
+    run_url, lock = start_run(str(tmp_path / "store"), config)
+    lock.release()  # the run folder's lock: this test is its only writer
     index_stage(shapes_dir, run_url)
     split_stage(run_url, (0.7, 0.3, 0.0), 0)
     histories = []

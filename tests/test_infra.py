@@ -85,13 +85,21 @@ def test_merged_file_validates():
         if not shutil.which("docker-compose"):
             pytest.skip("no docker compose / docker-compose to validate the files with")
         compose = ["docker-compose"]
+    # the files and order of benchmarks/infra_up.sh, with the secrets it makes (test.env has none)
     command = [*compose, "--project-directory", str(INFRA), "-f", str(INFRA / "compose.yaml")]
-    command += ["-f", str(INFRA / "compose.test.yaml"), "--env-file", str(INFRA / "test.env"), "config"]
-    checked = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    command += ["-f", str(INFRA / "compose.ports.yaml"), "-f", str(INFRA / "compose.test.yaml")]
+    command += ["--env-file", str(INFRA / "test.env"), "config"]
+    secrets = {"POSTGRES_PASSWORD": "pg", "MINIO_ROOT_PASSWORD": "s3", "PREFECT_API_AUTH_STRING": "admin:api"}
+    checked = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, **secrets})
     assert checked.returncode == 0, checked.stderr
     merged = yaml.safe_load(checked.stdout)["services"]
     env = _test_env()
     assert merged["worker-cpu"]["environment"]["PREFECT_API_URL"] == f"http://prefect-server:{env['PREFECT_PORT']}/api"
+    for name in ("worker-cpu", "worker-gpu-on-cpu", "deploy"):
+        assert merged[name]["environment"]["PREFECT_API_AUTH_STRING"] == "admin:api"
+    assert merged["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == "admin:api"
+    address = f"tls://dask-scheduler:{env['DASK_SCHEDULER_PORT']}"
+    assert merged["worker-cpu"]["environment"]["RETRAIN_DASK_ADDRESS"] == address
     assert merged["postgres"]["image"] == "retrain-test/postgres"
     assert merged["deploy"]["build"]["args"]["BASE_IMAGE"] == "retrain-test/torch"
     assert merged["worker-gpu"]["profiles"] == ["gpu"]  # not started without --profile gpu

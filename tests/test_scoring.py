@@ -228,20 +228,20 @@ def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, mo
 def test_a_failing_partition_fails_the_job_but_keeps_the_others(tmp_path, model_file, dask_client, monkeypatch):
     make_folder(tmp_path / "images", per_class=3, bad=False)
     out = str(tmp_path / "out")
-    from retrain.tasks.scoring import cluster
+    from retrain.tasks.scoring import partition
 
-    real = cluster.score_partition
+    real = partition.score_partition
 
     def crash_on_second(model, paths, part, *args):
         if "part-000001-" in part:
             raise MemoryError("worker ran out of memory")
         return real(model, paths, part, *args)
 
-    monkeypatch.setattr(cluster, "score_partition", crash_on_second)
+    monkeypatch.setattr(partition, "score_partition", crash_on_second)
     with pytest.raises(scoring.ScoringIncompleteError, match="1 of 3 partitions failed .*MemoryError"):
         scoring.score_job(model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=4)
     assert len(list((Path(out) / "parts").glob("*.parquet"))) == 2 and not Path(scoring.JobLayout(out).scores).exists()
-    monkeypatch.setattr(cluster, "score_partition", real)
+    monkeypatch.setattr(partition, "score_partition", real)
     summary = scoring.score_job(model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=4)
     assert summary["processed"] == 4 and summary["resumed_partitions"] == 2 and len(read_scores(out)) == 9
 

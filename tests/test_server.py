@@ -131,6 +131,7 @@ def test_server_start_status_stop_leaves_no_process(tmp_path):
         stopped = retrain_cli("server", "stop", "--json", env=env)
         assert json.loads(stopped.stdout.splitlines()[-1])["stopped"] is True
         assert _processes_in_group(srv["pid"]) == []
+        assert server.resident_pid(Path(srv["home"])) is None, "the resident process ends with the server"
         assert not Path(srv["home"], server.STATE_FILE).exists()
 
         status = json.loads(retrain_cli("server", "status", "--json", env=env).stdout.splitlines()[-1])

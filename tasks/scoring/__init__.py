@@ -22,7 +22,15 @@ import importlib
 
 _HOME = {
     **dict.fromkeys(
-        ("JobLayout", "ScoringError", "ScoringIncompleteError", "ScoringLockedError", "default_out"), "layout"
+        (
+            "ClusterLostError",
+            "JobLayout",
+            "ScoringError",
+            "ScoringIncompleteError",
+            "ScoringLockedError",
+            "default_out",
+        ),
+        "layout",
     ),
     **dict.fromkeys(("DEFAULT_MINI_BATCH_SIZE", "DEFAULT_PARTITION_SIZE", "DEFAULT_TOP_K"), "layout"),
     **dict.fromkeys(("PartResult", "WorkerModel", "score_partition", "score_paths"), "partition"),

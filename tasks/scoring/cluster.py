@@ -14,10 +14,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from retrain.tasks.model_file import ModelFileError
-from retrain.tasks.scoring.layout import ScoringError, ScoringIncompleteError
-from retrain.tasks.scoring.partition import PartResult, WorkerModel, score_partition
+from retrain.tasks.scoring.layout import ClusterLostError, ScoringError, ScoringIncompleteError
+
+if TYPE_CHECKING:  # torch, imported when a job maps partitions: not before the local cluster starts
+    from retrain.tasks.scoring.partition import PartResult, WorkerModel
 
 # Imported by each local worker as it starts: torch, torchvision, ONNX Runtime, the predictor.
 WORKER_PRELOAD = "retrain.tasks.scoring.partition"
@@ -26,9 +28,12 @@ WORKER_PRELOAD = "retrain.tasks.scoring.partition"
 @contextmanager
 def quiet_dask() -> Iterator[None]:
     """Prefect's log handlers would otherwise show all of Dask's INFO chatter."""
-    levels = {name: logging.getLogger(name).level for name in ("distributed", "tornado")}
+    levels = {name: logging.getLogger(name).level for name in ("distributed", "distributed.client", "tornado")}
     for name in levels:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # A lost scheduler makes the client log its failed reconnects with tracebacks; the job
+    # reports the loss itself (ClusterLostError), in one line.
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -155,12 +160,71 @@ def dask_cluster(address: str | None = None, workers: int | None = None) -> Iter
         cluster.close()
 
 
+def _lost(client) -> bool:
+    """Whether ``client`` lost its scheduler (it is reconnecting, or gave up and closed)."""
+    return client.status not in ("running", "newly-created")
+
+
+def _address_of(client) -> str:
+    try:
+        return client.scheduler.address
+    except AttributeError:
+        return "(the scheduler)"
+
+
+def cluster_lost(address: str, detail: str = "") -> ClusterLostError:
+    return ClusterLostError(
+        f"compute cluster lost: {address}: the Dask scheduler went away during the job{detail}; the finished "
+        "partitions are kept: rerun the same command against a running scheduler to score the missing partitions"
+    )
+
+
 @contextmanager
 def dask_client(address: str) -> Iterator:
+    """A client of the scheduler at ``address``. A scheduler that does not answer, or goes away
+    while the job runs, raises :class:`ClusterLostError` (what failed and what to do), not the
+    client's connection errors."""
     from distributed import Client
 
-    with quiet_dask(), Client(address, timeout="30s") as client:
-        yield client
+    check_tls_settings(address)
+    with quiet_dask():
+        try:
+            client = Client(address, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ClusterLostError(
+                f"compute cluster unreachable: {address}: the Dask scheduler did not answer ({exc}); start it "
+                "(or fix --dask-address) and rerun the same command"
+            ) from exc
+        try:
+            yield client
+        except ClusterLostError:
+            raise
+        except Exception as exc:  # the scheduler's connection failing under the job, typically
+            if _lost(client):
+                raise cluster_lost(address, f" ({type(exc).__name__}: {exc})") from exc
+            raise
+        finally:
+            try:
+                client.close(timeout=10)
+            except Exception:  # a lost scheduler cannot be told goodbye
+                pass
+
+
+def check_tls_settings(address: str) -> None:
+    """A ``tls://`` scheduler (infra/compose.yaml's) lets in only clients holding a certificate
+    of its CA, which Dask reads from its settings (``DASK_DISTRIBUTED__COMM__TLS__*``); without
+    them Dask fails with a TypeError about an ``ssl_context``. Say instead what is missing."""
+    if not address.startswith("tls://"):
+        return
+    from distributed.security import Security
+
+    security = Security()
+    if not (security.tls_ca_file and security.tls_client_cert):
+        raise ScoringError(
+            f"{address} is a TLS Dask scheduler: this client needs the cluster's CA and a client "
+            "certificate (DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT "
+            "and DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY; see infra/README.md)"
+        )
 
 
 def run_partitions(
@@ -178,12 +242,16 @@ def run_partitions(
     whole (a worker killed, say) is retried once, then reported in
     :class:`ScoringIncompleteError` after the others are done; a bad model fails fast."""
     from distributed import as_completed
+    from retrain.tasks.model_file import ModelFileError
+    from retrain.tasks.scoring.partition import score_partition
 
     if not todo:
         return []
     try:
         client.wait_for_workers(1, timeout=worker_timeout_s)
     except TimeoutError:
+        if _lost(client):
+            raise cluster_lost(_address_of(client)) from None
         raise ScoringError(f"no Dask worker joined the cluster within {worker_timeout_s:.0f} s") from None
     futures = {}
     for paths, url in todo:
@@ -214,7 +282,12 @@ def run_partitions(
             if on_done:
                 on_done(result)
     finally:
-        client.cancel(list(futures))
+        try:
+            client.cancel(list(futures))
+        except Exception:  # a lost scheduler: nothing left to cancel there
+            pass
+    if failures and _lost(client):  # cancelled by the scheduler going away, not failed
+        raise cluster_lost(_address_of(client))  # the workers may have written more parts than reported here
     if failures:
         raise ScoringIncompleteError(
             f"{len(failures)} of {len(todo)} partitions failed (first: {failures[0][0]}: {failures[0][1]}); "

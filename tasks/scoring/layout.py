@@ -42,6 +42,12 @@ class ScoringIncompleteError(ScoringError):
     are saved and a rerun scores only the missing ones."""
 
 
+class ClusterLostError(RuntimeError):
+    """The Dask scheduler could not be reached, or went away during the job. Not a refusal and
+    not a store failure: the parts finished before are kept, and the same command run against a
+    running scheduler scores only the missing ones."""
+
+
 @dataclass(frozen=True)
 class JobLayout:
     """The file names of a scoring job's folder ``out``."""

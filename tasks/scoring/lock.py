@@ -1,4 +1,5 @@
-"""One scoring job per output at a time: an exclusive lock on the job's folder.
+"""One writer per folder at a time: an exclusive lock on a scoring job's output, a run folder
+(tasks/runs.py), a model's promotion folder (tasks/promotion.py).
 
 On a local disk it is ``fcntl.flock`` on ``<out>/.lock``: the kernel drops it when the holder
 exits, even by kill -9, so a crashed job never blocks its rerun. Elsewhere (S3...) it is a
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from retrain.tasks import storage
@@ -26,10 +28,19 @@ def now() -> str:
 
 
 class JobLock:
-    """An exclusive lock on an output while a job writes to it (see the module's doc)."""
+    """An exclusive lock on a folder while a job writes to it (see the module's doc).
+    ``refusal(who)`` makes the error for a folder held by another (``who``: the holder, in
+    words); by default a :class:`ScoringLockedError` about a scoring output."""
 
-    def __init__(self, out: str, wait_s: float = 0.0, lease_s: float = 120.0):
+    def __init__(
+        self,
+        out: str,
+        wait_s: float = 0.0,
+        lease_s: float = 120.0,
+        refusal: Callable[[str], Exception] | None = None,
+    ):
         self.out, self.url, self.wait_s, self.lease_s = out, JobLayout(out).lock, wait_s, lease_s
+        self.refusal = refusal
         self.local = storage.protocol_of(out) in ("file", "local")
         self.token, self.since = uuid.uuid4().hex, now()
         self._fd: int | None = None
@@ -46,8 +57,12 @@ class JobLock:
             "heartbeat": time.time(),
         }
 
-    def _refused(self, holder: dict | None) -> ScoringLockedError:
+    def _refused(self, holder: dict | None) -> Exception:
         who = f" (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})" if holder else ""
+        if not self.local:  # a lease: a holder killed without releasing it loses it in time
+            who += f" (a holder that died loses the lock {self.lease_s:.0f} s after its last heartbeat)"
+        if self.refusal is not None:
+            return self.refusal(who)
         return ScoringLockedError(
             f"another scoring job is writing to {self.out}{who}; wait for it to finish, or score into another --out"
         )

@@ -10,6 +10,8 @@
 - :mod:`.data`: a run's train and validation images (from the shards) and targets,
 - :mod:`.features`: transfer mode's cache of body features (in memory, or feature shards),
 - :mod:`.steps`: one iteration, classic or on cached features,
+- :mod:`.dropout`: dropout masks keyed by each sample's place in the global batch,
+- :mod:`.distributed`: fine-tune and scratch modes in several processes (DDP),
 - :mod:`.loop`: ``train()``: resume, step, validate, checkpoint, finish,
 - :mod:`.stage`: ``train_run()``: a run folder in, ``trained.pt`` out.
 

@@ -4,7 +4,9 @@
 every ``validation_frequency`` iterations, the best-validation network out. Its state lives
 in a :class:`LoopState` (what a checkpoint keeps), its arithmetic in a :class:`Plan` (how many
 iterations, which images each takes), and one iteration's work in a step strategy
-(:mod:`retrain.tasks.training.steps`).
+(:mod:`retrain.tasks.training.steps`). Given :class:`~retrain.tasks.training.distributed.Ranks`,
+it is one of several DistributedDataParallel processes: each trains on its part of every
+batch, rank 0 alone validates, checkpoints and reports.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from retrain.tasks.training.body_head import split_at_head
 from retrain.tasks.training.checkpoints import load_latest_checkpoint, remove_write_debris, save_checkpoint
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import Prefetcher, autocast
+from retrain.tasks.training.distributed import Ranks
+from retrain.tasks.training.dropout import KeyedDropout
 from retrain.tasks.training.features import ClusterBody, build_feature_cache
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import dropout_seed, epoch_order, make_optimizer, set_epoch_learn_rate
@@ -126,16 +130,34 @@ class _Trainer:
         device: torch.device,
         checkpoints: str | None,
         logger: logging.Logger,
+        ranks: Ranks | None = None,
     ):
         self.model, self.spec, self.mode, self.options, self.plan = model, spec, mode, options, plan
-        self.device, self.checkpoints, self.logger = device, checkpoints, logger
+        self.device, self.checkpoints, self.logger, self.ranks = device, checkpoints, logger, ranks
         configure_trainable(model, spec, mode)
+        if ranks is not None and device.type == "cuda":
+            # Batch statistics over the global batch, as in one process (gloo has no SyncBatchNorm).
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device, memory_format=torch.channels_last)
         groups = parameter_groups(model, spec, mode, options.learn_rate(mode), options.head_learn_rate_factor)
         self.optimizer = make_optimizer(groups, options)
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
         self.state = LoopState()
         self.started = time.perf_counter()
+        # This process's part [start, stop) of each global batch (all of it in one process),
+        # and the forward pass that trains: the model, or its DDP wrapper (gradients averaged).
+        self.part = ranks.part(plan.batch) if ranks is not None else (0, plan.batch)
+        self.train_model: nn.Module = model
+        if ranks is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        self.dropout = KeyedDropout(model)  # masks by sample, whatever the split (dropout.py)
+
+    @property
+    def leader(self) -> bool:
+        """The process that validates, checkpoints and reports: the only one, or rank 0."""
+        return self.ranks is None or self.ranks.leader
 
     @property
     def unfinished(self) -> bool:
@@ -159,7 +181,7 @@ class _Trainer:
         ``feature_cluster`` (a :class:`~retrain.tasks.training.cluster.LazyCluster`): compute
         the features on its Dask cluster, into ``feature_folder`` (or the shared folder)."""
         options = self.options
-        classic = ClassicSteps(self.model, preprocessing, data, augmentation, options, self.device)
+        classic = ClassicSteps(self.model, preprocessing, data, augmentation, options, self.device, self.train_model)
         if self.mode != "transfer" or options.classic_loop or not self.unfinished:
             return classic
         try:
@@ -209,21 +231,29 @@ class _Trainer:
         """One optimizer step on a prepared batch; returns its history record."""
         epoch = self.state.iteration // self.plan.per_epoch
         learn_rate = set_epoch_learn_rate(self.optimizer, epoch, self.options)
-        self.model.train()
+        self.train_model.train()
         freeze_batchnorm(self.model, self.spec, self.mode)
+        self.dropout.train_mode()
         torch.manual_seed(dropout_seed(self.options.seed, self.state.iteration))
-        with autocast(self.device, training=True):
+        positions = torch.arange(*self.part)  # in the global batch: what keys dropout's masks
+        with self.dropout.keyed(self.options.seed, self.state.iteration, positions), autocast(self.device, True):
             logits, targets = steps.logits(prepared)
-            loss = self.loss_fn(logits.float(), targets)
+            loss_sum = self.loss_fn(logits.float(), targets)
+        # The global batch's mean loss: this part's sum over the whole batch's size, times the
+        # number of processes, whose gradients DDP averages.
+        processes = self.ranks.size if self.ranks is not None else 1
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_sum * (processes / self.plan.batch)).backward()
         self.optimizer.step()
         self.state.iteration += 1
+        sums = [float(loss_sum.detach()), float((logits.argmax(1) == targets).sum())]
+        if self.ranks is not None:
+            sums = self.ranks.all_sum(sums, self.device)
         return {
             "iteration": self.state.iteration,
             "epoch": epoch + 1,
-            "loss": float(loss.detach()),
-            "accuracy": float((logits.argmax(1) == targets).float().mean()),
+            "loss": sums[0] / self.plan.batch,
+            "accuracy": sums[1] / self.plan.batch,
             "learn_rate": learn_rate,
             "val_loss": math.nan,
             "val_accuracy": math.nan,
@@ -252,7 +282,7 @@ class _Trainer:
         )
 
     def checkpoint(self) -> None:
-        if self.checkpoints:
+        if self.checkpoints and self.leader:
             save_checkpoint(
                 self.checkpoints,
                 {
@@ -304,6 +334,7 @@ def train(
     logger: logging.Logger | None = None,
     feature_folder: str | None = None,
     shared_features: dict | None = None,
+    ranks: Ranks | None = None,
     feature_cluster=None,
 ) -> TrainingOutcome:
     """Train ``model`` with cross-entropy; returns the output network's weights and history.
@@ -315,24 +346,37 @@ def train(
     a cache too large for memory goes; ``feature_cluster``: a Dask cluster to compute it on)
     unless ``options.classic_loop``; the result is the same kind of full state dict.
     ``data``'s images may be tensors or image shards (:mod:`~retrain.tasks.training.shards`).
+    ``ranks``: this process's place among DistributedDataParallel
+    processes (tasks/training/distributed.py; finetune and scratch modes); only rank 0
+    validates, writes checkpoints and calls ``on_validation``, and only its outcome counts.
     """
     logger = logger or log
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     options.validate()
     device = resolve_device(options.execution_environment)
+    if ranks is not None:
+        if mode == "transfer":
+            raise ValueError("transfer mode trains in one process (its feature cache); processes must be 1")
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
     else:
         tune_allocator("training")  # activations and gradients stay in the heap (tasks/allocator.py)
     plan = Plan.of(len(data.train_targets), options)
-    trainer = _Trainer(model, spec, mode, options, plan, device, checkpoints, logger)
-    resumed_from = trainer.resume()
-    steps = trainer.make_steps(
-        preprocessing, data, augmentation, feature_folder, progress, shared_features, feature_cluster
-    )
-    _loop(trainer, steps, data, on_validation, progress)
-    return trainer.finish(resumed_from, steps.feature_info)
+    if ranks is not None and plan.batch < ranks.size:
+        raise ValueError(f"{ranks.size} processes need mini-batches of at least as many images, not {plan.batch}")
+    trainer = _Trainer(model, spec, mode, options, plan, device, checkpoints, logger, ranks)
+    try:
+        resumed_from = trainer.resume()
+        steps = trainer.make_steps(
+            preprocessing, data, augmentation, feature_folder, progress, shared_features, feature_cluster
+        )
+        _loop(trainer, steps, data, on_validation if trainer.leader else None, progress and trainer.leader)
+        return trainer.finish(resumed_from, steps.feature_info)
+    finally:
+        trainer.dropout.remove()
 
 
 def _loop(
@@ -351,13 +395,18 @@ def _loop(
         from tqdm import tqdm
 
         bar = tqdm(total=plan.total, initial=state.iteration, desc="training", unit="it", leave=False)
-    batches = Prefetcher(lambda it: steps.prepare(*plan.batch_indices(it)), background=trainer.device.type == "cuda")
+    batches = Prefetcher(
+        lambda it: steps.prepare(*plan.batch_indices(it), part=trainer.part), background=trainer.device.type == "cuda"
+    )
     trained = False
     try:
         while trainer.unfinished:
             record = trainer.step(steps, batches.get(state.iteration, plan.total))
             if has_val and plan.validation_due(record["iteration"]):
-                trainer.validate(steps, data.val_targets, record)
+                if trainer.leader:
+                    trainer.validate(steps, data.val_targets, record)
+                if trainer.ranks is not None:  # rank 0 decides an early stop for all
+                    state.stopped_early = trainer.ranks.from_leader(state.stopped_early, trainer.device)
             state.history.append(record)
             if bar is not None:
                 bar.update(1)

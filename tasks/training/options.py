@@ -57,8 +57,13 @@ class TrainingOptions:
     # A feature cache larger than this (MiB) is kept on disk as feature shards, in the run
     # folder, and streamed from there (on a GPU it is kept in GPU memory when it takes less than
     # half of what is free). The bound on what training holds in memory, whatever the data
-    # set's size: streaming from the page cache costs a head step ~1 ms (benchmarks/bench_scale.py).
+    # set's size (streamed from the page cache: benchmarks/bench_scale.py).
     feature_cache_memory_mb: int = 1024
+    # Fine-tune and scratch modes: training processes (DistributedDataParallel, one per GPU,
+    # each taking a part of every mini-batch); None: every visible GPU when training on CUDA,
+    # else 1. Transfer mode trains in one process. Does not change the result beyond float
+    # rounding (tasks/training/distributed.py).
+    processes: int | None = None
 
     def validate(self) -> TrainingOptions:
         def bad(name: str, expected: str) -> ValueError:
@@ -109,6 +114,14 @@ class TrainingOptions:
             or self.feature_cache_memory_mb < 0
         ):
             raise bad("feature_cache_memory_mb", "an integer >= 0 (0 keeps the feature cache on disk)")
+        if self.processes is not None and (
+            not isinstance(self.processes, int) or isinstance(self.processes, bool) or self.processes < 1
+        ):
+            raise bad("processes", "a positive integer, or None for every visible GPU")
+        if self.processes is not None and self.processes > self.mini_batch_size:
+            raise bad(
+                "processes", f"at most mini_batch_size={self.mini_batch_size} (each takes a part of a mini-batch)"
+            )
         return self
 
     def cache_views(self, augmentation: Augmentation | None = None) -> int:

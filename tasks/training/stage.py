@@ -1,4 +1,9 @@
-"""The training stage: a run folder in (``run.json``, ``split.parquet``), ``trained.pt`` out."""
+"""The training stage: a run folder in (``run.json``, ``split.parquet``), ``trained.pt`` out.
+
+Fine-tune and scratch modes train in several processes when the machine has several GPUs
+(or ``processes`` asks for it): the same stage runs in each, rank 0 writes the outputs
+(tasks/training/distributed.py).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,14 @@ from retrain.tasks.runs import read_run
 from retrain.tasks.storage import RunLayout
 from retrain.tasks.training.cluster import ClusterRequest, training_cluster
 from retrain.tasks.training.data import load_training_data
+from retrain.tasks.training.distributed import (
+    Ranks,
+    backend_for,
+    launch,
+    relay_history,
+    relay_logger,
+    resolve_processes,
+)
 from retrain.tasks.training.loop import TrainingOutcome, train
 from retrain.tasks.training.options import TrainingOptions
 
@@ -57,9 +70,58 @@ def train_run(
     if storage.exists(layout.training) and storage.exists(layout.trained):
         logger.info("run already trained; using %s", layout.trained)
         return storage.read_json(layout.training)
+    config = read_run(run_url)["config"]
+    options = TrainingOptions.from_dict(config["options"])
+    device = resolve_device(options.execution_environment)
+    processes = resolve_processes(options.processes, config["mode"], device)
+    if not isinstance(cluster, ClusterRequest):
+        cluster = ClusterRequest.from_dict(cluster)
+    if processes == 1:
+        return _train(run_url, progress, logger, on_validation, cluster=cluster)
+    _prepare_shards(run_url, cluster, logger)  # once, here: the ranks then only read them
+    logger.info("training in %d processes (DistributedDataParallel, %s)", processes, backend_for(device))
+    launch(_train_rank, (run_url, progress), processes, device, logger, on_validation)
+    return storage.read_json(layout.training)
+
+
+def _store_of(run_url: str, record: dict) -> str:
+    return record.get("store") or run_url.rstrip("/").rsplit("/runs/", 1)[0]
+
+
+def _prepare_shards(run_url: str, cluster: ClusterRequest, logger: logging.Logger) -> None:
+    """The run's image shards, made where missing (on ``cluster`` when it asks for one)."""
+    record = read_run(run_url)
+    split = storage.read_parquet(RunLayout(run_url).split)
+    spec = get_spec(record["config"]["network"])
+    classes = sorted(split["label"].unique())
+    with training_cluster(cluster, logger) as lazy_cluster:
+        size = spec.preprocessing.input_size
+        load_training_data(split, classes, size, _store_of(run_url, record), lazy_cluster, logger).close()
+
+
+def _train_rank(ranks: Ranks, run_url: str, progress: bool) -> None:
+    """One training process (tasks/training/distributed.py launches them): rank 0 reports to
+    the launching process and writes the outputs."""
+    if ranks.leader:
+        _train(run_url, progress, relay_logger(ranks), relay_history(ranks), ranks)
+    else:
+        _train(run_url, False, logging.getLogger(f"retrain.training.rank{ranks.rank}"), None, ranks)
+
+
+def _train(
+    run_url: str,
+    progress: bool,
+    logger: logging.Logger | logging.LoggerAdapter,
+    on_validation: Callable[[pd.DataFrame], None] | None,
+    ranks: Ranks | None = None,
+    cluster: ClusterRequest | None = None,
+) -> dict:
+    """Train a run in this process, alone or as one of ``ranks``; the outputs are written by
+    the only or the first process. Returns the ``training.json`` record (rank 0's)."""
+    layout = RunLayout(run_url)
+    leader = ranks is None or ranks.leader
     record = read_run(run_url)
     config = record["config"]
-    store = record.get("store") or run_url.rstrip("/").rsplit("/runs/", 1)[0]
     mode = config["mode"]
     options = TrainingOptions.from_dict(config["options"])
     augmentation = Augmentation(**config["augmentation"])
@@ -68,21 +130,14 @@ def train_run(
     classes = sorted(split["label"].unique())
     torch.manual_seed(options.seed)  # the new head's initial weights
     model, origin = build_network(spec.name, len(classes), "none" if mode == "scratch" else config["weights"])
-    storage.write_bytes(layout.network, summarize(model, spec).to_text().encode())
-    if not isinstance(cluster, ClusterRequest):
-        cluster = ClusterRequest.from_dict(cluster)
+    if leader:
+        storage.write_bytes(layout.network, summarize(model, spec).to_text().encode())
     with training_cluster(cluster, logger) as lazy_cluster:
-        data = load_training_data(split, classes, spec.preprocessing.input_size, store, lazy_cluster, logger)
-        logger.info(
-            "training %s (%s mode) on %d images, validating on %d, %d classes",
-            spec.name,
-            mode,
-            len(data.train_targets),
-            len(data.val_targets),
-            len(classes),
+        data = load_training_data(
+            split, classes, spec.preprocessing.input_size, _store_of(run_url, record), lazy_cluster, logger
         )
         try:
-            outcome = _train(
+            outcome = _train_on(
                 model,
                 spec,
                 mode,
@@ -94,10 +149,14 @@ def train_run(
                 progress,
                 logger,
                 on_validation,
+                ranks,
+                leader,
                 lazy_cluster,
             )
         finally:
             data.close()
+    if not leader:
+        return {}
     storage.write_bytes(layout.history, outcome.history.to_csv(index=False).encode())
     if len(outcome.history):
         training_progress(outcome.history, layout.progress)
@@ -108,17 +167,42 @@ def train_run(
         "augmentation": augmentation.to_dict(),
         "iterations": outcome.iterations,
         "epochs": outcome.epochs_completed,
+        "processes": ranks.size if ranks is not None else 1,
     }
     metrics = {"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss}
     save_model_file(layout.trained, model_record(model, spec, classes, origin, metrics=metrics, training=training))
     summary = _summary(outcome, layout, origin, options, len(data.train_targets), len(data.val_targets))
+    summary["processes"] = ranks.size if ranks is not None else 1
     summary["image_shards"] = data.shards
     storage.write_json(layout.training, summary)
     return summary
 
 
-def _train(model, spec, mode, options, augmentation, config, data, layout, progress, logger, on_validation, cluster):
+def _train_on(
+    model,
+    spec,
+    mode,
+    options,
+    augmentation,
+    config,
+    data,
+    layout,
+    progress,
+    logger,
+    on_validation,
+    ranks,
+    leader,
+    cluster,
+) -> TrainingOutcome:
     """The loop on the run's data, with the progress plot after each validation."""
+    (logger.info if leader else logger.debug)(
+        "training %s (%s mode) on %d images, validating on %d, %d classes",
+        spec.name,
+        mode,
+        len(data.train_targets),
+        len(data.val_targets),
+        int(model.state_dict()[f"{spec.head_layer}.weight"].shape[0]),
+    )
     plot = _ProgressPlot(layout.progress)
 
     def after_validation(history: pd.DataFrame) -> None:
@@ -140,6 +224,7 @@ def _train(model, spec, mode, options, augmentation, config, data, layout, progr
         logger=logger,
         feature_folder=layout.features,
         shared_features=config.get("extra", {}).get("shared_features"),  # from an experiment
+        ranks=ranks,
         feature_cluster=cluster,
     )
 

@@ -75,25 +75,32 @@ class ClassicSteps:
         augmentation: Augmentation,
         options: TrainingOptions,
         device: torch.device,
+        train_model: nn.Module | None = None,
     ):
         self.model, self.preprocessing, self.data = model, preprocessing, data
         self.augmentation, self.options, self.device = augmentation, options, device
+        # What the training forward pass runs: the model, or its DistributedDataParallel
+        # wrapper (validation, on rank 0 alone, runs the model itself).
+        self.train_model = train_model if train_model is not None else model
         self.feature_info: dict | None = None  # no feature cache
 
     def close(self, trained: bool) -> None:
         pass
 
-    def prepare(self, epoch: int, position: int, indices: torch.Tensor) -> tuple:
-        images = self.augmentation(
-            self.data.train_images[indices], seeded_generator(self.options.seed, epoch, position)
-        )
-        return pinned(images, self.device), pinned(self.data.train_targets[indices], self.device)
+    def prepare(self, epoch: int, position: int, indices: torch.Tensor, part: tuple[int, int] | None = None) -> tuple:
+        """The augmented images and targets of an iteration's batch, or of its ``part``
+        [start, stop) (one training process's share), augmented as in the whole batch."""
+        start, stop = part if part is not None else (0, len(indices))
+        mine = indices[start:stop]
+        generator = seeded_generator(self.options.seed, epoch, position)
+        images = self.augmentation(self.data.train_images[mine], generator, first=start, total=len(indices))
+        return pinned(images, self.device), pinned(self.data.train_targets[mine], self.device)
 
     def logits(self, prepared: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = prepared
         x = self.preprocessing.normalize(images.to(self.device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x), targets.to(self.device, non_blocking=True)
+        return self.train_model(x), targets.to(self.device, non_blocking=True)
 
     def val_scores(self) -> torch.Tensor:
         with autocast(self.device, training=False):
@@ -125,7 +132,9 @@ class CachedSteps:
         if trained or self.cache.temporary:
             self.cache.close(delete=trained and not self.shared)  # a cache shared with other runs stays
 
-    def prepare(self, epoch: int, position: int, indices: torch.Tensor) -> tuple:
+    def prepare(self, epoch: int, position: int, indices: torch.Tensor, part: tuple[int, int] | None = None) -> tuple:
+        if part is not None:  # transfer mode trains in one process: the whole batch
+            indices = indices[part[0] : part[1]]
         views = epoch_views(len(self.data.train_targets), self.cache.views, epoch, self.options.seed)[indices]
         targets = pinned(self.data.train_targets[indices], self.device)
         if self.cache.device.type == "cpu":  # gather on the host, copy the batch over
