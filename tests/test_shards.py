@@ -182,7 +182,8 @@ def make_run(store: Path, data: str, seed: int = 0) -> str:
         options={"max_epochs": 2, "mini_batch_size": 8, "seed": seed, "feature_cache_memory_mb": 0},
         augmentation={"reflect": True, "max_translation": 30},
     )
-    run_url = start_run(str(store), config)
+    run_url, lock = start_run(str(store), config)
+    lock.release()  # the training processes below are the run's only writers
     index_stage(data, run_url)
     split_stage(run_url, (0.7, 0.3, 0.0), seed)
     return run_url
