@@ -55,6 +55,19 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="train as a flow run of this deployment (e.g. train/gpu) and wait for it",
     )
+    p.add_argument(
+        "--dask-address",
+        default=None,
+        help="prepare the image shards and compute transfer mode's features on this Dask cluster "
+        "(e.g. tcp://host:8786); default: in the training process",
+    )
+    p.add_argument(
+        "--dask-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the same on a local Dask cluster of N processes started for the run",
+    )
     p.add_argument("--score-folder", default=None, help="end by batch-scoring this folder with the new model")
     p.add_argument("--score-out", default=None, help="where the scores go (default <run>/scores)")
     _common(p)

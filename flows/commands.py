@@ -27,6 +27,8 @@ def cmd_run(args) -> dict:
 
         read_label_table(storage.absolute(args.labels))  # a table without path/label columns: refused now
     request.check(fetch_weights=not args.train_deployment)
+    if args.dask_workers is not None and args.dask_workers < 0:
+        raise ValueError(f"--dask-workers must be 0 (in process) or more, not {args.dask_workers}")
 
     from retrain.flows.retrain import retrain_flow
     from retrain.tasks.orchestrator import console_without_tracebacks
@@ -45,6 +47,8 @@ def cmd_run(args) -> dict:
         score_folder=args.score_folder,
         score_out=args.score_out,
         labels=args.labels,
+        dask_address=args.dask_address,
+        dask_workers=args.dask_workers,
     )
     if not args.json:
         print(

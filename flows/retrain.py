@@ -51,6 +51,8 @@ def retrain_flow(
     labels: str | None = None,
     split_seed: int | None = None,
     shared_features: dict | None = None,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
 ) -> dict:
     """Retrain ``network`` on the images in ``data`` (a zip or a folder of class folders,
     any fsspec URL; the generated sample set when None). Returns the run summary.
@@ -67,7 +69,10 @@ def retrain_flow(
     its relative paths start at ``data`` (default: the table's folder).
     ``split_seed``: draw the split from this seed instead of the training seed (an experiment
     keeps one split for all its seeds). ``shared_features``: ``{"folder", "seed"}`` of a
-    feature cache shared with other runs (tasks/feature_sharing.py)."""
+    feature cache shared with other runs (tasks/feature_sharing.py).
+    ``dask_address`` (a scheduler) or ``dask_workers`` (a local cluster of that many
+    processes): prepare the image shards and compute transfer mode's features on Dask
+    (tasks/training/cluster.py); in the training process when neither."""
     logger = get_run_logger()
     started = time.perf_counter()
     store = storage.absolute(store or storage.default_store())
@@ -100,9 +105,10 @@ def retrain_flow(
         },
     )
     run_url, lock = start_run(store, config, run_id=run_id, resume=resume)  # refused while another writes it
+    cluster = {"address": dask_address or None, "workers": dask_workers or None}
     try:
         indexed, trained, metrics, model_url = _run_stages(
-            run_url, dataset_url, checked, train_deployment, progress, labels, split_seed
+            run_url, dataset_url, checked, train_deployment, progress, labels, split_seed, cluster
         )
         summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
         summary_url = storage.RunLayout(run_url).summary
@@ -171,6 +177,7 @@ def _run_stages(
     progress: bool,
     labels: str | None = None,
     split_seed: int | None = None,
+    cluster: dict | None = None,
 ) -> tuple[IndexRecord, dict, dict, str]:
     """index -> split -> train -> evaluate -> explain -> publish; a failure marks the run
     failed (and is raised). Returns the index record, training.json, metrics.json and the
@@ -188,9 +195,9 @@ def _run_stages(
         )
         split(run_url, checked.fractions, checked.options.seed if split_seed is None else split_seed)
         if train_deployment:
-            trained = train_on_deployment(train_deployment, run_url)
+            trained = train_on_deployment(train_deployment, run_url, cluster)
         else:
-            trained = train_flow(run_url, progress=progress)
+            trained = train_flow(run_url, progress=progress, cluster=cluster)
         metrics = evaluate(run_url)
         explain_step(run_url)
         return indexed, trained, metrics, publish(run_url)
@@ -232,7 +239,7 @@ def promotion_gate(store: str, name: str, run_url: str) -> dict:
     return decision
 
 
-def train_on_deployment(name: str, run_url: str) -> dict:
+def train_on_deployment(name: str, run_url: str, cluster: dict | None = None) -> dict:
     """The train step as a flow run of deployment ``name`` (e.g. ``train/gpu`` on a GPU work
     pool); waits for it. Nothing travels through Prefect results: the child reads the run
     folder by URL and writes trained.pt and training.json there, so the store must be one both
@@ -244,7 +251,8 @@ def train_on_deployment(name: str, run_url: str) -> dict:
         logger.warning(
             "training on deployment %s with a local store (%s): its worker must see the same filesystem", name, run_url
         )
-    child = run_deployment(name, parameters={"run_url": run_url}, timeout=None, poll_interval=3)
+    parameters = {"run_url": run_url, **({"cluster": cluster} if cluster and any(cluster.values()) else {})}
+    child = run_deployment(name, parameters=parameters, timeout=None, poll_interval=3)
     state = child.state
     if state is None or not state.is_completed():
         raise RuntimeError(

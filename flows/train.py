@@ -14,12 +14,14 @@ from retrain.tasks.training.stage import train_run
 
 
 @flow(name="train", log_prints=True)
-def train_flow(run_url: str, progress: bool = False) -> dict:
+def train_flow(run_url: str, progress: bool = False, cluster: dict | None = None) -> dict:
     """Train the network described by ``run_url/run.json`` on ``run_url/split.parquet``;
-    the UI shows its progress while it trains (:class:`tasks.reports.TrainingMonitor`)."""
+    the UI shows its progress while it trains (:class:`tasks.reports.TrainingMonitor`).
+    ``cluster``: ``{"address", "workers"}`` of a Dask cluster for the image shards and
+    transfer mode's features (tasks/training/cluster.py); None: in this process."""
     logger = get_run_logger()
     layout = RunLayout(run_url)
     monitor = TrainingMonitor(f"Training run {layout.run_id}", layout.progress, logger)
-    summary = train_run(run_url, progress=progress, logger=logger, on_validation=monitor.update)
+    summary = train_run(run_url, progress=progress, logger=logger, on_validation=monitor.update, cluster=cluster)
     monitor.finish(layout.history)
     return summary

@@ -186,7 +186,7 @@ def materialize(data_url: str, store: str) -> str:
 
 @dataclass
 class ImageIndex:
-    images: pd.DataFrame  # columns: path, label
+    images: pd.DataFrame  # columns: path, label (and digest: the sha1 of the file, when verified)
     skipped: pd.DataFrame  # columns: path, reason
     root: str
 
@@ -291,10 +291,10 @@ def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageI
             elif first != url:
                 skipped.append((url, f"duplicate of {first}"))
             else:
-                kept.append((url, label))
+                kept.append((url, label, digest))
+        images = pd.DataFrame(kept, columns=["path", "label", "digest"])  # digest: training's image shards key on it
     else:
-        kept = candidates
-    images = pd.DataFrame(kept, columns=["path", "label"])
+        images = pd.DataFrame(candidates, columns=["path", "label"])
     lost = sorted(set(label for _, label in candidates) - set(images["label"]))
     if lost:
         raise DataSetError(

@@ -20,6 +20,8 @@ from retrain.tasks.preprocessing import Preprocessing
 from retrain.tasks.reports import confusion_chart
 from torch import nn
 
+EVAL_CHUNK_IMAGES = 1024  # images decoded at once by evaluate_model (155 MB at 227 x 227)
+
 
 def predict_scores(
     model: nn.Module,
@@ -154,8 +156,14 @@ def evaluate_model(
         check_model(loaded, "the model")
         device = device or next(loaded.model.parameters()).device
         predictor = torch_predictor(prepare_torch_model(loaded.model, device), loaded.preprocessing, loaded.classes)
-    pixels = load_pixels(list(images["path"]), predictor)
-    scores = predictor.scores(pixels, batch_size)
+    paths = list(images["path"])
+    # Decoded a chunk at a time, so memory does not grow with the number of images; a chunk
+    # is a whole number of batches, so the forward passes are the ones one batch would make.
+    chunk = batch_size * max(1, EVAL_CHUNK_IMAGES // batch_size)
+    parts = [
+        predictor.scores(load_pixels(paths[s : s + chunk], predictor), batch_size) for s in range(0, len(paths), chunk)
+    ]
+    scores = torch.cat(parts) if parts else torch.empty((0, len(loaded.classes)))
     table = predictions_table(list(images["path"]), list(images["label"]), scores, loaded.classes)
     return evaluate_predictions(list(table["true_label"]), list(table["label"]), loaded.classes), table
 

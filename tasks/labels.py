@@ -96,13 +96,14 @@ def index_from_table(table_url: str, root_url: str, verify: bool = True, threads
         with ThreadPoolExecutor(threads) as pool:
             checks = list(pool.map(check_image, [url for url, _, _ in candidates]))
         usable = []
-        for candidate, (url, _, reason) in zip(candidates, checks):
+        for candidate, (url, digest, reason) in zip(candidates, checks):
             if reason:
                 skipped.append((url, reason))
             else:
-                usable.append(candidate)
-        candidates = usable
-    images = pd.DataFrame(candidates, columns=["path", "label", "split"])
+                usable.append((*candidate, digest))
+        images = pd.DataFrame(usable, columns=["path", "label", "split", "digest"])  # digest: for image shards
+    else:
+        images = pd.DataFrame(candidates, columns=["path", "label", "split"])
     if not has_split:
         images = images.drop(columns="split")
     if images["label"].nunique() < 2:

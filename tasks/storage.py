@@ -10,6 +10,8 @@ Every location in retrain is an fsspec URL: a plain local path, ``file://``, ``m
     runs/<run-id>/features/                      transfer mode's cached backbone features when
                                                  too large for memory (kept for a resume,
                                                  removed once trained)
+    shards/<key>/shard-<n>.npy                   a data set's images decoded at an input size
+                                                 (tasks/training/shards.py), shared by runs
     runs/<run-id>/model.pt                       the published, self-describing model
     runs/<run-id>/{metrics.json,history.csv,*.png}
 
@@ -401,6 +403,7 @@ class StoreLayout:
         self.runs = join(store, "runs")
         self.models = join(store, "models")
         self.scores = join(store, "scores")
+        self.shards = join(store, "shards")  # decoded images, one folder per data set content and input size
 
     def run(self, run_id: str) -> RunLayout:
         return RunLayout(join(self.runs, run_id))

@@ -19,7 +19,8 @@ Transfer mode keeps its single-process path (the head on cached body features).
 
 Interface relied on (tasks/training/data.py, steps.py): each rank builds its ``TrainingData``
 as one process does and indexes ``train_images`` with the global batch's indices, taking its
-part; today every rank decodes the whole split into memory (``processes`` copies). Networks
+part, read from the image shards (the launching process prepares them first: no rank
+decodes, none holds the data set). Networks
 with batch norm use SyncBatchNorm on CUDA (global batch statistics); gloo has none, so on CPU
 processes their statistics are per rank and the result depends on the split.
 """

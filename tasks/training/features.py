@@ -1,21 +1,40 @@
 """Transfer mode's feature cache: the frozen body run once per training image and per cached
 augmented view, so the head trains on features (an iteration then costs about a tenth).
 
-Kept in memory (on the GPU when it fits there), or memory-mapped from ``.npy`` files in the
-run folder when larger than ``feature_cache_memory_mb``; a resumed run reuses a cache on disk
-made from the same images, body and settings.
+The training images are cut into parts of FEATURE_PART consecutive images (in training
+order); a part's features (every view) are computed by one call of :func:`part_features`,
+the unit of work wherever it runs, so every path gives the same numbers:
+
+- small caches stay in memory (on the GPU when they fit there), computed part by part in
+  this process, up to ``feature_cache_memory_mb``;
+- larger ones are written part by part as feature shards, ``.npy`` files in a folder (the
+  run's ``features/``, or a folder shared by an experiment's runs), and streamed from there
+  with positioned reads, so the process's memory does not grow with the number of images;
+- on a Dask cluster (a local one, or ``--dask-address``) each part is a task that reads its
+  images from the image shards and writes its feature shard to the store; the head then
+  streams them like a cache on disk.
+
+A folder's ``plan.json`` says what its shards are made of (images, body weights, views,
+seed, augmentation...); shards already there with the same plan are kept, so a run killed
+while extracting features (kill -9) resumes with the parts still missing, and a finished set
+(``manifest.json``, written last) is reused by a resumed run or by the other runs of an
+experiment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import logging
 import os
+import posixpath
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +43,7 @@ from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import autocast, to_device
 from retrain.tasks.training.schedule import seeded_generator
+from retrain.tasks.training.shards import RowFiles, ShardImages, ShardPlan, ShardSet, local_copy, write_npy
 from torch import nn
 
 log = logging.getLogger("retrain.training")
@@ -35,23 +55,57 @@ AUG_CHUNK = 32  # images per augmentation generator: the views do not depend on 
 # image (SqueezeNet at 227 px: ~7 ms an image in batches of 16, ~15 ms in batches of 128,
 # whose activations no longer fit the caches); a GPU wants large ones.
 FEATURE_BATCH = {"cpu": 16, "cuda": 256}
-FEATURE_FORMAT = "retrain.features/1"
+FEATURE_FORMAT = "retrain.features/2"
+# Training images per feature part (one task, one shard file): a multiple of every batch the
+# body runs in (AUG_CHUNK x 8 on a GPU), so parts cut no batch and the features are the same
+# as from one pass over the whole set.
+FEATURE_PART = int(os.environ.get("RETRAIN_FEATURE_PART", "512"))
+PLAN, MANIFEST, MODEL = "plan.json", "manifest.json", "model.pt"
+
+
+def _check_part_size(size: int) -> int:
+    if size < AUG_CHUNK or size % AUG_CHUNK:
+        raise ValueError(f"feature part size must be a positive multiple of {AUG_CHUNK}, not {size}")
+    return size
+
+
+class FeatureRows:
+    """Features of one kind (training: views x images; validation: images) in shard files
+    ``files[j]`` (local paths), each (views + 1, n_j, *shape) float16, part ``j`` holding
+    images ``j * part .. j * part + n_j - 1``."""
+
+    def __init__(self, files: list[str], counts: list[int], views: int, shape: tuple[int, ...], part: int):
+        self.counts, self.views, self.part = list(counts), views, part
+        self.rows = RowFiles(files, tuple(shape), np.float16)
+        self.shape = (views + 1, sum(counts), *shape)
+
+    def gather(self, views: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+        files = indices // self.part
+        counts = np.asarray(self.counts, dtype=np.int64)[files]
+        rows = views * counts + (indices - files * self.part)
+        out = np.empty((len(indices), *self.shape[2:]), dtype=np.float16)
+        return torch.from_numpy(self.rows.read_into(out, files, rows))
+
+    def close(self) -> None:
+        self.rows.close()
 
 
 @dataclass
 class FeatureCache:
     """Body outputs for every training image (view 0: as it is; views 1..V: augmented, drawn
-    once from the seed) and every validation image; float16, in (GPU) memory or memory-mapped
-    from ``.npy`` files on disk. Feature maps are stored channels-last (H x W x C per image):
-    the layout the head's convolution and the dropout before it run fastest on."""
+    once from the seed) and every validation image; float16, in (GPU) memory or streamed from
+    feature shards on disk. Feature maps are stored channels-last (H x W x C per image): the
+    layout the head's convolution and the dropout before it run fastest on."""
 
-    train: torch.Tensor | np.ndarray  # (views + 1, N, *stored_shape)
-    val: torch.Tensor | np.ndarray  # (M, *stored_shape)
-    location: str  # "memory", "cuda memory" or the folder holding the .npy files
+    train: torch.Tensor | FeatureRows  # (views + 1, N, *stored_shape)
+    val: torch.Tensor | FeatureRows  # (M, *stored_shape) in memory; (1, M, *stored_shape) on disk
+    location: str  # "memory", "cuda memory" or the folder holding the shards
     seconds: float
     reused: bool = False
-    folder: str | None = None  # where the .npy files are, for a cache on disk
-    temporary: bool = False  # the folder is a temporary one, deleted after training
+    folder: str | None = None  # the local folder of the shard files, for a cache on disk
+    temporary: bool = False  # the folder is a temporary one (or a local copy), deleted after training
+    store_folder: str | None = None  # where the shards are in the store, when not ``folder``
+    extraction: dict = field(default_factory=dict)  # where the features were computed, and how
 
     @property
     def views(self) -> int:
@@ -61,53 +115,79 @@ class FeatureCache:
     def device(self) -> torch.device:
         return self.train.device if torch.is_tensor(self.train) else torch.device("cpu")
 
+    @property
+    def val_count(self) -> int:
+        return int(self.val.shape[0]) if torch.is_tensor(self.val) else int(self.val.shape[1])
+
     def train_batch(self, views: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Features of image ``indices[i]`` in view ``views[i]``, where the cache lives."""
         if torch.is_tensor(self.train):
             return self.train[views.to(self.train.device), indices.to(self.train.device)]
-        return torch.from_numpy(np.ascontiguousarray(self.train[views.numpy(), indices.numpy()]))
+        return self.train.gather(views.cpu().numpy().astype(np.int64), indices.cpu().numpy().astype(np.int64))
 
     def val_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        for start in range(0, len(self.val), batch_size):
-            chunk = self.val[start : start + batch_size]
-            yield chunk if torch.is_tensor(chunk) else torch.from_numpy(np.array(chunk))  # a copy: maps are read-only
+        m = self.val_count
+        for start in range(0, m, batch_size):
+            if torch.is_tensor(self.val):
+                yield self.val[start : start + batch_size]
+            else:
+                indices = np.arange(start, min(start + batch_size, m), dtype=np.int64)
+                yield self.val.gather(np.zeros_like(indices), indices)
 
     def close(self, delete: bool = False) -> None:
-        """Let go of the arrays (closing memory maps); delete the files of a temporary
-        folder, or of any folder when ``delete``."""
+        """Let go of the arrays (closing files); delete the shards of a temporary folder, or
+        of any folder (and its copy in the store) when ``delete``."""
+        for part in (self.train, self.val):
+            if isinstance(part, FeatureRows):
+                part.close()
         self.train = self.val = None  # type: ignore[assignment]
         if self.folder and (delete or self.temporary):
-            _remove_cache_files(self.folder)
+            remove_feature_files(self.folder)
+        if self.store_folder and delete:
+            remove_feature_files(self.store_folder)
 
     def describe(self) -> dict:
         itemsize = 2
         shape = list(self.train.shape[2:])
         if len(shape) == 3:  # stored H x W x C: say C x H x W, as the network does
             shape = [shape[2], shape[0], shape[1]]
-        images = int(self.train.shape[0] * self.train.shape[1] + self.val.shape[0])
+        images = int(self.train.shape[0] * self.train.shape[1] + self.val_count)
         return {
             "views": self.views,
             "train_images": int(self.train.shape[1]),
-            "val_images": int(self.val.shape[0]),
+            "val_images": self.val_count,
             "feature_shape": shape,
             "bytes": images * int(np.prod(shape)) * itemsize,
             "location": self.location,
             "seconds": round(self.seconds, 3),
             "reused": self.reused,
             "images_per_second": round(images / self.seconds, 1) if self.seconds > 0 and not self.reused else None,
+            **self.extraction,
         }
 
 
-CACHE_FILES = ("manifest.json", "train.npy", "val.npy")  # the manifest goes first, comes last
+def _is_feature_file(name: str) -> bool:
+    base = name.split(storage.TMP_MARKER, 1)[0]
+    return base in (PLAN, MANIFEST, MODEL) or (base.startswith(("train-", "val-")) and base.endswith(".npy"))
 
 
-def _remove_cache_files(folder: str) -> None:
-    """Delete the files a cache wrote, then the folder if nothing else is in it."""
-    for name in CACHE_FILES:
+def remove_feature_files(folder: str) -> None:
+    """Delete the files a feature cache wrote (and their debris), then the folder if nothing
+    else is in it. ``folder``: a local path or a store URL."""
+    if storage.is_local(folder):
+        path = storage.absolute(folder)
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, name))
-    with contextlib.suppress(OSError):
-        os.rmdir(folder)
+            for name in os.listdir(path):
+                if _is_feature_file(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(path, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        return
+    for url in storage.ls(folder):
+        if _is_feature_file(posixpath.basename(url)):
+            with contextlib.suppress(FileNotFoundError):
+                storage.remove(url)
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -118,43 +198,24 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _images_digest(images) -> str:
+    """What a set of images is: the shards' key and which images for images in shards (no
+    reading), the bytes for a tensor."""
+    if isinstance(images, ShardImages):
+        return images.content_digest()
+    return _digest(images)
+
+
 def _local_folder(url: str | None) -> str | None:
-    """The local path for a cache folder URL; None for a store that is not a local disk
-    (memory-mapping needs a local file)."""
+    """The local path for a cache folder URL; None for a store that is not a local disk."""
     if not url:
         return None
-    if "://" not in url or url.startswith("file://"):
+    if storage.is_local(url):
         return storage.absolute(url)
     return None
 
 
-def _view_batches(
-    images: torch.Tensor, views: int, augmentation: Augmentation, seed: int, batch_size: int, device: torch.device
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(view, first index, uint8 batch on ``device``) for view 0 (the images as they are) and
-    each augmented view. Augmentation runs on the device (exact integer ops, the random draws
-    come from the same CPU generators, so any device gives the same views), per AUG_CHUNK
-    images with its own generator."""
-    augment_on_device = device.type != "cpu"
-    for view in range(views + 1):
-        for start in range(0, len(images), batch_size):
-            batch = to_device(images[start : start + batch_size], device)
-            if view > 0:
-                parts = []
-                for s in range(0, len(batch), AUG_CHUNK):
-                    g = seeded_generator(seed, -2, view, (start + s) // AUG_CHUNK)
-                    chunk = batch[s : s + AUG_CHUNK]
-                    if augment_on_device:
-                        try:
-                            parts.append(augmentation(chunk, g))
-                            continue
-                        except RuntimeError as exc:  # an op without a device kernel: on the host
-                            log.warning("augmenting on the host (%s)", exc)
-                            augment_on_device = False
-                            g = seeded_generator(seed, -2, view, (start + s) // AUG_CHUNK)
-                    parts.append(to_device(augmentation(chunk.cpu(), g), device))
-                batch = torch.cat(parts)
-            yield view, start, batch
+# ---- one part: the unit of work ------------------------------------------------------------------
 
 
 def _stored_layout(features: torch.Tensor) -> torch.Tensor:
@@ -167,32 +228,60 @@ def network_layout(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 3, 1, 2) if features.dim() == 4 else features
 
 
-def _store_features(out: torch.Tensor | np.ndarray, view: int, start: int, features: torch.Tensor) -> None:
-    features = _stored_layout(features.float().clamp_(-_FP16_MAX, _FP16_MAX).to(FEATURE_DTYPE))
-    if torch.is_tensor(out):
-        out[view, start : start + len(features)] = features.to(out.device)
-    else:
-        out[view, start : start + len(features)] = features.cpu().numpy()
+def _view_batches(
+    images: torch.Tensor,
+    views: int,
+    augmentation: Augmentation,
+    seed: int,
+    batch_size: int,
+    device: torch.device,
+    first: int = 0,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(view, first index, uint8 batch on ``device``) for view 0 (the images as they are) and
+    each augmented view; ``images`` are the training images from position ``first`` on (a
+    multiple of AUG_CHUNK). Augmentation runs on the device (exact integer ops, the random
+    draws come from the same CPU generators, so any device gives the same views), per
+    AUG_CHUNK images with its own generator, keyed by their position in the training set."""
+    augment_on_device = device.type != "cpu"
+    for view in range(views + 1):
+        for start in range(0, len(images), batch_size):
+            batch = to_device(images[start : start + batch_size], device)
+            if view > 0:
+                parts = []
+                for s in range(0, len(batch), AUG_CHUNK):
+                    chunk_key = (first + start + s) // AUG_CHUNK
+                    g = seeded_generator(seed, -2, view, chunk_key)
+                    chunk = batch[s : s + AUG_CHUNK]
+                    if augment_on_device:
+                        try:
+                            parts.append(augmentation(chunk, g))
+                            continue
+                        except RuntimeError as exc:  # an op without a device kernel: on the host
+                            log.warning("augmenting on the host (%s)", exc)
+                            augment_on_device = False
+                            g = seeded_generator(seed, -2, view, chunk_key)
+                    parts.append(to_device(augmentation(chunk.cpu(), g), device))
+                batch = torch.cat(parts)
+            yield view, start, batch
 
 
-def _run_body(
+def part_features(
     body: nn.Module,
     images: torch.Tensor,
+    first: int,
     views: int,
     augmentation: Augmentation,
     preprocessing: Preprocessing,
     seed: int,
     device: torch.device,
-    batch_size: int,
-    allocate: Callable[[tuple[int, ...]], torch.Tensor | np.ndarray],
-    bar=None,
-) -> torch.Tensor | np.ndarray:
-    """Body features of ``images`` in views 0..``views``, into the array ``allocate(shape)``
-    gives once the feature shape is known."""
+) -> torch.Tensor:
+    """Body features (float16, stored layout, on ``device``) of ``images`` (uint8, the
+    training images from position ``first`` on) in views 0..``views``: (views + 1, n, *shape)."""
     out = None
+    batch_size = AUG_CHUNK * (8 if device.type == "cuda" else 1)  # images augmented (and copied) at once
     body_batch = FEATURE_BATCH.get(device.type, batch_size)
     with torch.inference_mode(), autocast(device, training=False):
-        for view, start, batch in _view_batches(images, views, augmentation, seed, batch_size, device):
+        for view, start, batch in _view_batches(images, views, augmentation, seed, batch_size, device, first):
             for s in range(0, len(batch), body_batch):
                 part = batch[s : s + body_batch]
                 count = len(part)
@@ -200,49 +289,214 @@ def _run_body(
                     # shape costs seconds of oneDNN kernel generation, or cuDNN autotuning)
                     part = torch.cat([part, part.new_zeros((body_batch - count, *part.shape[1:]))])
                 x = preprocessing.normalize(part).contiguous(memory_format=torch.channels_last)
-                features = body(x)[:count]
+                features = _stored_layout(body(x)[:count].float().clamp_(-_FP16_MAX, _FP16_MAX).to(FEATURE_DTYPE))
                 if out is None:
-                    out = allocate(tuple(_stored_layout(features).shape[1:]))
-                _store_features(out, view, start + s, features)
-            if bar is not None:
-                bar.update(len(batch))
+                    out = torch.empty((views + 1, len(images), *features.shape[1:]), dtype=FEATURE_DTYPE, device=device)
+                out[view, start + s : start + s + count] = features
+    if out is None:  # no images
+        raise ValueError("no images to compute features of")
     return out
 
 
-class _Placement:
-    """Where a cache goes, chosen when the first batch tells the feature shape (and so the
-    size): GPU memory when it takes under half of what is free there, host memory up to
-    ``memory_bytes``, else ``.npy`` files in ``local`` (a temporary folder when None)."""
+# ---- the plan of a feature folder ------------------------------------------------------------------
 
-    def __init__(self, device: torch.device, memory_bytes: int, local: str | None, counts: tuple[int, int, int]):
-        self.device, self.memory_bytes, self.local = device, memory_bytes, local
-        self.views, self.n, self.m = counts
-        self.where, self.folder, self.temporary = "memory", None, False
-        self.tensor_device = torch.device("cpu")
 
-    def train_array(self, shape: tuple[int, ...]) -> torch.Tensor | np.ndarray:
-        total_bytes = int(np.prod(shape)) * 2 * ((self.views + 1) * self.n + self.m)
-        if self.device.type == "cuda" and total_bytes < 0.5 * torch.cuda.mem_get_info(self.device)[0]:
-            self.where, self.tensor_device = "cuda memory", self.device
-        elif total_bytes > self.memory_bytes:
-            self.folder = self.local or tempfile.mkdtemp(prefix="retrain-features-")
-            os.makedirs(self.folder, exist_ok=True)
-            self.where, self.temporary = self.folder, self.folder != self.local
-            log.info(
-                "feature cache of %.0f MiB exceeds feature_cache_memory_mb: memory-mapped from %s",
-                total_bytes / 2**20,
-                self.folder,
-            )
-        return self._array("train.npy", (self.views + 1, self.n, *shape))
+@dataclass(frozen=True)
+class FeaturePlan:
+    """The parts of a feature cache: training parts of ``part`` images, then validation parts."""
 
-    def val_array(self, shape: tuple[int, ...]) -> torch.Tensor | np.ndarray:
-        return self._array("val.npy", (1, self.m, *shape))
+    n: int
+    m: int
+    views: int
+    part: int
 
-    def _array(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | np.ndarray:
-        if self.folder:
-            path = os.path.join(self.folder, name)
-            return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-        return torch.empty(shape, dtype=FEATURE_DTYPE, device=self.tensor_device)
+    def parts(self) -> list[tuple[str, int, int, int]]:
+        """(kind, number, first, stop) of every part."""
+        out = []
+        for kind, count in (("train", self.n), ("val", self.m)):
+            for j, first in enumerate(range(0, count, self.part)):
+                out.append((kind, j, first, min(first + self.part, count)))
+        return out
+
+    @staticmethod
+    def name(kind: str, j: int) -> str:
+        return f"{kind}-{j:06d}.npy"
+
+
+def _cache_key(
+    body: nn.Module,
+    data: TrainingData,
+    preprocessing: Preprocessing,
+    augmentation: Augmentation,
+    views: int,
+    seed: int,
+    part: int,
+) -> dict:
+    return {
+        "format": FEATURE_FORMAT,
+        "views": views,
+        "seed": seed,
+        "augmentation": augmentation.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "aug_chunk": AUG_CHUNK,
+        "part": part,
+        "train_images": _images_digest(data.train_images),
+        "val_images": _images_digest(data.val_images),
+        "counts": [len(data.train_targets), len(data.val_targets)],
+        "body": _digest(*[t for t in body.state_dict().values()]),
+    }
+
+
+@storage.retrying
+def _present(folder: str) -> set[str]:
+    fs, path = storage.filesystem(folder)
+    fs.invalidate_cache(path)
+    return {posixpath.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+
+
+def _existing(folder: str, key: dict) -> set[str]:
+    """The files already in ``folder`` that a cache made with ``key`` wrote (none when its
+    plan is another: those files are removed)."""
+    present = _present(folder)
+    if PLAN not in present:
+        return set()
+    try:
+        same = storage.read_json(storage.join(folder, PLAN)) == key
+    except (ValueError, OSError):
+        same = False
+    if same:
+        return {name for name in present if storage.TMP_MARKER not in name}
+    remove_feature_files(folder)
+    return set()
+
+
+def _start_folder(folder: str, key: dict) -> set[str]:
+    """The finished files of ``key``'s cache in ``folder``, its plan written when new."""
+    done = _existing(folder, key)
+    if PLAN not in done:
+        storage.write_json(storage.join(folder, PLAN), key)
+        done.add(PLAN)
+    return done
+
+
+def _read_shapes(local_files: list[str]) -> tuple[int, ...]:
+    with open(local_files[0], "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(f)
+    return tuple(shape[2:])
+
+
+def _open_shards(
+    plan: FeaturePlan, folder: str, local: str, shape: tuple[int, ...] | None = None
+) -> tuple[FeatureRows, FeatureRows]:
+    """Readers of the finished shards in ``folder`` (their local copies in ``local``)."""
+    files: dict[str, list[str]] = {"train": [], "val": []}
+    counts: dict[str, list[int]] = {"train": [], "val": []}
+    for kind, j, first, stop in plan.parts():
+        files[kind].append(local_copy(storage.join(folder, plan.name(kind, j)), local))
+        counts[kind].append(stop - first)
+    shape = shape or _read_shapes(files["train"] or files["val"])
+    train = FeatureRows(files["train"], counts["train"], plan.views, shape, plan.part)
+    val = FeatureRows(files["val"], counts["val"], 0, shape, plan.part)
+    return train, val
+
+
+# ---- the body on a worker ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerBody:
+    """How a worker rebuilds the frozen body: the network, its classes and a state-dict file."""
+
+    network: str
+    classes: int
+    url: str
+    sha256: str
+    execution_environment: str = "auto"
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_body(body: WorkerBody) -> tuple[nn.Module, torch.device]:
+    from retrain.tasks.networks import build_network, get_spec, resolve_device
+    from retrain.tasks.training.body_head import split_at_head
+
+    spec = get_spec(body.network)
+    model, _ = build_network(spec.name, body.classes, "none")
+    state = torch.load(io.BytesIO(storage.read_bytes(body.url)), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    device = resolve_device(body.execution_environment)
+    model.to(device, memory_format=torch.channels_last)
+    model.eval()
+    return split_at_head(model, spec).body.eval(), device
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_shards(plan: ShardPlan) -> ShardSet:
+    return ShardSet(plan)
+
+
+@dataclass(frozen=True)
+class FeatureTask:
+    """What every feature task shares (small: sent with each)."""
+
+    folder: str
+    body: WorkerBody
+    shards: ShardPlan  # without paths
+    views: int
+    augmentation: dict
+    preprocessing: dict
+    seed: int
+
+
+def extract_part(task: FeatureTask, kind: str, j: int, first: int, indices: np.ndarray) -> dict:
+    """What one Dask task does: the features of training (or validation) images ``first`` ..
+    ``first + len(indices) - 1`` (``indices``: those images in the image shards), written to
+    the part's shard file. A part already there is not computed again."""
+    started = time.perf_counter()
+    url = storage.join(task.folder, FeaturePlan.name(kind, j))
+    if storage.exists(url):
+        return {"kind": kind, "part": j, "images": len(indices), "seconds": 0.0, "skipped": True}
+    from retrain.tasks.allocator import tune_allocator
+
+    tune_allocator("inference")  # Dask's nanny starts workers with a trimming malloc (tasks/allocator.py)
+    body, device = _worker_body(task.body)
+    images = _worker_shards(task.shards).read(indices)
+    views = task.views if kind == "train" else 0
+    features = part_features(
+        body,
+        images,
+        first,
+        views,
+        Augmentation(**task.augmentation),
+        Preprocessing.from_dict(task.preprocessing),
+        task.seed,
+        device,
+    )
+    write_npy(url, features.cpu().numpy())
+    return {
+        "kind": kind,
+        "part": j,
+        "images": len(indices),
+        "seconds": time.perf_counter() - started,
+        "skipped": False,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ---- building the cache ------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterBody:
+    """What the feature extraction on a cluster needs besides the body: the whole model (the
+    workers rebuild the body from it), its network name and execution environment."""
+
+    client_source: Callable[[], object]  # returns a dask.distributed Client (started on first use)
+    model: nn.Module
+    network: str
+    classes: int
+    execution_environment: str = "auto"
 
 
 def build_feature_cache(
@@ -257,87 +511,253 @@ def build_feature_cache(
     folder: str | None = None,
     progress: bool = False,
     logger: logging.Logger | None = None,
+    cluster: ClusterBody | None = None,
 ) -> FeatureCache:
     """Run the frozen ``body`` once over every training image in ``views`` + 1 views and every
     validation image. Kept in memory (on the GPU when it fits there) up to ``memory_bytes``;
-    larger caches go to ``.npy`` files in ``folder`` (a local path, else a temporary folder),
-    which a resumed run reuses when they were made from the same images, body and settings."""
+    larger caches are feature shards in ``folder`` (a local path, else a temporary folder),
+    which a resumed run reuses (or completes) when they were made from the same images, body
+    and settings. With ``cluster`` (and images in shards), the parts are computed on Dask into
+    ``folder`` (any store URL) and then streamed."""
     logger = logger or log
     started = time.perf_counter()
     body.eval()
-    batch_size = AUG_CHUNK * (8 if device.type == "cuda" else 1)  # images augmented (and copied) at once
     n, m = len(data.train_targets), len(data.val_targets)
-    local = _local_folder(folder)
-    key = None
-    if local and os.path.exists(local):
-        key = _cache_key(body, data, preprocessing, augmentation, views, seed)
-        cached = _open_disk_cache(local, key)
-        if cached is not None:
-            logger.info("reusing the feature cache in %s", local)
-            return cached
-        _remove_cache_files(local)  # unfinished, or made from something else
-    place = _Placement(device, memory_bytes, local, (views, n, m))
+    plan = FeaturePlan(n, m, views, _check_part_size(FEATURE_PART))
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=(views + 1) * n + m, desc="features", unit="img", leave=False)
-    settings = (augmentation, preprocessing, seed, device, batch_size)
     try:
-        train = _run_body(body, data.train_images, views, *settings, place.train_array, bar)
-        val = place.val_array(tuple(train.shape[2:]))  # the same body, so the same feature shape
-        if m:
-            _run_body(body, data.val_images, 0, *settings, lambda _shape: val, bar)
+        distributed = (
+            cluster is not None
+            and isinstance(data.train_images, ShardImages)
+            and (m == 0 or isinstance(data.val_images, ShardImages))
+            and folder is not None
+        )
+        if distributed:
+            cache = _build_on_cluster(body, data, preprocessing, augmentation, plan, seed, folder, cluster, bar, logger)
+        else:
+            cache = _build_in_process(
+                body, data, preprocessing, augmentation, plan, seed, device, memory_bytes, folder, bar, logger
+            )
     finally:
         if bar is not None:
             bar.close()
-    if place.folder:
-        train.flush()
-        val.flush()
-        if not place.temporary:
-            key = key or _cache_key(body, data, preprocessing, augmentation, views, seed)
-            storage.write_json(os.path.join(place.folder, "manifest.json"), key)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    cache = FeatureCache(
-        train, val[0], place.where, time.perf_counter() - started, folder=place.folder, temporary=place.temporary
-    )
+    if not cache.reused:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        cache.seconds = time.perf_counter() - started
     info = cache.describe()
     logger.info(
-        "feature cache: %d training images x %d views + %d validation images, %.0f MiB in %s, %.1f s (%.0f images/s)",
+        "feature cache: %d training images x %d views + %d validation images, %.0f MiB in %s, %s%.1f s (%.0f images/s)",
         n,
         views + 1,
         m,
         info["bytes"] / 2**20,
         info["location"],
+        "reused, " if cache.reused else "",
         info["seconds"],
         info["images_per_second"] or 0,
     )
     return cache
 
 
-def _cache_key(
-    body: nn.Module, data: TrainingData, preprocessing: Preprocessing, augmentation: Augmentation, views: int, seed: int
-) -> dict:
-    return {
-        "format": FEATURE_FORMAT,
-        "views": views,
-        "seed": seed,
-        "augmentation": augmentation.to_dict(),
-        "preprocessing": preprocessing.to_dict(),
-        "aug_chunk": AUG_CHUNK,
-        "train_images": _digest(data.train_images),
-        "val_images": _digest(data.val_images),
-        "body": _digest(*[t for t in body.state_dict().values()]),
-    }
+def _images_of(data: TrainingData, kind: str):
+    return data.train_images if kind == "train" else data.val_images
 
 
-def _open_disk_cache(folder: str, key: dict) -> FeatureCache | None:
+def _build_in_process(
+    body: nn.Module,
+    data: TrainingData,
+    preprocessing: Preprocessing,
+    augmentation: Augmentation,
+    plan: FeaturePlan,
+    seed: int,
+    device: torch.device,
+    memory_bytes: int,
+    folder: str | None,
+    bar,
+    logger: logging.Logger,
+) -> FeatureCache:
+    local = _local_folder(folder)
+    key = None
+    done: set[str] = set()
+    if local and os.path.exists(os.path.join(local, PLAN)):
+        key = _cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
+        done = _existing(local, key)
+        if MANIFEST in done:
+            train, val = _open_shards(plan, local, local)
+            logger.info("reusing the feature cache in %s", local)
+            return FeatureCache(train, val, local, 0.0, reused=True, folder=local)
+    settings = (augmentation, preprocessing, seed, device)
+    where, target, temporary = None, None, False
+    memory: dict[str, torch.Tensor] = {}
+    computed = 0
+    for kind, j, first, stop in plan.parts():
+        name = plan.name(kind, j)
+        if name in done:
+            if bar is not None:
+                bar.update((stop - first) * ((plan.views + 1) if kind == "train" else 1))
+            continue
+        computed += 1
+        views = plan.views if kind == "train" else 0
+        features = part_features(body, _images_of(data, kind)[first:stop], first, views, *settings)
+        if where is None:  # the first part computed tells the size, and so where the cache goes
+            where, target, temporary = _placement(plan, features, device, memory_bytes, local, bool(done))
+            if target is not None:
+                key = key or _cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
+                done = _start_folder(target, key)
+                if target == local:
+                    logger.info("feature cache: shards in %s", target)
+        if target is None:
+            if kind not in memory:
+                total = plan.n if kind == "train" else plan.m
+                on = device if where == "cuda memory" else torch.device("cpu")
+                memory[kind] = torch.empty((views + 1, total, *features.shape[2:]), dtype=FEATURE_DTYPE, device=on)
+            memory[kind][:, first:stop] = features.to(memory[kind].device)
+        else:
+            write_npy(os.path.join(target, name), features.cpu().numpy())
+        del features
+        if bar is not None:
+            bar.update((stop - first) * (views + 1))
+    if where is None:  # every part was on disk already, but not the manifest
+        where, target, temporary = local, local, False
+    stats = {"where": "in process", "parts": len(plan.parts()), "computed": computed}
+    if target is None:
+        shape = next(iter(memory.values())).shape[2:]
+        train = memory["train"]
+        val = memory.get("val", torch.empty((1, 0, *shape), dtype=FEATURE_DTYPE, device=train.device))[0]
+        return FeatureCache(train, val, where, 0.0, extraction=stats)
+    storage.write_json(os.path.join(target, MANIFEST), {"parts": len(plan.parts())})
+    train, val = _open_shards(plan, target, target)
+    return FeatureCache(train, val, target, 0.0, folder=target, temporary=temporary, extraction=stats)
+
+
+def _placement(
+    plan: FeaturePlan, first: torch.Tensor, device: torch.device, memory_bytes: int, local: str | None, resuming: bool
+) -> tuple[str, str | None, bool]:
+    """Where a cache goes, from its first part's feature shape: (location, shard folder or
+    None for memory, whether that folder is temporary). GPU memory when it takes under half
+    of what is free there, host memory up to ``memory_bytes``, else shards in ``local`` (a
+    temporary folder when None). A folder that holds shards of this cache already stays."""
+    total_bytes = int(np.prod(first.shape[2:])) * 2 * ((plan.views + 1) * plan.n + plan.m)
+    if not resuming:
+        if device.type == "cuda" and total_bytes < 0.5 * torch.cuda.mem_get_info(device)[0]:
+            return "cuda memory", None, False
+        if total_bytes <= memory_bytes:
+            return "memory", None, False
+    target = local or tempfile.mkdtemp(prefix="retrain-features-")
+    os.makedirs(target, exist_ok=True)
+    return target, target, target != local
+
+
+def _build_on_cluster(
+    body: nn.Module,
+    data: TrainingData,
+    preprocessing: Preprocessing,
+    augmentation: Augmentation,
+    plan: FeaturePlan,
+    seed: int,
+    folder: str,
+    cluster: ClusterBody,
+    bar,
+    logger: logging.Logger,
+) -> FeatureCache:
+    folder = storage.absolute(folder)
+    key = _cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
+    done = _start_folder(folder, key)
+    local = _local_folder(folder) or tempfile.mkdtemp(prefix="retrain-features-")
+    if MANIFEST in done:
+        train, val = _open_shards(plan, folder, local)
+        logger.info("reusing the feature cache in %s", folder)
+        return FeatureCache(
+            train, val, folder, 0.0, reused=True, folder=local, temporary=local != folder, store_folder=folder
+        )
+    todo = [p for p in plan.parts() if plan.name(p[0], p[1]) not in done]
+    shards: ShardImages = data.train_images if isinstance(data.train_images, ShardImages) else data.val_images
+    started = time.perf_counter()
+    stats = {"parts": len(plan.parts()), "computed": len(todo), "where": "dask"}
+    if todo:
+        model_url = storage.join(folder, MODEL)
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in cluster.model.state_dict().items()}, buffer)
+        payload = buffer.getvalue()
+        storage.write_bytes(model_url, payload)
+        task = FeatureTask(
+            folder,
+            WorkerBody(
+                cluster.network,
+                cluster.classes,
+                model_url,
+                hashlib.sha256(payload).hexdigest(),
+                cluster.execution_environment,
+            ),
+            shards.shards.plan,
+            plan.views,
+            augmentation.to_dict(),
+            preprocessing.to_dict(),
+            seed,
+        )
+        client = cluster.client_source()
+        logger.info("feature extraction: %d of %d parts on the Dask cluster", len(todo), len(plan.parts()))
+        threads = _run_parts(client, task, data, todo, bar)
+        stats["worker_threads"] = threads
+    stats["extract_seconds"] = round(time.perf_counter() - started, 3)
+    left = [p for p in plan.parts() if plan.name(p[0], p[1]) not in _present(folder)]
+    if left:
+        raise RuntimeError(f"feature parts missing after extraction: {[plan.name(p[0], p[1]) for p in left[:5]]}")
+    storage.write_json(storage.join(folder, MANIFEST), {"parts": len(plan.parts())})
+    with contextlib.suppress(FileNotFoundError):
+        storage.remove(storage.join(folder, MODEL))
+    train, val = _open_shards(plan, folder, local)
+    return FeatureCache(
+        train,
+        val,
+        folder,
+        0.0,
+        folder=local,
+        temporary=local != folder,
+        store_folder=folder,
+        extraction=stats,
+    )
+
+
+def _run_parts(client, task: FeatureTask, data: TrainingData, todo: list, bar) -> int | None:
+    from distributed import as_completed
+
+    futures = {}
+    for kind, j, first, stop in todo:
+        images = _images_of(data, kind)
+        future = client.submit(
+            extract_part,
+            task,
+            kind,
+            j,
+            first,
+            images.indices[first:stop],
+            key=f"features-{kind}-{j:06d}-{uuid.uuid4().hex[:8]}",
+            retries=1,
+        )
+        futures[future] = (kind, j)
+    failures, threads = [], None
     try:
-        if storage.read_json(os.path.join(folder, "manifest.json")) != key:
-            return None
-        train = np.load(os.path.join(folder, "train.npy"), mmap_mode="r")
-        val = np.load(os.path.join(folder, "val.npy"), mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    return FeatureCache(train, val[0], folder, 0.0, reused=True, folder=folder)
+        for future in as_completed(futures):
+            if future.status != "finished":
+                exc = future.exception() if future.status == "error" else None
+                failures.append((futures[future], exc))
+                continue
+            result = future.result()
+            threads = result.get("threads", threads)
+            if bar is not None:
+                bar.update(result["images"] * ((task.views + 1) if result["kind"] == "train" else 1))
+    finally:
+        client.cancel(list(futures))
+    if failures:
+        (kind, j), exc = failures[0]
+        raise RuntimeError(
+            f"{len(failures)} feature parts failed on the cluster (first: {kind} part {j}: {exc}); "
+            "rerun to compute the missing parts"
+        ) from exc
+    return threads

@@ -36,7 +36,7 @@ from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import Prefetcher, autocast
 from retrain.tasks.training.distributed import Ranks
 from retrain.tasks.training.dropout import KeyedDropout
-from retrain.tasks.training.features import build_feature_cache
+from retrain.tasks.training.features import ClusterBody, build_feature_cache
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import dropout_seed, epoch_order, make_optimizer, set_epoch_learn_rate
 from retrain.tasks.training.steps import CachedSteps, ClassicSteps, validation_metrics
@@ -171,12 +171,15 @@ class _Trainer:
         feature_folder: str | None,
         progress: bool,
         shared_features: dict | None = None,
+        feature_cluster=None,
     ) -> ClassicSteps | CachedSteps:
         """The head on transfer mode's cached body features while there is training left
         (unless ``options.classic_loop``, or the network cannot be split at its head); the
         classic loop otherwise (and for a finished run: no feature cache to build).
         ``shared_features`` (``{"folder", "seed"}``, tasks/feature_sharing.py): a cache other
-        runs share, built on disk once, under a lock, from that seed's views, and kept."""
+        runs share, built on disk once, under a lock, from that seed's views, and kept.
+        ``feature_cluster`` (a :class:`~retrain.tasks.training.cluster.LazyCluster`): compute
+        the features on its Dask cluster, into ``feature_folder`` (or the shared folder)."""
         options = self.options
         classic = ClassicSteps(self.model, preprocessing, data, augmentation, options, self.device, self.train_model)
         if self.mode != "transfer" or options.classic_loop or not self.unfinished:
@@ -187,6 +190,12 @@ class _Trainer:
             self.logger.info("training with the classic loop: %s", exc)
             return classic
         shared = shared_features or {}
+        cluster = None
+        if feature_cluster is not None:
+            head = self.model.state_dict()[f"{self.spec.head_layer}.weight"]
+            cluster = ClusterBody(
+                feature_cluster.client, self.model, self.spec.name, int(head.shape[0]), options.execution_environment
+            )
         with feature_lock(shared.get("folder")):
             cache = build_feature_cache(
                 split.body,
@@ -200,6 +209,7 @@ class _Trainer:
                 shared.get("folder", feature_folder),
                 progress=progress,
                 logger=self.logger,
+                cluster=cluster,
             )
         return CachedSteps(self.model, split.rest, split.dropout, cache, data, options, self.device, bool(shared))
 
@@ -325,6 +335,7 @@ def train(
     feature_folder: str | None = None,
     shared_features: dict | None = None,
     ranks: Ranks | None = None,
+    feature_cluster=None,
 ) -> TrainingOutcome:
     """Train ``model`` with cross-entropy; returns the output network's weights and history.
 
@@ -332,8 +343,10 @@ def train(
     from the newest. ``on_validation`` gets the history after each validation (for the
     progress plot). In transfer mode the head trains on cached body features (see
     :func:`~retrain.tasks.training.features.build_feature_cache`; ``feature_folder`` is where
-    a cache too large for memory goes) unless ``options.classic_loop``; the result is the
-    same kind of full state dict. ``ranks``: this process's place among DistributedDataParallel
+    a cache too large for memory goes; ``feature_cluster``: a Dask cluster to compute it on)
+    unless ``options.classic_loop``; the result is the same kind of full state dict.
+    ``data``'s images may be tensors or image shards (:mod:`~retrain.tasks.training.shards`).
+    ``ranks``: this process's place among DistributedDataParallel
     processes (tasks/training/distributed.py; finetune and scratch modes); only rank 0
     validates, writes checkpoints and calls ``on_validation``, and only its outcome counts.
     """
@@ -357,7 +370,9 @@ def train(
     trainer = _Trainer(model, spec, mode, options, plan, device, checkpoints, logger, ranks)
     try:
         resumed_from = trainer.resume()
-        steps = trainer.make_steps(preprocessing, data, augmentation, feature_folder, progress, shared_features)
+        steps = trainer.make_steps(
+            preprocessing, data, augmentation, feature_folder, progress, shared_features, feature_cluster
+        )
         _loop(trainer, steps, data, on_validation if trainer.leader else None, progress and trainer.leader)
         return trainer.finish(resumed_from, steps.feature_info)
     finally:

@@ -54,9 +54,11 @@ class TrainingOptions:
     # Random augmented views per training image in the feature cache, besides the image
     # itself; None: automatic (see cache_views).
     feature_cache_views: int | None = None
-    # A feature cache larger than this (MiB) is kept on disk, in the run folder, memory-mapped
-    # (on a GPU it is kept in GPU memory when it takes less than half of what is free).
-    feature_cache_memory_mb: int = 4096
+    # A feature cache larger than this (MiB) is kept on disk as feature shards, in the run
+    # folder, and streamed from there (on a GPU it is kept in GPU memory when it takes less than
+    # half of what is free). The bound on what training holds in memory, whatever the data
+    # set's size (streamed from the page cache: benchmarks/bench_scale.py).
+    feature_cache_memory_mb: int = 1024
     # Fine-tune and scratch modes: training processes (DistributedDataParallel, one per GPU,
     # each taking a part of every mini-batch); None: every visible GPU when training on CUDA,
     # else 1. Transfer mode trains in one process. Does not change the result beyond float

@@ -20,6 +20,7 @@ from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import training_progress
 from retrain.tasks.runs import read_run
 from retrain.tasks.storage import RunLayout
+from retrain.tasks.training.cluster import ClusterRequest, training_cluster
 from retrain.tasks.training.data import load_training_data
 from retrain.tasks.training.distributed import (
     Ranks,
@@ -53,12 +54,17 @@ def train_run(
     progress: bool = False,
     logger: logging.Logger | None = None,
     on_validation: Callable[[pd.DataFrame], None] | None = None,
+    cluster: dict | ClusterRequest | None = None,
 ) -> dict:
     """Train the network a run asks for on its split; writes ``trained.pt``, ``history.csv``,
     ``progress.png``, ``network.txt`` and ``training.json`` into the run folder and returns
     the ``training.json`` record. Resumes from the run's checkpoints; a run already trained
     is not trained again. ``on_validation`` gets the history (a DataFrame) after each
-    validation, besides the progress plot (a UI's live progress)."""
+    validation, besides the progress plot (a UI's live progress).
+
+    The images come from the data set's image shards in the store (prepared now where
+    missing); ``cluster`` (``{"address", "workers"}``, :class:`~.cluster.ClusterRequest`)
+    prepares them, and computes transfer mode's features, on Dask instead of in this process."""
     logger = logger or log
     layout = RunLayout(run_url)
     if storage.exists(layout.training) and storage.exists(layout.trained):
@@ -68,11 +74,29 @@ def train_run(
     options = TrainingOptions.from_dict(config["options"])
     device = resolve_device(options.execution_environment)
     processes = resolve_processes(options.processes, config["mode"], device)
+    if not isinstance(cluster, ClusterRequest):
+        cluster = ClusterRequest.from_dict(cluster)
     if processes == 1:
-        return _train(run_url, progress, logger, on_validation)
+        return _train(run_url, progress, logger, on_validation, cluster=cluster)
+    _prepare_shards(run_url, cluster, logger)  # once, here: the ranks then only read them
     logger.info("training in %d processes (DistributedDataParallel, %s)", processes, backend_for(device))
     launch(_train_rank, (run_url, progress), processes, device, logger, on_validation)
     return storage.read_json(layout.training)
+
+
+def _store_of(run_url: str, record: dict) -> str:
+    return record.get("store") or run_url.rstrip("/").rsplit("/runs/", 1)[0]
+
+
+def _prepare_shards(run_url: str, cluster: ClusterRequest, logger: logging.Logger) -> None:
+    """The run's image shards, made where missing (on ``cluster`` when it asks for one)."""
+    record = read_run(run_url)
+    split = storage.read_parquet(RunLayout(run_url).split)
+    spec = get_spec(record["config"]["network"])
+    classes = sorted(split["label"].unique())
+    with training_cluster(cluster, logger) as lazy_cluster:
+        size = spec.preprocessing.input_size
+        load_training_data(split, classes, size, _store_of(run_url, record), lazy_cluster, logger).close()
 
 
 def _train_rank(ranks: Ranks, run_url: str, progress: bool) -> None:
@@ -90,12 +114,14 @@ def _train(
     logger: logging.Logger | logging.LoggerAdapter,
     on_validation: Callable[[pd.DataFrame], None] | None,
     ranks: Ranks | None = None,
+    cluster: ClusterRequest | None = None,
 ) -> dict:
     """Train a run in this process, alone or as one of ``ranks``; the outputs are written by
     the only or the first process. Returns the ``training.json`` record (rank 0's)."""
     layout = RunLayout(run_url)
     leader = ranks is None or ranks.leader
-    config = read_run(run_url)["config"]
+    record = read_run(run_url)
+    config = record["config"]
     mode = config["mode"]
     options = TrainingOptions.from_dict(config["options"])
     augmentation = Augmentation(**config["augmentation"])
@@ -106,38 +132,29 @@ def _train(
     model, origin = build_network(spec.name, len(classes), "none" if mode == "scratch" else config["weights"])
     if leader:
         storage.write_bytes(layout.network, summarize(model, spec).to_text().encode())
-    data = load_training_data(split, classes, spec.preprocessing.input_size)
-    (logger.info if leader else logger.debug)(
-        "training %s (%s mode) on %d images, validating on %d, %d classes",
-        spec.name,
-        mode,
-        len(data.train_targets),
-        len(data.val_targets),
-        len(classes),
-    )
-    plot = _ProgressPlot(layout.progress)
-
-    def after_validation(history: pd.DataFrame) -> None:
-        plot(history)
-        if on_validation is not None:
-            on_validation(history)
-
-    outcome = train(
-        model,
-        spec,
-        spec.preprocessing,
-        data,
-        mode,
-        options,
-        augmentation,
-        checkpoints=layout.checkpoints,
-        on_validation=after_validation,
-        progress=progress,
-        logger=logger,
-        feature_folder=layout.features,
-        shared_features=config.get("extra", {}).get("shared_features"),  # from an experiment
-        ranks=ranks,
-    )
+    with training_cluster(cluster, logger) as lazy_cluster:
+        data = load_training_data(
+            split, classes, spec.preprocessing.input_size, _store_of(run_url, record), lazy_cluster, logger
+        )
+        try:
+            outcome = _train_on(
+                model,
+                spec,
+                mode,
+                options,
+                augmentation,
+                config,
+                data,
+                layout,
+                progress,
+                logger,
+                on_validation,
+                ranks,
+                leader,
+                lazy_cluster,
+            )
+        finally:
+            data.close()
     if not leader:
         return {}
     storage.write_bytes(layout.history, outcome.history.to_csv(index=False).encode())
@@ -156,8 +173,60 @@ def _train(
     save_model_file(layout.trained, model_record(model, spec, classes, origin, metrics=metrics, training=training))
     summary = _summary(outcome, layout, origin, options, len(data.train_targets), len(data.val_targets))
     summary["processes"] = ranks.size if ranks is not None else 1
+    summary["image_shards"] = data.shards
     storage.write_json(layout.training, summary)
     return summary
+
+
+def _train_on(
+    model,
+    spec,
+    mode,
+    options,
+    augmentation,
+    config,
+    data,
+    layout,
+    progress,
+    logger,
+    on_validation,
+    ranks,
+    leader,
+    cluster,
+) -> TrainingOutcome:
+    """The loop on the run's data, with the progress plot after each validation."""
+    (logger.info if leader else logger.debug)(
+        "training %s (%s mode) on %d images, validating on %d, %d classes",
+        spec.name,
+        mode,
+        len(data.train_targets),
+        len(data.val_targets),
+        int(model.state_dict()[f"{spec.head_layer}.weight"].shape[0]),
+    )
+    plot = _ProgressPlot(layout.progress)
+
+    def after_validation(history: pd.DataFrame) -> None:
+        plot(history)
+        if on_validation is not None:
+            on_validation(history)
+
+    return train(
+        model,
+        spec,
+        spec.preprocessing,
+        data,
+        mode,
+        options,
+        augmentation,
+        checkpoints=layout.checkpoints,
+        on_validation=after_validation,
+        progress=progress,
+        logger=logger,
+        feature_folder=layout.features,
+        shared_features=config.get("extra", {}).get("shared_features"),  # from an experiment
+        ranks=ranks,
+        feature_cluster=cluster,
+    )
 
 
 def _summary(

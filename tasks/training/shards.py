@@ -1,0 +1,482 @@
+"""Image shards: a data set's images decoded once, at the network's input size, into uint8
+``.npy`` files in the store, which every run, epoch and mode then streams batches from.
+
+::
+
+    <store>/shards/<key>/plan.json            what the shards hold (written first)
+    <store>/shards/<key>/shard-000000.npy     images 0..SHARD_IMAGES-1, uint8 N x 3 x H x W
+    <store>/shards/<key>/shard-000001.npy     ... each written atomically (temporary name, then move)
+    <store>/shards/<key>/manifest.json        written last: every shard is there
+
+The images of a run's split (train, val and test rows alike) are sorted by path; image ``i``
+of that order is row ``i % SHARD_IMAGES`` of shard ``i // SHARD_IMAGES``. The key is a digest
+of the images' content (the sha1 the index stage took of each file's bytes, in that order), the
+input size and the decoder and resize method (with their library versions), so runs with
+other splits, seeds, modes or networks of the same input size share one set of shards, and a
+changed file makes a new set. A preparation that is killed (kill -9) leaves whole shards and
+at most ``*.tmp-*`` debris: the next run prepares only the shards that are missing.
+
+Reads are positioned reads (``os.preadv``) of the rows a batch needs, straight into the
+batch's buffer: the operating system's page cache holds the files, not this process, so the
+process's memory does not grow with the number of images (a memory map would count every
+page it has touched as the process's own). A store that is not a local disk is copied, shard
+by shard, into a local cache folder first (``$RETRAIN_CACHE``, default ``~/.cache/retrain``).
+
+Decoding runs in threads (decoders release the GIL), one shard at a time; on a Dask cluster
+each missing shard is a task (threads only: Dask workers are daemon processes, which may not
+start processes of their own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from retrain.tasks import storage
+
+log = logging.getLogger("retrain.training")
+
+SHARD_FORMAT = "retrain.image-shards/1"
+# Images per shard: 512 at 227 x 227 is 79 MB, what one preparation step holds in memory.
+SHARD_IMAGES = int(os.environ.get("RETRAIN_SHARD_IMAGES", "512"))
+PLAN, MANIFEST = "plan.json", "manifest.json"
+REMOTE_READ_THREADS = 8  # reads from an object store wait on the network: overlap them
+
+
+def cache_root() -> str:
+    """Where shards of a store that is not a local disk are copied to be read."""
+    return os.environ.get("RETRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "retrain")
+
+
+def _resize_method() -> str:
+    """What turns a file into the stored pixels: the decoders, the resize and their versions."""
+    import PIL
+    import torchvision
+
+    return f"decode_image+resize(bilinear,antialias);torchvision {torchvision.__version__};pillow {PIL.__version__}"
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What a set of shards holds and where: picklable and small apart from ``paths`` (the
+    image URLs in shard order, needed only to prepare shards)."""
+
+    folder: str  # <store>/shards/<key>
+    key: str
+    count: int
+    input_size: tuple[int, int]
+    shard_images: int
+    paths: tuple[str, ...] = ()
+
+    @property
+    def shards(self) -> int:
+        return -(-self.count // self.shard_images)
+
+    def shard_name(self, i: int) -> str:
+        return f"shard-{i:06d}.npy"
+
+    def shard_url(self, i: int) -> str:
+        return storage.join(self.folder, self.shard_name(i))
+
+    def shard_range(self, i: int) -> tuple[int, int]:
+        return i * self.shard_images, min((i + 1) * self.shard_images, self.count)
+
+    def without_paths(self) -> ShardPlan:
+        return ShardPlan(self.folder, self.key, self.count, self.input_size, self.shard_images)
+
+    def record(self) -> dict:
+        d = asdict(self.without_paths())
+        d.pop("paths")
+        d["input_size"] = list(self.input_size)
+        return {"format": SHARD_FORMAT, "method": _resize_method(), **d}
+
+
+def _content_digests(paths: list[str], digests: Iterable | None) -> list[str]:
+    """The sha1 of each file's bytes from the index; where the index has none (a run indexed
+    before it kept them), the file's size and modification time stand in."""
+    given = list(digests) if digests is not None else [None] * len(paths)
+    missing = [i for i, d in enumerate(given) if not isinstance(d, str) or not d]
+    if missing:
+
+        def stat(url: str) -> str:
+            fs, path = storage.filesystem(url)
+            info = fs.info(path)
+            return f"{url}:{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+
+        with ThreadPoolExecutor(8) as pool:
+            for i, value in zip(missing, pool.map(stat, [paths[i] for i in missing])):
+                given[i] = value
+    return given
+
+
+def plan_shards(
+    store: str, paths: list[str], digests: Iterable | None, input_size: tuple[int, int], shard_images: int | None = None
+) -> ShardPlan:
+    """The shard plan for images ``paths`` (sorted, unique) with content ``digests`` (one per
+    path, from the index) at ``input_size``, in ``store``."""
+    shard_images = shard_images or SHARD_IMAGES
+    if shard_images < 1:
+        raise ValueError(f"images per shard must be at least 1, not {shard_images}")
+    paths = list(paths)
+    if paths != sorted(set(paths)):
+        raise ValueError("shard paths must be sorted and unique")
+    h = hashlib.sha256()
+    h.update(json.dumps([SHARD_FORMAT, _resize_method(), list(input_size), shard_images]).encode())
+    for digest in _content_digests(paths, digests):
+        h.update(digest.encode() + b"\n")
+    key = h.hexdigest()[:24]
+    folder = storage.join(storage.StoreLayout(store).shards, key)
+    return ShardPlan(folder, key, len(paths), tuple(int(v) for v in input_size), shard_images, tuple(paths))
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+
+
+def write_npy(url: str, array: np.ndarray) -> str:
+    """An ``.npy`` file written atomically: on a local disk straight into a temporary file
+    that is then renamed (no copy of the array in memory); elsewhere as one write."""
+    if storage.is_local(url):
+        path = storage.absolute(url)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}{storage.TMP_MARKER}{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        return url
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return storage.write_bytes(url, buffer.getvalue())
+
+
+def _decode(url: str, size: tuple[int, int]) -> torch.Tensor:
+    from retrain.tasks.preprocessing import ImageDecodeError, load_image
+
+    try:
+        return load_image(storage.read_bytes(url), size)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{url}: {exc}") from None
+
+
+def write_shard(plan: ShardPlan, i: int, paths: list[str] | None = None, threads: int | None = None) -> dict:
+    """Decode shard ``i``'s images and write it (what one Dask task does). A shard already
+    there is left as it is. Returns {"shard", "images", "seconds", "skipped"}."""
+    started = time.perf_counter()
+    url = plan.shard_url(i)
+    if storage.exists(url):
+        return {"shard": i, "images": 0, "seconds": 0.0, "skipped": True}
+    from retrain.tasks.allocator import tune_allocator
+
+    tune_allocator("inference")  # decoding allocates and frees image-sized blocks (tasks/allocator.py)
+    start, stop = plan.shard_range(i)
+    paths = list(plan.paths[start:stop]) if paths is None else list(paths)
+    if len(paths) != stop - start:
+        raise ValueError(f"shard {i} holds {stop - start} images, not {len(paths)}")
+    if threads is None:
+        threads = 4 if not paths or storage.is_local(paths[0]) else REMOTE_READ_THREADS
+    out = np.empty((len(paths), 3, *plan.input_size), dtype=np.uint8)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for j, image in enumerate(pool.map(lambda u: _decode(u, plan.input_size), paths)):
+            out[j] = image.numpy()
+    write_npy(url, out)
+    return {"shard": i, "images": len(paths), "seconds": time.perf_counter() - started, "skipped": False}
+
+
+@storage.retrying
+def _present(folder: str) -> set[str]:
+    """File names in ``folder``, listed afresh (other processes write there)."""
+    fs, path = storage.filesystem(folder)
+    fs.invalidate_cache(path)
+    return {posixpath.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+
+
+def missing_shards(plan: ShardPlan) -> list[int]:
+    present = _present(plan.folder)
+    if MANIFEST in present and all(plan.shard_name(i) in present for i in range(plan.shards)):
+        return []
+    return [i for i in range(plan.shards) if plan.shard_name(i) not in present]
+
+
+def prepare_shards(
+    plan: ShardPlan,
+    client=None,
+    logger: logging.Logger | None = None,
+    on_shard: Callable[[dict], None] | None = None,
+) -> dict:
+    """Write every shard of ``plan`` that is not there yet, in this process (one shard at a
+    time, decoding in threads) or as tasks on the Dask ``client``; then the manifest.
+    Returns what it did: {"shards", "prepared", "reused", "images", "seconds", "where"}."""
+    logger = logger or log
+    started = time.perf_counter()
+    todo = missing_shards(plan)
+    if todo and not storage.exists(storage.join(plan.folder, PLAN)):
+        storage.write_json(storage.join(plan.folder, PLAN), plan.record())
+    where = "in process"
+    if todo:
+        logger.info(
+            "image shards: preparing %d of %d shards (%d images at %dx%d) in %s",
+            len(todo),
+            plan.shards,
+            plan.count,
+            *plan.input_size,
+            plan.folder,
+        )
+    if todo and client is not None:
+        where = "dask"
+        _prepare_on_dask(client, plan, todo, on_shard)
+    else:
+        for i in todo:
+            result = write_shard(plan, i)
+            if on_shard is not None:
+                on_shard(result)
+    if todo or not storage.exists(storage.join(plan.folder, MANIFEST)):
+        left = missing_shards(plan.without_paths()) if todo else []
+        if left:
+            raise RuntimeError(f"image shards {left[:5]} of {plan.folder} are missing after preparation")
+        storage.write_json(
+            storage.join(plan.folder, MANIFEST),
+            {**plan.record(), "shards": [plan.shard_name(i) for i in range(plan.shards)]},
+        )
+    seconds = time.perf_counter() - started
+    if todo:
+        logger.info("image shards: %d prepared (%s) in %.1f s", len(todo), where, seconds)
+    return {
+        "folder": plan.folder,
+        "shards": plan.shards,
+        "prepared": len(todo),
+        "reused": plan.shards - len(todo),
+        "images": plan.count,
+        "seconds": round(seconds, 3),
+        "where": where,
+    }
+
+
+def _prepare_on_dask(client, plan: ShardPlan, todo: list[int], on_shard: Callable[[dict], None] | None) -> None:
+    from distributed import as_completed
+
+    light = plan.without_paths()
+    futures = {}
+    for i in todo:
+        start, stop = plan.shard_range(i)
+        future = client.submit(
+            write_shard,
+            light,
+            i,
+            list(plan.paths[start:stop]),
+            2,  # decoding threads per task: a local cluster runs one worker per core
+            key=f"shard-{plan.key[:8]}-{i:06d}-{uuid.uuid4().hex[:6]}",
+            retries=1,
+        )
+        futures[future] = i
+    failures = []
+    try:
+        for future in as_completed(futures):
+            if future.status != "finished":
+                exc = future.exception() if future.status == "error" else None
+                failures.append((futures[future], exc))
+                continue
+            if on_shard is not None:
+                on_shard(future.result())
+    finally:
+        client.cancel(list(futures))
+    if failures:
+        i, exc = failures[0]
+        raise RuntimeError(f"{len(failures)} image shards failed on the cluster (first: shard {i}: {exc})") from exc
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+
+class RowFiles:
+    """Fixed-size rows of a list of ``.npy`` files (C order), read with positioned reads.
+
+    ``files[k]`` is a local path; row ``r`` of file ``k`` lies at its header's end plus
+    ``r * row_bytes``. File descriptors open on first use; a pickled copy opens its own (for
+    worker processes)."""
+
+    def __init__(self, files: list[str], row_shape: tuple[int, ...], dtype: np.dtype):
+        self.files = list(files)
+        self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self._fds: dict[int, tuple[int, int]] = {}
+        self._lock = threading.Lock()  # the batch prefetcher's thread and the loop's read too
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _open(self, k: int) -> tuple[int, int]:
+        found = self._fds.get(k)
+        if found is not None:
+            return found
+        with self._lock:
+            return self._fds.get(k) or self._open_locked(k)
+
+    def _open_locked(self, k: int) -> tuple[int, int]:
+        with open(self.files[k], "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if fortran or np.dtype(dtype) != self.dtype or tuple(shape[-len(self.row_shape) :]) != self.row_shape:
+                raise ValueError(f"{self.files[k]}: {shape} {dtype} does not hold rows of {self.row_shape}")
+            offset = f.tell()
+        found = (os.open(self.files[k], os.O_RDONLY), offset)
+        self._fds[k] = found
+        return found
+
+    def read_into(self, out: np.ndarray, files: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Row ``rows[j]`` of file ``files[j]`` into ``out[j]``; consecutive rows of one file
+        are read at once."""
+        n = len(rows)
+        flat = out.reshape(n, -1).view(np.uint8) if n else out
+        j = 0
+        while j < n:
+            k, r = int(files[j]), int(rows[j])
+            run = 1
+            while j + run < n and files[j + run] == k and rows[j + run] == r + run:
+                run += 1
+            fd, offset = self._open(k)
+            view = memoryview(flat[j : j + run]).cast("B")
+            position, want = offset + r * self.row_bytes, run * self.row_bytes
+            done = 0
+            while done < want:
+                got = os.preadv(fd, [view[done:]], position + done)
+                if got <= 0:
+                    raise OSError(f"{self.files[k]}: short read at row {r} (file truncated?)")
+                done += got
+            j += run
+        return out
+
+    def close(self) -> None:
+        for fd, _ in list(self._fds.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        self.close()
+
+
+def local_copy(url: str, folder: str) -> str:
+    """A local path holding the file at ``url``: the path itself on a local disk, else a copy
+    in ``folder`` (made once, atomically)."""
+    if storage.is_local(url):
+        return storage.absolute(url)
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, posixpath.basename(url))
+    if not os.path.exists(target):
+        _download(url, target)
+    return target
+
+
+@storage.retrying
+def _download(url: str, target: str) -> None:
+    fs, path = storage.filesystem(url)
+    tmp = f"{target}{storage.TMP_MARKER}{uuid.uuid4().hex[:8]}"
+    try:
+        fs.get_file(path, tmp)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+class ShardSet:
+    """The prepared shards of a plan, for reading: ``read(indices)`` gives those images
+    (uint8, k x 3 x H x W) in that order."""
+
+    def __init__(self, plan: ShardPlan):
+        self.plan = plan.without_paths()
+        self.local_folder = None if storage.is_local(plan.folder) else os.path.join(cache_root(), "shards", plan.key)
+        files = [self._local(i) for i in range(plan.shards)]
+        self.rows = RowFiles(files, (3, *plan.input_size), np.uint8)
+
+    def _local(self, i: int) -> str:
+        if self.local_folder is None:
+            return storage.absolute(self.plan.shard_url(i))
+        return local_copy(self.plan.shard_url(i), self.local_folder)
+
+    def __len__(self) -> int:
+        return self.plan.count
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, *self.plan.input_size)
+
+    def read(self, indices: np.ndarray) -> torch.Tensor:
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.plan.count):
+            raise IndexError(f"image index out of range 0..{self.plan.count - 1}")
+        out = np.empty((len(indices), *self.image_shape), dtype=np.uint8)
+        size = self.plan.shard_images
+        self.rows.read_into(out, indices // size, indices % size)
+        return torch.from_numpy(out)
+
+    def close(self) -> None:
+        self.rows.close()
+
+
+class ShardImages:
+    """Some images of a :class:`ShardSet` (a run's train or validation part), indexed like
+    the uint8 tensor they stand for: ``images[i]``, ``images[a:b]``, ``images[tensor]`` read
+    those images from the shards. Picklable (each process opens the files itself)."""
+
+    def __init__(self, shards: ShardSet, indices: np.ndarray):
+        self.shards = shards
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.indices), *self.shards.image_shape)
+
+    dtype = torch.uint8
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)):
+            return self.shards.read(self.indices[[int(key)]])[0]
+        if isinstance(key, slice):
+            return self.shards.read(self.indices[key])
+        if torch.is_tensor(key):
+            key = key.cpu().numpy()
+        return self.shards.read(self.indices[np.asarray(key)])
+
+    def content_digest(self) -> str:
+        """What these images are (the shards' content key and which of them), without
+        reading them."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.shards.plan.key.encode())
+        h.update(np.ascontiguousarray(self.indices).tobytes())
+        return h.hexdigest()
+
+    def close(self) -> None:
+        self.shards.close()
