@@ -221,6 +221,10 @@ def clean_env(work: Path, name: str = "") -> dict:
     home = work / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     env["PREFECT_HOME"] = str(home)
+    # Each run in a process of its own: through the server's resident process (flows/resident.py)
+    # the work would happen in a fork that is not this benchmark's child, so neither its peak
+    # memory nor its CPU seconds would be measured.
+    env["RETRAIN_RESIDENT"] = "0"
     return env
 
 

@@ -1,4 +1,5 @@
-"""The ``retrain`` command: its arguments, exit statuses and ``--json`` output.
+"""The ``retrain`` command: its arguments and ``--json`` output (its exit statuses and error
+reports: :mod:`flows.failures`).
 
 ``run`` and ``score`` are Prefect flows (they show in the UI); ``evaluate``, ``classify``,
 ``network`` and ``runs`` call the plain functions, so they answer in seconds without starting a
@@ -23,8 +24,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # 20 s limit would fail the run before it begins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from retrain.tasks import orchestrator, server  # noqa: E402  (standard library only: costs ms)
-from retrain.tasks.orchestrator import DEFAULT_GRACE_S  # noqa: E402
+from retrain.flows import failures  # noqa: E402  (standard library only: costs ms)
+from retrain.tasks import orchestrator, server  # noqa: E402
 from retrain.tasks.request import add_run_arguments  # noqa: E402
 
 
@@ -276,7 +277,7 @@ class _HelpFormatter(argparse.HelpFormatter):
     """argparse's, except that the exit-status table of the epilog keeps its lines."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if text is EXIT_STATUSES:
+        if text is failures.EXIT_STATUSES:
             return "\n".join(indent + line for line in text.splitlines())
         return super()._fill_text(text, width, indent)
 
@@ -288,7 +289,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retrain",
         description=__doc__.split("\n\n")[0],
-        epilog=EXIT_STATUSES,
+        epilog=failures.EXIT_STATUSES,
         formatter_class=_HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,7 +298,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             name,
             help=help_line,
             description=description,
-            epilog=EXIT_STATUSES,
+            epilog=failures.EXIT_STATUSES,
             formatter_class=_HelpFormatter,
         )
         if command in (None, name):
@@ -320,118 +321,8 @@ def _scoring_defaults() -> tuple[int, int]:
     return DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE
 
 
-# Exit statuses, one per failure class (the help's epilog and the README list them too).
-EXIT_REFUSED = 2  # the input or request was refused: running it again as it is will not help
-EXIT_STORE_FAILED = 3  # the store failed after retries (unreachable, full, credentials refused)
-EXIT_ORCHESTRATOR = 4  # the Prefect API is unreachable (before the command, or for the grace)
-EXIT_CLUSTER_LOST = 5  # the Dask scheduler is unreachable or went away during the job
-EXIT_INTERRUPTED = 130
-EXIT_STATUSES = f"""exit status:
-  0    done
-  {EXIT_REFUSED}    the input or request was refused (bad data, options, model file; a run already running)
-  {EXIT_STORE_FAILED}    the store failed after retries (unreachable, full, credentials refused)
-  {EXIT_ORCHESTRATOR}    the Prefect API is unreachable, before the command or for longer than
-       $RETRAIN_API_GRACE_SECONDS (default {DEFAULT_GRACE_S:.0f}) while it ran
-  {EXIT_CLUSTER_LOST}    the Dask cluster (--dask-address) is unreachable or was lost
-  {EXIT_INTERRUPTED}  interrupted
-After 3, 4, 5 and 130 what is in the store is kept: rerun the same command to resume.
-The last line on stderr says what failed; a traceback goes to the log file it names."""
 # Commands whose flows talk to the Prefect API.
 PREFECT_COMMANDS = frozenset({"run", "score", "experiment", "deploy"})
-
-
-def _log_dir() -> str:
-    """Where a failed command's traceback goes: ``$RETRAIN_LOG_DIR``, else
-    ``$XDG_STATE_HOME/retrain`` (``~/.local/state/retrain``)."""
-    if os.environ.get("RETRAIN_LOG_DIR"):
-        return os.environ["RETRAIN_LOG_DIR"]
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(state, "retrain")
-
-
-def _write_log(args, exc: BaseException, message: str) -> str | None:
-    """The command line, the message and the traceback, in a new file of :func:`_log_dir`."""
-    import time
-    import traceback
-
-    try:
-        folder = _log_dir()
-        os.makedirs(folder, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        path = os.path.join(folder, f"{args.command}-{stamp}-{os.getpid()}.log")
-        with open(path, "w") as f:
-            f.write(f"retrain {' '.join(sys.argv[1:])}\n{message}\n\n")
-            f.write("".join(traceback.format_exception(exc)))
-        return path
-    except OSError:  # no place for a log is no reason to hide the message
-        return None
-
-
-def _fail(args, exc: BaseException, message: str, status: int) -> int:
-    """Report a failure: its traceback to a log file, one plain line (the last) on stderr,
-    and with --json an object with the error, its class and the exit status."""
-    log = _write_log(args, exc, message)
-    if log:
-        print(f"retrain {args.command}: details in {log}", file=sys.stderr)
-    print(f"retrain {args.command}: error: {message}", file=sys.stderr)
-    if args.json:
-        print(json.dumps({"error": message, "type": type(exc).__name__, "status": status, "log": log}))
-    return status
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What refuses a request (bad input, data, model or option). Imported when a command
-    failed: the modules that raise them are loaded by then."""
-    from retrain.tasks.datastore import DataSetError
-    from retrain.tasks.model_file import ModelFileError
-    from retrain.tasks.networks import WeightsUnavailableError
-    from retrain.tasks.preprocessing import ImageDecodeError
-
-    return (
-        server.ServerError,
-        DataSetError,
-        WeightsUnavailableError,
-        ModelFileError,
-        ImageDecodeError,
-        FileNotFoundError,
-        ValueError,
-    )
-
-
-def _classify(args, exc: BaseException) -> tuple[str, int] | None:
-    """The message and exit status of a failure; None for a bug (its traceback is what a
-    report needs, so it is raised)."""
-    import errno
-
-    from retrain.tasks import storage
-    from retrain.tasks.scoring.layout import ClusterLostError
-
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted; what is in the store is kept: rerun the same command to resume", EXIT_INTERRUPTED
-    if orchestrator.is_api_failure(exc):
-        return str(orchestrator.failure_of(exc, orchestrator.configured_api_url())), EXIT_ORCHESTRATOR
-    if isinstance(exc, ClusterLostError):
-        return str(exc), EXIT_CLUSTER_LOST
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = (
-            f" writing {exc.filename}"
-            if exc.filename
-            else f" (store {getattr(args, 'store', None) or storage.default_store()})"
-        )
-        return (
-            f"store full: no space left on device{where}; what was written before is kept: "
-            "free some space and rerun the same command to resume",
-            EXIT_STORE_FAILED,
-        )
-    if isinstance(exc, storage.StorageError):
-        return str(exc), EXIT_STORE_FAILED
-    if isinstance(exc, _user_errors()):
-        return (str(exc) if not isinstance(exc, FileNotFoundError) else f"not found: {exc}"), EXIT_REFUSED
-    if isinstance(exc, (IsADirectoryError, NotADirectoryError, PermissionError)):
-        return f"{type(exc).__name__}: {exc}", EXIT_REFUSED
-    if storage.transient(exc):  # a store failure that escaped the retries (a remote filesystem called directly)
-        return f"store failure: {type(exc).__name__}: {exc}", EXIT_STORE_FAILED
-    return None
 
 
 def _watch_api(args, url: str, grace_s: float) -> orchestrator.ApiWatch:
@@ -440,10 +331,10 @@ def _watch_api(args, url: str, grace_s: float) -> orchestrator.ApiWatch:
     store keeps what was written (every write is atomic), so the rerun resumes."""
 
     def lost(error: orchestrator.OrchestratorError) -> None:
-        _fail(args, error, str(error), EXIT_ORCHESTRATOR)
+        failures.report(args, error, str(error), failures.EXIT_ORCHESTRATOR)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        os._exit(EXIT_ORCHESTRATOR)
+        os._exit(failures.EXIT_ORCHESTRATOR)
 
     # After os._exit, the resource tracker of a local Dask cluster's processes (started later,
     # with this interpreter's -W options) frees their semaphores and would warn about them
@@ -474,10 +365,10 @@ def main(argv: list[str] | None = None, watch_api: bool = False) -> int:
 
         result = COMMANDS[args.command](args)
     except (Exception, KeyboardInterrupt) as exc:
-        failure = _classify(args, exc)
+        failure = failures.classify(args, exc)
         if failure is None:
             raise
-        return _fail(args, exc, *failure)
+        return failures.report(args, exc, *failure)
     finally:
         if watch is not None:
             watch.stop()
@@ -512,7 +403,7 @@ def finish(status: int) -> None:
     handlers run (Prefect's send the last logs and events to the API)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    if status == EXIT_ORCHESTRATOR:  # Prefect's exit handlers would only retry sending to the lost API
+    if status == failures.EXIT_ORCHESTRATOR:  # Prefect's exit handlers would only retry sending to the lost API
         os._exit(status)
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
