@@ -337,7 +337,8 @@ def bench_dask(store: Path, run_dir: Path, work: Path, workers: int) -> dict:
     from retrain.tasks.training.body_head import split_at_head
     from retrain.tasks.training.cluster import ClusterRequest, LazyCluster
     from retrain.tasks.training.data import load_training_data
-    from retrain.tasks.training.features import ClusterBody, build_feature_cache
+    from retrain.tasks.training.feature_cluster import ClusterBody
+    from retrain.tasks.training.features import build_feature_cache
     from retrain.tasks.training.options import TrainingOptions
 
     config = storage.read_json(str(run_dir / "run.json"))["config"]

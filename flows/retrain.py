@@ -89,7 +89,40 @@ def retrain_flow(
     data = storage.absolute(data)
 
     dataset_url = unzip(data, store)
-    config = RunConfig(
+    config = _run_config(data, dataset_url, checked, labels, split_seed, shared_features)
+    run_url, lock = start_run(store, config, run_id=run_id, resume=resume)  # refused while another writes it
+    cluster = {"address": dask_address or None, "workers": dask_workers or None}
+    try:
+        indexed, trained, metrics, model_url = _run_stages(
+            run_url, dataset_url, checked, train_deployment, progress, labels, split_seed, cluster
+        )
+        summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
+        summary_url = storage.RunLayout(run_url).summary
+        storage.write_json(summary_url, summary)
+        publish_artifacts(summary, metrics, run_url, indexed.montage)
+        if promote:
+            summary["promotion"] = promotion_gate(store, model_name, run_url)
+        if score_folder:  # batch predict with the model just published
+            out = score_out or storage.RunLayout(run_url).scores
+            summary["scores"] = _score(model_url, score_folder, store, progress, out)
+        if promote or score_folder:  # the run's record says what became of its model too
+            summary["seconds"] = time.perf_counter() - started  # the whole flow, promotion and scoring included
+            storage.write_json(summary_url, summary)
+        return summary
+    finally:
+        lock.release()
+
+
+def _run_config(
+    data: str,
+    dataset_url: str,
+    checked: CheckedRequest,
+    labels: str | None,
+    split_seed: int | None,
+    shared_features: dict | None,
+) -> RunConfig:
+    """What run.json records of the request (a resumed run must ask for the same)."""
+    return RunConfig(
         data=data,
         dataset=dataset_url,
         network=checked.network,
@@ -104,34 +137,13 @@ def retrain_flow(
             **({"shared_features": shared_features} if shared_features else {}),
         },
     )
-    run_url, lock = start_run(store, config, run_id=run_id, resume=resume)  # refused while another writes it
-    cluster = {"address": dask_address or None, "workers": dask_workers or None}
-    try:
-        indexed, trained, metrics, model_url = _run_stages(
-            run_url, dataset_url, checked, train_deployment, progress, labels, split_seed, cluster
-        )
-        summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
-        summary_url = storage.RunLayout(run_url).summary
-        storage.write_json(summary_url, summary)
-        publish_artifacts(summary, metrics, run_url, indexed.montage)
-        if promote:
-            summary["promotion"] = promotion_gate(store, model_name, run_url)
-        if score_folder:  # batch predict with the model just published
-            from retrain.flows.score import score_flow
 
-            summary["scores"] = score_flow(
-                model=model_url,
-                images=score_folder,
-                store=store,
-                progress=progress,
-                out=score_out or storage.RunLayout(run_url).scores,
-            )["output"]
-        if promote or score_folder:  # the run's record says what became of its model too
-            summary["seconds"] = time.perf_counter() - started  # the whole flow, promotion and scoring included
-            storage.write_json(summary_url, summary)
-        return summary
-    finally:
-        lock.release()
+
+def _score(model_url: str, folder: str, store: str, progress: bool, out: str) -> str:
+    """The batch-predict step (a subflow): scores ``folder`` into ``out``; returns ``out``."""
+    from retrain.flows.score import score_flow
+
+    return score_flow(model=model_url, images=folder, store=store, progress=progress, out=out)["output"]
 
 
 def _summary(

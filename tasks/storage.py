@@ -323,6 +323,15 @@ def ls(url: str) -> list[str]:
 
 
 @retrying
+def names_in(url: str) -> set[str]:
+    """The names of the entries directly inside folder ``url``, listed afresh (other processes
+    write there); none when it is missing."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    return {posixpath.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+
+
+@retrying
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):

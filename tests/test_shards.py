@@ -29,7 +29,8 @@ from retrain.tasks.samples import make_shapes_dataset
 from retrain.tasks.training import features as features_module
 from retrain.tasks.training.body_head import split_at_head
 from retrain.tasks.training.data import TrainingData, load_training_data
-from retrain.tasks.training.features import ClusterBody, build_feature_cache
+from retrain.tasks.training.feature_cluster import ClusterBody
+from retrain.tasks.training.features import build_feature_cache
 from retrain.tasks.training.loop import train
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.shards import ShardImages, ShardSet, missing_shards, plan_shards, prepare_shards

@@ -310,47 +310,23 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
             f"(first: {missing[0].name}); rerun the job to score them"
         )
     sink = io.BytesIO()
-    labels: dict[str, int] = {}
-    failures: list[dict] = []
-    failed = rows = 0
+    tally = _Tally()
     with pq.ParquetWriter(sink, PART_SCHEMA) as writer:
         for part in parts:
-            url = layout.part(part.name)
-            data = storage.read_bytes(url)  # a storage error propagates: the part may be fine
-            try:
-                table = pq.read_table(io.BytesIO(data), schema=PART_SCHEMA)
-            except pa.ArrowInvalid as exc:  # damaged after it was written
-                storage.remove(url)
-                raise ScoringIncompleteError(
-                    f"part {part.name} was unreadable ({exc}) and is removed; rerun the job to score it again"
-                ) from None
-            if table["path"].to_pylist() != list(part.paths):
-                raise ScoringError(
-                    f"part {part.name} does not hold the files the plan gives it; remove {url} and rerun"
-                )
+            table = _read_part(layout, part)
             writer.write_table(table)
-            rows += table.num_rows
-            errors = table["error"]
-            bad = errors.is_valid()
-            failed += int(pc.sum(bad).as_py() or 0)
-            if len(failures) < MAX_FAILURES_IN_SUMMARY and errors.null_count < table.num_rows:
-                for path, error in zip(table["path"].filter(bad).to_pylist(), errors.filter(bad).to_pylist()):
-                    if len(failures) < MAX_FAILURES_IN_SUMMARY:
-                        failures.append({"path": path, "error": error})
-            counts = pc.value_counts(table["label"].drop_null())
-            for item in counts.to_pylist():
-                labels[item["values"]] = labels.get(item["values"], 0) + int(item["counts"])
-    if rows != plan.count:
-        raise ScoringError(f"consolidation found {rows} rows for {plan.count} images")
+            tally.add(table)
+    if tally.rows != plan.count:
+        raise ScoringError(f"consolidation found {tally.rows} rows for {plan.count} images")
     storage.write_bytes(layout.scores, sink.getvalue())
     summary = {
         "images": plan.count,
-        "scored": rows - failed,
-        "failed": failed,
+        "scored": tally.rows - tally.failed,
+        "failed": tally.failed,
         "ignored": plan.ignored,
-        "labels": dict(sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "failures": failures,
-        "failures_listed": len(failures),
+        "labels": dict(sorted(tally.labels.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "failures": tally.failures,
+        "failures_listed": len(tally.failures),
         "output": layout.scores,
         "out": plan.out,
         "images_source": plan.images,
@@ -369,6 +345,44 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     storage.write_json(layout.summary, summary)
     _remove_stale(plan, {f"{p.name}.parquet" for p in parts})
     return summary
+
+
+def _read_part(layout: JobLayout, part: Partition) -> pa.Table:
+    """A part's table, checked to hold the files the plan gives it (a damaged part is removed)."""
+    url = layout.part(part.name)
+    data = storage.read_bytes(url)  # a storage error propagates: the part may be fine
+    try:
+        table = pq.read_table(io.BytesIO(data), schema=PART_SCHEMA)
+    except pa.ArrowInvalid as exc:  # damaged after it was written
+        storage.remove(url)
+        raise ScoringIncompleteError(
+            f"part {part.name} was unreadable ({exc}) and is removed; rerun the job to score it again"
+        ) from None
+    if table["path"].to_pylist() != list(part.paths):
+        raise ScoringError(f"part {part.name} does not hold the files the plan gives it; remove {url} and rerun")
+    return table
+
+
+class _Tally:
+    """What the summary counts over the parts: rows, failed files (the first
+    MAX_FAILURES_IN_SUMMARY listed) and images per label."""
+
+    def __init__(self):
+        self.rows = self.failed = 0
+        self.failures: list[dict] = []
+        self.labels: dict[str, int] = {}
+
+    def add(self, table: pa.Table) -> None:
+        self.rows += table.num_rows
+        errors = table["error"]
+        bad = errors.is_valid()
+        self.failed += int(pc.sum(bad).as_py() or 0)
+        room = MAX_FAILURES_IN_SUMMARY - len(self.failures)
+        if room > 0 and errors.null_count < table.num_rows:
+            paths, messages = table["path"].filter(bad).to_pylist(), errors.filter(bad).to_pylist()
+            self.failures += [{"path": p, "error": e} for p, e in zip(paths[:room], messages[:room])]
+        for item in pc.value_counts(table["label"].drop_null()).to_pylist():
+            self.labels[item["values"]] = self.labels.get(item["values"], 0) + int(item["counts"])
 
 
 def _remove_stale(plan: JobPlan, keep: set[str]) -> None:

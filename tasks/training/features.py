@@ -24,17 +24,15 @@ experiment.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import io
 import logging
 import os
 import posixpath
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,8 +41,11 @@ from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import autocast, to_device
 from retrain.tasks.training.schedule import seeded_generator
-from retrain.tasks.training.shards import RowFiles, ShardImages, ShardPlan, ShardSet, local_copy, write_npy
+from retrain.tasks.training.shards import RowFiles, ShardImages, local_copy, write_npy
 from torch import nn
+
+if TYPE_CHECKING:  # the Dask path loads only when a cluster is asked for
+    from retrain.tasks.training.feature_cluster import ClusterBody
 
 log = logging.getLogger("retrain.training")
 
@@ -206,7 +207,7 @@ def _images_digest(images) -> str:
     return _digest(images)
 
 
-def _local_folder(url: str | None) -> str | None:
+def local_folder(url: str | None) -> str | None:
     """The local path for a cache folder URL; None for a store that is not a local disk."""
     if not url:
         return None
@@ -323,7 +324,7 @@ class FeaturePlan:
         return f"{kind}-{j:06d}.npy"
 
 
-def _cache_key(
+def cache_key(
     body: nn.Module,
     data: TrainingData,
     preprocessing: Preprocessing,
@@ -347,17 +348,10 @@ def _cache_key(
     }
 
 
-@storage.retrying
-def _present(folder: str) -> set[str]:
-    fs, path = storage.filesystem(folder)
-    fs.invalidate_cache(path)
-    return {posixpath.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
-
-
 def _existing(folder: str, key: dict) -> set[str]:
     """The files already in ``folder`` that a cache made with ``key`` wrote (none when its
     plan is another: those files are removed)."""
-    present = _present(folder)
+    present = storage.names_in(folder)
     if PLAN not in present:
         return set()
     try:
@@ -370,7 +364,7 @@ def _existing(folder: str, key: dict) -> set[str]:
     return set()
 
 
-def _start_folder(folder: str, key: dict) -> set[str]:
+def start_folder(folder: str, key: dict) -> set[str]:
     """The finished files of ``key``'s cache in ``folder``, its plan written when new."""
     done = _existing(folder, key)
     if PLAN not in done:
@@ -387,7 +381,7 @@ def _read_shapes(local_files: list[str]) -> tuple[int, ...]:
     return tuple(shape[2:])
 
 
-def _open_shards(
+def open_shards(
     plan: FeaturePlan, folder: str, local: str, shape: tuple[int, ...] | None = None
 ) -> tuple[FeatureRows, FeatureRows]:
     """Readers of the finished shards in ``folder`` (their local copies in ``local``)."""
@@ -402,101 +396,7 @@ def _open_shards(
     return train, val
 
 
-# ---- the body on a worker ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerBody:
-    """How a worker rebuilds the frozen body: the network, its classes and a state-dict file."""
-
-    network: str
-    classes: int
-    url: str
-    sha256: str
-    execution_environment: str = "auto"
-
-
-@functools.lru_cache(maxsize=2)
-def _worker_body(body: WorkerBody) -> tuple[nn.Module, torch.device]:
-    from retrain.tasks.networks import build_network, get_spec, resolve_device
-    from retrain.tasks.training.body_head import split_at_head
-
-    spec = get_spec(body.network)
-    model, _ = build_network(spec.name, body.classes, "none")
-    state = torch.load(io.BytesIO(storage.read_bytes(body.url)), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    device = resolve_device(body.execution_environment)
-    model.to(device, memory_format=torch.channels_last)
-    model.eval()
-    return split_at_head(model, spec).body.eval(), device
-
-
-@functools.lru_cache(maxsize=2)
-def _worker_shards(plan: ShardPlan) -> ShardSet:
-    return ShardSet(plan)
-
-
-@dataclass(frozen=True)
-class FeatureTask:
-    """What every feature task shares (small: sent with each)."""
-
-    folder: str
-    body: WorkerBody
-    shards: ShardPlan  # without paths
-    views: int
-    augmentation: dict
-    preprocessing: dict
-    seed: int
-
-
-def extract_part(task: FeatureTask, kind: str, j: int, first: int, indices: np.ndarray) -> dict:
-    """What one Dask task does: the features of training (or validation) images ``first`` ..
-    ``first + len(indices) - 1`` (``indices``: those images in the image shards), written to
-    the part's shard file. A part already there is not computed again."""
-    started = time.perf_counter()
-    url = storage.join(task.folder, FeaturePlan.name(kind, j))
-    if storage.exists(url):
-        return {"kind": kind, "part": j, "images": len(indices), "seconds": 0.0, "skipped": True}
-    from retrain.tasks.allocator import tune_allocator
-
-    tune_allocator("inference")  # Dask's nanny starts workers with a trimming malloc (tasks/allocator.py)
-    body, device = _worker_body(task.body)
-    images = _worker_shards(task.shards).read(indices)
-    views = task.views if kind == "train" else 0
-    features = part_features(
-        body,
-        images,
-        first,
-        views,
-        Augmentation(**task.augmentation),
-        Preprocessing.from_dict(task.preprocessing),
-        task.seed,
-        device,
-    )
-    write_npy(url, features.cpu().numpy())
-    return {
-        "kind": kind,
-        "part": j,
-        "images": len(indices),
-        "seconds": time.perf_counter() - started,
-        "skipped": False,
-        "threads": torch.get_num_threads(),
-    }
-
-
 # ---- building the cache ------------------------------------------------------------------------
-
-
-@dataclass
-class ClusterBody:
-    """What the feature extraction on a cluster needs besides the body: the whole model (the
-    workers rebuild the body from it), its network name and execution environment."""
-
-    client_source: Callable[[], object]  # returns a dask.distributed Client (started on first use)
-    model: nn.Module
-    network: str
-    classes: int
-    execution_environment: str = "auto"
 
 
 def build_feature_cache(
@@ -511,7 +411,7 @@ def build_feature_cache(
     folder: str | None = None,
     progress: bool = False,
     logger: logging.Logger | None = None,
-    cluster: ClusterBody | None = None,
+    cluster: ClusterBody | None = None,  # tasks/training/feature_cluster.py
 ) -> FeatureCache:
     """Run the frozen ``body`` once over every training image in ``views`` + 1 views and every
     validation image. Kept in memory (on the GPU when it fits there) up to ``memory_bytes``;
@@ -537,7 +437,9 @@ def build_feature_cache(
             and folder is not None
         )
         if distributed:
-            cache = _build_on_cluster(body, data, preprocessing, augmentation, plan, seed, folder, cluster, bar, logger)
+            from retrain.tasks.training.feature_cluster import build_on_cluster  # Dask: only when asked
+
+            cache = build_on_cluster(body, data, preprocessing, augmentation, plan, seed, folder, cluster, bar, logger)
         else:
             cache = _build_in_process(
                 body, data, preprocessing, augmentation, plan, seed, device, memory_bytes, folder, bar, logger
@@ -564,7 +466,7 @@ def build_feature_cache(
     return cache
 
 
-def _images_of(data: TrainingData, kind: str):
+def images_of(data: TrainingData, kind: str):
     return data.train_images if kind == "train" else data.val_images
 
 
@@ -581,14 +483,14 @@ def _build_in_process(
     bar,
     logger: logging.Logger,
 ) -> FeatureCache:
-    local = _local_folder(folder)
+    local = local_folder(folder)
     key = None
     done: set[str] = set()
     if local and os.path.exists(os.path.join(local, PLAN)):
-        key = _cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
+        key = cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
         done = _existing(local, key)
         if MANIFEST in done:
-            train, val = _open_shards(plan, local, local)
+            train, val = open_shards(plan, local, local)
             logger.info("reusing the feature cache in %s", local)
             return FeatureCache(train, val, local, 0.0, reused=True, folder=local)
     settings = (augmentation, preprocessing, seed, device)
@@ -603,12 +505,12 @@ def _build_in_process(
             continue
         computed += 1
         views = plan.views if kind == "train" else 0
-        features = part_features(body, _images_of(data, kind)[first:stop], first, views, *settings)
+        features = part_features(body, images_of(data, kind)[first:stop], first, views, *settings)
         if where is None:  # the first part computed tells the size, and so where the cache goes
             where, target, temporary = _placement(plan, features, device, memory_bytes, local, bool(done))
             if target is not None:
-                key = key or _cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
-                done = _start_folder(target, key)
+                key = key or cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
+                done = start_folder(target, key)
                 if target == local:
                     logger.info("feature cache: shards in %s", target)
         if target is None:
@@ -631,7 +533,7 @@ def _build_in_process(
         val = memory.get("val", torch.empty((1, 0, *shape), dtype=FEATURE_DTYPE, device=train.device))[0]
         return FeatureCache(train, val, where, 0.0, extraction=stats)
     storage.write_json(os.path.join(target, MANIFEST), {"parts": len(plan.parts())})
-    train, val = _open_shards(plan, target, target)
+    train, val = open_shards(plan, target, target)
     return FeatureCache(train, val, target, 0.0, folder=target, temporary=temporary, extraction=stats)
 
 
@@ -651,113 +553,3 @@ def _placement(
     target = local or tempfile.mkdtemp(prefix="retrain-features-")
     os.makedirs(target, exist_ok=True)
     return target, target, target != local
-
-
-def _build_on_cluster(
-    body: nn.Module,
-    data: TrainingData,
-    preprocessing: Preprocessing,
-    augmentation: Augmentation,
-    plan: FeaturePlan,
-    seed: int,
-    folder: str,
-    cluster: ClusterBody,
-    bar,
-    logger: logging.Logger,
-) -> FeatureCache:
-    folder = storage.absolute(folder)
-    key = _cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
-    done = _start_folder(folder, key)
-    local = _local_folder(folder) or tempfile.mkdtemp(prefix="retrain-features-")
-    if MANIFEST in done:
-        train, val = _open_shards(plan, folder, local)
-        logger.info("reusing the feature cache in %s", folder)
-        return FeatureCache(
-            train, val, folder, 0.0, reused=True, folder=local, temporary=local != folder, store_folder=folder
-        )
-    todo = [p for p in plan.parts() if plan.name(p[0], p[1]) not in done]
-    shards: ShardImages = data.train_images if isinstance(data.train_images, ShardImages) else data.val_images
-    started = time.perf_counter()
-    stats = {"parts": len(plan.parts()), "computed": len(todo), "where": "dask"}
-    if todo:
-        model_url = storage.join(folder, MODEL)
-        buffer = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in cluster.model.state_dict().items()}, buffer)
-        payload = buffer.getvalue()
-        storage.write_bytes(model_url, payload)
-        task = FeatureTask(
-            folder,
-            WorkerBody(
-                cluster.network,
-                cluster.classes,
-                model_url,
-                hashlib.sha256(payload).hexdigest(),
-                cluster.execution_environment,
-            ),
-            shards.shards.plan,
-            plan.views,
-            augmentation.to_dict(),
-            preprocessing.to_dict(),
-            seed,
-        )
-        client = cluster.client_source()
-        logger.info("feature extraction: %d of %d parts on the Dask cluster", len(todo), len(plan.parts()))
-        threads = _run_parts(client, task, data, todo, bar)
-        stats["worker_threads"] = threads
-    stats["extract_seconds"] = round(time.perf_counter() - started, 3)
-    left = [p for p in plan.parts() if plan.name(p[0], p[1]) not in _present(folder)]
-    if left:
-        raise RuntimeError(f"feature parts missing after extraction: {[plan.name(p[0], p[1]) for p in left[:5]]}")
-    storage.write_json(storage.join(folder, MANIFEST), {"parts": len(plan.parts())})
-    with contextlib.suppress(FileNotFoundError):
-        storage.remove(storage.join(folder, MODEL))
-    train, val = _open_shards(plan, folder, local)
-    return FeatureCache(
-        train,
-        val,
-        folder,
-        0.0,
-        folder=local,
-        temporary=local != folder,
-        store_folder=folder,
-        extraction=stats,
-    )
-
-
-def _run_parts(client, task: FeatureTask, data: TrainingData, todo: list, bar) -> int | None:
-    from distributed import as_completed
-
-    futures = {}
-    for kind, j, first, stop in todo:
-        images = _images_of(data, kind)
-        future = client.submit(
-            extract_part,
-            task,
-            kind,
-            j,
-            first,
-            images.indices[first:stop],
-            key=f"features-{kind}-{j:06d}-{uuid.uuid4().hex[:8]}",
-            retries=1,
-        )
-        futures[future] = (kind, j)
-    failures, threads = [], None
-    try:
-        for future in as_completed(futures):
-            if future.status != "finished":
-                exc = future.exception() if future.status == "error" else None
-                failures.append((futures[future], exc))
-                continue
-            result = future.result()
-            threads = result.get("threads", threads)
-            if bar is not None:
-                bar.update(result["images"] * ((task.views + 1) if result["kind"] == "train" else 1))
-    finally:
-        client.cancel(list(futures))
-    if failures:
-        (kind, j), exc = failures[0]
-        raise RuntimeError(
-            f"{len(failures)} feature parts failed on the cluster (first: {kind} part {j}: {exc}); "
-            "rerun to compute the missing parts"
-        ) from exc
-    return threads

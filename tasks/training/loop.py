@@ -36,7 +36,8 @@ from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import Prefetcher, autocast
 from retrain.tasks.training.distributed import Ranks
 from retrain.tasks.training.dropout import KeyedDropout
-from retrain.tasks.training.features import ClusterBody, build_feature_cache
+from retrain.tasks.training.feature_cluster import ClusterBody
+from retrain.tasks.training.features import build_feature_cache
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import dropout_seed, epoch_order, make_optimizer, set_epoch_learn_rate
 from retrain.tasks.training.steps import CachedSteps, ClassicSteps, validation_metrics

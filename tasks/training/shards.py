@@ -202,16 +202,8 @@ def write_shard(plan: ShardPlan, i: int, paths: list[str] | None = None, threads
     return {"shard": i, "images": len(paths), "seconds": time.perf_counter() - started, "skipped": False}
 
 
-@storage.retrying
-def _present(folder: str) -> set[str]:
-    """File names in ``folder``, listed afresh (other processes write there)."""
-    fs, path = storage.filesystem(folder)
-    fs.invalidate_cache(path)
-    return {posixpath.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
-
-
 def missing_shards(plan: ShardPlan) -> list[int]:
-    present = _present(plan.folder)
+    present = storage.names_in(plan.folder)
     if MANIFEST in present and all(plan.shard_name(i) in present for i in range(plan.shards)):
         return []
     return [i for i in range(plan.shards) if plan.shard_name(i) not in present]
@@ -272,36 +264,18 @@ def prepare_shards(
 
 
 def _prepare_on_dask(client, plan: ShardPlan, todo: list[int], on_shard: Callable[[dict], None] | None) -> None:
-    from distributed import as_completed
+    from retrain.tasks.training.cluster import run_tasks
 
     light = plan.without_paths()
-    futures = {}
+    tasks = {}
     for i in todo:
         start, stop = plan.shard_range(i)
-        future = client.submit(
-            write_shard,
-            light,
-            i,
-            list(plan.paths[start:stop]),
-            2,  # decoding threads per task: a local cluster runs one worker per core
-            key=f"shard-{plan.key[:8]}-{i:06d}-{uuid.uuid4().hex[:6]}",
-            retries=1,
-        )
-        futures[future] = i
-    failures = []
-    try:
-        for future in as_completed(futures):
-            if future.status != "finished":
-                exc = future.exception() if future.status == "error" else None
-                failures.append((futures[future], exc))
-                continue
-            if on_shard is not None:
-                on_shard(future.result())
-    finally:
-        client.cancel(list(futures))
+        # 2 decoding threads per task: a local cluster runs one worker per core
+        tasks[f"shard-{plan.key[:8]}-{i:06d}"] = (write_shard, light, i, list(plan.paths[start:stop]), 2)
+    failures = run_tasks(client, tasks, on_shard)
     if failures:
-        i, exc = failures[0]
-        raise RuntimeError(f"{len(failures)} image shards failed on the cluster (first: shard {i}: {exc})") from exc
+        name, exc = failures[0]
+        raise RuntimeError(f"{len(failures)} image shards failed on the cluster (first: {name}: {exc})") from exc
 
 
 # ---- reading ----------------------------------------------------------------------------------------

@@ -10,18 +10,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from retrain.tasks import storage
 from retrain.tasks.model_file import model_record, save_model_file
-from retrain.tasks.networks import build_network, get_spec, resolve_device, summarize
+from retrain.tasks.networks import NetworkSpec, build_network, get_spec, resolve_device, summarize
 from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import training_progress
 from retrain.tasks.runs import read_run
 from retrain.tasks.storage import RunLayout
-from retrain.tasks.training.cluster import ClusterRequest, training_cluster
-from retrain.tasks.training.data import load_training_data
+from retrain.tasks.training.cluster import ClusterRequest, LazyCluster, training_cluster
+from retrain.tasks.training.data import TrainingData, load_training_data
 from retrain.tasks.training.distributed import (
     Ranks,
     backend_for,
@@ -49,6 +50,47 @@ class _ProgressPlot:
             self.last = time.monotonic()
 
 
+@dataclass
+class _Run:
+    """What the training stage reads from a run folder."""
+
+    layout: RunLayout
+    store: str
+    config: dict
+    options: TrainingOptions
+    augmentation: Augmentation
+    spec: NetworkSpec
+    split: pd.DataFrame
+    classes: list[str]
+
+    @classmethod
+    def read(cls, run_url: str) -> _Run:
+        layout = RunLayout(run_url)
+        record = read_run(run_url)
+        config = record["config"]
+        split = storage.read_parquet(layout.split)
+        return cls(
+            layout,
+            record.get("store") or run_url.rstrip("/").rsplit("/runs/", 1)[0],
+            config,
+            TrainingOptions.from_dict(config["options"]),
+            Augmentation(**config["augmentation"]),
+            get_spec(config["network"]),
+            split,
+            sorted(split["label"].unique()),
+        )
+
+    @property
+    def mode(self) -> str:
+        return self.config["mode"]
+
+    def training_data(self, cluster: LazyCluster | None, logger: logging.Logger) -> TrainingData:
+        """The train and validation images, from the data set's image shards (prepared now
+        where missing, on ``cluster`` when given)."""
+        size = self.spec.preprocessing.input_size
+        return load_training_data(self.split, self.classes, size, self.store, cluster, logger)
+
+
 def train_run(
     run_url: str,
     progress: bool = False,
@@ -70,33 +112,18 @@ def train_run(
     if storage.exists(layout.training) and storage.exists(layout.trained):
         logger.info("run already trained; using %s", layout.trained)
         return storage.read_json(layout.training)
-    config = read_run(run_url)["config"]
-    options = TrainingOptions.from_dict(config["options"])
-    device = resolve_device(options.execution_environment)
-    processes = resolve_processes(options.processes, config["mode"], device)
+    run = _Run.read(run_url)
+    device = resolve_device(run.options.execution_environment)
+    processes = resolve_processes(run.options.processes, run.mode, device)
     if not isinstance(cluster, ClusterRequest):
         cluster = ClusterRequest.from_dict(cluster)
     if processes == 1:
         return _train(run_url, progress, logger, on_validation, cluster=cluster)
-    _prepare_shards(run_url, cluster, logger)  # once, here: the ranks then only read them
+    with training_cluster(cluster, logger) as lazy_cluster:  # once, here: the ranks then only read the shards
+        run.training_data(lazy_cluster, logger).close()
     logger.info("training in %d processes (DistributedDataParallel, %s)", processes, backend_for(device))
     launch(_train_rank, (run_url, progress), processes, device, logger, on_validation)
     return storage.read_json(layout.training)
-
-
-def _store_of(run_url: str, record: dict) -> str:
-    return record.get("store") or run_url.rstrip("/").rsplit("/runs/", 1)[0]
-
-
-def _prepare_shards(run_url: str, cluster: ClusterRequest, logger: logging.Logger) -> None:
-    """The run's image shards, made where missing (on ``cluster`` when it asks for one)."""
-    record = read_run(run_url)
-    split = storage.read_parquet(RunLayout(run_url).split)
-    spec = get_spec(record["config"]["network"])
-    classes = sorted(split["label"].unique())
-    with training_cluster(cluster, logger) as lazy_cluster:
-        size = spec.preprocessing.input_size
-        load_training_data(split, classes, size, _store_of(run_url, record), lazy_cluster, logger).close()
 
 
 def _train_rank(ranks: Ranks, run_url: str, progress: bool) -> None:
@@ -118,92 +145,44 @@ def _train(
 ) -> dict:
     """Train a run in this process, alone or as one of ``ranks``; the outputs are written by
     the only or the first process. Returns the ``training.json`` record (rank 0's)."""
-    layout = RunLayout(run_url)
+    run = _Run.read(run_url)
     leader = ranks is None or ranks.leader
-    record = read_run(run_url)
-    config = record["config"]
-    mode = config["mode"]
-    options = TrainingOptions.from_dict(config["options"])
-    augmentation = Augmentation(**config["augmentation"])
-    spec = get_spec(config["network"])
-    split = storage.read_parquet(layout.split)
-    classes = sorted(split["label"].unique())
-    torch.manual_seed(options.seed)  # the new head's initial weights
-    model, origin = build_network(spec.name, len(classes), "none" if mode == "scratch" else config["weights"])
+    torch.manual_seed(run.options.seed)  # the new head's initial weights
+    weights = "none" if run.mode == "scratch" else run.config["weights"]
+    model, origin = build_network(run.spec.name, len(run.classes), weights)
     if leader:
-        storage.write_bytes(layout.network, summarize(model, spec).to_text().encode())
+        storage.write_bytes(run.layout.network, summarize(model, run.spec).to_text().encode())
     with training_cluster(cluster, logger) as lazy_cluster:
-        data = load_training_data(
-            split, classes, spec.preprocessing.input_size, _store_of(run_url, record), lazy_cluster, logger
-        )
+        data = run.training_data(lazy_cluster, logger)
         try:
-            outcome = _train_on(
-                model,
-                spec,
-                mode,
-                options,
-                augmentation,
-                config,
-                data,
-                layout,
-                progress,
-                logger,
-                on_validation,
-                ranks,
-                leader,
-                lazy_cluster,
+            (logger.info if leader else logger.debug)(
+                "training %s (%s mode) on %d images, validating on %d, %d classes",
+                run.spec.name,
+                run.mode,
+                len(data.train_targets),
+                len(data.val_targets),
+                len(run.classes),
             )
+            outcome = _train_on(run, model, data, progress, logger, on_validation, ranks, lazy_cluster)
         finally:
             data.close()
     if not leader:
         return {}
-    storage.write_bytes(layout.history, outcome.history.to_csv(index=False).encode())
-    if len(outcome.history):
-        training_progress(outcome.history, layout.progress)
-    model.load_state_dict(outcome.state_dict)
-    training = {
-        "mode": mode,
-        "options": options.to_dict(),
-        "augmentation": augmentation.to_dict(),
-        "iterations": outcome.iterations,
-        "epochs": outcome.epochs_completed,
-        "processes": ranks.size if ranks is not None else 1,
-    }
-    metrics = {"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss}
-    save_model_file(layout.trained, model_record(model, spec, classes, origin, metrics=metrics, training=training))
-    summary = _summary(outcome, layout, origin, options, len(data.train_targets), len(data.val_targets))
-    summary["processes"] = ranks.size if ranks is not None else 1
-    summary["image_shards"] = data.shards
-    storage.write_json(layout.training, summary)
-    return summary
+    return _write_outputs(run, model, origin, outcome, data, ranks.size if ranks is not None else 1)
 
 
 def _train_on(
-    model,
-    spec,
-    mode,
-    options,
-    augmentation,
-    config,
-    data,
-    layout,
-    progress,
-    logger,
-    on_validation,
-    ranks,
-    leader,
-    cluster,
+    run: _Run,
+    model: torch.nn.Module,
+    data: TrainingData,
+    progress: bool,
+    logger: logging.Logger | logging.LoggerAdapter,
+    on_validation: Callable[[pd.DataFrame], None] | None,
+    ranks: Ranks | None,
+    cluster: LazyCluster | None,
 ) -> TrainingOutcome:
     """The loop on the run's data, with the progress plot after each validation."""
-    (logger.info if leader else logger.debug)(
-        "training %s (%s mode) on %d images, validating on %d, %d classes",
-        spec.name,
-        mode,
-        len(data.train_targets),
-        len(data.val_targets),
-        int(model.state_dict()[f"{spec.head_layer}.weight"].shape[0]),
-    )
-    plot = _ProgressPlot(layout.progress)
+    plot = _ProgressPlot(run.layout.progress)
 
     def after_validation(history: pd.DataFrame) -> None:
         plot(history)
@@ -212,21 +191,48 @@ def _train_on(
 
     return train(
         model,
-        spec,
-        spec.preprocessing,
+        run.spec,
+        run.spec.preprocessing,
         data,
-        mode,
-        options,
-        augmentation,
-        checkpoints=layout.checkpoints,
+        run.mode,
+        run.options,
+        run.augmentation,
+        checkpoints=run.layout.checkpoints,
         on_validation=after_validation,
         progress=progress,
         logger=logger,
-        feature_folder=layout.features,
-        shared_features=config.get("extra", {}).get("shared_features"),  # from an experiment
+        feature_folder=run.layout.features,
+        shared_features=run.config.get("extra", {}).get("shared_features"),  # from an experiment
         ranks=ranks,
         feature_cluster=cluster,
     )
+
+
+def _write_outputs(
+    run: _Run, model: torch.nn.Module, origin: str, outcome: TrainingOutcome, data: TrainingData, processes: int
+) -> dict:
+    """history.csv, progress.png, trained.pt and training.json; returns the training.json record."""
+    layout = run.layout
+    storage.write_bytes(layout.history, outcome.history.to_csv(index=False).encode())
+    if len(outcome.history):
+        training_progress(outcome.history, layout.progress)
+    model.load_state_dict(outcome.state_dict)
+    training = {
+        "mode": run.mode,
+        "options": run.options.to_dict(),
+        "augmentation": run.augmentation.to_dict(),
+        "iterations": outcome.iterations,
+        "epochs": outcome.epochs_completed,
+        "processes": processes,
+    }
+    metrics = {"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss}
+    record = model_record(model, run.spec, run.classes, origin, metrics=metrics, training=training)
+    save_model_file(layout.trained, record)
+    summary = _summary(outcome, layout, origin, run.options, len(data.train_targets), len(data.val_targets))
+    summary["processes"] = processes
+    summary["image_shards"] = data.shards
+    storage.write_json(layout.training, summary)
+    return summary
 
 
 def _summary(

@@ -1,0 +1,228 @@
+"""Transfer mode's feature extraction on a Dask cluster (:mod:`.features` describes the cache).
+
+Each feature part is a task: the worker rebuilds the frozen body once (from the model's
+state dict, written next to the feature shards), reads the part's images from the image
+shards and writes the part's feature shard to the store with :func:`.features.part_features`,
+the same call the in-process path makes, so both give the same numbers. The training process
+then streams the shards like a cache on disk (local copies where the store is remote).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from retrain.tasks import storage
+from retrain.tasks.preprocessing import Augmentation, Preprocessing
+from retrain.tasks.training.cluster import run_tasks
+from retrain.tasks.training.data import TrainingData
+from retrain.tasks.training.features import (
+    MANIFEST,
+    MODEL,
+    FeatureCache,
+    FeaturePlan,
+    cache_key,
+    images_of,
+    local_folder,
+    open_shards,
+    part_features,
+    start_folder,
+)
+from retrain.tasks.training.shards import ShardImages, ShardPlan, ShardSet, write_npy
+from torch import nn
+
+# ---- the body on a worker ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerBody:
+    """How a worker rebuilds the frozen body: the network, its classes and a state-dict file."""
+
+    network: str
+    classes: int
+    url: str
+    sha256: str
+    execution_environment: str = "auto"
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_body(body: WorkerBody) -> tuple[nn.Module, torch.device]:
+    from retrain.tasks.networks import build_network, get_spec, resolve_device
+    from retrain.tasks.training.body_head import split_at_head
+
+    spec = get_spec(body.network)
+    model, _ = build_network(spec.name, body.classes, "none")
+    state = torch.load(io.BytesIO(storage.read_bytes(body.url)), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    device = resolve_device(body.execution_environment)
+    model.to(device, memory_format=torch.channels_last)
+    model.eval()
+    return split_at_head(model, spec).body.eval(), device
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_shards(plan: ShardPlan) -> ShardSet:
+    return ShardSet(plan)
+
+
+@dataclass(frozen=True)
+class FeatureTask:
+    """What every feature task shares (small: sent with each)."""
+
+    folder: str
+    body: WorkerBody
+    shards: ShardPlan  # without paths
+    views: int
+    augmentation: dict
+    preprocessing: dict
+    seed: int
+
+
+def extract_part(task: FeatureTask, kind: str, j: int, first: int, indices: np.ndarray) -> dict:
+    """What one Dask task does: the features of training (or validation) images ``first`` ..
+    ``first + len(indices) - 1`` (``indices``: those images in the image shards), written to
+    the part's shard file. A part already there is not computed again."""
+    started = time.perf_counter()
+    url = storage.join(task.folder, FeaturePlan.name(kind, j))
+    if storage.exists(url):
+        return {"kind": kind, "part": j, "images": len(indices), "seconds": 0.0, "skipped": True}
+    from retrain.tasks.allocator import tune_allocator
+
+    tune_allocator("inference")  # Dask's nanny starts workers with a trimming malloc (tasks/allocator.py)
+    body, device = _worker_body(task.body)
+    images = _worker_shards(task.shards).read(indices)
+    views = task.views if kind == "train" else 0
+    features = part_features(
+        body,
+        images,
+        first,
+        views,
+        Augmentation(**task.augmentation),
+        Preprocessing.from_dict(task.preprocessing),
+        task.seed,
+        device,
+    )
+    write_npy(url, features.cpu().numpy())
+    return {
+        "kind": kind,
+        "part": j,
+        "images": len(indices),
+        "seconds": time.perf_counter() - started,
+        "skipped": False,
+        "threads": torch.get_num_threads(),
+    }
+
+
+@dataclass
+class ClusterBody:
+    """What the feature extraction on a cluster needs besides the body: the whole model (the
+    workers rebuild the body from it), its network name and execution environment."""
+
+    client_source: Callable[[], object]  # returns a dask.distributed Client (started on first use)
+    model: nn.Module
+    network: str
+    classes: int
+    execution_environment: str = "auto"
+
+
+def build_on_cluster(
+    body: nn.Module,
+    data: TrainingData,
+    preprocessing: Preprocessing,
+    augmentation: Augmentation,
+    plan: FeaturePlan,
+    seed: int,
+    folder: str,
+    cluster: ClusterBody,
+    bar,
+    logger: logging.Logger,
+) -> FeatureCache:
+    folder = storage.absolute(folder)
+    key = cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
+    done = start_folder(folder, key)
+    local = local_folder(folder) or tempfile.mkdtemp(prefix="retrain-features-")
+    if MANIFEST in done:
+        train, val = open_shards(plan, folder, local)
+        logger.info("reusing the feature cache in %s", folder)
+        return FeatureCache(
+            train, val, folder, 0.0, reused=True, folder=local, temporary=local != folder, store_folder=folder
+        )
+    todo = [p for p in plan.parts() if plan.name(p[0], p[1]) not in done]
+    shards: ShardImages = data.train_images if isinstance(data.train_images, ShardImages) else data.val_images
+    started = time.perf_counter()
+    stats = {"parts": len(plan.parts()), "computed": len(todo), "where": "dask"}
+    if todo:
+        model_url = storage.join(folder, MODEL)
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in cluster.model.state_dict().items()}, buffer)
+        payload = buffer.getvalue()
+        storage.write_bytes(model_url, payload)
+        task = FeatureTask(
+            folder,
+            WorkerBody(
+                cluster.network,
+                cluster.classes,
+                model_url,
+                hashlib.sha256(payload).hexdigest(),
+                cluster.execution_environment,
+            ),
+            shards.shards.plan,
+            plan.views,
+            augmentation.to_dict(),
+            preprocessing.to_dict(),
+            seed,
+        )
+        client = cluster.client_source()
+        logger.info("feature extraction: %d of %d parts on the Dask cluster", len(todo), len(plan.parts()))
+        threads = _run_parts(client, task, data, todo, bar)
+        stats["worker_threads"] = threads
+    stats["extract_seconds"] = round(time.perf_counter() - started, 3)
+    left = [p for p in plan.parts() if plan.name(p[0], p[1]) not in storage.names_in(folder)]
+    if left:
+        raise RuntimeError(f"feature parts missing after extraction: {[plan.name(p[0], p[1]) for p in left[:5]]}")
+    storage.write_json(storage.join(folder, MANIFEST), {"parts": len(plan.parts())})
+    with contextlib.suppress(FileNotFoundError):
+        storage.remove(storage.join(folder, MODEL))
+    train, val = open_shards(plan, folder, local)
+    return FeatureCache(
+        train,
+        val,
+        folder,
+        0.0,
+        folder=local,
+        temporary=local != folder,
+        store_folder=folder,
+        extraction=stats,
+    )
+
+
+def _run_parts(client, task: FeatureTask, data: TrainingData, todo: list, bar) -> int | None:
+    """The ``todo`` parts as tasks on the cluster; returns the torch threads a worker used."""
+    tasks = {
+        f"features-{kind}-{j:06d}": (extract_part, task, kind, j, first, images_of(data, kind).indices[first:stop])
+        for kind, j, first, stop in todo
+    }
+    threads = []
+
+    def done(result: dict) -> None:
+        threads.append(result.get("threads"))
+        if bar is not None:
+            bar.update(result["images"] * ((task.views + 1) if result["kind"] == "train" else 1))
+
+    failures = run_tasks(client, tasks, done)
+    if failures:
+        name, exc = failures[0]
+        raise RuntimeError(
+            f"{len(failures)} feature parts failed on the cluster (first: {name}: {exc}); "
+            "rerun to compute the missing parts"
+        ) from exc
+    return threads[-1] if threads else None
