@@ -16,7 +16,11 @@ Prefect's temporary API, in its wall time); peak RSS of that process (its
 ``ru_maxrss``) and of its whole process tree (psutil, polled every 0.2 s); its CPU seconds
 (user + system: what other work on the machine changes least); the stages' own seconds from
 the run's training.json and history.csv. Goals: peak RSS at the largest size <= 1.5x the
-smallest; wall time per image at the largest <= 1.5x the smallest.
+smallest; wall time per image at the largest <= 1.5x the smallest. Validation covers the whole
+validation split each time, so with retrain's default (every 5 iterations) its cost grows as
+the square of the set; ``--validation-frequency 1 --validation-frequency-unit epoch`` makes it
+grow as the set does. Accuracy against another retrain (``--main-retrain``) on the smallest
+set is measured with retrain's default flags on both.
 
 Then, on the smallest size's shards: transfer mode's feature extraction in this process and on
 a local Dask cluster of 2 worker processes (one thread each): seconds of each (the cluster's
@@ -27,6 +31,7 @@ the figures that count:
 
     nice .venv/bin/python benchmarks/bench_scale.py --sizes 2400,9600
     nice .venv/bin/python benchmarks/bench_scale.py                      # 2,400, 9,600 and 38,400
+    .venv/bin/python benchmarks/bench_scale.py --validation-frequency 1 --validation-frequency-unit epoch
     .venv/bin/python benchmarks/bench_scale.py --sizes 2400 --no-main --no-dask   # quickest
 
 Disk: the 38,400 set takes about 1.5 GB of JPEGs, its image shards 6 GB and, while it
@@ -193,8 +198,7 @@ def measured(command: list[str], env: dict, log: Path) -> dict:
     }
 
 
-def run_args(data: Path, store: Path, epochs: int, validation_frequency: int | None = None) -> list[str]:
-    extra = ["--validation-frequency", str(validation_frequency)] if validation_frequency else []
+def run_args(data: Path, store: Path, epochs: int, extra: list[str]) -> list[str]:
     return [
         "run",
         str(data),
@@ -214,7 +218,7 @@ def run_args(data: Path, store: Path, epochs: int, validation_frequency: int | N
     ]
 
 
-def clean_env(work: Path, name: str = "") -> dict:
+def clean_env(work: Path) -> dict:
     """The benchmark's own PREFECT_HOME (not the user's server): every run uses the local
     server started there (``--prefect server``), or starts its own temporary API."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
@@ -279,38 +283,29 @@ def stage_seconds(store: Path) -> dict:
     }
 
 
-def bench_size(size: int, args, work: Path) -> dict:
-    data = make_crops(work, size)
-    store = work / f"store-{size}"
-    shutil.rmtree(store, ignore_errors=True)
-    command = [str(BIN / "retrain"), *run_args(data, store, args.max_epochs, args.validation_frequency)]
-    print(f"[{size}] {' '.join(command)}", flush=True)
-    record = measured(command, clean_env(work, f"new-{size}"), work / f"run-{size}.log")
-    if record["rc"] != 0:
-        raise RuntimeError(f"retrain run on {size} images failed: see {work / f'run-{size}.log'}")
-    result = record.pop("result")
-    record.update(
-        images=size,
-        wall_per_image_ms=round(1000 * record["wall_s"] / size, 2),
-        cpu_per_image_ms=round(1000 * record["cpu_s"] / size, 2),
-        test_accuracy=result["test_accuracy"],
-        val_accuracy=result["val_accuracy"],
-        run=result["run"],
-        stages=stage_seconds(store),
+def validation_flags(args) -> list[str]:
+    """retrain's validation flags the benchmark was given (none: retrain's defaults)."""
+    flags = ["--validation-frequency", str(args.validation_frequency)] if args.validation_frequency else []
+    return flags + (
+        ["--validation-frequency-unit", args.validation_frequency_unit] if args.validation_frequency_unit else []
     )
-    print(f"[{size}] {json.dumps(record)}", flush=True)
-    return record
 
 
-def bench_main(size: int, args, work: Path) -> dict:
+def bench_size(size: int, args, work: Path, retrain: Path | None = None, extra: list[str] | None = None) -> dict:
+    """One measured ``retrain run`` on ``size`` crops with ``extra`` flags, in a fresh store:
+    this checkout's retrain, or another one (``retrain``: its store is removed once measured)."""
     data = make_crops(work, size)
-    store = work / f"main-store-{size}"
+    name = (f"{size}" if retrain is None else f"main {size}") + (" defaults" if extra == [] else "")
+    slug = name.replace(" ", "-")
+    store = work / f"store-{slug}"
     shutil.rmtree(store, ignore_errors=True)
-    command = [str(args.main_retrain), *run_args(data, store, args.max_epochs, args.validation_frequency)]
-    print(f"[main {size}] {' '.join(command)}", flush=True)
-    record = measured(command, clean_env(work, f"main-{size}"), work / f"main-{size}.log")
+    flags = validation_flags(args) if extra is None else extra
+    command = [str(retrain or BIN / "retrain"), *run_args(data, store, args.max_epochs, flags)]
+    print(f"[{name}] {' '.join(command)}", flush=True)
+    log = work / f"run-{slug}.log"
+    record = measured(command, clean_env(work), log)
     if record["rc"] != 0:
-        raise RuntimeError(f"main's retrain run on {size} images failed: see {work / f'main-{size}.log'}")
+        raise RuntimeError(f"{command[0]} run on {size} images failed: see {log}")
     result = record.pop("result")
     record.update(
         images=size,
@@ -320,8 +315,12 @@ def bench_main(size: int, args, work: Path) -> dict:
         val_accuracy=result["val_accuracy"],
         run=result["run"],
     )
-    print(f"[main {size}] {json.dumps(record)}", flush=True)
-    shutil.rmtree(store, ignore_errors=True)
+    record["flags"] = flags
+    if retrain is None:
+        record["stages"] = stage_seconds(store)
+    if retrain is not None or extra is not None:  # a comparison run: nothing else reads its store
+        shutil.rmtree(store, ignore_errors=True)
+    print(f"[{name}] {json.dumps(record)}", flush=True)
     return record
 
 
@@ -441,6 +440,12 @@ def main() -> int:
         help="retrain's --validation-frequency (default: retrain's, 5 iterations: validation then costs "
         "(iterations / 5) x validation images, which grows as the square of the set's size)",
     )
+    parser.add_argument(
+        "--validation-frequency-unit",
+        choices=("iteration", "epoch"),
+        default=None,
+        help="retrain's --validation-frequency-unit (epoch: validation grows with the set, as the rest does)",
+    )
     parser.add_argument("--main-retrain", default=str(MAIN_RETRAIN), help="the retrain to compare accuracy with")
     parser.add_argument("--no-main", action="store_true", help="skip the comparison with --main-retrain")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask vs in-process feature extraction")
@@ -475,19 +480,23 @@ def main() -> int:
         records = []
         for size in sizes:
             records.append(bench_size(size, args, work))
-            if not args.keep and size != sizes[0]:
+            if not args.keep and size != sizes[0]:  # the smallest's is the Dask comparison's
                 shutil.rmtree(work / f"store-{size}", ignore_errors=True)
         report["runs"] = records
         report["goals"] = goals(records)
         if not args.no_main and Path(args.main_retrain).exists():
-            main_record = bench_main(sizes[0], args, work)
+            # Both with retrain's default validation flags (the other retrain may not know ours).
+            ours = records[0] if not validation_flags(args) else bench_size(sizes[0], args, work, extra=[])
+            main_record = bench_size(sizes[0], args, work, Path(args.main_retrain), extra=[])
             report["main"] = main_record
             report["accuracy_vs_main"] = {
                 "images": sizes[0],
-                "test_accuracy": records[0]["test_accuracy"],
+                "test_accuracy": ours["test_accuracy"],
                 "main_test_accuracy": main_record["test_accuracy"],
-                "val_accuracy": records[0]["val_accuracy"],
+                "val_accuracy": ours["val_accuracy"],
                 "main_val_accuracy": main_record["val_accuracy"],
+                "peak_rss_mib": ours["peak_rss_mib"],
+                "main_peak_rss_mib": main_record["peak_rss_mib"],
             }
         if not args.no_dask:
             run_dir = Path(records[0]["run"])

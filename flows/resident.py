@@ -98,7 +98,9 @@ def import_time_environment(environ) -> dict[str, str]:
 def delegate(argv: list[str], home: Path) -> int | None:
     """Run ``retrain ARGV`` in the resident process; its exit status, or None when the
     command should run here (no resident process, or it cannot run this one)."""
-    if os.environ.get("RETRAIN_RESIDENT", "1") == "0":
+    from retrain.tasks.server import resident_enabled
+
+    if not resident_enabled():
         return None
     path = socket_path(home)
     if not os.path.exists(path):

@@ -173,7 +173,7 @@ def start(
     (with ``already_running`` when one was up already, ``seconds`` the start took)."""
     home = home or prefect_home()
     if (state := running(home)) is not None:
-        if resident_pid(home) is None:
+        if resident_enabled() and resident_pid(home) is None:
             start_resident(home)
         return {**state, "already_running": True, "seconds": 0.0}
     if (stale := read_state(home)) is not None and pid_alive(stale["pid"]):
@@ -217,8 +217,15 @@ def start(
     }
     _write_state(home, state)  # at once, so that `stop` finds a server that is still starting
     up = _wait_until_up(state, home, proc, timeout)
-    start_resident(home)
+    if resident_enabled():
+        start_resident(home)
     return up
+
+
+def resident_enabled() -> bool:
+    """``RETRAIN_RESIDENT=0``: no resident process; every command runs in its own process
+    (a benchmark that measures each command's memory and CPU, say)."""
+    return os.environ.get("RETRAIN_RESIDENT", "1") != "0"
 
 
 def start_resident(home: Path) -> int:

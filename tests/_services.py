@@ -72,17 +72,37 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, what: str, timeout: 
             time.sleep(0.2)
 
 
-def start(command: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+def start(
+    command: list[str], log: Path, env: dict[str, str], cwd: Path | None = None, capture_stderr: bool = False
+) -> subprocess.Popen:
+    """``command`` in a process group of its own (so :func:`stop` and :func:`kill_group` end all
+    it starts), its output appended to ``log``; ``capture_stderr``: stderr to a text pipe."""
     out = open(log, "ab")
     return subprocess.Popen(
         command,
         stdout=out,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE if capture_stderr else subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        text=capture_stderr,
         env=env,
         cwd=cwd or PROJECT_ROOT,
         start_new_session=True,
     )
+
+
+def retrain_argv(*args: str) -> list[str]:
+    """The ``retrain`` program with ``args``, as a user runs it (from this checkout)."""
+    return [sys.executable, "-m", "retrain.flows.cli", *args]
+
+
+def kill_group(proc: subprocess.Popen | int) -> None:
+    """kill -9 a process :func:`start` started and everything it started; waits for a Popen."""
+    try:
+        os.killpg(proc if isinstance(proc, int) else proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if not isinstance(proc, int):
+        proc.wait()
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
@@ -287,7 +307,7 @@ def dask_cluster(workdir: Path, env: dict[str, str] | None = None, workers: int 
 def retrain_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     """``retrain ARGS`` in a new process, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "retrain.flows.cli", *args],
+        retrain_argv(*args),
         env=env,
         capture_output=True,
         text=True,

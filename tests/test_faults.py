@@ -15,9 +15,7 @@ import http.client
 import io
 import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +29,8 @@ from retrain.tasks.model_file import model_record, read_model_record
 from retrain.tasks.networks import build_network, get_spec
 from retrain.tasks.samples import make_shapes_dataset
 
+from tests import _services
+from tests._services import kill_group
 from tests.conftest import CAFFE_WEIGHTS, s3_environment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -91,17 +91,6 @@ def run_in_process(args: list[str]) -> dict:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
-def start_run_process(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "retrain.flows.cli", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 def checkpoints_of(store: Path) -> Path | None:
     found = list(store.glob("runs/*/checkpoints"))
     return found[0] if found else None
@@ -125,11 +114,6 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300,
             )
         time.sleep(poll)
     pytest.fail("timed out waiting to inject the fault:\n" + log.read_text(errors="replace")[-3000:])
-
-
-def kill_9(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def assert_every_checkpoint_loads(folder: Path) -> None:
@@ -161,13 +145,13 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_ap
         return folder if folder and (folder / "iter-00000004.pt").exists() else None
 
     t = time.perf_counter()
-    proc = start_run_process(args, env, log)
+    proc = _services.start(_services.retrain_argv(*args), log, env)
     try:
         folder = wait_for(fourth_checkpoint, proc, log)
-        kill_9(proc)
+        kill_group(proc)
     finally:
         if proc.poll() is None:
-            kill_9(proc)
+            kill_group(proc)
     timings["run killed mid-epoch"] = time.perf_counter() - t
     resumes = [complete_checkpoints(folder)[-1]]
     assert resumes[0] in (4, 5), resumes  # epochs end at iterations 3, 6, 9
@@ -181,7 +165,7 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_ap
     for attempt in range(3):
         resumed_before = log.read_text(errors="replace").count("resuming from checkpoint")
         t = time.perf_counter()
-        proc = start_run_process(args, env, log)
+        proc = _services.start(_services.retrain_argv(*args), log, env)
         try:
             wait_for(
                 lambda: log.read_text(errors="replace").count("resuming from checkpoint") > resumed_before, proc, log
@@ -195,10 +179,10 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_ap
                 log,
                 poll=0.0005,
             )
-            kill_9(proc)
+            kill_group(proc)
         finally:
             if proc.poll() is None:
-                kill_9(proc)
+                kill_group(proc)
         timings[f"rerun killed while writing a checkpoint ({attempt + 1})"] = time.perf_counter() - t
         assert_every_checkpoint_loads(folder)  # never a half-written iter-*.pt
         resumes.append(complete_checkpoints(folder)[-1])

@@ -178,14 +178,8 @@ def test_disk_cache_trains_like_memory_cache(shapes_data, tmp_path):
 
 
 def test_cache_honours_validation_frequency_early_stopping_and_best_model(shapes_data, tmp_path):
-    _, outcome = run(
-        shapes_data,
-        max_epochs=30,
-        validation_frequency=1,
-        validation_patience=2,
-        initial_learn_rate=0.05,
-        checkpoints=str(tmp_path),
-    )
+    settings = dict(max_epochs=30, validation_frequency=1, validation_patience=2, initial_learn_rate=0.05)
+    _, outcome = run(shapes_data, **settings, checkpoints=str(tmp_path))
     total = 30 * (len(shapes_data.train_targets) // 4)
     assert outcome.stopped_early and outcome.iterations < total
     validated = outcome.history.dropna(subset=["val_loss"])
@@ -194,14 +188,7 @@ def test_cache_honours_validation_frequency_early_stopping_and_best_model(shapes
     bad = validated[validated["iteration"] > outcome.best_iteration]
     assert len(bad) == 2  # patience
     # A rerun of a run that stopped early does not train on, nor compute features again.
-    _, again = run(
-        shapes_data,
-        max_epochs=30,
-        validation_frequency=1,
-        validation_patience=2,
-        initial_learn_rate=0.05,
-        checkpoints=str(tmp_path),
-    )
+    _, again = run(shapes_data, **settings, checkpoints=str(tmp_path))
     assert again.resumed_from == outcome.iterations and again.feature_cache is None
     assert same_state(again.state_dict, outcome.state_dict)
 

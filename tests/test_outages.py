@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from retrain.tasks import orchestrator, storage
 from retrain.tasks.samples import make_shapes_dataset
 
 from tests import _services
+from tests._services import kill_group
 from tests.conftest import run_cli, s3_environment, tiny_run_flags
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -66,16 +66,20 @@ def cli_env(api_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """``retrain ARGS`` as a user runs it (the program, with its API watch), output to ``log``."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "retrain.flows.cli", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    """``retrain ARGS`` as a user runs it (the program, with its API watch): stdout to ``log``,
+    stderr kept for the test to read."""
+    return _services.start(_services.retrain_argv(*args), log, env, capture_stderr=True)
+
+
+def start_and_wait(args: list[str], env: dict[str, str], log: Path, condition, what: str) -> subprocess.Popen:
+    """:func:`start_cli`, then :func:`wait_until` ``condition`` (killed when it never comes)."""
+    proc = start_cli(args, env, log)
+    try:
+        wait_until(condition, proc, what=what)
+    except BaseException:
+        kill_group(proc)
+        raise
+    return proc
 
 
 def wait_until(condition, proc: subprocess.Popen | None = None, timeout: float = 300, what: str = "") -> None:
@@ -86,14 +90,6 @@ def wait_until(condition, proc: subprocess.Popen | None = None, timeout: float =
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.05)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 @pytest.fixture
@@ -183,12 +179,8 @@ def test_prefect_api_killed_mid_run_gives_up_within_the_grace_and_the_rerun_resu
     args += ["--checkpoint-frequency", "1", "--checkpoint-frequency-unit", "iteration", "--no-promote"]
     with _services.prefect_server(tmp_path) as server:
         env = cli_env(server["api_url"], tmp_path, RETRAIN_API_GRACE_SECONDS="20")
-        proc = start_cli([*args, "--json"], env, tmp_path / "run.log")
-        try:
-            wait_until(lambda: list(store.glob("runs/*/checkpoints/iter-*.pt")), proc, what="the first checkpoint")
-        except BaseException:
-            kill_group(proc)
-            raise
+        first_checkpoint = lambda: list(store.glob("runs/*/checkpoints/iter-*.pt"))  # noqa: E731
+        proc = start_and_wait([*args, "--json"], env, tmp_path / "run.log", first_checkpoint, "the first checkpoint")
     killed = time.monotonic()  # the server is stopped (its process group terminated)
     try:
         _, err = proc.communicate(timeout=300)
@@ -230,12 +222,8 @@ def test_prefect_api_killed_mid_score_keeps_the_parts_and_the_rerun_resumes(
     args += ["--partition-size", "2", "--mini-batch-size", "2"]
     with _services.prefect_server(tmp_path) as server:
         env = cli_env(server["api_url"], tmp_path, RETRAIN_API_GRACE_SECONDS="20")
-        proc = start_cli([*args, "--json"], env, tmp_path / "score.log")
-        try:
-            wait_until(lambda: list(out.glob("parts/*.parquet")), proc, what="the first part")
-        except BaseException:
-            kill_group(proc)
-            raise
+        first_part = lambda: list(out.glob("parts/*.parquet"))  # noqa: E731
+        proc = start_and_wait([*args, "--json"], env, tmp_path / "score.log", first_part, "the first part")
     try:
         _, err = proc.communicate(timeout=300)
     finally:

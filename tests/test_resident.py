@@ -43,6 +43,17 @@ def test_a_command_runs_in_the_resident_process_only_with_its_code_and_import_ti
     assert "OMP_NUM_THREADS" in other["refused"] and not other.get("stale")
 
 
+def test_retrain_resident_0_starts_none_and_delegates_nothing(tmp_path, monkeypatch):
+    from retrain.tasks import server
+
+    monkeypatch.setenv("RETRAIN_RESIDENT", "0")
+    monkeypatch.setattr(server, "running", lambda home: {"pid": 1, "api_url": "http://127.0.0.1:1/api"})
+    monkeypatch.setattr(server, "start_resident", lambda home: pytest.fail("a resident process was started"))
+    assert server.start(home=tmp_path)["already_running"] and not server.resident_enabled()
+    Path(resident.socket_path(tmp_path)).touch()  # even with a socket there
+    assert resident.delegate(["runs"], tmp_path) is None
+
+
 def test_a_long_prefect_home_gets_a_private_short_socket_path(tmp_path):
     long_home = tmp_path / ("x" * 120)
     path = resident.socket_path(long_home)

@@ -24,6 +24,8 @@ from retrain.tasks.model_file import ModelFileError, save_model_file
 from retrain.tasks.preprocessing import load_image
 from retrain.tasks.samples import make_shapes_dataset
 
+from tests._services import kill_group
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLASSES = ["circle", "square", "triangle"]
@@ -328,7 +330,7 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, mod
         done_at_kill = len(list(parts.glob("*.parquet")))
         _wait_group_gone(job.pid)  # its Dask worker notices its parent died and exits
     finally:
-        _kill_group(job.pid)
+        kill_group(job.pid)
         log.close()
     assert 2 <= done_at_kill < total, (done_at_kill, total)
     assert not Path(scoring.JobLayout(out).scores).exists()
@@ -417,13 +419,6 @@ def _wait_group_gone(pid_group: int, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 # ---- the flow and the command line --------------------------------------------------------------
 
 
@@ -487,7 +482,7 @@ def dask_processes(tmp_path):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 proc.wait()
         log.close()
 

@@ -59,6 +59,7 @@ def run(data, mode="transfer", checkpoints=None, on_validation=None, **options):
         ({"validation_patience": 0}, "validation_patience"),
         ({"initial_learn_rate": -1.0}, "initial_learn_rate"),
         ({"execution_environment": "tpu"}, "execution_environment"),
+        ({"validation_frequency_unit": "epochs"}, "validation_frequency_unit"),
         ({"l2_regularization": 2.0}, "l2"),
     ],
 )
@@ -81,6 +82,12 @@ def test_transfer_trains_only_the_head_and_validates_on_schedule(data):
     after = outcome.state_dict
     assert torch.equal(after["features.0.weight"], before["features.0.weight"])
     assert not torch.equal(after["classifier.1.weight"], before["classifier.1.weight"])
+
+
+def test_validation_frequency_in_epochs(data):
+    _, outcome = run(data, max_epochs=3, validation_frequency=2, validation_frequency_unit="epoch")
+    validated = outcome.history.dropna(subset=["val_loss"])["iteration"].tolist()
+    assert validated == [4, 6]  # 2 iterations an epoch: after epoch 2, and at the end
 
 
 def test_finetune_changes_the_body(data):

@@ -1,12 +1,13 @@
 """The training loop: resume, step, validate (best model, early stopping), checkpoint, finish.
 
 :func:`train` reads like MATLAB's ``trainnet``: cross-entropy on mini-batches, validation
-every ``validation_frequency`` iterations, the best-validation network out. Its state lives
-in a :class:`LoopState` (what a checkpoint keeps), its arithmetic in a :class:`Plan` (how many
-iterations, which images each takes), and one iteration's work in a step strategy
-(:mod:`retrain.tasks.training.steps`). Given :class:`~retrain.tasks.training.distributed.Ranks`,
-it is one of several DistributedDataParallel processes: each trains on its part of every
-batch, rank 0 alone validates, checkpoints and reports.
+every ``validation_frequency`` iterations (or epochs), the best-validation network out. Its
+state lives in a :class:`LoopState` (what a checkpoint keeps), its arithmetic in a
+:class:`Plan` (how many iterations, which images each takes), and one iteration's work in a
+step strategy (:mod:`retrain.tasks.training.steps`). Given
+:class:`~retrain.tasks.training.distributed.Ranks`, it is one of several
+DistributedDataParallel processes: each trains on its part of every batch, rank 0 alone
+validates, checkpoints and reports.
 """
 
 from __future__ import annotations
@@ -104,18 +105,22 @@ class Plan:
         order = epoch_order(self.n_train, epoch, self.options)
         return epoch, position, order[position * self.batch : (position + 1) * self.batch]
 
+    def _every(self, done: int, frequency: int, unit: str) -> bool:
+        """Whether ``done`` iterations end a multiple of ``frequency`` iterations or whole epochs."""
+        units = done if unit == "iteration" else (done // self.per_epoch if done % self.per_epoch == 0 else 0)
+        return bool(units) and units % frequency == 0
+
     def validation_due(self, done: int) -> bool:
-        return done % self.options.validation_frequency == 0 or done == self.total
+        """After ``done`` iterations: every validation_frequency iterations or epochs, and at the end."""
+        options = self.options
+        return self._every(done, options.validation_frequency, options.validation_frequency_unit) or done == self.total
 
     def checkpoint_due(self, done: int) -> bool:
         """After ``done`` iterations: every checkpoint_frequency iterations or whole epochs."""
-        if not self.options.checkpoint_frequency:
-            return False
-        if self.options.checkpoint_frequency_unit == "iteration":
-            units = done
-        else:
-            units = done // self.per_epoch if done % self.per_epoch == 0 else 0
-        return bool(units) and units % self.options.checkpoint_frequency == 0
+        options = self.options
+        return bool(options.checkpoint_frequency) and self._every(
+            done, options.checkpoint_frequency, options.checkpoint_frequency_unit
+        )
 
 
 class _Trainer:
@@ -363,8 +368,6 @@ def train(
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
-    else:
-        tune_allocator("training")  # activations and gradients stay in the heap (tasks/allocator.py)
     plan = Plan.of(len(data.train_targets), options)
     if ranks is not None and plan.batch < ranks.size:
         raise ValueError(f"{ranks.size} processes need mini-batches of at least as many images, not {plan.batch}")
@@ -374,6 +377,8 @@ def train(
         steps = trainer.make_steps(
             preprocessing, data, augmentation, feature_folder, progress, shared_features, feature_cluster
         )
+        if device.type != "cuda":  # whole-network passes keep their blocks in the heap (tasks/allocator.py)
+            tune_allocator("training" if isinstance(steps, ClassicSteps) else "inference")
         _loop(trainer, steps, data, on_validation if trainer.leader else None, progress and trainer.leader)
         return trainer.finish(resumed_from, steps.feature_info)
     finally:

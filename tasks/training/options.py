@@ -34,7 +34,11 @@ class TrainingOptions:
     max_epochs: int = 10
     mini_batch_size: int = 32
     shuffle: str = "every-epoch"  # every-epoch | once | never
-    validation_frequency: int = 5  # iterations
+    validation_frequency: int = 5
+    # iteration (MATLAB's) | epoch. Each validation covers the whole validation split, so with a
+    # frequency in iterations its cost grows as the square of the data set (iterations x
+    # validation images); in epochs it grows as the data set does (benchmarks/bench_scale.py).
+    validation_frequency_unit: str = "iteration"
     validation_patience: int | None = None  # validations without a better loss; None = never stop
     l2_regularization: float = 1e-4
     momentum: float = 0.9  # sgdm only
@@ -75,6 +79,7 @@ class TrainingOptions:
             "learn_rate_schedule": ("none", "piecewise"),
             "output_network": ("best-validation", "last-iteration"),
             "checkpoint_frequency_unit": ("epoch", "iteration"),
+            "validation_frequency_unit": ("iteration", "epoch"),
             "execution_environment": ("auto", "cpu", "gpu"),
         }
         for name, allowed in choices.items():
