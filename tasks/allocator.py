@@ -16,14 +16,8 @@ which also turns the adaptive threshold off. Measured on this project's 2-core m
   glibc's settings; 0.86 s and 23,000 with the training settings (1.35x).
 
 The price is memory kept for reuse: up to 64 MiB of freed heap for inference, up to 512 MiB
-for training. The training settings suit passes of the whole network, the same blocks every
-step; training the head on cached features (transfer mode) alternates small steps with
-validation batches of ~90 MB and copies of the best weights, which in a heap without mmap
-leave holes that grow it epoch after epoch (1.6 to 2.2 GB over 840 iterations at 9,600
-images, benchmarks/bench_scale.py), so it takes the inference settings. A process may switch
-(an experiment trains several runs in one process): each workload's settings are complete.
-``RETRAIN_MALLOC_TUNING=0`` leaves glibc's settings alone (for a process that must hand memory
-back at once).
+for training. ``RETRAIN_MALLOC_TUNING=0`` leaves glibc's settings alone (for a process that
+must hand memory back at once).
 """
 
 from __future__ import annotations
@@ -36,34 +30,28 @@ log = logging.getLogger("retrain.allocator")
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 MiB = 2**20
-GLIBC_MMAP_MAX, GLIBC_TOP_PAD = 65536, 128 * 1024  # glibc's defaults
 SETTINGS = {
     # Blocks up to 32 MiB (glibc's largest mmap threshold) from the heap; keep 64 MiB free.
-    "inference": {
-        _M_MMAP_THRESHOLD: 32 * MiB,
-        _M_MMAP_MAX: GLIBC_MMAP_MAX,
-        _M_TRIM_THRESHOLD: 64 * MiB,
-        _M_TOP_PAD: GLIBC_TOP_PAD,
-    },
+    "inference": {_M_MMAP_THRESHOLD: 32 * MiB, _M_TRIM_THRESHOLD: 64 * MiB},
     # Training blocks exceed any threshold: no mmap at all, keep 512 MiB free, grow by 64 MiB.
     "training": {_M_MMAP_THRESHOLD: 32 * MiB, _M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 512 * MiB, _M_TOP_PAD: 64 * MiB},
 }
-_current: list[str] = []  # the workload whose settings are in effect in this process
+_applied: set[str] = set()
 
 
 def tune_allocator(workload: str) -> bool:
     """Apply the ``workload`` settings ("inference" or "training") to this process's glibc
-    malloc, unless they are in effect already; True when it acted. Nothing on other platforms,
+    malloc, once per process and workload; True when it acted. Nothing on other platforms,
     other C libraries, or with ``RETRAIN_MALLOC_TUNING=0``."""
     if workload not in SETTINGS:
         raise ValueError(f"workload must be one of {sorted(SETTINGS)}, not {workload!r}")
     if (
-        _current == [workload]
+        workload in _applied
         or os.environ.get("RETRAIN_MALLOC_TUNING", "1") == "0"
         or not sys.platform.startswith("linux")
     ):
         return False
-    _current[:] = [workload]
+    _applied.add(workload)
     try:
         import ctypes
 

@@ -368,6 +368,8 @@ def train(
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
+    else:
+        tune_allocator("training")  # activations and gradients stay in the heap (tasks/allocator.py)
     plan = Plan.of(len(data.train_targets), options)
     if ranks is not None and plan.batch < ranks.size:
         raise ValueError(f"{ranks.size} processes need mini-batches of at least as many images, not {plan.batch}")
@@ -377,8 +379,6 @@ def train(
         steps = trainer.make_steps(
             preprocessing, data, augmentation, feature_folder, progress, shared_features, feature_cluster
         )
-        if device.type != "cuda":  # whole-network passes keep their blocks in the heap (tasks/allocator.py)
-            tune_allocator("training" if isinstance(steps, ClassicSteps) else "inference")
         _loop(trainer, steps, data, on_validation if trainer.leader else None, progress and trainer.leader)
         return trainer.finish(resumed_from, steps.feature_info)
     finally:

@@ -5,8 +5,6 @@ batch of an iteration, on the host: may run on a worker thread), ``logits`` and
 
 from __future__ import annotations
 
-import math
-
 import torch
 from retrain.tasks.evaluation import predict_scores
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
@@ -16,8 +14,6 @@ from retrain.tasks.training.features import FeatureCache, network_layout
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import epoch_views, seeded_generator
 from torch import nn
-
-VAL_BATCH_BYTES = 16 * 2**20  # under the inference malloc settings' mmap threshold (32 MiB)
 
 
 def dropout_to_float(features: torch.Tensor, p: float) -> torch.Tensor:
@@ -152,23 +148,13 @@ class CachedSteps:
         features = dropout_to_float(features.to(self.device, non_blocking=True), self.dropout)
         return self.rest(features), targets.to(self.device, non_blocking=True)
 
-    def _val_batch(self) -> int:
-        """Validation images per forward pass: 256 on a GPU; on the CPU as many as keep a batch
-        of float32 features under VAL_BATCH_BYTES, so that it comes from the heap and goes back
-        to it rather than to fresh mappings each time (tasks/allocator.py: 256 SqueezeNet maps
-        take 88 MB, and validating in such batches took twice as long)."""
-        if self.device.type == "cuda":
-            return 256
-        per_image = 4 * math.prod(self.cache.train.shape[2:])
-        return max(1, min(256, VAL_BATCH_BYTES // per_image))
-
     def val_scores(self) -> torch.Tensor:
         was_training = self.model.training
         self.model.eval()
         out = []
         try:
             with torch.inference_mode(), autocast(self.device, training=False):
-                for features in self.cache.val_batches(self._val_batch()):
+                for features in self.cache.val_batches(256):
                     logits = self.rest(to_device(features, self.device).float())
                     out.append(torch.softmax(logits.float(), dim=1).cpu())
         finally:
