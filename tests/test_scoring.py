@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -23,6 +24,7 @@ from retrain.tasks import inference, scoring, storage
 from retrain.tasks.model_file import ModelFileError, save_model_file
 from retrain.tasks.preprocessing import load_image
 from retrain.tasks.samples import make_shapes_dataset
+from retrain.tasks.scoring.job import run_record
 
 from tests._services import kill_group
 
@@ -148,7 +150,12 @@ def test_partition_scoring_gives_one_row_per_file_and_errors_for_bad_ones(tmp_pa
     # a second partition in this process reuses the loaded model; an existing part is kept
     again = scoring.score_partition(model, good[:2], str(tmp_path / "p2.parquet"))
     assert again.images == 2 and inference.LOADS["count"] == loads + 1
-    assert scoring.score_partition(model, paths, out).skipped
+    rescored = scoring.score_partition(model, paths, out)
+    assert rescored.skipped and rescored.images == len(paths)
+    # such a part was written after planning (by a lost attempt of the same run): its images
+    # count as this run's, like those of the parts scored afresh
+    record = run_record(SimpleNamespace(done=set()), [again, rescored], seconds=2.0)
+    assert record["processed"] == 2 + len(paths) and record["resumed_partitions"] == 0
 
 
 def test_models_that_do_not_fit_are_refused(tmp_path, model_file):

@@ -397,7 +397,10 @@ def _remove_stale(plan: JobPlan, keep: set[str]) -> None:
 def run_record(plan: JobPlan, results: list[PartResult], seconds: float, scoring_seconds: float = 0.0) -> dict:
     """This run's figures, for the summary: how much it scored and how fast, over the whole
     job and over the time the workers were scoring (from the first task to the last)."""
-    processed = sum(r.images for r in results if not r.skipped)
+    # Only the partitions missing at planning time are submitted, so a part a task finds
+    # already written was written after planning: by an attempt of this run whose worker died
+    # before it reported (Dask then runs the task again). Those images count as this run's.
+    processed = sum(r.images for r in results)
     return {
         "seconds": round(seconds, 3),
         "processed": processed,
