@@ -27,8 +27,9 @@ def cmd_run(args) -> dict:
 
         read_label_table(storage.absolute(args.labels))  # a table without path/label columns: refused now
     request.check(fetch_weights=not args.train_deployment)
-    if args.dask_workers is not None and args.dask_workers < 0:
-        raise ValueError(f"--dask-workers must be 0 (in process) or more, not {args.dask_workers}")
+    from retrain.tasks.training.cluster import ClusterRequest
+
+    ClusterRequest.from_dict({"address": args.dask_address, "workers": args.dask_workers})  # --dask-workers -1: refused
 
     from retrain.flows.retrain import retrain_flow
     from retrain.tasks.orchestrator import console_without_tracebacks

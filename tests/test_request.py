@@ -160,3 +160,13 @@ def test_one_retrain_package_and_no_generic_top_level_ones(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found == {"tasks": False, "flows": False, "api": ["run", "evaluate", "classify", "score"]}
+
+
+def test_a_cluster_request_takes_a_worker_count_of_zero_or_more():
+    from retrain.tasks.training.cluster import ClusterRequest
+
+    assert ClusterRequest.from_dict({"workers": 0}) == ClusterRequest()  # 0: in the training process
+    assert ClusterRequest.from_dict({"address": "tcp://h:8786", "workers": 2}).wanted
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"--dask-workers\) must be an integer >= 0"):
+            ClusterRequest.from_dict({"workers": bad})

@@ -37,7 +37,7 @@ class ClusterRequest:
         d = d or {}
         workers = d.get("workers")
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
-            raise ValueError(f"feature workers must be an integer >= 0, not {workers!r}")
+            raise ValueError(f"Dask workers (--dask-workers) must be an integer >= 0 (0: in process), not {workers!r}")
         return cls(d.get("address") or None, workers or None)
 
 

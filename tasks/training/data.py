@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from retrain.tasks.preprocessing import load_images
-from retrain.tasks.training.shards import ShardImages, ShardSet, missing_shards, plan_shards, prepare_shards
+from retrain.tasks.training.shards import ShardImages, ShardSet, plan_shards, prepare_shards
 
 log = logging.getLogger("retrain.training")
 
@@ -65,8 +65,7 @@ def load_training_data(
     rows = split.drop_duplicates("path").sort_values("path")
     paths = list(rows["path"])
     plan = plan_shards(store, paths, rows["digest"] if "digest" in rows.columns else None, input_size)
-    client = cluster.client() if cluster is not None and missing_shards(plan) else None  # none started for nothing
-    record = prepare_shards(plan, client=client, logger=logger)
+    record = prepare_shards(plan, cluster, logger=logger)
     shards = ShardSet(plan)
     position = pd.Series(np.arange(len(paths), dtype=np.int64), index=paths)
     return TrainingData(

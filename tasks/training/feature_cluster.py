@@ -25,19 +25,18 @@ from retrain.tasks import storage
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.cluster import run_tasks
 from retrain.tasks.training.data import TrainingData
-from retrain.tasks.training.features import (
+from retrain.tasks.training.feature_files import (
     MANIFEST,
     MODEL,
     FeatureCache,
     FeaturePlan,
-    cache_key,
-    images_of,
     local_folder,
     open_shards,
-    part_features,
     start_folder,
 )
-from retrain.tasks.training.shards import ShardImages, ShardPlan, ShardSet, write_npy
+from retrain.tasks.training.features import cache_key, images_of, part_features
+from retrain.tasks.training.row_files import write_npy
+from retrain.tasks.training.shards import ShardImages, ShardPlan, ShardSet
 from torch import nn
 
 # ---- the body on a worker ------------------------------------------------------------------------

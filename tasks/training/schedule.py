@@ -21,10 +21,19 @@ def seeded_generator(*key: int) -> torch.Generator:
 
 
 def epoch_order(n: int, epoch: int, options: TrainingOptions) -> torch.Tensor:
+    """The training images in an epoch's order (shared: not to be modified)."""
     if options.shuffle == "never":
+        return _permutation(n, options.seed, None)
+    return _permutation(n, options.seed, 0 if options.shuffle == "once" else epoch)
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int, epoch: int | None) -> torch.Tensor:
+    # Drawn once per epoch, not once per iteration: at 270,000 images a draw takes ~12 ms,
+    # as long as a head step on cached features.
+    if epoch is None:
         return torch.arange(n)
-    shuffle_epoch = 0 if options.shuffle == "once" else epoch
-    return torch.randperm(n, generator=seeded_generator(options.seed, shuffle_epoch, -1))
+    return torch.randperm(n, generator=seeded_generator(seed, epoch, -1))
 
 
 def make_optimizer(groups: list[dict], options: TrainingOptions) -> torch.optim.Optimizer:

@@ -16,11 +16,11 @@ other splits, seeds, modes or networks of the same input size share one set of s
 changed file makes a new set. A preparation that is killed (kill -9) leaves whole shards and
 at most ``*.tmp-*`` debris: the next run prepares only the shards that are missing.
 
-Reads are positioned reads (``os.preadv``) of the rows a batch needs, straight into the
-batch's buffer: the operating system's page cache holds the files, not this process, so the
-process's memory does not grow with the number of images (a memory map would count every
-page it has touched as the process's own). A store that is not a local disk is copied, shard
-by shard, into a local cache folder first (``$RETRAIN_CACHE``, default ``~/.cache/retrain``).
+Reads are positioned reads of the rows a batch needs, straight into the batch's buffer
+(tasks/training/row_files.py): the operating system's page cache holds the files, not this
+process, so the process's memory does not grow with the number of images (a memory map would
+count every page it has touched as the process's own). A store that is not a local disk is
+copied, shard by shard, into a local cache folder first.
 
 Decoding runs in threads (decoders release the GIL), one shard at a time; on a Dask cluster
 each missing shard is a task (threads only: Dask workers are daemon processes, which may not
@@ -29,23 +29,23 @@ start processes of their own).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
-import posixpath
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from retrain.tasks import storage
+from retrain.tasks.training.row_files import RowFiles, cache_root, local_copy, write_npy
+
+if TYPE_CHECKING:
+    from retrain.tasks.training.cluster import LazyCluster
 
 log = logging.getLogger("retrain.training")
 
@@ -54,11 +54,6 @@ SHARD_FORMAT = "retrain.image-shards/1"
 SHARD_IMAGES = int(os.environ.get("RETRAIN_SHARD_IMAGES", "512"))
 PLAN, MANIFEST = "plan.json", "manifest.json"
 REMOTE_READ_THREADS = 8  # reads from an object store wait on the network: overlap them
-
-
-def cache_root() -> str:
-    """Where shards of a store that is not a local disk are copied to be read."""
-    return os.environ.get("RETRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "retrain")
 
 
 def _resize_method() -> str:
@@ -148,27 +143,6 @@ def plan_shards(
 # ---- writing ----------------------------------------------------------------------------------------
 
 
-def write_npy(url: str, array: np.ndarray) -> str:
-    """An ``.npy`` file written atomically: on a local disk straight into a temporary file
-    that is then renamed (no copy of the array in memory); elsewhere as one write."""
-    if storage.is_local(url):
-        path = storage.absolute(url)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}{storage.TMP_MARKER}{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-        return url
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return storage.write_bytes(url, buffer.getvalue())
-
-
 def _decode(url: str, size: tuple[int, int]) -> torch.Tensor:
     from retrain.tasks.preprocessing import ImageDecodeError, load_image
 
@@ -211,12 +185,13 @@ def missing_shards(plan: ShardPlan) -> list[int]:
 
 def prepare_shards(
     plan: ShardPlan,
-    client=None,
+    cluster: LazyCluster | None = None,
     logger: logging.Logger | None = None,
     on_shard: Callable[[dict], None] | None = None,
 ) -> dict:
     """Write every shard of ``plan`` that is not there yet, in this process (one shard at a
-    time, decoding in threads) or as tasks on the Dask ``client``; then the manifest.
+    time, decoding in threads) or as tasks on ``cluster`` (started only if some shard is
+    missing); then the manifest.
     Returns what it did: {"shards", "prepared", "reused", "images", "seconds", "where"}."""
     logger = logger or log
     started = time.perf_counter()
@@ -233,9 +208,9 @@ def prepare_shards(
             *plan.input_size,
             plan.folder,
         )
-    if todo and client is not None:
+    if todo and cluster is not None:
         where = "dask"
-        _prepare_on_dask(client, plan, todo, on_shard)
+        _prepare_on_dask(cluster.client(), plan, todo, on_shard)
     else:
         for i in todo:
             result = write_shard(plan, i)
@@ -279,107 +254,6 @@ def _prepare_on_dask(client, plan: ShardPlan, todo: list[int], on_shard: Callabl
 
 
 # ---- reading ----------------------------------------------------------------------------------------
-
-
-class RowFiles:
-    """Fixed-size rows of a list of ``.npy`` files (C order), read with positioned reads.
-
-    ``files[k]`` is a local path; row ``r`` of file ``k`` lies at its header's end plus
-    ``r * row_bytes``. File descriptors open on first use; a pickled copy opens its own (for
-    worker processes)."""
-
-    def __init__(self, files: list[str], row_shape: tuple[int, ...], dtype: np.dtype):
-        self.files = list(files)
-        self.row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
-        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
-        self._fds: dict[int, tuple[int, int]] = {}
-        self._lock = threading.Lock()  # the batch prefetcher's thread and the loop's read too
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_fds"], state["_lock"] = {}, None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _open(self, k: int) -> tuple[int, int]:
-        found = self._fds.get(k)
-        if found is not None:
-            return found
-        with self._lock:
-            return self._fds.get(k) or self._open_locked(k)
-
-    def _open_locked(self, k: int) -> tuple[int, int]:
-        with open(self.files[k], "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
-            if fortran or np.dtype(dtype) != self.dtype or tuple(shape[-len(self.row_shape) :]) != self.row_shape:
-                raise ValueError(f"{self.files[k]}: {shape} {dtype} does not hold rows of {self.row_shape}")
-            offset = f.tell()
-        found = (os.open(self.files[k], os.O_RDONLY), offset)
-        self._fds[k] = found
-        return found
-
-    def read_into(self, out: np.ndarray, files: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Row ``rows[j]`` of file ``files[j]`` into ``out[j]``; consecutive rows of one file
-        are read at once."""
-        n = len(rows)
-        flat = out.reshape(n, -1).view(np.uint8) if n else out
-        j = 0
-        while j < n:
-            k, r = int(files[j]), int(rows[j])
-            run = 1
-            while j + run < n and files[j + run] == k and rows[j + run] == r + run:
-                run += 1
-            fd, offset = self._open(k)
-            view = memoryview(flat[j : j + run]).cast("B")
-            position, want = offset + r * self.row_bytes, run * self.row_bytes
-            done = 0
-            while done < want:
-                got = os.preadv(fd, [view[done:]], position + done)
-                if got <= 0:
-                    raise OSError(f"{self.files[k]}: short read at row {r} (file truncated?)")
-                done += got
-            j += run
-        return out
-
-    def close(self) -> None:
-        for fd, _ in list(self._fds.values()):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds = {}
-
-    def __del__(self):
-        self.close()
-
-
-def local_copy(url: str, folder: str) -> str:
-    """A local path holding the file at ``url``: the path itself on a local disk, else a copy
-    in ``folder`` (made once, atomically)."""
-    if storage.is_local(url):
-        return storage.absolute(url)
-    os.makedirs(folder, exist_ok=True)
-    target = os.path.join(folder, posixpath.basename(url))
-    if not os.path.exists(target):
-        _download(url, target)
-    return target
-
-
-@storage.retrying
-def _download(url: str, target: str) -> None:
-    fs, path = storage.filesystem(url)
-    tmp = f"{target}{storage.TMP_MARKER}{uuid.uuid4().hex[:8]}"
-    try:
-        fs.get_file(path, tmp)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
 
 
 class ShardSet:

@@ -118,7 +118,7 @@ def train_run(
     if not isinstance(cluster, ClusterRequest):
         cluster = ClusterRequest.from_dict(cluster)
     if processes == 1:
-        return _train(run_url, progress, logger, on_validation, cluster=cluster)
+        return _train(run, progress, logger, on_validation, cluster=cluster)
     with training_cluster(cluster, logger) as lazy_cluster:  # once, here: the ranks then only read the shards
         run.training_data(lazy_cluster, logger).close()
     logger.info("training in %d processes (DistributedDataParallel, %s)", processes, backend_for(device))
@@ -129,14 +129,15 @@ def train_run(
 def _train_rank(ranks: Ranks, run_url: str, progress: bool) -> None:
     """One training process (tasks/training/distributed.py launches them): rank 0 reports to
     the launching process and writes the outputs."""
+    run = _Run.read(run_url)
     if ranks.leader:
-        _train(run_url, progress, relay_logger(ranks), relay_history(ranks), ranks)
+        _train(run, progress, relay_logger(ranks), relay_history(ranks), ranks)
     else:
-        _train(run_url, False, logging.getLogger(f"retrain.training.rank{ranks.rank}"), None, ranks)
+        _train(run, False, logging.getLogger(f"retrain.training.rank{ranks.rank}"), None, ranks)
 
 
 def _train(
-    run_url: str,
+    run: _Run,
     progress: bool,
     logger: logging.Logger | logging.LoggerAdapter,
     on_validation: Callable[[pd.DataFrame], None] | None,
@@ -145,7 +146,6 @@ def _train(
 ) -> dict:
     """Train a run in this process, alone or as one of ``ranks``; the outputs are written by
     the only or the first process. Returns the ``training.json`` record (rank 0's)."""
-    run = _Run.read(run_url)
     leader = ranks is None or ranks.leader
     torch.manual_seed(run.options.seed)  # the new head's initial weights
     weights = "none" if run.mode == "scratch" else run.config["weights"]

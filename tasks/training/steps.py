@@ -10,7 +10,8 @@ from retrain.tasks.evaluation import predict_scores
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import autocast, pinned, to_device
-from retrain.tasks.training.features import FeatureCache, network_layout
+from retrain.tasks.training.feature_files import FeatureCache
+from retrain.tasks.training.features import network_layout
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import epoch_views, seeded_generator
 from torch import nn
