@@ -152,6 +152,9 @@ def test_features_on_dask_equal_the_features_in_process(shapes, tmp_path, monkey
     assert torch.equal(local.train_batch(views, indices), remote.train_batch(views, indices))
     assert torch.equal(torch.cat(list(local.val_batches(5))), torch.cat(list(remote.val_batches(5))))
     assert torch.cat(list(remote.val_batches(7))).shape[0] == m
+    # one buffer for every batch (validation's way): the same values, each batch until the next
+    reused = [batch.clone() for batch in remote.val_batches(5, reuse=True)]
+    assert torch.equal(torch.cat(reused), torch.cat(list(local.val_batches(5))))
     # A second build finds the finished shards and reuses them.
     again = build_feature_cache(*common, memory_bytes=2**30, folder=folder, cluster=cluster)
     assert again.reused and torch.equal(again.train_batch(views, indices), local.train_batch(views, indices))

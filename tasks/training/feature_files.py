@@ -106,11 +106,13 @@ class FeatureRows:
         self.rows = RowFiles(files, tuple(shape), np.float16)
         self.shape = (views + 1, sum(counts), *shape)
 
-    def gather(self, views: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+    def gather(self, views: np.ndarray, indices: np.ndarray, out: np.ndarray | None = None) -> torch.Tensor:
+        """View ``views[i]`` of image ``indices[i]``, into ``out`` when given."""
         files = indices // self.part
         counts = np.asarray(self.counts, dtype=np.int64)[files]
         rows = views * counts + (indices - files * self.part)
-        out = np.empty((len(indices), *self.shape[2:]), dtype=np.float16)
+        if out is None:
+            out = np.empty((len(indices), *self.shape[2:]), dtype=np.float16)
         return torch.from_numpy(self.rows.read_into(out, files, rows))
 
     def close(self) -> None:
@@ -152,14 +154,21 @@ class FeatureCache:
             return self.train[views.to(self.train.device), indices.to(self.train.device)]
         return self.train.gather(views.cpu().numpy().astype(np.int64), indices.cpu().numpy().astype(np.int64))
 
-    def val_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def val_batches(self, batch_size: int, reuse: bool = False) -> Iterator[torch.Tensor]:
+        """The validation features in batches. ``reuse``: batches from shards on disk are read
+        into one buffer, reused for every batch, so a batch is valid only until the next one is
+        asked for. Under the training malloc settings (tasks/allocator.py) a new buffer per
+        batch let the heap grow by up to 1.4 GB during one validation of 5,760 images."""
         m = self.val_count
-        for start in range(0, m, batch_size):
-            if torch.is_tensor(self.val):
+        if torch.is_tensor(self.val):
+            for start in range(0, m, batch_size):
                 yield self.val[start : start + batch_size]
-            else:
-                indices = np.arange(start, min(start + batch_size, m), dtype=np.int64)
-                yield self.val.gather(np.zeros_like(indices), indices)
+            return
+        buffer = np.empty((min(batch_size, m), *self.val.shape[2:]), dtype=np.float16) if reuse else None
+        for start in range(0, m, batch_size):
+            indices = np.arange(start, min(start + batch_size, m), dtype=np.int64)
+            out = buffer[: len(indices)] if buffer is not None else None
+            yield self.val.gather(np.zeros_like(indices), indices, out=out)
 
     def close(self, delete: bool = False) -> None:
         """Let go of the arrays (closing files); delete the shards of a temporary folder, or

@@ -153,10 +153,16 @@ class CachedSteps:
         was_training = self.model.training
         self.model.eval()
         out = []
+        staging: torch.Tensor | None = None  # float32 batches on the CPU: one buffer, reused
         try:
             with torch.inference_mode(), autocast(self.device, training=False):
-                for features in self.cache.val_batches(256):
-                    logits = self.rest(to_device(features, self.device).float())
+                for features in self.cache.val_batches(256, reuse=True):  # each used before the next
+                    features = to_device(features, self.device)
+                    if features.device.type == "cpu":
+                        if staging is None or len(staging) < len(features):
+                            staging = torch.empty(features.shape, dtype=torch.float32)
+                        features = staging[: len(features)].copy_(features)
+                    logits = self.rest(features.float())
                     out.append(torch.softmax(logits.float(), dim=1).cpu())
         finally:
             self.model.train(was_training)
