@@ -24,7 +24,6 @@ import torch
 from retrain.tasks import storage
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.cluster import run_tasks
-from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.feature_files import (
     MANIFEST,
     MODEL,
@@ -34,7 +33,7 @@ from retrain.tasks.training.feature_files import (
     open_shards,
     start_folder,
 )
-from retrain.tasks.training.features import cache_key, images_of, part_features
+from retrain.tasks.training.features import FeatureJob, part_features
 from retrain.tasks.training.row_files import write_npy
 from retrain.tasks.training.shards import ShardImages, ShardPlan, ShardSet
 from torch import nn
@@ -133,21 +132,10 @@ class ClusterBody:
     execution_environment: str = "auto"
 
 
-def build_on_cluster(
-    body: nn.Module,
-    data: TrainingData,
-    preprocessing: Preprocessing,
-    augmentation: Augmentation,
-    plan: FeaturePlan,
-    seed: int,
-    folder: str,
-    cluster: ClusterBody,
-    bar,
-    logger: logging.Logger,
-) -> FeatureCache:
+def build_on_cluster(job: FeatureJob, folder: str, cluster: ClusterBody, bar, logger: logging.Logger) -> FeatureCache:
+    plan, data = job.plan, job.data
     folder = storage.absolute(folder)
-    key = cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
-    done = start_folder(folder, key)
+    done = start_folder(folder, job.key())
     local = local_folder(folder) or tempfile.mkdtemp(prefix="retrain-features-")
     if MANIFEST in done:
         train, val = open_shards(plan, folder, local)
@@ -176,13 +164,13 @@ def build_on_cluster(
             ),
             shards.shards.plan,
             plan.views,
-            augmentation.to_dict(),
-            preprocessing.to_dict(),
-            seed,
+            job.augmentation.to_dict(),
+            job.preprocessing.to_dict(),
+            job.seed,
         )
         client = cluster.client_source()
         logger.info("feature extraction: %d of %d parts on the Dask cluster", len(todo), len(plan.parts()))
-        threads = _run_parts(client, task, data, todo, bar)
+        threads = _run_parts(client, task, job, todo, bar)
         stats["worker_threads"] = threads
     stats["extract_seconds"] = round(time.perf_counter() - started, 3)
     left = [p for p in plan.parts() if plan.name(p[0], p[1]) not in storage.names_in(folder)]
@@ -204,10 +192,10 @@ def build_on_cluster(
     )
 
 
-def _run_parts(client, task: FeatureTask, data: TrainingData, todo: list, bar) -> int | None:
+def _run_parts(client, task: FeatureTask, job: FeatureJob, todo: list, bar) -> int | None:
     """The ``todo`` parts as tasks on the cluster; returns the torch threads a worker used."""
     tasks = {
-        f"features-{kind}-{j:06d}": (extract_part, task, kind, j, first, images_of(data, kind).indices[first:stop])
+        f"features-{kind}-{j:06d}": (extract_part, task, kind, j, first, job.images(kind).indices[first:stop])
         for kind, j, first, stop in todo
     }
     threads = []

@@ -29,6 +29,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -179,28 +180,36 @@ def part_features(
 # ---- the plan of a feature folder ------------------------------------------------------------------
 
 
-def cache_key(
-    body: nn.Module,
-    data: TrainingData,
-    preprocessing: Preprocessing,
-    augmentation: Augmentation,
-    views: int,
-    seed: int,
-    part: int,
-) -> dict:
-    return {
-        "format": FEATURE_FORMAT,
-        "views": views,
-        "seed": seed,
-        "augmentation": augmentation.to_dict(),
-        "preprocessing": preprocessing.to_dict(),
-        "aug_chunk": AUG_CHUNK,
-        "part": part,
-        "train_images": _images_digest(data.train_images),
-        "val_images": _images_digest(data.val_images),
-        "counts": [len(data.train_targets), len(data.val_targets)],
-        "body": _digest(*[t for t in body.state_dict().values()]),
-    }
+@dataclass(frozen=True)
+class FeatureJob:
+    """What a feature cache is computed from: the frozen body, the images, their
+    preprocessing and cached views' augmentation, the plan of its parts and the views' seed."""
+
+    body: nn.Module
+    data: TrainingData
+    preprocessing: Preprocessing
+    augmentation: Augmentation
+    plan: FeaturePlan
+    seed: int
+
+    def key(self) -> dict:
+        """What a folder's ``plan.json`` says: shards with another key are not reused."""
+        return {
+            "format": FEATURE_FORMAT,
+            "views": self.plan.views,
+            "seed": self.seed,
+            "augmentation": self.augmentation.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "aug_chunk": AUG_CHUNK,
+            "part": self.plan.part,
+            "train_images": _images_digest(self.data.train_images),
+            "val_images": _images_digest(self.data.val_images),
+            "counts": [len(self.data.train_targets), len(self.data.val_targets)],
+            "body": _digest(*[t for t in self.body.state_dict().values()]),
+        }
+
+    def images(self, kind: str):
+        return self.data.train_images if kind == "train" else self.data.val_images
 
 
 # ---- building the cache ------------------------------------------------------------------------
@@ -243,14 +252,13 @@ def build_feature_cache(
             and (m == 0 or isinstance(data.val_images, ShardImages))
             and folder is not None
         )
+        job = FeatureJob(body, data, preprocessing, augmentation, plan, seed)
         if distributed:
             from retrain.tasks.training.feature_cluster import build_on_cluster  # Dask: only when asked
 
-            cache = build_on_cluster(body, data, preprocessing, augmentation, plan, seed, folder, cluster, bar, logger)
+            cache = build_on_cluster(job, folder, cluster, bar, logger)
         else:
-            cache = _build_in_process(
-                body, data, preprocessing, augmentation, plan, seed, device, memory_bytes, folder, bar, logger
-            )
+            cache = _build_in_process(job, device, memory_bytes, folder, bar, logger)
     finally:
         if bar is not None:
             bar.close()
@@ -273,34 +281,21 @@ def build_feature_cache(
     return cache
 
 
-def images_of(data: TrainingData, kind: str):
-    return data.train_images if kind == "train" else data.val_images
-
-
 def _build_in_process(
-    body: nn.Module,
-    data: TrainingData,
-    preprocessing: Preprocessing,
-    augmentation: Augmentation,
-    plan: FeaturePlan,
-    seed: int,
-    device: torch.device,
-    memory_bytes: int,
-    folder: str | None,
-    bar,
-    logger: logging.Logger,
+    job: FeatureJob, device: torch.device, memory_bytes: int, folder: str | None, bar, logger: logging.Logger
 ) -> FeatureCache:
+    plan = job.plan
     local = local_folder(folder)
     key = None
     done: set[str] = set()
     if local and os.path.exists(os.path.join(local, PLAN)):
-        key = cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
+        key = job.key()
         done = existing_files(local, key)
         if MANIFEST in done:
             train, val = open_shards(plan, local, local)
             logger.info("reusing the feature cache in %s", local)
             return FeatureCache(train, val, local, 0.0, reused=True, folder=local)
-    settings = (augmentation, preprocessing, seed, device)
+    settings = (job.augmentation, job.preprocessing, job.seed, device)
     where, target, temporary = None, None, False
     memory: dict[str, torch.Tensor] = {}
     computed = 0
@@ -312,11 +307,11 @@ def _build_in_process(
             continue
         computed += 1
         views = plan.views if kind == "train" else 0
-        features = part_features(body, images_of(data, kind)[first:stop], first, views, *settings)
+        features = part_features(job.body, job.images(kind)[first:stop], first, views, *settings)
         if where is None:  # the first part computed tells the size, and so where the cache goes
             where, target, temporary = _placement(plan, features, device, memory_bytes, local, bool(done))
             if target is not None:
-                key = key or cache_key(body, data, preprocessing, augmentation, plan.views, seed, plan.part)
+                key = key or job.key()
                 done = start_folder(target, key)
                 if target == local:
                     logger.info("feature cache: shards in %s", target)
