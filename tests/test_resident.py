@@ -151,7 +151,26 @@ def test_commands_run_in_the_resident_process_as_they_would_in_their_own(tmp_pat
                 lambda: f"pid {fork}: exited" in _log(home) and _log(home), 30, "its status"
             )
 
+        # code changed since it started: that command runs in its caller, which starts a fresh
+        # resident process (from its own environment, PREFECT_API_URL set) for the next ones
+        older_code = "from retrain.flows import cli, resident; resident.code_fingerprint = lambda: 'older'; cli.entry()"
+        caller = subprocess.run(
+            [sys.executable, "-c", older_code, "classify", str(tmp_path / "no-model.pt"), shapes_dir],
+            env=env,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert caller.returncode == 2 and "code changed" in _log(home), caller.stderr[-2000:]
+        _wait_for(lambda: not _alive(pid), 30, "the stale resident process to exit")
+        fresh = _wait_for(lambda: server.resident_pid(home), 60, "a fresh resident process")
+        _wait_for(lambda: _log(home).count("ready at") == 2, 180, "its imports")
+        forks_before = len(_resident_forks(_log(home)))
+        again = retrain_cli("classify", str(tmp_path / "no-model.pt"), shapes_dir, env=env)
+        assert again.returncode == 2 and len(_resident_forks(_log(home))) == forks_before + 1, _log(home)[-2000:]
+
         stopped = retrain_cli("server", "stop", "--json", env=env)
         assert json.loads(stopped.stdout.splitlines()[-1])["stopped"] is True
-        assert not _alive(pid), "the resident process ends with the server"
+        assert not _alive(fresh), "the resident process ends with the server"
         assert not os.path.exists(resident.socket_path(home))
