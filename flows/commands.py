@@ -32,9 +32,9 @@ def cmd_run(args) -> dict:
     ClusterRequest.from_dict({"address": args.dask_address, "workers": args.dask_workers})  # --dask-workers -1: refused
 
     from retrain.flows.retrain import retrain_flow
-    from retrain.tasks.orchestrator import console_without_tracebacks
+    from retrain.tasks.orchestrator import prepare_for_flows
 
-    console_without_tracebacks()
+    prepare_for_flows()
     summary = retrain_flow(
         data=args.data,
         store=_store(args),
@@ -176,9 +176,9 @@ def cmd_score(args) -> dict:
     try:
         from prefect.settings import PREFECT_API_URL, temporary_settings
         from retrain.flows.score import score_flow
-        from retrain.tasks.orchestrator import console_without_tracebacks
+        from retrain.tasks.orchestrator import prepare_for_flows
 
-        console_without_tracebacks()
+        prepare_for_flows()
         url = api.wait() if api is not None else None
         with temporary_settings({PREFECT_API_URL: url} if url else {}):
             summary = score_flow(

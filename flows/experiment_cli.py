@@ -51,9 +51,9 @@ def cmd_experiment(args: argparse.Namespace, store: str) -> dict:
         from retrain.tasks.labels import read_label_table
 
         read_label_table(storage.absolute(args.labels))
-    from retrain.tasks.orchestrator import console_without_tracebacks
+    from retrain.tasks.orchestrator import prepare_for_flows
 
-    console_without_tracebacks()
+    prepare_for_flows()
     record = experiment_flow(
         data=args.data,
         store=store,

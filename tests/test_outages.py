@@ -133,6 +133,43 @@ def test_client_retries_fit_into_the_grace_and_the_users_settings_win():
         orchestrator.grace_seconds({"RETRAIN_API_GRACE_SECONDS": "soon"})
 
 
+def test_a_flow_run_ends_without_joining_its_stopped_heartbeat_thread(monkeypatch):
+    """Prefect's sync engine joined the heartbeat thread, which looks at its stop event once a
+    second: each flow run's end waited up to 1 s. After prepare_for_flows it is not joined,
+    and the stopped thread still ends by itself, sending no more heartbeats."""
+    import logging
+
+    from prefect import flow_engine
+
+    monkeypatch.setattr(flow_engine, "_send_heartbeats", flow_engine._send_heartbeats)  # restored after
+    orchestrator.prepare_for_flows()
+    orchestrator.prepare_for_flows()  # once is enough: not wrapped twice
+    assert flow_engine._send_heartbeats.joins_on_exit is False
+
+    sent, joined = [], []
+
+    class Engine:  # what the heartbeat context reads of a flow run engine
+        heartbeat_seconds, flow_run = 30, None
+        logger = logging.getLogger("test")
+
+        def _build_heartbeat_event_template(self):
+            return None, None
+
+        def _emit_flow_run_heartbeat(self, resource, related):
+            sent.append(threading.current_thread())
+
+    real_join = threading.Thread.join
+    monkeypatch.setattr(threading.Thread, "join", lambda self, *a, **k: joined.append(self) or real_join(self, *a, **k))
+    with flow_engine._send_heartbeats(Engine()):
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+    (thread,) = sent  # one heartbeat, at the start
+    assert thread not in joined
+    real_join(thread, timeout=5)
+    assert not thread.is_alive() and len(sent) == 1
+
+
 def test_the_api_watch_gives_up_within_the_grace_and_not_while_the_api_answers(tmp_path):
     """The watch of a refused URL calls back within grace + one probe interval (+ slack); the
     watch of an API that answers never does."""
