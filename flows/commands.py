@@ -20,17 +20,7 @@ def _store(args) -> str:
 def cmd_run(args) -> dict:
     from dataclasses import asdict
 
-    request = request_from_args(args)
-    # Fail fast, before Prefect starts (10-30 s); the flow's own check of this request is then free.
-    if args.labels:
-        from retrain.tasks.labels import read_label_table
-
-        read_label_table(storage.absolute(args.labels))  # a table without path/label columns: refused now
-    request.check(fetch_weights=not args.train_deployment)
-    from retrain.tasks.training.cluster import ClusterRequest
-
-    ClusterRequest.from_dict({"address": args.dask_address, "workers": args.dask_workers})  # --dask-workers -1: refused
-
+    request = _checked_run_request(args)
     from retrain.flows.retrain import retrain_flow
     from retrain.tasks.orchestrator import prepare_for_flows
 
@@ -52,30 +42,7 @@ def cmd_run(args) -> dict:
         dask_workers=args.dask_workers,
     )
     if not args.json:
-        print(
-            f"\nrun {summary['run_id']}: {summary['network']} ({summary['mode']}) on "
-            f"{len(summary['classes'])} classes: " + ", ".join(summary["classes"])
-        )
-        print(
-            f"  validation accuracy {summary['val_accuracy']:.4f}, test accuracy "
-            f"{summary['test_accuracy']:.4f} ({summary['test_images']} images)"
-        )
-        print(
-            f"  {summary['iterations']} iterations, {summary['epochs']} epochs on {summary['device']}, "
-            f"{summary['seconds']:.1f} s"
-        )
-        print(
-            f"  model: {summary['model']}\n  plots: {summary['run']}/{{montage,progress,confusion,mistakes,gradcam}}.png"
-        )
-        if "promotion" in summary:
-            decision = summary["promotion"]
-            print(
-                f"  model {decision['model']}: {'promoted' if decision['promoted'] else 'not promoted'} "
-                f"({decision['reason']})"
-            )
-        if "scores" in summary:
-            print(f"  scores: {summary['scores']}")
-        _print_ui_url(summary)
+        _print_run(summary)
     keys = (
         "run_id",
         "model",
@@ -93,6 +60,47 @@ def cmd_run(args) -> dict:
         "ui_url",
     )
     return {k: summary[k] for k in keys if k in summary}
+
+
+def _checked_run_request(args):
+    """The run's request, checked before Prefect starts (10-30 s) so that a bad one fails fast;
+    the flow's own check of it is then free."""
+    request = request_from_args(args)
+    if args.labels:
+        from retrain.tasks.labels import read_label_table
+
+        read_label_table(storage.absolute(args.labels))  # a table without path/label columns: refused now
+    request.check(fetch_weights=not args.train_deployment)
+    from retrain.tasks.training.cluster import ClusterRequest
+
+    ClusterRequest.from_dict({"address": args.dask_address, "workers": args.dask_workers})  # --dask-workers -1: refused
+    return request
+
+
+def _print_run(summary: dict) -> None:
+    """What a run did, for the terminal."""
+    print(
+        f"\nrun {summary['run_id']}: {summary['network']} ({summary['mode']}) on "
+        f"{len(summary['classes'])} classes: " + ", ".join(summary["classes"])
+    )
+    print(
+        f"  validation accuracy {summary['val_accuracy']:.4f}, test accuracy "
+        f"{summary['test_accuracy']:.4f} ({summary['test_images']} images)"
+    )
+    print(
+        f"  {summary['iterations']} iterations, {summary['epochs']} epochs on {summary['device']}, "
+        f"{summary['seconds']:.1f} s"
+    )
+    print(f"  model: {summary['model']}\n  plots: {summary['run']}/{{montage,progress,confusion,mistakes,gradcam}}.png")
+    if "promotion" in summary:
+        decision = summary["promotion"]
+        print(
+            f"  model {decision['model']}: {'promoted' if decision['promoted'] else 'not promoted'} "
+            f"({decision['reason']})"
+        )
+    if "scores" in summary:
+        print(f"  scores: {summary['scores']}")
+    _print_ui_url(summary)
 
 
 def _print_ui_url(summary: dict) -> None:

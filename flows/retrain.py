@@ -100,17 +100,31 @@ def retrain_flow(
         summary_url = storage.RunLayout(run_url).summary
         storage.write_json(summary_url, summary)
         publish_artifacts(summary, metrics, run_url, indexed.montage)
-        if promote:
-            summary["promotion"] = promotion_gate(store, model_name, run_url)
-        if score_folder:  # batch predict with the model just published
-            out = score_out or storage.RunLayout(run_url).scores
-            summary["scores"] = _score(model_url, score_folder, store, progress, out)
-        if promote or score_folder:  # the run's record says what became of its model too
+        if promote or score_folder:
+            _after_publishing(summary, store, model_name if promote else None, score_folder, score_out, progress)
             summary["seconds"] = time.perf_counter() - started  # the whole flow, promotion and scoring included
-            storage.write_json(summary_url, summary)
+            storage.write_json(summary_url, summary)  # what became of its model too
         return summary
     finally:
         lock.release()
+
+
+def _after_publishing(
+    summary: dict,
+    store: str,
+    promote_as: str | None,
+    score_folder: str | None,
+    score_out: str | None,
+    progress: bool,
+) -> None:
+    """Promotion of the published model (as model ``promote_as``) and the batch-predict step
+    (``score_folder`` into ``score_out``, default ``<run>/scores``), each when asked for;
+    their outcomes go into ``summary``."""
+    if promote_as:
+        summary["promotion"] = promotion_gate(store, promote_as, summary["run"])
+    if score_folder:
+        out = score_out or storage.RunLayout(summary["run"]).scores
+        summary["scores"] = _score(summary["model"], score_folder, store, progress, out)
 
 
 def _run_config(
