@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from retrain.tasks import storage
-from retrain.tasks.training.row_files import RowFiles, local_copy
+from retrain.tasks.training.row_files import RowFiles, local_copy, read_npy_header
 
 PLAN, MANIFEST, MODEL = "plan.json", "manifest.json", "model.pt"
 
@@ -75,9 +75,7 @@ def start_folder(folder: str, key: dict) -> set[str]:
 
 def _read_shapes(local_files: list[str]) -> tuple[int, ...]:
     with open(local_files[0], "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(f)
+        shape, _, _ = read_npy_header(f)
     return tuple(shape[2:])
 
 

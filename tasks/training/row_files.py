@@ -44,6 +44,14 @@ def write_npy(url: str, array: np.ndarray) -> str:
     return storage.write_bytes(url, buffer.getvalue())
 
 
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of the ``.npy`` file open in ``f``, which is left at the
+    first byte of its data."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
 class RowFiles:
     """Fixed-size rows of a list of ``.npy`` files (C order), read with positioned reads.
 
@@ -76,11 +84,7 @@ class RowFiles:
 
     def _open_locked(self, k: int) -> tuple[int, int]:
         with open(self.files[k], "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
+            shape, fortran, dtype = read_npy_header(f)
             if fortran or np.dtype(dtype) != self.dtype or tuple(shape[-len(self.row_shape) :]) != self.row_shape:
                 raise ValueError(f"{self.files[k]}: {shape} {dtype} does not hold rows of {self.row_shape}")
             offset = f.tell()
