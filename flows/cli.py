@@ -45,12 +45,22 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     add_labels_argument(p)
     p.add_argument("--run-id", default=None, help="name the run (or resume that run)")
     p.add_argument(
-        "--fresh", action="store_true", help="start a new run even if an unfinished run with the same settings exists"
+        "--fresh",
+        action="store_true",
+        help="start a new run even if an unfinished run with the same settings exists "
+        "(with --run-id of an existing run: start that run over, replacing its files)",
     )
     p.add_argument(
-        "--model-name", default=None, help="the model this run may be promoted to (default: the data set's name)"
+        "--model-name",
+        default=None,
+        help="the model this run may be promoted to (default: the data set's name and a key of its classes)",
     )
     p.add_argument("--no-promote", action="store_true", help="skip the promotion gate")
+    p.add_argument(
+        "--allow-class-change",
+        action="store_true",
+        help="promote even if the current model has other classes (the two cannot be compared)",
+    )
     p.add_argument(
         "--train-deployment",
         default=None,
@@ -204,7 +214,12 @@ def _rollback_arguments(p: argparse.ArgumentParser) -> None:
         dest="to_run",
         default=None,
         metavar="RUN_ID",
-        help="the run to make current (default: the one promoted before the current)",
+        help="the run to make current (default: the one that was current before the current one)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="make --to RUN_ID current even if it never was (the gate kept it out, or it never went through it)",
     )
     _common(p)
 
@@ -352,6 +367,7 @@ def main(argv: list[str] | None = None, watch_api: bool = False) -> int:
     if args.command != "server":
         server.use_local_server()  # the local server, when it runs and no other API is set
     watch = None
+    restore_unraisable_hook = failures.keep_interrupts()
     try:
         if args.command in PREFECT_COMMANDS:
             grace = orchestrator.grace_seconds()
@@ -364,17 +380,20 @@ def main(argv: list[str] | None = None, watch_api: bool = False) -> int:
         from retrain.flows.commands import COMMANDS
 
         result = COMMANDS[args.command](args)
+        if args.json:
+            print(json.dumps(result, default=str))
     except (Exception, KeyboardInterrupt) as exc:
+        if failures.output_gone(exc):  # `retrain runs | head -1`: not a failure of the command
+            return failures.end_quietly()
         failure = failures.classify(args, exc)
         if failure is None:
             raise
         return failures.report(args, exc, *failure)
     finally:
+        restore_unraisable_hook()
         if watch is not None:
             watch.stop()
-    if args.json:
-        print(json.dumps(result, default=str))
-    return 0
+    return failures.exit_status(args, result)
 
 
 def entry() -> None:
@@ -401,17 +420,27 @@ def finish(status: int) -> None:
     teardown (freeing every module's objects) took 6-8 s of a ``retrain run`` on a busy 2-core
     machine; what an exit must do still happens: output flushed, other threads finished, exit
     handlers run (Prefect's send the last logs and events to the API)."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    status = _flush(status)
     if status == failures.EXIT_ORCHESTRATOR:  # Prefect's exit handlers would only retry sending to the lost API
         os._exit(status)
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(status)
+    os._exit(_flush(status))
+
+
+def _flush(status: int) -> int:
+    """Flush stdout and stderr; ``status``, or 141 when the output's reader went away before
+    it got what was still buffered."""
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except BrokenPipeError as exc:
+        if not failures.output_gone(exc):
+            raise
+        return failures.end_quietly()
+    return status
 
 
 if __name__ == "__main__":

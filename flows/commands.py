@@ -10,7 +10,7 @@ import sys
 import time
 
 from retrain.tasks import storage
-from retrain.tasks.request import request_from_args
+from retrain.tasks.request import check_store_names, request_from_args
 
 
 def _store(args) -> str:
@@ -35,6 +35,7 @@ def cmd_run(args) -> dict:
         train_deployment=args.train_deployment,
         model_name=args.model_name,
         promote=not args.no_promote,
+        allow_class_change=args.allow_class_change,
         score_folder=args.score_folder,
         score_out=args.score_out,
         labels=args.labels,
@@ -66,6 +67,7 @@ def _checked_run_request(args):
     """The run's request, checked before Prefect starts (10-30 s) so that a bad one fails fast;
     the flow's own check of it is then free."""
     request = request_from_args(args)
+    check_store_names(run_id=args.run_id, model_name=args.model_name)
     if args.labels:
         from retrain.tasks.labels import read_label_table
 
@@ -79,13 +81,15 @@ def _checked_run_request(args):
 
 def _print_run(summary: dict) -> None:
     """What a run did, for the terminal."""
+    from retrain.tasks.reports import accuracy_text
+
     print(
         f"\nrun {summary['run_id']}: {summary['network']} ({summary['mode']}) on "
         f"{len(summary['classes'])} classes: " + ", ".join(summary["classes"])
     )
     print(
-        f"  validation accuracy {summary['val_accuracy']:.4f}, test accuracy "
-        f"{summary['test_accuracy']:.4f} ({summary['test_images']} images)"
+        f"  validation accuracy {accuracy_text(summary['val_accuracy'], 'validation')}, test accuracy "
+        f"{accuracy_text(summary['test_accuracy'], 'test')} ({summary['test_images']} images)"
     )
     print(
         f"  {summary['iterations']} iterations, {summary['epochs']} epochs on {summary['device']}, "
@@ -178,17 +182,22 @@ def cmd_score(args) -> dict:
     # process importing the flow.
     from retrain.flows.early_api import start_early_api
     from retrain.tasks.scoring.cluster import prestart_local_cluster
+    from retrain.tasks.scoring.layout import check_output
 
+    if args.out:  # a folder that is not the job's is refused at once, not after the start-ups
+        check_output(storage.absolute(args.out), storage.absolute(args.images))
     api = start_early_api()
     early = prestart_local_cluster(args.workers) if not args.dask_address else None
     try:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
         from retrain.flows.score import score_flow
         from retrain.tasks.orchestrator import prepare_for_flows
 
         prepare_for_flows()
         url = api.wait() if api is not None else None
-        with temporary_settings({PREFECT_API_URL: url} if url else {}):
+        # The temporary API ends with this command: no UI to link to (ui_url null), although
+        # Prefect would derive one from its URL.
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_UI_URL: ""} if url else {}):
             summary = score_flow(
                 model=args.model,
                 images=args.images,
@@ -316,7 +325,7 @@ def cmd_runs(args) -> dict:
         for r in records:
             acc = r.get("test_accuracy")
             print(
-                f"{r['run_id']}  {r['status']:<9}  {r['config']['network']:<18} {r['config']['mode']:<8} "
+                f"{r['run_id']}  {r['status']:<11}  {r['config']['network']:<18} {r['config']['mode']:<8} "
                 f"test accuracy {acc if acc is None else f'{acc:.4f}'}"
             )
     return {"runs": [{k: r.get(k) for k in ("run_id", "status", "test_accuracy", "model")} for r in records]}
@@ -380,7 +389,7 @@ def cmd_models(args) -> dict:
 def cmd_rollback(args) -> dict:
     from retrain.tasks.promotion import rollback
 
-    decision = rollback(_store(args), args.name, args.to_run).to_dict()
+    decision = rollback(_store(args), args.name, args.to_run, force=args.force).to_dict()
     if not args.json:
         print(f"model {args.name}: current run is now {decision['run_id']} ({decision['reason']})")
     return decision

@@ -6,16 +6,26 @@ work pool, so the pool's workers train in parallel while this process waits. Tra
 that share a frozen body share its feature cache (tasks/feature_sharing.py). The comparison
 table and the accuracy-vs-time plot are Prefect artifacts and files in
 ``<store>/experiments/<id>/``.
+
+Nothing is done twice: the experiment's id is a digest of its data and runs (unless named),
+and each run's folder is named after the experiment and the run, so the same command again
+reuses the runs that completed and resumes the others (from their checkpoints).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextvars
+import ctypes
 import os
+import threading
 import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
+from retrain.flows import failures
 from retrain.flows.retrain import promotion_gate, retrain_flow
 from retrain.tasks import storage
 from retrain.tasks.datastore import materialize
@@ -24,15 +34,20 @@ from retrain.tasks.experiments import (
     RunResult,
     best_run,
     comparison_table,
+    experiment_key,
+    finished_summary,
+    finite,
     parse_grid,
     parse_seeds,
     plan_runs,
+    run_id_in,
+    run_result,
     table_markdown,
     write_experiment,
 )
-from retrain.tasks.promotion import model_name_for
+from retrain.tasks.promotion import run_model_name
 from retrain.tasks.reports import png_markdown
-from retrain.tasks.runs import new_run_id
+from retrain.tasks.request import check_store_names
 from retrain.tasks.samples import ensure_sample_dataset
 
 
@@ -45,25 +60,85 @@ def default_parallel(runs: int, train_deployment: str | None) -> int:
 
 
 @task(name="experiment-run")
-def one_run(planned: PlannedRun, common: dict) -> RunResult:
-    """One run of the grid as a retrain subflow; a failure is recorded, not raised, so the
-    other runs and the comparison go on."""
-    result = RunResult(planned.label, planned.combination, planned.seed)
+def one_run(planned: PlannedRun, common: dict, run_id: str) -> RunResult:
+    """One run of the grid as a retrain subflow in the run folder ``run_id``: reused when it
+    completed before (a rerun of the experiment), resumed when it did not. The run's own
+    failure is recorded, not raised, so the other runs and the comparison go on; a failure
+    every further run would meet too (the store, the Prefect API) is raised: it stops the
+    experiment."""
     started = time.perf_counter()
+    summary = finished_summary(common["store"], run_id)
+    if summary is not None:
+        get_run_logger().info("run %s seed %d: finished before, run %s", planned.label, planned.seed, run_id)
+        return run_result(planned, summary, summary["seconds"])
     try:
-        summary = retrain_flow(**common, **planned.parameters)
+        summary = retrain_flow(**common, **planned.parameters, run_id=run_id)
     except Exception as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        get_run_logger().warning("run %s seed %d failed: %s", planned.label, planned.seed, result.error)
-        return result
-    training = storage.read_json(storage.join(summary["run"], "training.json"))
-    cache = training.get("feature_cache") or {}
-    result.run_id, result.run, result.model = summary["run_id"], summary["run"], summary["model"]
-    result.val_accuracy, result.test_accuracy = summary["val_accuracy"], summary["test_accuracy"]
-    result.seconds = time.perf_counter() - started
-    result.feature_cache = ("reused" if cache.get("reused") else "built") if cache else None
-    result.extra = {"train_seconds": training.get("seconds"), "feature_seconds": cache.get("seconds")}
-    return result
+        if _stops_the_experiment(exc):
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+        get_run_logger().warning("run %s seed %d failed: %s", planned.label, planned.seed, error)
+        return RunResult(planned.label, planned.combination, planned.seed, error=error)
+    return run_result(planned, summary, time.perf_counter() - started)
+
+
+def _stops_the_experiment(exc: BaseException) -> bool:
+    failure = failures.classify(argparse.Namespace(command="experiment"), exc)
+    return failure is not None and failure[1] in failures.SHARED_FAILURES
+
+
+def run_all(jobs: list[tuple[PlannedRun, str]], common: dict, workers: int) -> list[RunResult]:
+    """:func:`one_run` of every (planned run, run id), ``workers`` at a time, in order. One at
+    a time, each runs in this thread, where Ctrl-C interrupts the run itself. In parallel each
+    runs in a thread of its own; Ctrl-C (which only this thread receives) or a failure that
+    stops the experiment interrupts the runs in progress, and no further run starts."""
+    if workers == 1:
+        return [one_run(planned, common, run_id) for planned, run_id in jobs]
+    pending = deque(enumerate(jobs))
+    running: dict[Future, int] = {}
+    in_progress = _RunThreads()
+    results: dict[int, RunResult] = {}
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="experiment-run")
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                index, (planned, run_id) = pending.popleft()
+                context = contextvars.copy_context()  # the flow run's, so each run is its task
+                future = pool.submit(context.run, in_progress.run, index, one_run, planned, common, run_id)
+                running[future] = index
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = future.result()
+    except BaseException:
+        in_progress.interrupt()
+        wait(running)
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
+    return [results[index] for index in range(len(jobs))]
+
+
+class _RunThreads:
+    """The threads running a run now, to interrupt them: a KeyboardInterrupt raised in each
+    (at its next Python instruction; a torch operation in progress ends first)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: dict[int, int] = {}
+
+    def run(self, index: int, function, *args):
+        with self._lock:
+            self._threads[index] = threading.get_ident()
+        try:
+            return function(*args)
+        finally:
+            with self._lock:  # once out of here, this thread is the pool's again: never interrupted
+                del self._threads[index]
+
+    def interrupt(self) -> None:
+        with self._lock:
+            for ident in self._threads.values():
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
 
 
 @flow(name="experiment")
@@ -86,20 +161,19 @@ def experiment_flow(
     logger = get_run_logger()
     started = time.perf_counter()
     store = storage.absolute(store or storage.default_store())
+    check_store_names(experiment_id=experiment_id, model_name=model_name)  # before anything is written
     base = dict(base or {})
     data = storage.absolute(data) if data else ensure_sample_dataset(store)
-    planned = plan_runs(
-        base, parse_grid(grid or []), parse_seeds(seeds), store, materialize(data, store), share_features
-    )
-    experiment_id = experiment_id or new_run_id()
+    dataset = materialize(data, store)
+    planned = plan_runs(base, parse_grid(grid or []), parse_seeds(seeds), store, dataset, share_features)
+    labels = base.get("labels")
+    labels_sha256 = storage.sha256_of(storage.absolute(labels)) if labels else None
+    experiment_id = experiment_id or experiment_key(dataset, planned, labels_sha256)
     folder = storage.join(store, "experiments", experiment_id)
     workers = parallel or default_parallel(len(planned), train_deployment)
     logger.info("experiment %s: %d runs, %d at a time, results in %s", experiment_id, len(planned), workers, folder)
     common = {"data": data, "store": store, "train_deployment": train_deployment, "promote": False}
-    runner = ThreadPoolTaskRunner(max_workers=workers)
-    with runner:
-        futures = [runner.submit(one_run, parameters={"planned": p, "common": common}) for p in planned]
-        results = [f.result() for f in futures]
+    results = run_all([(p, run_id_in(experiment_id, p)) for p in planned], common, workers)
     table = comparison_table(results)
     best = best_run(results, table)
     record = {
@@ -111,14 +185,14 @@ def experiment_flow(
         "parallel": workers,
         "share_features": share_features,
         "train_deployment": train_deployment,
-        "runs": [r.to_dict() for r in results],
-        "table": table.to_dict(orient="records"),
+        "runs": finite([r.to_dict() for r in results]),
+        "table": finite(table.to_dict(orient="records")),  # a combination whose runs all failed: no mean
         "best": best.to_dict() if best else None,
         "seconds": time.perf_counter() - started,
         "experiment": folder,
     }
     if best and promote_best:
-        record["promotion"] = promotion_gate(store, model_name or model_name_for(data), best.run)
+        record["promotion"] = promotion_gate(store, model_name or run_model_name(data, best.run), best.run)
     record["files"] = write_experiment(folder, record, results, table)
     publish_experiment(record, table)
     return record

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from retrain.flows import failures
+
 
 def add_experiment_arguments(experiment: argparse.ArgumentParser) -> None:
     """The experiment's own flags (the run's flags are added by flows/cli.py)."""
@@ -31,7 +33,12 @@ def add_experiment_arguments(experiment: argparse.ArgumentParser) -> None:
     experiment.add_argument(
         "--model-name", default=None, help="model name for --promote-best (default: the data set's)"
     )
-    experiment.add_argument("--experiment-id", default=None, help="name the experiment (default: a time stamp)")
+    experiment.add_argument(
+        "--experiment-id",
+        default=None,
+        help="name the experiment (default: a digest of its data, grid, seeds and options; the same command "
+        "again reuses the runs that completed and resumes the others)",
+    )
 
 
 def cmd_experiment(args: argparse.Namespace, store: str) -> dict:
@@ -39,9 +46,10 @@ def cmd_experiment(args: argparse.Namespace, store: str) -> dict:
 
     from retrain.flows.experiment import experiment_flow
     from retrain.tasks.experiments import parse_grid, parse_seeds
-    from retrain.tasks.request import request_from_args
+    from retrain.tasks.request import check_store_names, request_from_args
 
     request = asdict(request_from_args(args))
+    check_store_names(experiment_id=args.experiment_id, model_name=args.model_name)
 
     if args.parallel is not None and args.parallel < 1:
         raise ValueError(f"--parallel must be at least 1, not {args.parallel}")
@@ -70,7 +78,16 @@ def cmd_experiment(args: argparse.Namespace, store: str) -> dict:
     if not args.json:
         print_table(record)
     keep = ("experiment_id", "experiment", "runs", "best", "table", "seconds", "parallel", "promotion", "files")
-    return {k: record[k] for k in keep if k in record}
+    result = {k: record[k] for k in keep if k in record}
+    failed = [r for r in record["runs"] if r["error"]]
+    if failed:
+        return failures.Unfinished(
+            result,
+            failures.EXIT_RUNS_FAILED,
+            f"{len(failed)} of {len(record['runs'])} runs failed (first: {failed[0]['error']}); the others are kept: "
+            "rerun the same command to retry the failed ones",
+        )
+    return result
 
 
 def check_combinations(request: dict, grid: dict, seeds: list[int], fetch_weights: bool) -> None:

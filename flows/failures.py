@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 from retrain.tasks import orchestrator, server
 from retrain.tasks.orchestrator import DEFAULT_GRACE_S
@@ -20,14 +22,21 @@ EXIT_STORE_FAILED = 3  # the store failed after retries (unreachable, full, cred
 EXIT_ORCHESTRATOR = 4  # the Prefect API is unreachable (before the command, or for the grace)
 EXIT_CLUSTER_LOST = 5  # the Dask scheduler is unreachable or went away during the job
 EXIT_INTERRUPTED = 130
+EXIT_RUNS_FAILED = 1  # an experiment ended, but some of its runs failed
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as for a program ended by SIGPIPE (`... | head -1`)
+# What every further piece of a command's work would meet too: an experiment stops its runs.
+SHARED_FAILURES = frozenset({EXIT_STORE_FAILED, EXIT_ORCHESTRATOR, EXIT_CLUSTER_LOST, EXIT_INTERRUPTED})
 EXIT_STATUSES = f"""exit status:
   0    done
+  {EXIT_RUNS_FAILED}    experiment: some runs failed (the others are kept: rerun the same command to retry them)
   {EXIT_REFUSED}    the input or request was refused (bad data, options, model file; a run already running)
-  {EXIT_STORE_FAILED}    the store failed after retries (unreachable, full, credentials refused)
+  {EXIT_STORE_FAILED}    the store failed after retries (unreachable or stalled, full, no such bucket,
+       credentials refused; $RETRAIN_STORE_RETRIES, $RETRAIN_STORE_TIMEOUT)
   {EXIT_ORCHESTRATOR}    the Prefect API is unreachable, before the command or for longer than
        $RETRAIN_API_GRACE_SECONDS (default {DEFAULT_GRACE_S:.0f}) while it ran
   {EXIT_CLUSTER_LOST}    the Dask cluster (--dask-address) is unreachable or was lost
   {EXIT_INTERRUPTED}  interrupted
+  {EXIT_BROKEN_PIPE}  the output's reader went away (`retrain runs | head -1`): the rest was not printed
 After 3, 4, 5 and 130 what is in the store is kept: rerun the same command to resume.
 The last line on stderr says what failed; a traceback goes to the log file it names."""
 
@@ -90,6 +99,112 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _scores_out(args) -> str | None:
+    """The scores output a ``score`` (``--out``) or ``run`` (``--score-out``) command names."""
+    return getattr(args, "out", None) if getattr(args, "command", None) == "score" else getattr(args, "score_out", None)
+
+
+def _in_scores_out(args, filename) -> bool:
+    """Whether ``filename`` is in the scores output the command names (outside the store,
+    which is then not to blame)."""
+    from retrain.tasks import storage
+
+    out = _scores_out(args)
+    if not out or not filename:
+        return False
+    out, filename = storage.absolute(out).rstrip("/"), storage.absolute(str(filename))
+    return filename.startswith(out + "/")
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether Ctrl-C is behind ``exc``: a KeyboardInterrupt, or an error raised while one was
+    handled (Prefect's engine, interrupted while it creates a task run, fails in its crash
+    handling with ValueError("Task run is not set"), the KeyboardInterrupt its context)."""
+    chain, seen = [exc], set()
+    while chain:
+        link = chain.pop()
+        if link is None or id(link) in seen:
+            continue
+        if isinstance(link, KeyboardInterrupt):
+            return True
+        seen.add(id(link))
+        chain += [link.__cause__, link.__context__]
+    return False
+
+
+def keep_interrupts() -> Callable[[], None]:
+    """Make sure no Ctrl-C is lost; returns what undoes it. Python raises KeyboardInterrupt
+    wherever the main thread is, and when that is a finalizer (a ``__del__`` the garbage
+    collector runs) it prints "Exception ignored" and goes on: the interrupt was lost (a run
+    interrupted there trained to its end and exited 0). Such an interrupt is delivered again."""
+    import _thread
+    import threading
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            # As if Ctrl-C came again in a moment: raised here, in the hook, it would be swallowed too.
+            again = threading.Timer(0.01, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+    def undo() -> None:
+        sys.unraisablehook = previous
+
+    return undo
+
+
+def output_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write to stdout after its reader went away (``retrain runs | head
+    -1``) rather than a broken connection to the store: then the stdout pipe reports an error."""
+    import select
+
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a file (tests)
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are reported whatever is asked for
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def end_quietly() -> int:
+    """End a command whose output's reader went away as a program killed by SIGPIPE does: no
+    message, status 141. Stdout then goes to /dev/null, so that what is still buffered (and the
+    exit handlers' flushes) finds somewhere to go."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+class Unfinished(dict):
+    """A command's result (what --json prints) when part of its work failed: printed as any
+    result is, then the command ends with ``status`` and ``message`` as its last stderr line."""
+
+    def __init__(self, result: dict, status: int, message: str):
+        super().__init__(result)
+        self.status, self.message = status, message
+
+
+def exit_status(args, result: dict) -> int:
+    """The status of a command that returned ``result``: 0, or an :class:`Unfinished` one's."""
+    if not isinstance(result, Unfinished):
+        return 0
+    print(f"retrain {args.command}: error: {result.message}", file=sys.stderr)
+    return result.status
+
+
 def classify(args, exc: BaseException) -> tuple[str, int] | None:
     """The message and exit status of a failure; None for a bug (its traceback is what a
     report needs, so it is raised)."""
@@ -98,12 +213,18 @@ def classify(args, exc: BaseException) -> tuple[str, int] | None:
     from retrain.tasks import storage
     from retrain.tasks.scoring.layout import ClusterLostError
 
-    if isinstance(exc, KeyboardInterrupt):
+    if interrupted(exc):
         return "interrupted; what is in the store is kept: rerun the same command to resume", EXIT_INTERRUPTED
     if orchestrator.is_api_failure(exc):
         return str(orchestrator.failure_of(exc, orchestrator.configured_api_url())), EXIT_ORCHESTRATOR
     if isinstance(exc, ClusterLostError):
         return str(exc), EXIT_CLUSTER_LOST
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and _in_scores_out(args, exc.filename):
+        return (
+            f"no space left on device writing {exc.filename} (scores output {_scores_out(args)}); the parts "
+            "written before are kept: free some space there and rerun the same command to resume",
+            EXIT_STORE_FAILED,
+        )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = (
             f" writing {exc.filename}"

@@ -13,17 +13,19 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from retrain.flows.train import train_flow
 from retrain.tasks import storage
-from retrain.tasks.datastore import IndexRecord, index_stage, materialize, split_stage
+from retrain.tasks.datastore import IndexRecord, adopt_index, index_dataset, materialize, split_stage
 from retrain.tasks.evaluation import evaluate_run
 from retrain.tasks.explain import explain_run
-from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run
+from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run, unjudged_run
 from retrain.tasks.reports import flow_run_ui_url, png_markdown, run_summary_markdown
-from retrain.tasks.request import DEFAULTS, CheckedRequest, RunRequest
-from retrain.tasks.runs import STATUS_FAILED, RunConfig, publish_run, start_run, update_run
+from retrain.tasks.request import DEFAULTS, CheckedRequest, RunRequest, check_store_names
+from retrain.tasks.runs import STATUS_FAILED, RunConfig, lock_run, publish_run, start_run, update_run
 from retrain.tasks.samples import ensure_sample_dataset
+from retrain.tasks.scoring.layout import check_output
 
 unzip = task(materialize, name="unzip")
-index = task(index_stage, name="index")
+index = task(index_dataset, name="index")
+adopt = task(adopt_index, name="adopt-index")
 split = task(split_stage, name="split")
 evaluate = task(evaluate_run, name="evaluate")
 explain = task(explain_run, name="explain")
@@ -46,6 +48,7 @@ def retrain_flow(
     train_deployment: str | None = None,
     model_name: str | None = None,
     promote: bool = True,
+    allow_class_change: bool = False,
     score_folder: str | None = None,
     score_out: str | None = None,
     labels: str | None = None,
@@ -62,7 +65,9 @@ def retrain_flow(
     ``train_deployment`` ("flow/deployment", e.g. ``train/gpu``): run the train step as a
     flow run of that deployment (a GPU work pool) and wait for it; in process when None.
     ``promote``: pass the model through the promotion gate of ``model_name`` (default: the
-    data set's name), see :mod:`tasks.promotion`.
+    data set's name and a key of its classes), see :mod:`tasks.promotion`; across a change
+    of classes only with ``allow_class_change``. A rerun of a run that published its model
+    but died before the gate finishes that run instead of training a new one.
     ``score_folder``: end with a batch-predict step that scores that folder with the new model
     (:mod:`flows.score`) into ``score_out`` (default ``<run>/scores``).
     ``labels``: a CSV or parquet label table (path, label[, split]) instead of class folders;
@@ -77,33 +82,69 @@ def retrain_flow(
     started = time.perf_counter()
     store = storage.absolute(store or storage.default_store())
     data, train_deployment = data or None, train_deployment or None  # "" from a deployment = unset
+    check_store_names(run_id=run_id, model_name=model_name)
+    if score_folder and score_out:  # a scores folder that is not the job's: refused before training
+        check_output(storage.absolute(score_out), storage.absolute(score_folder))
     request = RunRequest(network, weights, mode, split_fractions, options or {}, augmentation or {})
     checked = request.check(fetch_weights=train_deployment is None)  # the weights are the GPU pool's business
     if labels:
         labels = storage.absolute(labels)
         data = data or labels.rsplit("/", 1)[0]
-    model_name = model_name or model_name_for(data)
+    named_after = data  # the default model name's data set (None: the sample set)
     if data is None:
         data = ensure_sample_dataset(store)
         logger.info("no data given: using the generated sample set %s", data)
     data = storage.absolute(data)
 
     dataset_url = unzip(data, store)
-    config = _run_config(data, dataset_url, checked, labels, split_seed, shared_features)
+    indexed = index(dataset_url, store, labels)  # first: the run is bound to the data's content, not its URL
+    config = _run_config(data, dataset_url, checked, labels, split_seed, shared_features, indexed.content)
+    after = dict(
+        store=store,
+        model_name=model_name,
+        named_after=named_after,
+        promote=promote,
+        allow_class_change=allow_class_change,
+        score_folder=score_folder,
+        score_out=score_out,
+        progress=progress,
+    )
+    unjudged = unjudged_run(store, config.fingerprint()) if promote and resume and not run_id else None
+    unscored = _unscored_run(store, config.fingerprint()) if score_folder and resume and not run_id else None
+    if unjudged or unscored:
+        return _finish_published(unjudged or unscored, started, after)
     run_url, lock = start_run(store, config, run_id=run_id, resume=resume)  # refused while another writes it
     cluster = {"address": dask_address or None, "workers": dask_workers or None}
     try:
+        update_run(run_url, promote=promote)  # a rerun finishes the promotion a kill prevented
         indexed, trained, metrics, model_url = _run_stages(
-            run_url, dataset_url, checked, train_deployment, progress, labels, split_seed, cluster
+            run_url, indexed, checked, train_deployment, progress, split_seed, cluster
         )
         summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
         summary_url = storage.RunLayout(run_url).summary
         storage.write_json(summary_url, summary)
         publish_artifacts(summary, metrics, run_url, indexed.montage)
         if promote or score_folder:
-            _after_publishing(summary, store, model_name if promote else None, score_folder, score_out, progress)
+            _after_publishing(summary, **after)
             summary["seconds"] = time.perf_counter() - started  # the whole flow, promotion and scoring included
             storage.write_json(summary_url, summary)  # what became of its model too
+        return summary
+    finally:
+        lock.release()
+
+
+def _finish_published(run_url: str, started: float, after: dict) -> dict:
+    """The rerun of a run that published its model but died before the promotion gate or
+    during its batch-predict step: the steps after publishing, under the run's lock, without
+    training anew."""
+    lock = lock_run(run_url).acquire()
+    try:
+        summary_url = storage.RunLayout(run_url).summary
+        summary = storage.read_json(summary_url)
+        get_run_logger().info("run %s published its model but did not finish: finishing it", summary["run_id"])
+        _after_publishing(summary, **after)
+        summary["seconds"] = time.perf_counter() - started  # this rerun's
+        storage.write_json(summary_url, summary)
         return summary
     finally:
         lock.release()
@@ -112,19 +153,51 @@ def retrain_flow(
 def _after_publishing(
     summary: dict,
     store: str,
-    promote_as: str | None,
+    model_name: str | None,
+    named_after: str | None,
+    promote: bool,
+    allow_class_change: bool,
     score_folder: str | None,
     score_out: str | None,
     progress: bool,
 ) -> None:
-    """Promotion of the published model (as model ``promote_as``) and the batch-predict step
-    (``score_folder`` into ``score_out``, default ``<run>/scores``), each when asked for;
-    their outcomes go into ``summary``."""
-    if promote_as:
-        summary["promotion"] = promotion_gate(store, promote_as, summary["run"])
+    """Promotion of the published model (as model ``model_name``, default
+    :func:`tasks.promotion.model_name_for` the data set ``named_after`` and the run's classes)
+    and the batch-predict step (``score_folder`` into ``score_out``, default
+    ``<run>/scores``), each when asked for; their outcomes go into ``summary``."""
+    # A rerun finishing the batch-predict step keeps the decision made before it.
+    promote = promote and "promotion" not in summary
+    promote_as = (model_name or model_name_for(named_after, summary["classes"])) if promote else None
+    if promote_as and not summary["test_images"]:
+        # The gate compares models on held-out images: a split with neither a test nor a
+        # validation part (--split 1,0,0) gives it none, so the run publishes unjudged.
+        summary["promotion"] = {
+            "model": promote_as,
+            "run_id": summary["run_id"],
+            "promoted": False,
+            "reason": "the split holds out no images (no test or validation part) to judge the model on",
+        }
+    elif promote_as:
+        summary["promotion"] = promotion_gate(store, promote_as, summary["run"], allow_class_change)
     if score_folder:
         out = score_out or storage.RunLayout(summary["run"]).scores
+        update_run(summary["run"], score_out=out)  # until summary.json has "scores": see _unscored_run
         summary["scores"] = _score(summary["model"], score_folder, store, progress, out)
+
+
+def _unscored_run(store: str, fingerprint: str) -> str | None:
+    """The newest run with this fingerprint when it published its model and began its
+    batch-predict step, but its summary holds no scores: it was interrupted while scoring, and
+    the same command is to finish that job in that run (its parts are kept), not train anew."""
+    from retrain.tasks.runs import STATUS_COMPLETED, list_runs
+
+    same = [r for r in list_runs(store, check_writers=False) if r.get("fingerprint") == fingerprint]
+    if not same or same[-1].get("status") != STATUS_COMPLETED or not same[-1].get("score_out"):
+        return None
+    layout = storage.StoreLayout(store).run(same[-1]["run_id"])
+    if not storage.exists(layout.summary) or "scores" in storage.read_json(layout.summary):
+        return None
+    return layout.url
 
 
 def _run_config(
@@ -134,8 +207,10 @@ def _run_config(
     labels: str | None,
     split_seed: int | None,
     shared_features: dict | None,
+    content: str,
 ) -> RunConfig:
-    """What run.json records of the request (a resumed run must ask for the same)."""
+    """What run.json records of the request (a resumed run must ask for the same, on the
+    same images: ``content``, their key)."""
     return RunConfig(
         data=data,
         dataset=dataset_url,
@@ -150,6 +225,7 @@ def _run_config(
             **({"split_seed": split_seed} if split_seed is not None else {}),
             **({"shared_features": shared_features} if shared_features else {}),
         },
+        content=content,
     )
 
 
@@ -197,22 +273,21 @@ def _summary(
 
 def _run_stages(
     run_url: str,
-    dataset_url: str,
+    indexed: IndexRecord,
     checked: CheckedRequest,
     train_deployment: str | None,
     progress: bool,
-    labels: str | None = None,
     split_seed: int | None = None,
     cluster: dict | None = None,
 ) -> tuple[IndexRecord, dict, dict, str]:
-    """index -> split -> train -> evaluate -> explain -> publish; a failure marks the run
-    failed (and is raised). Returns the index record, training.json, metrics.json and the
+    """index (``indexed``, taken into the run folder) -> split -> train -> evaluate ->
+    explain -> publish; a failure marks the run failed (and is raised). Returns the index record, training.json, metrics.json and the
     model URL."""
     logger = get_run_logger()
     run_name = storage.RunLayout(run_url).run_id
     logger.info("run %s in %s", run_name, run_url)
     try:
-        indexed = index(dataset_url, run_url, checked.options.seed, labels)
+        indexed = adopt(indexed, run_url, checked.options.seed)
         logger.info(
             "%d classes: %s; %d files skipped",
             len(indexed.classes),
@@ -249,9 +324,9 @@ def explain_step(run_url: str) -> None:
 
 
 @task(name="promote")
-def promotion_gate(store: str, name: str, run_url: str) -> dict:
+def promotion_gate(store: str, name: str, run_url: str, allow_class_change: bool = False) -> dict:
     """The promotion gate (tasks.promotion) with its decision shown as an artifact."""
-    decision = promote_run(store, name, run_url).to_dict()
+    decision = promote_run(store, name, run_url, allow_class_change).to_dict()
     get_run_logger().info(
         "model %s: run %s %s (%s)",
         name,

@@ -15,7 +15,7 @@ import stat
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -239,6 +239,39 @@ def check_image(url: str) -> tuple[str, str | None, str | None]:
     return url, hashlib.sha1(data).hexdigest(), None
 
 
+def entry_url(entry: str, base: str) -> str:
+    """The one URL of a file named in a label table or a list file: a relative ``entry``
+    starts at ``base``; ``./``, ``a/../`` and ``//`` are collapsed and a local path is made
+    absolute, so that every spelling of one file is one key (judging duplicates on the text
+    as written let one image be two rows, with two labels)."""
+    if "://" not in entry and not entry.startswith("/"):
+        entry = storage.join(base, entry)
+    if "://" in entry and not entry.startswith("file://"):
+        protocol, path = entry.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(path)}"
+    return storage.absolute(entry)
+
+
+def drop_same_content(rows: list[tuple]) -> tuple[list[tuple], list[tuple[str, str]]]:
+    """``rows`` (url, label, ..., digest: the content's sha1 last) less the images whose bytes
+    appear again: under two labels all are ambiguous, under one label the first is kept.
+    Returns (kept rows, skipped (url, reason))."""
+    labels_by_digest: dict[str, dict[str, str]] = {}
+    for url, label, *_, digest in rows:
+        labels_by_digest.setdefault(digest, {}).setdefault(label, url)
+    kept, skipped = [], []
+    for row in rows:
+        url, label, digest = row[0], row[1], row[-1]
+        by_label = labels_by_digest[digest]
+        if len(by_label) > 1:
+            skipped.append((url, "same image in classes " + ", ".join(sorted(by_label))))
+        elif by_label[label] != url:
+            skipped.append((url, f"duplicate of {by_label[label]}"))
+        else:
+            kept.append(row)
+    return kept, skipped
+
+
 def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageIndex:
     """Index every image below the class folders of ``root_url``.
 
@@ -275,23 +308,13 @@ def index_images(root_url: str, verify: bool = True, threads: int = 8) -> ImageI
     if verify:
         with ThreadPoolExecutor(threads) as pool:
             checks = list(pool.map(check_image, [u for u, _ in candidates]))
-        labels_by_digest: dict[str, dict[str, str]] = {}
         for (url, label), (_, digest, reason) in zip(candidates, checks):
             if reason:
                 skipped.append((url, reason))
-                continue
-            labels_by_digest.setdefault(digest, {}).setdefault(label, url)
-            rows.append((url, label, digest))
-        ambiguous = {d for d, by_label in labels_by_digest.items() if len(by_label) > 1}
-        kept = []
-        for url, label, digest in rows:
-            first = labels_by_digest[digest][label]
-            if digest in ambiguous:
-                skipped.append((url, "same image in classes " + ", ".join(sorted(labels_by_digest[digest]))))
-            elif first != url:
-                skipped.append((url, f"duplicate of {first}"))
             else:
-                kept.append((url, label, digest))
+                rows.append((url, label, digest))
+        kept, duplicates = drop_same_content(rows)
+        skipped += duplicates
         images = pd.DataFrame(kept, columns=["path", "label", "digest"])  # digest: training's image shards key on it
     else:
         images = pd.DataFrame(candidates, columns=["path", "label"])
@@ -349,7 +372,60 @@ class IndexRecord:
     classes: list[str]
     counts: dict[str, int]
     skipped: int
-    montage: str
+    montage: str  # "" until the index is in a run folder (index_stage, adopt_index)
+    content: str = ""  # content_key of the images: what a run made from them is bound to
+
+
+def build_index(dataset_url: str, labels: str | None = None) -> ImageIndex:
+    """The data set's image index: its class folders, or the label table ``labels``
+    (:mod:`tasks.labels`) whose relative paths start at ``dataset_url``."""
+    if labels:
+        from retrain.tasks.labels import index_from_table
+
+        return index_from_table(labels, dataset_url)
+    return index_images(dataset_url)
+
+
+def content_key(images: pd.DataFrame, root: str) -> str:
+    """What the images of an index are, independent of where the data set lies: every image's
+    path below ``root``, label, content digest (and fixed split, from a label table). A run is
+    bound to it (tasks/runs.py): a class removed or added, an image moved to another class,
+    replaced or renamed gives another key, since each changes the split and the model."""
+    columns = [c for c in ("path", "label", "digest", "split") if c in images.columns]
+    rows = images[columns].copy()
+    prefix = root.rstrip("/") + "/"
+    rows["path"] = [p[len(prefix) :] if p.startswith(prefix) else p for p in rows["path"]]
+    blob = rows.sort_values(columns, ignore_index=True).to_csv(index=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def index_dataset(dataset_url: str, store: str, labels: str | None = None) -> IndexRecord:
+    """Index the data set before a run is chosen for it (the run is bound to its content):
+    ``index.parquet`` and ``skipped.csv`` in ``indexes/<content key>/`` of the store, where
+    :func:`adopt_index` takes them into the run folder."""
+    index = build_index(dataset_url, labels)
+    key = content_key(index.images, index.root)
+    # The root too: a copy of the data set elsewhere has the same key but other paths.
+    folder = storage.join(storage.StoreLayout(store).indexes, key, hashlib.sha1(index.root.encode()).hexdigest()[:8])
+    index_url = storage.write_parquet(storage.join(folder, "index.parquet"), index.images)
+    storage.write_bytes(storage.join(folder, "skipped.csv"), index.skipped.to_csv(index=False).encode())
+    return IndexRecord(index.root, index_url, index.classes, index.counts(), len(index.skipped), "", key)
+
+
+def adopt_index(record: IndexRecord, run_url: str, seed: int = 0) -> IndexRecord:
+    """The index of :func:`index_dataset` in the run folder (``index.parquet``,
+    ``skipped.csv``) with the montage of 16 random images drawn from ``seed``."""
+    layout = storage.RunLayout(run_url)
+    images = storage.read_parquet(record.index)
+    skipped = storage.read_bytes(storage.join(record.index.rsplit("/", 1)[0], "skipped.csv"))
+    index_url = storage.write_parquet(layout.index, images)
+    storage.write_bytes(layout.skipped, skipped)
+    return replace(record, index=index_url, montage=_montage(images, layout.montage, seed))
+
+
+def _montage(images: pd.DataFrame, url: str, seed: int) -> str:
+    sample = sample_for_montage(images, 16, seed)
+    return montage(load_images(list(sample["path"]), (160, 160)), list(sample["label"]), url)
 
 
 def index_stage(dataset_url: str, run_url: str, seed: int = 0, labels: str | None = None) -> IndexRecord:
@@ -357,17 +433,12 @@ def index_stage(dataset_url: str, run_url: str, seed: int = 0, labels: str | Non
     montage of 16 random images. ``labels``: a label table (:mod:`tasks.labels`) instead of
     class folders."""
     layout = storage.RunLayout(run_url)
-    if labels:
-        from retrain.tasks.labels import index_from_table
-
-        index = index_from_table(labels, dataset_url)
-    else:
-        index = index_images(dataset_url)
+    index = build_index(dataset_url, labels)
     index_url = storage.write_parquet(layout.index, index.images)
     storage.write_bytes(layout.skipped, index.skipped.to_csv(index=False).encode())
-    sample = sample_for_montage(index.images, 16, seed)
-    montage_url = montage(load_images(list(sample["path"]), (160, 160)), list(sample["label"]), layout.montage)
-    return IndexRecord(index.root, index_url, index.classes, index.counts(), len(index.skipped), montage_url)
+    montage_url = _montage(index.images, layout.montage, seed)
+    key = content_key(index.images, index.root)
+    return IndexRecord(index.root, index_url, index.classes, index.counts(), len(index.skipped), montage_url, key)
 
 
 def held_out(split: pd.DataFrame) -> tuple[pd.DataFrame, str]:

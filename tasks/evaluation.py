@@ -197,7 +197,7 @@ def evaluate_run(run_url: str) -> dict:
     storage.write_parquet(layout.predictions, table)
     confusion_url = confusion_chart(result.confusion, result.classes, layout.confusion, title="Test set")
     metrics = {
-        "test_accuracy": result.accuracy,
+        "test_accuracy": result.accuracy if result.count else None,  # a split with no held-out part
         "test_images": result.count,
         "val_accuracy": loaded.meta["metrics"].get("val_accuracy"),
         "per_class": result.per_class,

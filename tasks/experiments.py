@@ -14,7 +14,9 @@ Plain functions on small records; flows/experiment.py runs them.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field, fields
@@ -24,6 +26,7 @@ from retrain.tasks import storage
 from retrain.tasks.feature_sharing import shared_feature_folder
 from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import _save
+from retrain.tasks.runs import STATUS_COMPLETED, read_run
 from retrain.tasks.training.options import TrainingOptions
 
 FLOW_KEYS = {"network": str, "weights": str, "mode": str, "split_fractions": str}
@@ -142,6 +145,32 @@ def plan_runs(
     return runs
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run_key(planned: PlannedRun) -> dict:
+    # The number of training processes does not change a run's result (tasks/runs.py leaves it
+    # out of the run's fingerprint too), so a rerun with another still finds its runs.
+    parameters = {**planned.parameters, "options": dict(planned.parameters.get("options") or {})}
+    parameters["options"].pop("processes", None)
+    return parameters
+
+
+def experiment_key(dataset: str, planned: list[PlannedRun], labels_sha256: str | None = None) -> str:
+    """The default experiment id: a digest of what its runs are (the data set's content URL
+    from :func:`tasks.datastore.materialize`, the label table's content, every run's
+    parameters), so the same command finds the same experiment and resumes it instead of
+    starting over."""
+    return "exp-" + _digest([dataset, labels_sha256, [_run_key(p) for p in planned]])[:12]
+
+
+def run_id_in(experiment_id: str, planned: PlannedRun) -> str:
+    """The run id of ``planned`` in the experiment: the same run of the same experiment is the
+    same run folder on every rerun (reused when completed, resumed when not)."""
+    return f"{experiment_id}-{_digest(_run_key(planned))[:8]}"
+
+
 def _shared_features(parameters: dict, store: str, dataset: str, split_seed: int) -> dict:
     options = TrainingOptions.from_dict(parameters["options"])
     augmentation = Augmentation(**parameters["augmentation"])
@@ -178,6 +207,46 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def finite(value):
+    """``value`` with every NaN or infinity (a mean over no finished run) as None: what JSON,
+    which has neither, can say."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def finished_summary(store: str, run_id: str) -> dict | None:
+    """The summary of run ``run_id`` if it completed (model published, summary written), else
+    None: a rerun of the experiment reuses a finished run instead of training it again."""
+    layout = storage.StoreLayout(store).run(run_id)
+    if not storage.exists(layout.summary) or read_run(layout.url).get("status") != STATUS_COMPLETED:
+        return None
+    return storage.read_json(layout.summary)
+
+
+def run_result(planned: PlannedRun, summary: dict, seconds: float) -> RunResult:
+    """The comparison's record of a finished run, from its summary and training.json."""
+    training = storage.read_json(storage.join(summary["run"], "training.json"))
+    cache = training.get("feature_cache") or {}
+    return RunResult(
+        planned.label,
+        planned.combination,
+        planned.seed,
+        run_id=summary["run_id"],
+        val_accuracy=summary["val_accuracy"],
+        test_accuracy=summary["test_accuracy"],
+        seconds=seconds,
+        feature_cache=("reused" if cache.get("reused") else "built") if cache else None,
+        run=summary["run"],
+        model=summary["model"],
+        extra={"train_seconds": training.get("seconds"), "feature_seconds": cache.get("seconds")},
+    )
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -266,7 +335,8 @@ def accuracy_vs_time_plot(results: list[RunResult], table: pd.DataFrame, url: st
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if (table["runs"] > 0).any():  # no finished run, no point to name
+        ax.legend(fontsize=7, loc="best")
     return _save(fig, url)
 
 

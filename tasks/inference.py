@@ -15,7 +15,7 @@ Engines (what runs the forward pass):
   training images.
 
 Which engine may run is decided by :mod:`tasks.engine_gate` (each reduced-precision engine is
-validated once per model against ``torch`` on held-out images); this module runs the one it is given.
+validated once per model against ``torch`` on the run's images); this module runs the one it is given.
 """
 
 from __future__ import annotations

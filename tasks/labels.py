@@ -4,20 +4,19 @@ Vertex AI's CSV import.
 The table is a CSV or parquet file at any fsspec URL with the columns ``path`` (relative to
 the data set's folder, or a full URL) and ``label``, and optionally ``split`` (train, val or
 test) to fix an image's part of the split instead of drawing it at random. A row that cannot
-be used (empty label, a file that is missing or does not decode, an unknown split, a path
-listed twice) is reported in ``skipped.csv`` with the reason, like an unreadable image in a
+be used (empty label, a file that is missing or does not decode, an unknown split, a file
+listed twice however its path is spelled, the same bytes under two labels) is reported in ``skipped.csv`` with the reason, like an unreadable image in a
 class folder, and never stops the run.
 """
 
 from __future__ import annotations
 
 import io
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 from retrain.tasks import storage
-from retrain.tasks.datastore import SPLITS, DataSetError, ImageIndex, check_image
+from retrain.tasks.datastore import SPLITS, DataSetError, ImageIndex, check_image, drop_same_content, entry_url
 
 REQUIRED_COLUMNS = ("path", "label")
 # Spellings of the split names other tools write (Vertex AI: TRAINING, VALIDATION, TEST).
@@ -57,21 +56,15 @@ def read_label_table(url: str) -> pd.DataFrame:
     return table[columns].fillna("").astype(str).apply(lambda col: col.str.strip())
 
 
-def _image_url(path: str, root: str) -> str:
-    if "://" in path or path.startswith("/"):
-        return path
-    return storage.join(root, posixpath.normpath(path))
-
-
-def _row_problem(row: pd.Series, seen: dict[str, int], number: int) -> str | None:
+def _row_problem(row: pd.Series, url: str, seen: dict[str, int], number: int) -> str | None:
     if not row["path"]:
         return f"row {number}: empty path"
     if not row["label"]:
         return f"row {number}: empty label"
     if "split" in row and row["split"] and row["split"].lower() not in _SPLIT_NAMES:
         return f"row {number}: split {row['split']!r} is not one of {', '.join(SPLITS)}"
-    if row["path"] in seen:
-        return f"row {number}: listed again (first on row {seen[row['path']]})"
+    if url in seen:
+        return f"row {number}: listed again (first on row {seen[url]})"
     return None
 
 
@@ -85,13 +78,14 @@ def index_from_table(table_url: str, root_url: str, verify: bool = True, threads
     seen: dict[str, int] = {}
     candidates: list[tuple[str, str, str]] = []
     for number, (_, row) in enumerate(table.iterrows(), start=2):  # row 1 is the header
-        problem = _row_problem(row, seen, number)
+        url = entry_url(row["path"], root_url) if row["path"] else ""
+        problem = _row_problem(row, url, seen, number)
         if problem:
-            skipped.append((_image_url(row["path"], root_url) if row["path"] else "", problem))
+            skipped.append((url, problem))
             continue
-        seen[row["path"]] = number
+        seen[url] = number
         split = _SPLIT_NAMES.get(row["split"].lower(), "") if has_split else ""
-        candidates.append((_image_url(row["path"], root_url), row["label"], split))
+        candidates.append((url, row["label"], split))
     if verify and candidates:
         with ThreadPoolExecutor(threads) as pool:
             checks = list(pool.map(check_image, [url for url, _, _ in candidates]))
@@ -101,6 +95,8 @@ def index_from_table(table_url: str, root_url: str, verify: bool = True, threads
                 skipped.append((url, reason))
             else:
                 usable.append((*candidate, digest))
+        usable, duplicates = drop_same_content(usable)  # one image under two labels: refused, as in class folders
+        skipped += duplicates
         images = pd.DataFrame(usable, columns=["path", "label", "split", "digest"])  # digest: for image shards
     else:
         images = pd.DataFrame(candidates, columns=["path", "label", "split"])

@@ -110,6 +110,12 @@ def png_markdown(url: str, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{encoded})"
 
 
+def accuracy_text(value: float | None, part: str) -> str:
+    """An accuracy to four places, or why there is none: a split may have no validation or
+    no test part (``--split 0.8,0,0.2``, a label table without VALIDATION rows)."""
+    return f"{value:.4f}" if value is not None else f"none (no {part} part)"
+
+
 def run_summary_markdown(summary: dict) -> str:
     """The retrain run's summary artifact: data, network, options, accuracies."""
     counts = summary.get("counts", {})
@@ -123,8 +129,8 @@ def run_summary_markdown(summary: dict) -> str:
         f"| skipped files | {summary.get('skipped', 0)} |",
         f"| network | {summary['network']} ({summary.get('weights_origin', '')}) |",
         f"| mode | {summary['mode']} |",
-        f"| test accuracy | **{summary['test_accuracy']:.4f}** |",
-        f"| validation accuracy | {summary['val_accuracy']:.4f} |",
+        f"| test accuracy | **{accuracy_text(summary['test_accuracy'], 'test')}** |",
+        f"| validation accuracy | {accuracy_text(summary['val_accuracy'], 'validation')} |",
         f"| iterations / epochs | {summary.get('iterations')} / {summary.get('epochs')} |",
         f"| model | `{summary['model']}` |",
         f"| seconds | {summary['seconds']:.1f} |",

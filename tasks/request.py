@@ -81,6 +81,17 @@ DEFAULTS = RunRequest()
 _CHECKED: dict[str, CheckedRequest] = {}
 
 
+def check_store_names(**names: str | None) -> None:
+    """Each user-given name that becomes a folder of the store (``run_id``, ``model_name``,
+    ``experiment_id``) checked before anything is written: ``../x`` would leave the store's
+    folder for it. An empty or None name is unset (a default is chosen later)."""
+    from retrain.tasks import storage
+
+    for key, name in names.items():
+        if name:
+            storage.check_name(name, key.replace("_", " "))
+
+
 def check_augmentation(values: dict) -> dict:
     """The seed's image augmenter settings: ``reflect`` (true/false) and ``max_translation``
     (pixels >= 0); missing ones take their defaults."""

@@ -2,7 +2,10 @@
 
 ``runs/<run-id>/run.json`` holds what was asked for and how far the run got. A rerun of the
 same command (same data, network and options) finds an unfinished run with the same
-fingerprint and resumes it instead of starting over.
+fingerprint and resumes it instead of starting over. The fingerprint covers the data's
+content (the image index's key, :func:`tasks.datastore.content_key`), not only its URL: a
+rerun after images were added, removed or relabelled starts a new run, and never reuses a
+model, a split or a checkpoint made from the data as it was.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from retrain.tasks import storage
 from retrain.tasks.model_file import read_model_record, save_model_file
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED = "running", "completed", "failed"
+# Shown by list_runs, never recorded: a "running" run whose writer is gone (killed, power cut),
+# so run.json was never told. The same command resumes it.
+STATUS_INTERRUPTED = "interrupted"
 
 
 class RunLockedError(ValueError):
@@ -35,6 +41,7 @@ class RunConfig:
     options: dict
     augmentation: dict
     extra: dict = field(default_factory=dict)
+    content: str = ""  # the images' content key (datastore.content_key): the run is bound to it
 
     def fingerprint(self) -> str:
         # The number of training processes is left out: it does not change the result
@@ -60,22 +67,40 @@ def update_run(run_url: str, **changes) -> dict:
     return record
 
 
-def list_runs(store: str) -> list[dict]:
+def list_runs(store: str, check_writers: bool = True) -> list[dict]:
+    """Each run's record, oldest first; with ``check_writers``, a "running" run whose writer
+    is gone is shown as "interrupted" (:func:`writer_alive`)."""
     root = storage.StoreLayout(store).runs
     if not storage.exists(root):
         return []
     fs, path = storage.filesystem(root)
     records = []
     for entry in sorted(fs.ls(path, detail=False)):
-        run_json = storage.RunLayout(storage.to_url(fs, entry)).run_json
+        run_url = storage.to_url(fs, entry)
+        run_json = storage.RunLayout(run_url).run_json
         if storage.exists(run_json):
-            records.append(storage.read_json(run_json))
+            record = storage.read_json(run_json)
+            if check_writers and record.get("status") == STATUS_RUNNING and not writer_alive(run_url):
+                record["status"] = STATUS_INTERRUPTED
+            records.append(record)
     return records
+
+
+def writer_alive(run_url: str) -> bool:
+    """Whether a process holds the run folder's lock. A killed writer's lock is free (the
+    kernel dropped its ``flock``; its lease went stale), so taking it and letting go at once
+    tells; a writer starting in that instant is refused as if the run were running."""
+    try:
+        lock = lock_run(run_url).acquire()
+    except RunLockedError:
+        return True
+    lock.release()
+    return False
 
 
 def find_resumable(store: str, fingerprint: str) -> str | None:
     """The newest unfinished run with this fingerprint, if any."""
-    for record in reversed(list_runs(store)):
+    for record in reversed(list_runs(store, check_writers=False)):
         if record.get("fingerprint") == fingerprint and record.get("status") != STATUS_COMPLETED:
             return record["run_id"]
     return None
@@ -102,7 +127,11 @@ def lock_run(run_url: str):
 def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: bool = True):
     """Create the run folder (or reopen the unfinished run to resume) under its lock; returns
     its URL and the held lock (the caller releases it when the run ends). A run that another
-    process is writing to is refused with :class:`RunLockedError`."""
+    process is writing to is refused with :class:`RunLockedError`. A ``run_id`` that exists
+    with another fingerprint is refused, unless ``resume`` is False: then that run starts
+    over (its earlier files are removed)."""
+    if run_id is not None:
+        storage.check_name(run_id, "run id")  # "../x" would write outside runs/
     fingerprint = config.fingerprint()
     if run_id is None and resume:
         run_id = find_resumable(store, fingerprint)
@@ -110,6 +139,8 @@ def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: 
     run_url = storage.StoreLayout(store).run(run_id).url
     lock = lock_run(run_url).acquire()
     try:
+        if not resume:
+            _clear_run_folder(run_url)
         _open_record(run_url, run_id, store, config, fingerprint)
     except BaseException:
         lock.release()
@@ -122,10 +153,7 @@ def _open_record(run_url: str, run_id: str, store: str, config: RunConfig, finge
     if storage.exists(run_json):
         record = storage.read_json(run_json)
         if record.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"run {run_id} exists with a different configuration; "
-                f"choose another run id or rerun it with its own settings"
-            )
+            raise ValueError(_other_fingerprint(run_id, record, config))
         # The same configuration but for what the fingerprint leaves out (processes): this one.
         update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1, config=asdict(config))
     else:
@@ -143,6 +171,30 @@ def _open_record(run_url: str, run_id: str, store: str, config: RunConfig, finge
                 "resumed": 0,
             },
         )
+
+
+def _other_fingerprint(run_id: str, record: dict, config: RunConfig) -> str:
+    """Why run ``run_id`` (``record``) cannot go on with ``config``, and what to do: one line."""
+    if record.get("config", {}).get("content") != config.content:
+        what = "from other data (images added, removed, replaced or relabelled since, or other data)"
+    else:
+        what = "with other settings"
+    return (
+        f"run {run_id} was made {what}: its model, split and checkpoints do not fit this request; "
+        f"add --fresh to start run {run_id} over (its files are replaced), "
+        f"or drop --run-id to start a new run"
+    )
+
+
+def _clear_run_folder(run_url: str) -> None:
+    """Remove what an earlier run of this id left (its lock, held by the caller, stays): a run
+    started over must not find the old split, checkpoints or trained model."""
+    from retrain.tasks.scoring.layout import JobLayout
+
+    keep = JobLayout(run_url).lock.rstrip("/").rsplit("/", 1)[-1]
+    for url in storage.ls(run_url):
+        if url.rstrip("/").rsplit("/", 1)[-1] != keep:
+            storage.remove(url, recursive=True)
 
 
 def resolve_model(model: str, store: str) -> str:

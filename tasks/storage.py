@@ -10,6 +10,8 @@ Every location in retrain is an fsspec URL: a plain local path, ``file://``, ``m
     runs/<run-id>/features/                      transfer mode's cached backbone features when
                                                  too large for memory (kept for a resume,
                                                  removed once trained)
+    indexes/<content-key>/<root>/index.parquet   a data set's image index, before a run is
+                                                 chosen for it (runs are bound to its key)
     shards/<key>/shard-<n>.npy                   a data set's images decoded at an input size
                                                  (tasks/training/shards.py), shared by runs
     runs/<run-id>/model.pt                       the published, self-describing model
@@ -23,11 +25,20 @@ On a remote store (S3, GCS, ...) every read and write here is retried with expon
 when it fails in a way that may pass (connection refused or reset, timeouts, 5xx answers):
 ``$RETRAIN_STORE_RETRIES`` attempts in all (default 4), the first wait
 ``$RETRAIN_STORE_RETRY_DELAY`` seconds (default 1), doubling. Then :class:`StorageError` says
-which URL failed, how often and why. A missing file or a refused permission fails at once.
+which URL failed, how often, why and at which endpoint. A missing file or a refused permission
+fails at once; a missing bucket is named, with its endpoint. These retries are the only ones:
+the S3 client itself tries each request once, and gives up on connecting or on an answer that
+stops coming after ``$RETRAIN_STORE_TIMEOUT`` seconds (default 15), so a stalled endpoint fails a
+command within about attempts x timeout + the waits (67 s by default), the first retry logged.
+
+A folder held under a lease (tasks/scoring/lock.py) is fenced: before each write or removal
+below it, :func:`write_bytes` and :func:`remove` ask the lease's holder in this process to check
+that the lease is still its own, so a writer that stalled and lost it stops instead of finishing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -37,19 +48,25 @@ import logging
 import os
 import posixpath
 import random
+import re
+import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
+from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs
+from fsspec.exceptions import FSTimeoutError
 
 DEFAULT_STORE = "retrain-store"
 TMP_MARKER = ".tmp-"
 DEFAULT_RETRIES = 4  # attempts in all, for a remote store
 DEFAULT_RETRY_DELAY = 1.0  # seconds before the second attempt; doubles, at most MAX_RETRY_DELAY
 MAX_RETRY_DELAY = 30.0
+DEFAULT_TIMEOUT = 15.0  # seconds to connect, and for each read of an answer, in one request
+MIN_UPLOAD_RATE = 2**20  # bytes per second an upload is given (see _upload)
 # Object stores whose single PUT is atomic: see write_bytes.
 ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
@@ -59,6 +76,22 @@ T = TypeVar("T")
 
 class StorageError(OSError):
     """The store kept failing (unreachable, timing out, answering errors) after retries."""
+
+
+class InvalidNameError(ValueError):
+    """A user-given name that becomes a folder in the store (run id, experiment id, model
+    name) that could leave its folder or make an odd path."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(name: str, what: str = "name", error: type[ValueError] = InvalidNameError) -> str:
+    """``name`` when it is safe as one folder of the store (no ``/``, no leading dot, so
+    never ``..``); else ``error`` with a one-line message naming ``what`` it is."""
+    if not _NAME.fullmatch(name or ""):
+        raise error(f"{what} {name!r}: use letters, digits, '.', '_' and '-' (it names a folder in the store)")
+    return name
 
 
 # Failures that will not pass by trying again: retrying them only delays the clear error.
@@ -115,9 +148,8 @@ def _endpoint_of(url: str) -> str:
 
 
 def _access_error(operation: str, url: str, exc: BaseException) -> StorageError:
-    bucket = url.split("://", 1)[-1].split("/", 1)[0]
     return StorageError(
-        f"store failure: access refused: {operation} {url} (bucket {bucket} at {_endpoint_of(url)}): "
+        f"store failure: access refused: {operation} {url} (bucket {_bucket_of(url)} at {_endpoint_of(url)}): "
         f"{type(exc).__name__}: {exc}; check the store's credentials (AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, for S3) and that they may use that bucket, then rerun the same command"
     )
@@ -130,6 +162,30 @@ def _retry_settings() -> tuple[int, float]:
     except ValueError:
         attempts, delay = DEFAULT_RETRIES, DEFAULT_RETRY_DELAY
     return attempts, delay
+
+
+def _timeout() -> float:
+    try:
+        return max(0.1, float(os.environ.get("RETRAIN_STORE_TIMEOUT", DEFAULT_TIMEOUT)))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def _client_options(url: str) -> dict:
+    """What bounds one request of a remote filesystem in time, and leaves retrying to
+    :func:`retrying`: botocore's own attempts (5) times s3fs's (5) times retrain's made a paused
+    endpoint silent for minutes before the first notice, and a command wait half an hour.
+    (s3fs's own attempts are set in :func:`filesystem`: an attribute, not an option.)"""
+    if url.split("://", 1)[0] not in ("s3", "s3a"):
+        return {}
+    timeout = _timeout()
+    return {
+        "config_kwargs": {
+            "connect_timeout": timeout,
+            "read_timeout": timeout,
+            "retries": {"mode": "standard", "total_max_attempts": 1},
+        },
+    }
 
 
 def retrying(operation: Callable[..., T]) -> Callable[..., T]:
@@ -149,12 +205,14 @@ def retrying(operation: Callable[..., T]) -> Callable[..., T]:
                 if not transient(exc):
                     if access_refused(exc) and not isinstance(exc, StorageError):
                         raise _access_error(operation.__name__, url, exc) from exc
+                    if isinstance(exc, FileNotFoundError) and _says_no_bucket(exc):
+                        raise _missing_bucket(operation.__name__, url) from exc
                     raise
                 reason = f"{type(exc).__name__}: {exc}"
                 if attempt == attempts:
                     raise StorageError(
                         f"store failure: {operation.__name__} {url} failed {attempts} time(s) over "
-                        f"{time.monotonic() - started:.1f} s; last error: {reason}"
+                        f"{time.monotonic() - started:.1f} s (endpoint {_endpoint_of(url)}); last error: {reason}"
                     ) from exc
                 wait = min(delay * 2 ** (attempt - 1), MAX_RETRY_DELAY) * random.uniform(0.8, 1.2)
                 log.warning(
@@ -171,6 +229,46 @@ def retrying(operation: Callable[..., T]) -> Callable[..., T]:
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+# Buckets seen to exist, by endpoint: a bucket is looked up once per process.
+_buckets_found: set[tuple[str, str]] = set()
+
+
+def _bucket_of(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _says_no_bucket(exc: BaseException) -> bool:
+    """Whether a "not found" is about the bucket (S3's NoSuchBucket), not a file in it."""
+    text = f"{exc} {exc.__cause__!r}"
+    return "NoSuchBucket" in text or "bucket does not exist" in text
+
+
+def _missing_bucket(operation: str, url: str) -> StorageError:
+    return StorageError(
+        f"store failure: bucket {_bucket_of(url)} does not exist at {_endpoint_of(url)} ({operation} {url}); "
+        "create it, or check the store URL and the endpoint (AWS_ENDPOINT_URL for S3)"
+    )
+
+
+def require_bucket(url: str, operation: str) -> None:
+    """Raise :class:`StorageError` naming the bucket and its endpoint when ``url``'s bucket
+    does not exist: called where a file, folder or listing came back missing, which a missing
+    bucket gives too (an empty list of runs with status 0). One look-up per bucket and process."""
+    if url.split("://", 1)[0] not in ATOMIC_PUT_PROTOCOLS:
+        return
+    key = (_endpoint_of(url), _bucket_of(url))
+    if key in _buckets_found:
+        return
+    fs, _ = filesystem(url)
+    try:
+        fs.info(key[1])
+    except FileNotFoundError:
+        raise _missing_bucket(operation, url) from None
+    except PermissionError:  # keys that may use the bucket's objects but not see the bucket
+        return
+    _buckets_found.add(key)
 
 
 def is_local(url: str) -> bool:
@@ -195,7 +293,10 @@ def default_store() -> str:
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``url`` and the path inside it."""
-    fs, path = url_to_fs(url)
+    options = _client_options(str(url))
+    fs, path = url_to_fs(url, **options)
+    if options:
+        fs.retries = 1  # s3fs's attempts per request; retrying() makes the others
     return fs, path
 
 
@@ -233,13 +334,19 @@ def absolute(url: str) -> str:
 @retrying
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    found = fs.exists(path)
+    if not found:
+        require_bucket(url, "exists")
+    return found
 
 
 @retrying
 def isdir(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.isdir(path)
+    found = fs.isdir(path)
+    if not found:
+        require_bucket(url, "isdir")
+    return found
 
 
 @retrying
@@ -257,10 +364,15 @@ def write_bytes(url: str, data: bytes) -> str:
     not at all, a multipart upload only when completed), so the object is written in one
     request; a temporary key and a copy would cost six more requests (listings, copy, delete),
     each a chance to fail, and leave debris when a failure comes between them. The bucket
-    must exist."""
+    must exist. A write below a fenced folder checks its lease first (see the module notes)."""
+    check_fences(url)
+    if is_local(url):
+        with atomic_local_file(url) as f:
+            f.write(data)
+        return url
     fs, path = filesystem(url)
     if protocol_of(url) in ATOMIC_PUT_PROTOCOLS:
-        fs.pipe_file(path, data)
+        _upload(fs, path, data)
         return url
     parent = posixpath.dirname(path)
     if parent:
@@ -269,20 +381,80 @@ def write_bytes(url: str, data: bytes) -> str:
     try:
         with fs.open(tmp, "wb") as f:
             f.write(data)
-        if protocol_of(url) in ("file", "local"):
-            os.replace(tmp, path)  # atomic on POSIX, even over an existing file
-        else:
-            fs.mv(tmp, path)
-    except BaseException as exc:
+        fs.mv(tmp, path)
+    except BaseException:
         try:  # best effort: a store that just failed may fail this too; debris is ignored
             if fs.exists(tmp):
                 fs.rm(tmp)
         except Exception:
             pass
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename:  # say where
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), url) from exc
         raise
     return url
+
+
+def _upload(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """One PUT of ``data``, given at most ``2 x $RETRAIN_STORE_TIMEOUT`` plus the body at
+    ``MIN_UPLOAD_RATE``: aiohttp starts its read timeout only once a body is sent, and waits
+    for the "100 Continue" botocore asks for on each PUT without any, so a stalled endpoint
+    held an upload for ever (a scoring job sat 11 min on one connection)."""
+    if not isinstance(fs, AsyncFileSystem):
+        fs.pipe_file(path, data)
+        return
+    deadline = 2 * _timeout() + len(data) / MIN_UPLOAD_RATE
+    try:
+        fs.pipe_file(path, data, timeout=deadline)  # fsspec's own deadline on the call
+    except FSTimeoutError as exc:
+        raise TimeoutError(f"the endpoint did not take {len(data)} bytes within {deadline:.0f} s") from exc
+
+
+@contextlib.contextmanager
+def atomic_local_file(url: str) -> Iterator[BinaryIO]:
+    """A file to write ``url``'s content into, on a local disk: a temporary sibling, moved into
+    place when the block ends (atomic on POSIX, even over an existing file), removed when it
+    fails. A full disk fails with ENOSPC naming ``url``, the file being written, whatever wrote
+    it. Write through this file's ``write``: numpy's ``save`` into a real file (``tofile``)
+    reports a full disk as "N requested and M written", without errno or file."""
+    _, path = filesystem(url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not exc.filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), url) from exc
+        raise
+
+
+# Folders held under a lease by this process (tasks/scoring/lock.py): (folder URL/, the
+# holder's check, which raises when the lease is no longer its own).
+_fences: list[tuple[str, Callable[[str], None]]] = []
+_fences_lock = threading.Lock()
+
+
+def fence(folder: str, check: Callable[[str], None], on: bool = True) -> None:
+    """Have ``check(url)`` called before each write or removal below ``folder`` (``on``
+    False: no longer). A lease taken over while its holder stalled would otherwise let both
+    holders finish."""
+    entry = (folder.rstrip("/") + "/", check)
+    with _fences_lock:
+        if entry in _fences:
+            _fences.remove(entry)
+        if on:
+            _fences.append(entry)
+
+
+def check_fences(url: str) -> None:
+    """Run the check of every fenced folder that ``url`` lies below (see :func:`fence`)."""
+    if not _fences:
+        return
+    with _fences_lock:
+        checks = [check for folder, check in _fences if str(url).startswith(folder)]
+    for check in checks:
+        check(url)
 
 
 def read_json(url: str) -> Any:
@@ -310,6 +482,8 @@ def list_files(url: str) -> list[str]:
     """Every file below ``url`` (recursively) as URLs, sorted; unfinished ``*.tmp-*`` are skipped."""
     fs, path = filesystem(url)
     found = fs.find(path)
+    if not found:
+        require_bucket(url, "list_files")
     return sorted(to_url(fs, p) for p in found if TMP_MARKER not in posixpath.basename(p))
 
 
@@ -318,6 +492,7 @@ def ls(url: str) -> list[str]:
     """The entries directly inside folder ``url``, as URLs, sorted; none when it is missing."""
     fs, path = filesystem(url)
     if not fs.isdir(path):
+        require_bucket(url, "ls")
         return []
     return sorted(to_url(fs, p) for p in fs.ls(path, detail=False))
 
@@ -328,11 +503,15 @@ def names_in(url: str) -> set[str]:
     write there); none when it is missing."""
     fs, path = filesystem(url)
     fs.invalidate_cache(path)
-    return {posixpath.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+    if not fs.isdir(path):
+        require_bucket(url, "names_in")
+        return set()
+    return {posixpath.basename(p) for p in fs.ls(path, detail=False)}
 
 
 @retrying
 def remove(url: str, recursive: bool = False) -> None:
+    check_fences(url)
     fs, path = filesystem(url)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
@@ -413,6 +592,7 @@ class StoreLayout:
         self.models = join(store, "models")
         self.scores = join(store, "scores")
         self.shards = join(store, "shards")  # decoded images, one folder per data set content and input size
+        self.indexes = join(store, "indexes")  # a data set's image index before a run is chosen for it
 
     def run(self, run_id: str) -> RunLayout:
         return RunLayout(join(self.runs, run_id))

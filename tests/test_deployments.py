@@ -188,7 +188,7 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
                 (run1,) = [r["run_id"] for r in _runs(store)]
                 first = storage.read_json(storage.StoreLayout(store).run(run1).promotion)
                 assert first["promoted"] and first["reason"] == "no current model"
-                current = promotion.read_current(store, "MerchData")
+                current = promotion.read_current(store, first["model"])
                 assert current["run_id"] == run1
 
                 # 2. a worse run (from scratch, one epoch, trained in process) is not promoted
@@ -219,8 +219,9 @@ def test_scheduled_retraining_on_workers_promotes_only_a_better_model(tmp_path):
     # same data, same seed: the same held-out split, so the current model scores what it did
     assert second["current_score"] == pytest.approx(first["candidate_score"])
     assert second["images"] == first["images"] > 0
-    assert promotion.read_current(store, "MerchData")["run_id"] == run1
-    assert [h["promoted"] for h in promotion.history(store, "MerchData")] == [True, False]
+    assert second["model"] == first["model"] and first["model"].startswith("MerchData-")
+    assert promotion.read_current(store, first["model"])["run_id"] == run1
+    assert [h["promoted"] for h in promotion.history(store, first["model"])] == [True, False]
     print(
         "\n"
         + json.dumps(

@@ -97,3 +97,54 @@ def test_a_table_without_a_label_column_exits_2_with_the_columns_it_has(shapes_d
     assert status == 2
     err = capsys.readouterr().err
     assert "lacks the column(s) path, label" in err and "file, class" in err
+
+
+def test_spellings_of_one_file_are_one_row_and_a_copy_under_another_label_is_refused(shapes_dir, tmp_path):
+    """``a/x.jpg``, ``./a/x.jpg``, ``a/../a/x.jpg`` and the absolute path are one image: the
+    first row keeps it, the others are listed again; the same bytes under another label are
+    ambiguous, as in class folders (a copy under the same label is a duplicate)."""
+    import shutil
+
+    rows = folder_rows(shapes_dir)
+    first = rows[0][0]  # circle/circle_000.jpg
+    shutil.copy(os.path.join(shapes_dir, rows[1][0]), tmp_path / "copy.jpg")  # circle_001's bytes
+    shutil.copy(os.path.join(shapes_dir, rows[2][0]), tmp_path / "same.jpg")  # circle_002's bytes
+    table = pd.DataFrame(
+        rows
+        + [
+            ("./" + first, "square"),
+            (first.replace("/", "/../circle/", 1), "triangle"),
+            (os.path.join(shapes_dir, first), "square"),
+            (os.path.join(shapes_dir, ".", first), "square"),
+            (str(tmp_path / "copy.jpg"), "square"),
+            (str(tmp_path / "same.jpg"), "circle"),
+        ],
+        columns=["path", "label"],
+    )
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    index = index_from_table(str(tmp_path / "labels.csv"), shapes_dir)
+    reasons = list(index.skipped["reason"])
+    assert sum("listed again (first on row 2)" in r for r in reasons) == 4, reasons
+    assert index.images["digest"].is_unique and index.images["path"].is_unique
+    by_path = index.images.set_index("path")["label"]
+    assert by_path[os.path.join(shapes_dir, first)] == "circle"
+    ambiguous = index.skipped[index.skipped["reason"].str.contains("same image in classes circle, square")]
+    assert sorted(ambiguous["path"]) == sorted([os.path.join(shapes_dir, rows[1][0]), str(tmp_path / "copy.jpg")])
+    assert str(tmp_path / "same.jpg") in set(index.skipped["path"])  # a duplicate of circle_002
+    assert len(index.images) == len(rows) - 1
+
+
+def test_a_list_file_names_each_image_once_however_it_is_spelled(shapes_dir, tmp_path):
+    from retrain.tasks.scoring.job import list_images
+
+    folder = tmp_path / "imgs"
+    shutil_copy = __import__("shutil").copytree
+    shutil_copy(os.path.join(shapes_dir, "circle"), folder)
+    listing = folder / "list.txt"
+    listing.write_text(
+        "circle_000.jpg\n./circle_000.jpg\nsub/../circle_000.jpg\n"
+        + str(folder / "circle_000.jpg")
+        + "\ncircle_001.jpg\n"
+    )
+    found = list_images(str(listing))
+    assert found.paths == [str(folder / "circle_000.jpg"), str(folder / "circle_001.jpg")]

@@ -47,10 +47,12 @@ def make_run(store: str, run_id: str, shapes_dir: str, answer: str, classes: lis
 
 
 def test_model_name_comes_from_the_data_set():
-    assert promotion.model_name_for("/data/MerchData.zip") == "MerchData"
-    assert promotion.model_name_for("s3://bucket/sets/hymenoptera_data/") == "hymenoptera_data"
-    assert promotion.model_name_for("/x/ant photos (2).ZIP") == "ant-photos-2"
-    assert promotion.model_name_for(None) == "sample-shapes"
+    key = promotion.model_name_for("/data/MerchData.zip", CLASSES).rsplit("-", 1)[1]
+    assert len(key) == 8
+    assert promotion.model_name_for("/data/MerchData.zip", CLASSES) == f"MerchData-{key}"
+    assert promotion.model_name_for("s3://bucket/sets/hymenoptera_data/", CLASSES) == f"hymenoptera_data-{key}"
+    assert promotion.model_name_for("/x/ant photos (2).ZIP", CLASSES) == f"ant-photos-2-{key}"
+    assert promotion.model_name_for(None, CLASSES) == f"sample-shapes-{key}"
     with pytest.raises(promotion.PromotionError, match="model name"):
         promotion.check_name("../escape")
 
@@ -84,11 +86,11 @@ def test_gate_promotes_first_and_better_runs_keeps_worse_ones_and_rolls_back(tmp
     history = promotion.history(store, "shapes")
     assert [(h["run_id"], h["action"]) for h in history] == [("r1", "promote"), ("r2", "keep"), ("r3", "promote")]
 
-    # rollback: to the run promoted before the current one, then to a named run
+    # rollback: to the run current before the current one, then to a named run
     back = promotion.rollback(store, "shapes")
     assert back.run_id == "r1" and back.action == "rollback" and back.current_run == "r3"
     assert promotion.read_current(store, "shapes")["run_id"] == "r1"
-    with pytest.raises(promotion.PromotionError, match="no run was promoted before"):
+    with pytest.raises(promotion.PromotionError, match="no run was current before"):
         promotion.rollback(store, "shapes")
     assert promotion.rollback(store, "shapes", to_run="r3").run_id == "r3"
     with pytest.raises(promotion.PromotionError, match="no published model"):
@@ -100,12 +102,14 @@ def test_gate_promotes_first_and_better_runs_keeps_worse_ones_and_rolls_back(tmp
     assert not [f for f in storage.list_files(store) if storage.TMP_MARKER in f]
 
 
-def test_gate_promotes_when_the_classes_changed(tmp_path, shapes_dir):
+def test_gate_promotes_across_changed_classes_only_when_asked(tmp_path, shapes_dir):
     store = str(tmp_path / "store")
     promotion.promote_run(
         store, "shapes", make_run(store, "a", shapes_dir, "circle", classes=["circle", "square", "triangle", "star"])
     )
-    decision = promotion.promote_run(store, "shapes", make_run(store, "b", shapes_dir, "square"))
+    b = make_run(store, "b", shapes_dir, "square")
+    assert not promotion.promote_run(store, "shapes", b).promoted
+    decision = promotion.promote_run(store, "shapes", b, allow_class_change=True)
     assert decision.promoted and "classes changed" in decision.reason and decision.current_score is None
 
 

@@ -71,7 +71,7 @@ def test_retrain_promote_and_score_on_s3(tmp_path, tmp_path_factory, s3_endpoint
         assert storage.exists(storage.join(run_url, name)), name
     assert storage.exists("s3://retrain-store/store/datasets/shapes")  # extracted on S3, not locally
     assert summary["promotion"]["promoted"]
-    current = promotion.read_current("s3://retrain-store/store", "shapes")
+    current = promotion.read_current("s3://retrain-store/store", summary["promotion"]["model"])
     assert current["run_id"] == summary["run_id"] and current["model_url"].startswith("s3://")
 
     if not SCORE_FLOW.exists():

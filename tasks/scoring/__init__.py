@@ -28,6 +28,7 @@ _HOME = {
             "ScoringError",
             "ScoringIncompleteError",
             "ScoringLockedError",
+            "check_output",
             "default_out",
         ),
         "layout",

@@ -13,7 +13,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from retrain.tasks.scoring.layout import ClusterLostError, ScoringError, ScoringIncompleteError
@@ -60,6 +60,43 @@ def _nanny_environ_restored() -> Iterator[None]:
                 os.environ[key] = value
 
 
+_MAIN_HIDDEN = threading.Lock()
+_main_hidden_for = 0  # local clusters running now
+
+
+@contextmanager
+def _workers_skip_main() -> Iterator[None]:
+    """Processes spawned meanwhile do not run the user's ``__main__``. Python's spawn
+    (Dask's default start method) runs the parent's main script again in each child, under
+    the name ``__mp_main__``, so that its functions can be unpickled there: a script with no
+    ``if __name__ == "__main__":`` guard around ``retrain.score(...)`` would start a job in
+    each worker, which fails ("Nanny failed to start"). Dask's workers never need it: a task's
+    function defined in ``__main__`` reaches them by value (cloudpickle)."""
+    from multiprocessing import spawn
+
+    global _main_hidden_for
+    with _MAIN_HIDDEN:
+        if _main_hidden_for == 0:
+            real = spawn.get_preparation_data
+
+            def without_main(name: str) -> dict:
+                data = real(name)
+                data.pop("init_main_from_path", None)
+                data.pop("init_main_from_name", None)
+                return data
+
+            without_main.real = real  # type: ignore[attr-defined]
+            spawn.get_preparation_data = without_main
+        _main_hidden_for += 1
+    try:
+        yield
+    finally:
+        with _MAIN_HIDDEN:
+            _main_hidden_for -= 1
+            if _main_hidden_for == 0:
+                spawn.get_preparation_data = spawn.get_preparation_data.real
+
+
 def _worker_count(workers: int | None) -> int:
     n = (os.cpu_count() or 1) if workers is None else workers
     if n < 1:
@@ -75,6 +112,9 @@ class LocalClusterStart:
         self.workers = _worker_count(workers)
         self._cluster = None
         self._error: BaseException | None = None
+        # For the cluster's life, not only its start: a nanny restarts a worker that died.
+        self._main_hidden = ExitStack()
+        self._main_hidden.enter_context(_workers_skip_main())
         self._thread = threading.Thread(target=self._start, name="dask-local-cluster", daemon=True)
         self._thread.start()
 
@@ -110,6 +150,7 @@ class LocalClusterStart:
             with quiet_dask():
                 self._cluster.close()
             self._cluster = None
+        self._main_hidden.close()
 
 
 _PRESTARTED: list[LocalClusterStart] = []
@@ -227,6 +268,21 @@ def check_tls_settings(address: str) -> None:
         )
 
 
+def store_failure(exc: BaseException | None) -> bool:
+    """Whether a part failed because its output or the store failed (full, unreachable,
+    refusing the credentials), not because of its images: every other part would fail the
+    same way, each after the store's own retries."""
+    import errno
+
+    from retrain.tasks import storage
+
+    if exc is None or type(exc).__module__.startswith(("distributed.", "tornado.")):
+        return False  # the cluster's own connections (CommClosedError...): its loss, not the store's
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, storage.StorageError) or storage.transient(exc) or storage.access_refused(exc)
+
+
 def run_partitions(
     client,
     model: WorkerModel,
@@ -238,9 +294,12 @@ def run_partitions(
     worker_timeout_s: float = 300.0,
 ) -> list[PartResult]:
     """Map :func:`score_partition` over ``todo`` (file list, part URL) on ``client``; calls
-    ``on_done`` in this (the driver's) thread as each finishes. A partition that fails as a
-    whole (a worker killed, say) is retried once, then reported in
-    :class:`ScoringIncompleteError` after the others are done; a bad model fails fast."""
+    ``on_done`` in this (the driver's) thread as each finishes. Partitions are handed out as
+    threads free up (one more than the cluster's threads in flight), so that a failure of the
+    output or the store (:func:`store_failure`) ends the job at the first failed part, with
+    that part's error, and no more are started. A partition that fails otherwise (a worker
+    killed, say) is tried once more, then reported in :class:`ScoringIncompleteError` after
+    the others are done; a bad model fails fast."""
     from distributed import as_completed
     from retrain.tasks.model_file import ModelFileError
     from retrain.tasks.scoring.partition import score_partition
@@ -253,9 +312,9 @@ def run_partitions(
         if _lost(client):
             raise cluster_lost(_address_of(client)) from None
         raise ScoringError(f"no Dask worker joined the cluster within {worker_timeout_s:.0f} s") from None
-    futures = {}
-    for paths, url in todo:
-        future = client.submit(
+
+    def submit(paths: list[str], url: str):
+        return client.submit(
             score_partition,
             model,
             paths,
@@ -265,28 +324,53 @@ def run_partitions(
             None,
             torch_threads,
             key=f"score-{url.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:8]}",
-            retries=1,
         )
-        futures[future] = url
+
+    waiting = list(reversed(todo))  # popped from the end: in plan order
+    running = as_completed()
+    futures: dict = {}  # future -> (paths, url, attempt)
+
+    def top_up() -> None:
+        try:
+            threads = sum(client.nthreads().values())
+        except (OSError, TimeoutError) as exc:  # the scheduler does not answer
+            raise cluster_lost(_address_of(client), f" ({type(exc).__name__}: {exc})") from exc
+        room = threads + 1 - running.count()
+        while waiting and room > 0:
+            paths, url = waiting.pop()
+            future = submit(paths, url)
+            futures[future], room = (paths, url, 1), room - 1
+            running.add(future)
+
     results, failures = [], []
     try:
-        for future in as_completed(futures):
-            if future.status != "finished":  # error (after its retry), or cancelled
+        top_up()
+        for future in running:
+            paths, url, attempt = futures[future]
+            if future.status != "finished":  # error, or cancelled
                 exc = future.exception() if future.status == "error" else None
-                if isinstance(exc, ModelFileError):
+                if isinstance(exc, ModelFileError) or store_failure(exc):
                     raise exc
-                failures.append((futures[future], f"{type(exc).__name__}: {exc}" if exc else future.status))
-                continue
-            result = future.result()
-            results.append(result)
-            if on_done:
-                on_done(result)
+                if exc is not None and attempt == 1 and not _lost(client):
+                    retry = submit(paths, url)
+                    futures[retry] = (paths, url, 2)
+                    running.add(retry)
+                    continue
+                failures.append((url, f"{type(exc).__name__}: {exc}" if exc else future.status))
+            else:
+                result = future.result()
+                results.append(result)
+                if on_done:
+                    on_done(result)
+            if _lost(client):
+                break
+            top_up()
     finally:
         try:
             client.cancel(list(futures))
         except Exception:  # a lost scheduler: nothing left to cancel there
             pass
-    if failures and _lost(client):  # cancelled by the scheduler going away, not failed
+    if (failures or waiting) and _lost(client):  # cancelled by the scheduler going away, not failed
         raise cluster_lost(_address_of(client))  # the workers may have written more parts than reported here
     if failures:
         raise ScoringIncompleteError(

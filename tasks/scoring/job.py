@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from retrain.tasks import storage
 from retrain.tasks.datastore import _is_hidden as is_hidden  # one rule for hidden files, training's
+from retrain.tasks.datastore import entry_url
 from retrain.tasks.engine_gate import EngineChoice, choose_engine
 from retrain.tasks.inference import load_checked
 from retrain.tasks.preprocessing import IMAGE_EXTENSIONS
@@ -28,6 +29,7 @@ from retrain.tasks.scoring.layout import (
     JobLayout,
     ScoringError,
     ScoringIncompleteError,
+    is_part_file,
 )
 from retrain.tasks.scoring.lock import now
 from retrain.tasks.scoring.partition import (
@@ -85,9 +87,7 @@ def list_images(images: str, extensions: frozenset[str] | None = IMAGE_EXTENSION
         entry = line.strip()
         if not entry or entry.startswith(LIST_FILE_COMMENT):
             continue
-        if "://" not in entry and not entry.startswith("/"):
-            entry = storage.join(base, entry)
-        paths.append(entry)
+        paths.append(entry_url(entry, base))  # one spelling per file: ./x.jpg and x.jpg are one image
     return ImageList(sorted(set(paths)), [], images)
 
 
@@ -386,8 +386,11 @@ class _Tally:
 
 
 def _remove_stale(plan: JobPlan, keep: set[str]) -> None:
-    """Parts of earlier plans (the folder changed since) and temporary debris of killed runs."""
+    """Parts of earlier plans (the folder changed since) and temporary debris of killed runs;
+    only files named as a job names its parts (check_output refused any other)."""
     for name in present_parts(plan.out) - keep:
+        if not is_part_file(name):
+            continue
         try:
             storage.remove(storage.join(JobLayout(plan.out).parts, name))
         except FileNotFoundError:

@@ -15,6 +15,8 @@ Everything a job writes lives under its output URL::
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from dataclasses import dataclass
 
 from retrain.tasks import storage
@@ -80,6 +82,56 @@ class JobLayout:
     @property
     def lock(self) -> str:
         return storage.join(self.out, ".lock")
+
+
+# What a job writes directly in its folder (the lock, the plan, the parts' folder, the results)
+# and what it writes in <out>/parts (part-<n>-<digest>.parquet, as job.partitions names them).
+# A job writes and removes nothing else there, and refuses a folder that holds anything else.
+JOB_ENTRIES = frozenset({".lock", "job.json", "files.parquet", "parts", "scores.parquet", "summary.json"})
+_PART_FILE = re.compile(r"part-\d{6,}-[0-9a-z]+\.parquet")
+
+
+def _finished_name(name: str) -> str:
+    """The name an atomic write's unfinished ``<name>.tmp-<id>`` debris is written for."""
+    return name.split(storage.TMP_MARKER, 1)[0]
+
+
+def is_job_entry(name: str) -> bool:
+    return _finished_name(name) in JOB_ENTRIES
+
+
+def is_part_file(name: str) -> bool:
+    return bool(_PART_FILE.fullmatch(_finished_name(name)))
+
+
+def check_output(out: str, images: str) -> None:
+    """Refuse an output folder that is, or is inside, the images folder (the job's files would
+    be listed with the images next time), or that holds anything a job does not write there
+    (a user's folder: a job writes and removes only its own files). An empty, missing or
+    earlier job's folder is fine: that is how a job resumes."""
+    if _inside(out, images) and storage.isdir(images):
+        raise ScoringError(
+            f"output {out} is inside the images folder {images}: its files would be listed with the "
+            "images next time; score into a folder outside it"
+        )
+    layout = JobLayout(out)
+    foreign = sorted(n for n in storage.names_in(out) if not is_job_entry(n))
+    if storage.isdir(layout.parts):
+        foreign += sorted(f"parts/{n}" for n in storage.names_in(layout.parts) if not is_part_file(n))
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ScoringError(
+            f"output {out} holds files a scoring job did not write ({listed}); a job writes and removes only "
+            "its own files: score into a new or empty folder, or into an earlier job's output to resume it"
+        )
+
+
+def _inside(url: str, folder: str) -> bool:
+    """Whether ``url`` is ``folder`` or below it."""
+    if storage.is_local(url) and storage.is_local(folder):
+        url, folder = (os.path.realpath(storage.absolute(u)) for u in (url, folder))
+    url, folder = url.rstrip("/"), folder.rstrip("/")
+    return url == folder or url.startswith(folder + "/")
 
 
 def default_out(store: str, model_sha256: str, images: str) -> str:

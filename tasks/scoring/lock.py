@@ -5,14 +5,19 @@ On a local disk it is ``fcntl.flock`` on ``<out>/.lock``: the kernel drops it wh
 exits, even by kill -9, so a crashed job never blocks its rerun. Elsewhere (S3...) it is a
 lease: the file names its holder and is refreshed every ``lease_s / 4`` seconds; one not
 refreshed for ``lease_s`` is taken over (best effort: object stores have no atomic
-create-if-absent through fsspec).
+create-if-absent through fsspec). A lease is fenced: its token is checked before each renewal,
+each write below the folder (tasks/storage.py's fences) and the release, so a holder that
+stalled past its lease and was taken over raises :class:`LeaseLostError` instead of finishing
+beside the new holder, and never removes the new holder's lease.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -21,6 +26,13 @@ from datetime import datetime, timezone
 
 from retrain.tasks import storage
 from retrain.tasks.scoring.layout import JobLayout, ScoringLockedError
+
+log = logging.getLogger("retrain.storage")
+
+
+class LeaseLostError(storage.StorageError):
+    """Another writer took over this process's lease on a folder (after a stall longer than
+    the lease): what this process would still write there would mix with the new holder's."""
 
 
 def now() -> str:
@@ -47,6 +59,7 @@ class JobLock:
         self._made_folders: list[str] = []  # folders this lock created, innermost first
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        self._lost: dict | None = None  # the lease file as found once another holds it
 
     def _holder(self) -> dict:
         return {
@@ -120,6 +133,7 @@ class JobLock:
         time.sleep(0.2)  # a racer writing at the same moment: the last writer wins, the other sees it
         if storage.read_json(self.url).get("token") != self.token:
             return storage.read_json(self.url)
+        storage.fence(self.out, self._check)
         self._refresher = threading.Thread(target=self._refresh, daemon=True, name="score-lock-lease")
         self._refresher.start()
         return None
@@ -127,11 +141,66 @@ class JobLock:
     def _refresh(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             try:
-                storage.write_json(self.url, self._holder())
-            except Exception:
+                if self._still_mine():  # renewing a lease another took over would take it back
+                    storage.write_json(self.url, self._holder())
+                else:
+                    return
+            except Exception:  # the store failing: the next renewal, or a write, will tell
                 pass
 
+    def _still_mine(self, read: Callable[[str], bytes] | None = None) -> bool:
+        """Whether the lease file still holds this lock's token (remembers a loss); ``read``
+        reads it (by default with the store's retries)."""
+        if self._lost is None:
+            try:
+                holder = json.loads((read or storage.read_bytes)(self.url))
+            except FileNotFoundError:
+                holder = {}
+            if holder.get("token") != self.token:
+                self._lost = holder
+        return self._lost is None
+
+    def _check(self, url: str) -> None:
+        """The fence (tasks/storage.py): before a write or removal of ``url`` below the folder.
+        The lease is read once, without the store's retries: when the store fails that read,
+        the write it guards fails too, and its own error is the one to report."""
+        if url == self.url:
+            return
+        try:
+            mine = self._still_mine(read=storage.read_bytes.__wrapped__)
+        except Exception:
+            return
+        if not mine:
+            raise self._lost_error(f"writing {url}")
+
+    def _lost_error(self, doing: str) -> LeaseLostError:
+        holder = self._lost or {}
+        who = (
+            f"pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('since')})"
+            if holder.get("token")
+            else "another writer, which has since released it,"
+        )
+        return LeaseLostError(
+            f"store failure: lost the lock on {self.out} before {doing}: {who} took it over after this process "
+            f"went {self.lease_s:.0f} s without renewing its lease (the store or this process stalled); "
+            "stopped so that one writer finishes, not two: rerun the same command"
+        )
+
     def release(self) -> None:
+        """Let go of the lock. A release that fails while the caller is failing already (the
+        store that failed the job fails this too) is logged, never raised over that first
+        failure; a lease lost to another holder is left to it (raised when nothing else is)."""
+        failing = sys.exc_info()[1]  # called from a ``finally`` or ``__exit__`` of a failure
+        try:
+            self._release(once=failing is not None)
+        except Exception as exc:
+            if failing is None:
+                raise
+            log.warning("releasing the lock on %s failed too (%s: %s)", self.out, type(exc).__name__, exc)
+
+    def _release(self, once: bool = False) -> None:
+        """``once``: one try of each store call, not the store's retries (the job failed: a
+        dead store would double the wait for its error; a lease left behind lapses)."""
         if self._fd is not None:
             path = self.url[len("file://") :] if self.url.startswith("file://") else self.url
             try:
@@ -149,7 +218,13 @@ class JobLock:
             self._stop.set()
             self._refresher.join(timeout=5)
             self._refresher = None
-            storage.remove(self.url)
+            storage.fence(self.out, self._check, on=False)
+            read, remove = storage.read_bytes, storage.remove
+            if once:
+                read, remove = getattr(read, "__wrapped__", read), getattr(remove, "__wrapped__", remove)
+            if not self._still_mine(read):
+                raise self._lost_error("releasing it")
+            remove(self.url)
 
     def __enter__(self) -> JobLock:
         return self.acquire()

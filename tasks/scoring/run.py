@@ -5,8 +5,8 @@ lock the output -> (local cluster starting in the background) -> check the model
 engine, list and plan -> score the missing partitions on Dask -> consolidate
 
 The flow passes its Prefect tasks as the :class:`Stages`; called plainly, the stages are the
-plain functions. A script that runs a local cluster must guard its entry point with
-``if __name__ == "__main__":``, since Dask starts worker processes by spawning.
+plain functions. A script calling it needs no ``if __name__ == "__main__":`` guard: the local
+cluster's workers do not run the script again (cluster.LocalClusterStart).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from retrain.tasks.scoring.job import (
     prepare_job,
     run_record,
 )
-from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, JobLayout
+from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, JobLayout, check_output
 from retrain.tasks.scoring.lock import JobLock
 from retrain.tasks.scoring.partition import PartResult
 
@@ -78,6 +78,7 @@ def score_job(
     listed. Rerun with the same ``out`` to resume: only missing partitions are scored."""
     started = time.perf_counter()
     check_settings(mini_batch_size, partition_size)
+    check_output(out, images)  # before the lock: a refused folder is left as it was found
     torch_threads = 1 if client is None and not dask_address else None  # one process per core: one thread
     with JobLock(out, wait_s=lock_wait_s):
         cluster = start_cluster(dask_address, workers) if client is None else None

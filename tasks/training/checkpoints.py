@@ -1,20 +1,46 @@
 """Checkpoints: ``checkpoints/iter-NNNNNNNN.pt`` in the run folder, the newest two kept.
 
 A checkpoint holds the model and optimizer state and the loop's state (iteration, best
-validation, history), so training resumes exactly where it stopped.
+validation, history), so training resumes exactly where it stopped, and only on the split it
+was made on (``split.key`` beside them, :func:`keep_only_split`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
 
+import pandas as pd
 import torch
 from retrain.tasks import storage
 
 log = logging.getLogger("retrain.training")
 _CHECKPOINT = re.compile(r"iter-(\d+)\.pt$")
+SPLIT_KEY = "split.key"
+
+
+def split_key(split: pd.DataFrame) -> str:
+    """What a split is: every image's path, label and part. Checkpoints and a trained model
+    are only reused on the split they were trained on."""
+    rows = split[["path", "label", "split"]].sort_values(["path", "label", "split"], ignore_index=True)
+    return hashlib.sha256(rows.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+def keep_only_split(checkpoints: str, key: str) -> int:
+    """Bind the checkpoints folder to the split ``key``: checkpoints made on another split
+    (other images, labels or parts: a resume would train on a mix, or fail on another number
+    of classes) are removed. Returns how many. Checkpoints from before the key was recorded
+    are kept."""
+    marker = storage.join(checkpoints, SPLIT_KEY)
+    stale = []
+    if storage.exists(marker) and storage.read_bytes(marker).decode().strip() != key:
+        stale = list_checkpoints(checkpoints)
+        for _, url in stale:
+            storage.remove(url)
+    storage.write_bytes(marker, key.encode())
+    return len(stale)
 
 
 def checkpoint_url(checkpoints: str, iteration: int) -> str:

@@ -27,17 +27,12 @@ def write_npy(url: str, array: np.ndarray) -> str:
     """An ``.npy`` file written atomically: on a local disk straight into a temporary file
     that is then renamed (no copy of the array in memory); elsewhere as one write."""
     if storage.is_local(url):
-        path = storage.absolute(url)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}{storage.TMP_MARKER}{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        array = np.ascontiguousarray(array)
+        with storage.atomic_local_file(url) as f:
+            # The header, then the rows through the file's own write: np.save's tofile reports
+            # a full disk as a bare short write ("N requested and M written"), no errno, no file.
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+            f.write(memoryview(array.reshape(-1)).cast("B"))
         return url
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)

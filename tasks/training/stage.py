@@ -21,6 +21,7 @@ from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import training_progress
 from retrain.tasks.runs import read_run
 from retrain.tasks.storage import RunLayout
+from retrain.tasks.training.checkpoints import keep_only_split, split_key
 from retrain.tasks.training.cluster import ClusterRequest, LazyCluster, training_cluster
 from retrain.tasks.training.data import TrainingData, load_training_data
 from retrain.tasks.training.distributed import (
@@ -109,10 +110,17 @@ def train_run(
     prepares them, and computes transfer mode's features, on Dask instead of in this process."""
     logger = logger or log
     layout = RunLayout(run_url)
-    if storage.exists(layout.training) and storage.exists(layout.trained):
-        logger.info("run already trained; using %s", layout.trained)
-        return storage.read_json(layout.training)
     run = _Run.read(run_url)
+    key = split_key(run.split)
+    if storage.exists(layout.training) and storage.exists(layout.trained):
+        done = storage.read_json(layout.training)
+        if done.get("split_key", key) == key:
+            logger.info("run already trained; using %s", layout.trained)
+            return done
+        logger.warning("run trained on another split than its split.parquet now: training again")
+    dropped = keep_only_split(layout.checkpoints, key)
+    if dropped:
+        logger.warning("%d checkpoint(s) made on another split removed: training from the start", dropped)
     device = resolve_device(run.options.execution_environment)
     processes = resolve_processes(run.options.processes, run.mode, device)
     if not isinstance(cluster, ClusterRequest):
@@ -231,6 +239,7 @@ def _write_outputs(
     summary = _summary(outcome, layout, origin, run.options, len(data.train_targets), len(data.val_targets))
     summary["processes"] = processes
     summary["image_shards"] = data.shards
+    summary["split_key"] = split_key(run.split)  # what it was trained on: not reused on another split
     storage.write_json(layout.training, summary)
     return summary
 
