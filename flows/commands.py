@@ -189,15 +189,13 @@ def cmd_score(args) -> dict:
     api = start_early_api()
     early = prestart_local_cluster(args.workers) if not args.dask_address else None
     try:
-        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+        from prefect.settings import PREFECT_API_URL, temporary_settings
         from retrain.flows.score import score_flow
         from retrain.tasks.orchestrator import prepare_for_flows
 
         prepare_for_flows()
         url = api.wait() if api is not None else None
-        # The temporary API ends with this command: no UI to link to (ui_url null), although
-        # Prefect would derive one from its URL.
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_UI_URL: ""} if url else {}):
+        with temporary_settings({PREFECT_API_URL: url} if url else {}):
             summary = score_flow(
                 model=args.model,
                 images=args.images,
@@ -216,6 +214,11 @@ def cmd_score(args) -> dict:
             early.close()
         if api is not None:
             api.stop()
+    if url:
+        # The temporary API ended with this command: its UI page is gone (Prefect derives a UI
+        # URL from the API's; overriding PREFECT_UI_URL for the flow instead left Prefect's
+        # events worker undrainable at the end of an in-process caller).
+        summary["ui_url"] = None
     if not args.json:
         print(
             f"scored {summary['scored']:,} of {summary['images']:,} images ({summary['failed']:,} failed) "

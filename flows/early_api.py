@@ -102,12 +102,28 @@ class EarlyApi:
 
     def stop(self) -> None:
         if self.process.poll() is None:
+            _drain_prefect_workers()
             self.process.terminate()
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _drain_prefect_workers(timeout_s: float = 5.0) -> None:
+    """Send what Prefect's events and log workers still hold while the temporary API is up,
+    for at most ``timeout_s`` each. Left queued, they retry against the stopped API: at the
+    exit of the command, or, in a process that goes on (tests, a notebook), until a later
+    drain of every worker, which then waits for them (minutes of "All connection attempts
+    failed" after a scoring job of hundreds of partitions)."""
+    if "prefect" not in sys.modules:  # no flow ran: nothing queued
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=timeout_s)
 
 
 def start_early_api() -> EarlyApi | None:

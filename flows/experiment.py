@@ -28,7 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from retrain.flows import failures
 from retrain.flows.retrain import promotion_gate, retrain_flow
 from retrain.tasks import storage
-from retrain.tasks.datastore import materialize
+from retrain.tasks.datastore import index_dataset, materialize
 from retrain.tasks.experiments import (
     PlannedRun,
     RunResult,
@@ -167,13 +167,13 @@ def experiment_flow(
     dataset = materialize(data, store)
     planned = plan_runs(base, parse_grid(grid or []), parse_seeds(seeds), store, dataset, share_features)
     labels = base.get("labels")
-    labels_sha256 = storage.sha256_of(storage.absolute(labels)) if labels else None
-    experiment_id = experiment_id or experiment_key(dataset, planned, labels_sha256)
+    content = index_dataset(dataset, store, storage.absolute(labels) if labels else None).content
+    experiment_id = experiment_id or experiment_key(dataset, planned, content)
     folder = storage.join(store, "experiments", experiment_id)
     workers = parallel or default_parallel(len(planned), train_deployment)
     logger.info("experiment %s: %d runs, %d at a time, results in %s", experiment_id, len(planned), workers, folder)
     common = {"data": data, "store": store, "train_deployment": train_deployment, "promote": False}
-    results = run_all([(p, run_id_in(experiment_id, p)) for p in planned], common, workers)
+    results = run_all([(p, run_id_in(experiment_id, p, content)) for p in planned], common, workers)
     table = comparison_table(results)
     best = best_run(results, table)
     record = {

@@ -157,18 +157,21 @@ def _run_key(planned: PlannedRun) -> dict:
     return parameters
 
 
-def experiment_key(dataset: str, planned: list[PlannedRun], labels_sha256: str | None = None) -> str:
-    """The default experiment id: a digest of what its runs are (the data set's content URL
-    from :func:`tasks.datastore.materialize`, the label table's content, every run's
-    parameters), so the same command finds the same experiment and resumes it instead of
-    starting over."""
-    return "exp-" + _digest([dataset, labels_sha256, [_run_key(p) for p in planned]])[:12]
+def experiment_key(dataset: str, planned: list[PlannedRun], content: str = "") -> str:
+    """The default experiment id: a digest of what its runs are (the data set's URL from
+    :func:`tasks.datastore.materialize`, its images' ``content`` key from
+    :func:`tasks.datastore.content_key` — labels and a label table's splits included —, every
+    run's parameters), so the same command on the same images finds the same experiment and
+    resumes it instead of starting over, and on changed images starts another."""
+    return "exp-" + _digest([dataset, content, [_run_key(p) for p in planned]])[:12]
 
 
-def run_id_in(experiment_id: str, planned: PlannedRun) -> str:
-    """The run id of ``planned`` in the experiment: the same run of the same experiment is the
-    same run folder on every rerun (reused when completed, resumed when not)."""
-    return f"{experiment_id}-{_digest(_run_key(planned))[:8]}"
+def run_id_in(experiment_id: str, planned: PlannedRun, content: str = "") -> str:
+    """The run id of ``planned`` in the experiment, on images of ``content`` key: the same run
+    of the same experiment is the same run folder on every rerun (reused when completed,
+    resumed when not); with ``--experiment-id`` on changed images, a new run folder (a run is
+    bound to its images, tasks/runs.py)."""
+    return f"{experiment_id}-{_digest([_run_key(planned), content])[:8]}"
 
 
 def _shared_features(parameters: dict, store: str, dataset: str, split_seed: int) -> dict:

@@ -140,6 +140,7 @@ def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: 
     lock = lock_run(run_url).acquire()
     try:
         if not resume:
+            _refuse_published(run_url, run_id)
             _clear_run_folder(run_url)
         _open_record(run_url, run_id, store, config, fingerprint)
     except BaseException:
@@ -179,11 +180,21 @@ def _other_fingerprint(run_id: str, record: dict, config: RunConfig) -> str:
         what = "from other data (images added, removed, replaced or relabelled since, or other data)"
     else:
         what = "with other settings"
-    return (
-        f"run {run_id} was made {what}: its model, split and checkpoints do not fit this request; "
-        f"add --fresh to start run {run_id} over (its files are replaced), "
-        f"or drop --run-id to start a new run"
-    )
+    if storage.exists(storage.StoreLayout(record["store"]).run(run_id).model):
+        redo = "choose another --run-id, or drop --run-id to start a new run"
+    else:
+        redo = f"add --fresh to start run {run_id} over (its files are replaced), or drop --run-id to start a new run"
+    return f"run {run_id} was made {what}: its model, split and checkpoints do not fit this request; {redo}"
+
+
+def _refuse_published(run_url: str, run_id: str) -> None:
+    """A run that published its model is never started over: its model may be current for a
+    model name, and another model file would then stand behind that name unjudged."""
+    if storage.exists(storage.RunLayout(run_url).model):
+        raise ValueError(
+            f"run {run_id} has a published model ({storage.RunLayout(run_url).model}), which --fresh would replace; "
+            "choose another --run-id, or drop --run-id to start a new run"
+        )
 
 
 def _clear_run_folder(run_url: str) -> None:

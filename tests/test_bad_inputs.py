@@ -354,8 +354,9 @@ def test_training_data_with_every_kind_runs_and_reports_what_it_skipped(prefect_
     status, result, stderr = run_cli(["run", str(archive), "--store", str(store), *FAST])
     assert status == 0, stderr[-3000:]
     run = Path(result["run"])
-    # Besides the run, its data set and model: the data set's image shards, which runs share.
-    allowed = (f"runs/{result['run_id']}/", "datasets/mixed/", "models/mixed/", "shards/")
+    # Besides the run, its data set, its index (runs are bound to its content) and model
+    # (named after the data set and its classes): the data set's image shards, which runs share.
+    allowed = (f"runs/{result['run_id']}/", "datasets/mixed/", "indexes/", "models/mixed-", "shards/")
     added = assert_untouched(before, store, allowed=allowed)
     assert any(a.startswith("datasets/mixed/") for a in added) and (run / "model.pt").exists()
     assert len({a.split("/")[1] for a in added if a.startswith("shards/") and a.count("/") >= 2}) == 1, added

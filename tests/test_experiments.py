@@ -228,6 +228,10 @@ def test_the_experiment_id_comes_from_its_content_and_names_its_runs(tmp_path):
     ids = [run_id_in("e1", p) for p in plan]
     assert len(set(ids)) == 4 and all(i.startswith("e1-") for i in ids)
     assert ids == [run_id_in("e1", p) for p in same]  # the same runs, the same run folders
+    # The same folder with other images: another experiment, and other run folders even under
+    # one --experiment-id (a run is bound to its images).
+    assert experiment_key("data", plan, "images-v1") != experiment_key("data", plan, "images-v2")
+    assert run_id_in("e1", plan[0], "images-v1") != run_id_in("e1", plan[0], "images-v2")
 
 
 def test_rerunning_an_experiment_reuses_its_finished_runs_and_resumes_the_interrupted_one(

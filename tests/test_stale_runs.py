@@ -145,9 +145,16 @@ def test_an_explicit_run_id_of_a_run_made_from_other_data_is_refused_naming_fres
     shutil.rmtree(data / "triangle")
     status, result, err = run_cli(args)
     assert status == 2, err
-    assert "myrun" in result["error"] and "--fresh" in result["error"] and "data" in result["error"]
+    # A published model is never replaced under its run id (it may be current for a model name).
+    assert "myrun" in result["error"] and "--run-id" in result["error"] and "data" in result["error"]
     assert len(err.strip().splitlines()[-1]) < 400  # one line
+    status, result, err = run_cli([*args, "--fresh"])
+    assert status == 2 and "published model" in result["error"], err
     assert storage.read_json(f"{store}/runs/myrun/summary.json")["classes"] == first["classes"]  # untouched
+    # A run that never published (interrupted at its first checkpoint) names --fresh, which starts it over.
+    interrupt_after_first_checkpoint(Path(store) / "runs" / "myrun")
+    status, result, err = run_cli(args)
+    assert status == 2 and "--fresh" in result["error"], err
     status, fresh, err = run_cli([*args, "--fresh"])  # the run started over on this data
     assert status == 0, err
     assert fresh["run_id"] == "myrun" and fresh["classes"] == ["circle", "square"]

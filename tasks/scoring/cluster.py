@@ -206,6 +206,12 @@ def _lost(client) -> bool:
     return client.status not in ("running", "newly-created")
 
 
+def _cluster_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of Dask's own connections (CommClosedError, a closed
+    stream), which are OSErrors a store failure must not be taken for."""
+    return type(exc).__module__.startswith(("distributed.", "tornado."))
+
+
 def _address_of(client) -> str:
     try:
         return client.scheduler.address
@@ -241,7 +247,9 @@ def dask_client(address: str) -> Iterator:
         except ClusterLostError:
             raise
         except Exception as exc:  # the scheduler's connection failing under the job, typically
-            if _lost(client):
+            # The client's own connection closing is the loss too, even when the client has not
+            # noticed it yet (a gather can fail before its status changes).
+            if _lost(client) or _cluster_connection(exc):
                 raise cluster_lost(address, f" ({type(exc).__name__}: {exc})") from exc
             raise
         finally:
@@ -276,7 +284,7 @@ def store_failure(exc: BaseException | None) -> bool:
 
     from retrain.tasks import storage
 
-    if exc is None or type(exc).__module__.startswith(("distributed.", "tornado.")):
+    if exc is None or _cluster_connection(exc):
         return False  # the cluster's own connections (CommClosedError...): its loss, not the store's
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
