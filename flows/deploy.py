@@ -35,7 +35,7 @@ def placeholder_defaults() -> dict[str, tuple[str, str]]:
         "RETRAIN_NETWORK": (DEFAULTS.network, "network to retrain"),
         "RETRAIN_WEIGHTS": (DEFAULTS.weights, "default, none, or a state-dict file URL"),
         "RETRAIN_MODE": (DEFAULTS.mode, " | ".join(MODES)),
-        "RETRAIN_MODEL_NAME": ("", "model name for promotion (empty: the data set's name)"),
+        "RETRAIN_MODEL_NAME": ("", "model name for promotion (empty: the data set's name and a key of its classes)"),
         "RETRAIN_TRAIN_DEPLOYMENT": ("train/gpu", "deployment that trains (empty: train in the retrain run)"),
         "RETRAIN_CRON": ("0 3 * * 1", "when to retrain (cron)"),
         "RETRAIN_TIMEZONE": ("UTC", "time zone of the cron schedule"),

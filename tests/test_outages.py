@@ -441,20 +441,6 @@ def test_the_free_space_check_states_its_margin_in_units_that_show_it(tmp_path, 
     assert "has 0.010 GiB free" in message
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 6 MiB tmpfs (root only): a disk that fills up."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.mark.services
 def test_a_full_store_is_status_3_naming_the_file_and_leaves_no_temporary_files(
     tiny_disk, shapes_dir, prefect_api, logs

@@ -21,7 +21,6 @@ from retrain.tasks import storage
 
 from tests import _services
 from tests.conftest import run_cli, s3_environment
-from tests.test_outages import tiny_disk  # noqa: F401 - the fixture: a 6 MiB tmpfs
 
 
 def last_line(err: str) -> str:
@@ -212,7 +211,7 @@ def test_a_missing_bucket_is_status_3_naming_the_bucket_and_endpoint(moto, monke
 # ---- a full disk while image shards are written --------------------------------------------------
 
 
-def test_a_full_disk_while_writing_an_image_shard_names_the_shard(tiny_disk):  # noqa: F811
+def test_a_full_disk_while_writing_an_image_shard_names_the_shard(tiny_disk):
     """A 9 MB shard on a 6 MiB disk: numpy's save said "9274680 requested and 6283264
     written", no errno, no file; now ENOSPC naming the shard, status 3, no temporary file."""
     from retrain.flows.failures import EXIT_STORE_FAILED, classify
