@@ -46,7 +46,7 @@ from retrain.tasks.experiments import (
     write_experiment,
 )
 from retrain.tasks.promotion import run_model_name
-from retrain.tasks.reports import png_markdown
+from retrain.tasks.reports import accuracy_text, png_markdown
 from retrain.tasks.request import check_store_names
 from retrain.tasks.samples import ensure_sample_dataset
 
@@ -213,8 +213,8 @@ def publish_experiment(record: dict, table) -> None:
         "",
         table_markdown(table),
         "",
-        f"Best: **{best['label']}**, run `{best['run_id']}` (validation accuracy {best['val_accuracy']:.4f}, "
-        f"test accuracy {best['test_accuracy']:.4f})"
+        f"Best: **{best['label']}**, run `{best['run_id']}` (validation accuracy "
+        f"{accuracy_text(best['val_accuracy'], 'validation')}, test accuracy {accuracy_text(best['test_accuracy'], 'test')})"
         if best
         else "No run finished.",
         "",

@@ -4,7 +4,6 @@ this module imports only when the command runs, so ``retrain --help`` stays quic
 from __future__ import annotations
 
 import argparse
-import math
 
 from retrain.flows import failures
 
@@ -105,11 +104,10 @@ def check_combinations(request: dict, grid: dict, seeds: list[int], fetch_weight
             RunRequest(*arguments).check(fetch_weights=fetch_weights)
 
 
-def _pm(mean: float, sd: float, digits: int = 4) -> str:
-    return "-" if mean is None or math.isnan(mean) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
-
 def print_table(record: dict) -> None:
+    from retrain.tasks.experiments import mean_sd_text
+    from retrain.tasks.reports import accuracy_text
+
     rows = record["table"]
     width = max([len("combination")] + [len(r["combination"]) for r in rows])
     print(f"\nexperiment {record['experiment_id']}: {len(record['runs'])} runs in {record['seconds']:.0f} s")
@@ -117,12 +115,13 @@ def print_table(record: dict) -> None:
     for r in rows:
         runs = f"{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
         print(
-            f"{r['combination']:<{width}}  {runs:<4}  {_pm(r['val_accuracy'], r['val_accuracy_sd']):<17}  "
-            f"{_pm(r['test_accuracy'], r['test_accuracy_sd']):<17}  {_pm(r['seconds'], r['seconds_sd'], 1)}"
+            f"{r['combination']:<{width}}  {runs:<4}  {mean_sd_text(r['val_accuracy'], r['val_accuracy_sd']):<17}  "
+            f"{mean_sd_text(r['test_accuracy'], r['test_accuracy_sd']):<17}  {mean_sd_text(r['seconds'], r['seconds_sd'], 1)}"
         )
     best = record["best"]
     if best:
-        print(f"best: {best['label']} seed {best['seed']}, run {best['run_id']} (val {best['val_accuracy']:.4f})")
+        val = accuracy_text(best["val_accuracy"], "validation")
+        print(f"best: {best['label']} seed {best['seed']}, run {best['run_id']} (val {val})")
     for failed in [r for r in record["runs"] if r["error"]]:
         print(f"failed: {failed['label']} seed {failed['seed']}: {failed['error']}")
     print(f"table, runs and accuracy_vs_time.png in {record['experiment']}")

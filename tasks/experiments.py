@@ -298,6 +298,13 @@ def best_run(results: list[RunResult], table: pd.DataFrame) -> RunResult | None:
     return max(candidates, key=lambda r: (r.val_accuracy or 0.0, -(r.seconds or 0.0)))
 
 
+def mean_sd_text(mean: float | None, sd: float | None, digits: int = 4) -> str:
+    """``mean ± sd``, or "-" where no run gave a value (failed runs; a split without that part)."""
+    if mean is None or math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
 def table_markdown(table: pd.DataFrame) -> str:
     lines = [
         "| combination | runs | validation accuracy | test accuracy | seconds |",
@@ -306,8 +313,8 @@ def table_markdown(table: pd.DataFrame) -> str:
     for row in table.itertuples():
         failed = f" ({row.failed} failed)" if row.failed else ""
         lines.append(
-            f"| {row.combination} | {row.runs}{failed} | {row.val_accuracy:.4f} ± {row.val_accuracy_sd:.4f} | "
-            f"{row.test_accuracy:.4f} ± {row.test_accuracy_sd:.4f} | {row.seconds:.1f} ± {row.seconds_sd:.1f} |"
+            f"| {row.combination} | {row.runs}{failed} | {mean_sd_text(row.val_accuracy, row.val_accuracy_sd)} | "
+            f"{mean_sd_text(row.test_accuracy, row.test_accuracy_sd)} | {mean_sd_text(row.seconds, row.seconds_sd, 1)} |"
         )
     return "\n".join(lines)
 
@@ -322,7 +329,8 @@ def accuracy_vs_time_plot(results: list[RunResult], table: pd.DataFrame, url: st
     for i, row in enumerate(table.itertuples()):
         done = [r for r in results if r.label == row.combination and r.error is None]
         color = colors(i % 10)
-        ax.scatter([r.seconds for r in done], [r.test_accuracy for r in done], color=color, alpha=0.45, s=22)
+        accuracies = [math.nan if r.test_accuracy is None else r.test_accuracy for r in done]  # no test part: none
+        ax.scatter([r.seconds for r in done], accuracies, color=color, alpha=0.45, s=22)
         if row.runs:
             ax.errorbar(
                 row.seconds,

@@ -201,6 +201,8 @@ def explain_run(run_url: str, mistakes: int = 9, sample: int = 8, seed: int = 0)
     images, the mistakes first) into the run folder from its ``predictions.parquet``."""
     layout = storage.RunLayout(run_url)
     predictions = storage.read_parquet(layout.predictions)
+    if predictions.empty:  # a split with no test or validation part: nothing to explain, and no error
+        return {"mistakes": None, "gradcam": None, "wrong": 0, "images": 0}
     mistakes_url = plot_top_losses(predictions, layout.mistakes, mistakes)
     wrong = predictions[predictions["true_label"] != predictions["label"]]
     right = predictions[predictions["true_label"] == predictions["label"]]

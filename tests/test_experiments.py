@@ -369,3 +369,18 @@ def test_ctrl_c_stops_an_experiment_within_seconds(parallel, prefect_api, tmp_pa
     assert waited < 30, f"{waited:.0f} s from Ctrl-C to exit"
     runs = [json.loads(p.read_text()) for p in store.glob("runs/*/run.json")]
     assert 1 <= len(runs) <= int(parallel) and all(r["status"] != "completed" for r in runs), runs
+
+
+def test_an_experiment_on_a_split_without_validation_or_test_part_runs_to_the_end(
+    prefect_api, shapes_dir, tmp_path, capsys
+):
+    """Like `retrain run --split 1,0,0` (tests/test_stale_runs.py): no held-out accuracy is a
+    dash in the table and "none" for the best run, not a crash after every run trained."""
+    status = main([*tiny_experiment(shapes_dir, tmp_path / "store", "--split", "1,0,0")])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    assert "best: " in captured.out and "(val none (no validation part))" in captured.out, captured.out
+    record = storage.read_json(next((tmp_path / "store" / "experiments").glob("*/experiment.json")).as_posix())
+    (row,) = record["table"]
+    assert row["runs"] == 2 and row["failed"] == 0 and row["test_accuracy"] is None
+    assert "torch.cat()" not in captured.err  # no held-out image to explain: skipped, not an error
