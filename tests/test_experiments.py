@@ -28,7 +28,7 @@ from retrain.tasks.samples import make_shapes_dataset
 
 from tests import _services
 from tests.conftest import run_cli, tiny_run_flags
-from tests.test_faults import api_url, wait_for
+from tests.test_faults import subprocess_env, wait_for
 
 
 def test_grid_values_take_the_type_of_their_option():
@@ -158,19 +158,6 @@ def test_an_experiment_runs_the_grid_and_its_transfer_runs_share_one_feature_cac
 def tiny_experiment(data: str, store, *more: str) -> list[str]:
     """``retrain experiment`` of two tiny runs (seeds 0 and 1) with random weights."""
     return ["experiment", data, "--store", str(store), *tiny_run_flags(), "--seeds", "0,1", *more]
-
-
-def subprocess_env(prefect_api, tmp_path) -> dict[str, str]:
-    """The environment of a ``retrain`` process that uses the session's Prefect API."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_API_URL=api_url(prefect_api),
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def strict_json(text: str) -> dict:

@@ -81,6 +81,19 @@ def api_url(prefect_api) -> str:
     return PREFECT_API_URL.value()
 
 
+def subprocess_env(prefect_api, tmp_path) -> dict[str, str]:
+    """The environment of a ``retrain`` process that uses the session's Prefect API."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_API_URL=api_url(prefect_api),
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
 def run_in_process(args: list[str]) -> dict:
     from retrain.flows.cli import main
 
@@ -126,14 +139,7 @@ def assert_every_checkpoint_loads(folder: Path) -> None:
 def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_api, tmp_path):
     data = str(tmp_path / "shapes")
     make_shapes_dataset(data, per_class=12, size=64, seed=1)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_API_URL=api_url(prefect_api),
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PYTHONUNBUFFERED="1",
-    )
+    env = subprocess_env(prefect_api, tmp_path)
     store = tmp_path / "store"
     args = training_args(data, str(store))
     log = tmp_path / "runs.log"
