@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "squeezenet1_1_caffe-2c890718.pth"
-RETRAIN = [sys.executable, "-m", "retrain.flows.cli"]
+RETRAIN = [sys.executable, "-m", "retrain.cli"]
 
 
 def retrain(*args: str) -> tuple[dict, float]:

@@ -38,6 +38,7 @@ def _faults() -> int:
 
 def child_training(iterations: int) -> dict:
     import torch
+
     from retrain.tasks.networks import build_network, get_spec
     from retrain.tasks.preprocessing import Augmentation
     from retrain.tasks.training import TrainingData, TrainingOptions, train
@@ -72,6 +73,7 @@ def child_training(iterations: int) -> dict:
 
 def child_inference(count: int) -> dict:
     import torch
+
     from retrain.tasks.allocator import tune_allocator
     from retrain.tasks.inference import build_predictor
     from retrain.tasks.model_file import model_from_record, model_record

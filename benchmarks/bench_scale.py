@@ -225,7 +225,7 @@ def clean_env(work: Path) -> dict:
     home = work / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     env["PREFECT_HOME"] = str(home)
-    # Each run in a process of its own: through the server's resident process (flows/resident.py)
+    # Each run in a process of its own: through the server's resident process (retrain/resident.py)
     # the work would happen in a fork that is not this benchmark's child, so neither its peak
     # memory nor its CPU seconds would be measured.
     env["RETRAIN_RESIDENT"] = "0"
@@ -330,6 +330,7 @@ def bench_size(size: int, args, work: Path, retrain: Path | None = None, extra: 
 def bench_dask(store: Path, run_dir: Path, work: Path, workers: int) -> dict:
     import numpy as np
     import torch
+
     from retrain.tasks import storage
     from retrain.tasks.networks import build_network, get_spec
     from retrain.tasks.preprocessing import Augmentation

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
 from retrain.tasks import training  # noqa: E402
 from retrain.tasks.datastore import index_images, materialize, split_each_label  # noqa: E402
 from retrain.tasks.evaluation import predict_scores  # noqa: E402
@@ -192,12 +193,44 @@ def summarize(runs: list[dict]) -> dict:
     return {"runs": runs, "summary": rows}
 
 
+# Names the baseline imports that have moved since it was written: name -> the module that holds it now.
+MOVED = {"model_record": "retrain.tasks.model_file", "save_model_file": "retrain.tasks.model_file"}
+
+
+def _import_into(namespace: dict, module: str, names: list[tuple[str, str]]) -> None:
+    """``from MODULE import NAMES`` for the baseline, against today's package: ``tasks.X`` is
+    ``retrain.tasks.X``; a name that has moved comes from where it lives now (``MOVED``)."""
+    target = importlib.import_module("retrain." + module)
+    for name, alias in names:
+        if hasattr(target, name):
+            namespace[alias] = getattr(target, name)
+        elif name in MOVED:
+            namespace[alias] = getattr(importlib.import_module(MOVED[name]), name)
+        else:
+            namespace[alias] = importlib.import_module(f"{target.__name__}.{name}")
+
+
+def _point_imports(source: str) -> str:
+    """The baseline's ``from tasks... import ...`` statements, as calls of ``_import_into``
+    (the loop's code itself is left as it was)."""
+    import ast
+
+    lines = source.splitlines()
+    for node in reversed(ast.parse(source).body):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tasks":
+            names = [(a.name, a.asname or a.name) for a in node.names]
+            call = f"_import_into(globals(), {node.module!r}, {names!r})"
+            lines[node.lineno - 1 : node.end_lineno] = [call] + [""] * (node.end_lineno - node.lineno)
+    return "\n".join(lines) + "\n"
+
+
 def load_module(name: str, source: str):
     """A module from source text (the baseline training.py) next to the current one."""
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source, "<git HEAD:tasks/training.py>", "exec"), module.__dict__)
+    module.__dict__["_import_into"] = _import_into
+    exec(compile(_point_imports(source), "<baseline tasks/training.py>", "exec"), module.__dict__)
     return module
 
 

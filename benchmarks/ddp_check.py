@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import torch
+
 from retrain.tasks import storage
 from retrain.tasks.datastore import index_stage, split_stage
 from retrain.tasks.model_file import load_model_file
@@ -58,9 +59,12 @@ def _run(store: str, images: str, weights: str, processes: int) -> str:
         },
         augmentation={"reflect": True, "max_translation": 30},
     )
-    run = start_run(store, config, resume=False)
-    index_stage(images, run)
-    split_stage(run, (0.85, 0.15, 0.0), 0)
+    run, lock = start_run(store, config, resume=False)  # the run folder and its lock
+    try:
+        index_stage(images, run)
+        split_stage(run, (0.85, 0.15, 0.0), 0)
+    finally:
+        lock.release()  # the training below is the run's only writer
     return run
 
 

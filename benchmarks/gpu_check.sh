@@ -162,7 +162,7 @@ score() {  # $1: label (device-engine); $2: engine; the rest: environment for th
     local out=$WORK/scores-$label
     # stdout's last line is the JSON; logs (Prefect's, Dask's) go to stderr
     if "$PY" -c "import prefect, distributed" 2>/dev/null; then
-        env "$@" "$PY" -m retrain.flows.cli score "$WORK/model.pt" "$WORK/images" --out "$out" --store "$WORK/store" --engine "$engine" --json \
+        env "$@" "$PY" -m retrain.cli score "$WORK/model.pt" "$WORK/images" --out "$out" --store "$WORK/store" --engine "$engine" --json \
             > "$WORK/score-$label.out" 2> "$WORK/score-$label.log" || { tail -20 "$WORK/score-$label.log"; return 0; }
         echo "retrain score" > "$WORK/score-$label.how"
     elif "$PY" -c "import distributed" 2>/dev/null; then

@@ -1,6 +1,6 @@
 """The experiment flow: a grid of run options x seeds, each a retrain run, then the comparison.
 
-Each run is the retrain flow (flows/retrain.py) as a subflow, ``parallel`` at a time in this
+Each run is the retrain flow (flows/pipeline.py) as a subflow, ``parallel`` at a time in this
 process; with ``train_deployment`` each run's training is a flow run of that deployment on its
 work pool, so the pool's workers train in parallel while this process waits. Transfer runs
 that share a frozen body share its feature cache (tasks/feature_sharing.py). The comparison
@@ -25,8 +25,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from retrain.flows import failures
-from retrain.flows.retrain import promotion_gate, retrain_flow
+
+from retrain import failures
+from retrain.flows.pipeline import promotion_gate, retrain_flow
 from retrain.tasks import storage
 from retrain.tasks.datastore import index_dataset, materialize
 from retrain.tasks.experiments import (

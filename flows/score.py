@@ -1,8 +1,9 @@
 """The score flow: batch inference over a large image folder on Dask.
 
-resolve model -> :func:`tasks.scoring.score_job` with its stages as Prefect tasks:
-plan (check the model, choose the engine, list, partition) -> score the missing partitions on
-Dask -> consolidate -> summary artifact
+resolve model -> plan (check the model, choose the engine, list, partition) -> score the missing
+partitions on Dask -> consolidate -> summary artifact, each stage a task of this module, called
+in that order inside a :class:`tasks.scoring.run.ScoringRun` (the output's lock, the cluster,
+the start-up clock), as :func:`tasks.scoring.score_job` calls the plain functions.
 
 Prefect orchestrates, Dask computes: the ``score-partitions`` task drives a
 ``dask.distributed`` client (a local cluster of one process per core, started in the
@@ -24,59 +25,60 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+
+from retrain.flows.artifacts import flow_run_ui_url
 from retrain.tasks import storage
-from retrain.tasks.reports import flow_run_ui_url
 from retrain.tasks.runs import resolve_model
+from retrain.tasks.scoring.cluster import LocalClusterStart
 from retrain.tasks.scoring.job import JobPlan, consolidate, prepare_job
 from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, default_out
 from retrain.tasks.scoring.partition import PartResult
-from retrain.tasks.scoring.run import Stages, score_job, score_missing
+from retrain.tasks.scoring.run import ScoringRun, score_missing
+from retrain.tasks.vocabulary import check_workers
 
 PROGRESS_EVERY_S = 2.0  # at most one progress-artifact update per this many seconds
 
-plan_task = task(name="plan-scoring", cache_policy=NO_CACHE)(prepare_job)
-consolidate_task = task(name="consolidate-scores", cache_policy=NO_CACHE)(consolidate)
+plan_scoring = task(prepare_job, name="plan-scoring", cache_policy=NO_CACHE)
+consolidate_scores = task(consolidate, name="consolidate-scores", cache_policy=NO_CACHE)
 
 
-def _score_task(progress: bool):
-    @task(name="score-partitions", cache_policy=NO_CACHE)
-    def score_task(
-        plan: JobPlan, scheduler: str | None, torch_threads: int | None = None, client=None
-    ) -> list[PartResult]:
-        """Score the partitions still missing on the Dask cluster; report progress as parts finish."""
-        artifact = create_progress_artifact(
-            100.0 * plan.done_images / max(plan.count, 1),
-            key="score-progress",
-            description=f"Scoring {plan.count:,} images into {plan.out}",
-        )
-        bar = None
-        if progress:
-            from tqdm import tqdm
+@task(name="score-partitions", cache_policy=NO_CACHE)
+def score_partitions(
+    plan: JobPlan, scheduler: str | None, torch_threads: int | None = None, progress: bool = False
+) -> list[PartResult]:
+    """Score the partitions still missing on the Dask cluster at ``scheduler``; report progress
+    as parts finish (a progress artifact, and with ``progress`` a bar on the command line)."""
+    artifact = create_progress_artifact(
+        100.0 * plan.done_images / max(plan.count, 1),
+        key="score-progress",
+        description=f"Scoring {plan.count:,} images into {plan.out}",
+    )
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-            bar = tqdm(total=plan.count, initial=plan.done_images, desc="scoring", unit="img", leave=False)
-        state = {"images": plan.done_images, "reported": time.monotonic()}
+        bar = tqdm(total=plan.count, initial=plan.done_images, desc="scoring", unit="img", leave=False)
+    state = {"images": plan.done_images, "reported": time.monotonic()}
 
-        def on_done(result: PartResult) -> None:
-            state["images"] += result.images
-            if bar is not None:
-                bar.update(result.images)
-            now = time.monotonic()
-            if now - state["reported"] >= PROGRESS_EVERY_S:
-                state["reported"] = now
-                update_progress_artifact(artifact, 100.0 * state["images"] / max(plan.count, 1))
+    def on_done(result: PartResult) -> None:
+        state["images"] += result.images
+        if bar is not None:
+            bar.update(result.images)
+        now = time.monotonic()
+        if now - state["reported"] >= PROGRESS_EVERY_S:
+            state["reported"] = now
+            update_progress_artifact(artifact, 100.0 * state["images"] / max(plan.count, 1))
 
-        get_run_logger().info(
-            "Dask scheduler %s; %d of %d partitions already scored", scheduler, len(plan.done), plan.partitions
-        )
-        try:
-            results = score_missing(plan, scheduler, torch_threads, on_done, client)
-        finally:
-            if bar is not None:
-                bar.close()
-        update_progress_artifact(artifact, 100.0)
-        return results
-
-    return score_task
+    get_run_logger().info(
+        "Dask scheduler %s; %d of %d partitions already scored", scheduler, len(plan.done), plan.partitions
+    )
+    try:
+        results = score_missing(plan, scheduler, torch_threads, on_done)
+    finally:
+        if bar is not None:
+            bar.close()
+    update_progress_artifact(artifact, 100.0)
+    return results
 
 
 @flow(name="score")
@@ -93,16 +95,18 @@ def score_flow(
     progress: bool = False,
     lock_wait_s: float = 0.0,
     engine: str = "auto",
+    cluster: LocalClusterStart | None = None,
 ) -> dict:
     """Score every image in ``images`` (a folder, searched recursively, or a list file; any
     fsspec URL) with ``model`` (a model file URL or a run id in ``store``) into ``out``
     (default ``<store>/scores/<job-id>``) with ``engine`` (auto: the fastest validated one
     here). Rerun with the same ``out`` to resume: only missing partitions are scored. Returns
     the summary (images, scored, failed, seconds, images_per_second, engine, output, count
-    per label, failures)."""
+    per label, failures). ``cluster``: a local cluster of ``workers`` processes its caller
+    already started (and closes), used instead of starting one (in process only: a deployment
+    cannot pass it)."""
     logger = get_run_logger()
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be at least 1, not {workers}")
+    check_workers(workers)
     if dask_address and workers:
         logger.warning("workers=%d is for a local cluster; the cluster at %s has its own", workers, dask_address)
     store = storage.absolute(store or storage.default_store())
@@ -110,7 +114,10 @@ def score_flow(
     images = storage.absolute(images)
     out = storage.absolute(out) if out else default_out(store, storage.sha256_of(model_url), images)
 
-    def on_plan(plan: JobPlan) -> None:
+    with ScoringRun(
+        out, images, mini_batch_size, partition_size, dask_address, workers, cluster=cluster, lock_wait_s=lock_wait_s
+    ) as job:
+        plan = job.planned(plan_scoring(model_url, images, out, top_k, partition_size, mini_batch_size, None, engine))
         logger.info(
             "%d images (%d other files ignored) in %d partitions; %d already scored; engine %s (%s), %s decoding",
             plan.count,
@@ -121,21 +128,8 @@ def score_flow(
             plan.model.engine.reason,
             plan.model.engine.decoder,
         )
-
-    summary = score_job(
-        model_url,
-        images,
-        out,
-        engine=engine,
-        dask_address=dask_address,
-        workers=workers,
-        mini_batch_size=mini_batch_size,
-        top_k=top_k,
-        partition_size=partition_size,
-        lock_wait_s=lock_wait_s,
-        stages=Stages(plan_task, _score_task(progress), consolidate_task),
-        on_plan=on_plan,
-    )
+        results = score_partitions(plan, job.scheduler(), job.torch_threads, progress) if plan.missing else []
+        summary = consolidate_scores(plan, job.scored(plan, results))
     logger.info(
         "scored %d images (%d failed) in %.1f s with %s -> %s",
         summary["scored"],

@@ -1,20 +1,24 @@
 """retrain: retrain pretrained image networks to classify new image sets.
 
-The package maps the project's folders in: ``retrain.flows`` (flows/: the Prefect flows and
-the CLI) and ``retrain.tasks`` (tasks/: one plain module per pipeline stage). The functions
-below are the notebook API; each one is what the ``retrain`` command of the same name runs.
+The functions below are the Python API and the one implementation of each operation: the
+``retrain`` command of the same name (:mod:`retrain.cli`) parses its arguments, calls the
+function with them and prints its answer, so the same arguments give the same result (and
+the same engine) either way. The package maps the project's folders in: ``retrain.flows``
+(flows/: the Prefect flows) and ``retrain.tasks`` (tasks/: one plain module per pipeline stage).
 Heavy imports (torch, Prefect, Dask) happen on first call, so ``import retrain`` is instant.
 
     import retrain
     summary = retrain.run("MerchData.zip", network="squeezenet-caffe", weights="squeezenet.pth")
     retrain.classify(summary["run_id"], "new.jpg")      # {"label": ..., "score": ..., "scores": ...}
-    retrain.evaluate(summary["model"], "more-images/")  # accuracy, per-class metrics, confusion
+    retrain.evaluate(summary["model"], "more-images/")  # accuracy, per-class metrics, confusion, engine
     retrain.score(summary["run_id"], "big-folder/")     # batch scoring on Dask
     retrain.export(summary["model"], "model.onnx")      # ONNX (or TorchScript) for other runtimes
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 __all__ = ["run", "evaluate", "classify", "score", "export"]
@@ -30,7 +34,7 @@ def _local_server() -> None:
     """Use the local Prefect server (``retrain server start``) when no API is set, as the
     ``retrain`` command does. Effective until Prefect is first imported in this process (it
     reads its settings then)."""
-    from retrain.tasks.server import use_local_server
+    from retrain.server import use_local_server
 
     use_local_server()
 
@@ -42,51 +46,151 @@ def run(data: str | None = None, store: str | None = None, **settings: Any) -> d
     training options such as ``{"max_epochs": 5}`` —, ``augmentation``, ``run_id``, ...).
     Returns the run summary (run_id, model, accuracies, ...)."""
     _local_server()
-    from retrain.flows.retrain import retrain_flow
+    from retrain.flows.pipeline import retrain_flow
+    from retrain.orchestrator import prepare_for_flows
 
+    prepare_for_flows()
     return retrain_flow(data=data, store=_store(store), **settings)
 
 
-def evaluate(model: str, data: str, store: str | None = None) -> dict:
+def evaluate(model: str, data: str, store: str | None = None, engine: str = "auto", chart: str | None = None) -> dict:
     """Accuracy, per-class precision/recall and the confusion matrix of ``model`` (a model file
-    URL or a run id in ``store``) on the labelled images in ``data``."""
+    URL or a run id in ``store``) on the labelled images in ``data``, with ``engine`` (auto: the
+    fastest validated for this model here; torch: the float32 reference). ``chart``: also write
+    the confusion chart PNG there. Returns what ``retrain evaluate --json`` prints."""
     from retrain.tasks import storage
     from retrain.tasks.datastore import index_images, materialize
     from retrain.tasks.evaluation import evaluate_model
-    from retrain.tasks.model_file import load_model_file
+    from retrain.tasks.reports import confusion_chart
     from retrain.tasks.runs import resolve_model
 
+    started = time.perf_counter()
     store = _store(store)
-    loaded = load_model_file(resolve_model(model, store))
+    loaded, predictor, choice = _predictor(resolve_model(model, store), engine)
     index = index_images(materialize(storage.absolute(data), store))
-    result, _ = evaluate_model(loaded, index.images)
-    return {**result.to_dict(), "skipped": len(index.skipped)}
+    result, _ = evaluate_model(loaded, index.images, predictor=predictor)
+    if chart:
+        confusion_chart(result.confusion, result.classes, chart)
+    return {
+        **result.to_dict(),
+        "engine": predictor.engine,
+        "engine_reason": choice.reason if choice else "float32 reference, as asked",
+        "skipped": len(index.skipped),
+        "seconds": time.perf_counter() - started,
+    }
 
 
-def classify(model: str, image: str, store: str | None = None) -> dict:
-    """Label and score of one image: ``{"label", "score", "scores": {class: score}}``."""
+def _predictor(model_url: str, engine: str):
+    """The model's predictor with ``engine`` and the engine gate's choice (None for torch)."""
     from retrain.tasks import storage
-    from retrain.tasks.evaluation import classify_image
-    from retrain.tasks.model_file import load_model_file
+    from retrain.tasks.engine_gate import choose_engine
+    from retrain.tasks.inference import build_predictor, load_checked
+
+    loaded, _ = load_checked(model_url)
+    choice = choose_engine(model_url, storage.sha256_of(model_url), engine) if engine != "torch" else None
+    if choice is not None and choice.reason.startswith("forced"):  # a named engine that failed validation
+        print(f"retrain: warning: {choice.reason}", file=sys.stderr)
+    predictor = (
+        build_predictor(loaded, choice.engine, choice.onnx_url, decoder=choice.decoder)
+        if choice
+        else build_predictor(loaded)
+    )
+    return loaded, predictor, choice
+
+
+def classify(model: str, image: str, store: str | None = None, explain: str | None = None) -> dict:
+    """Label and score of one image: ``{"label", "score", "scores": {class: score}}``, and with
+    ``explain`` (a PNG URL) its Grad-CAM overlay written there (``"explanation"``)."""
+    from retrain.tasks import storage
+    from retrain.tasks.evaluation import classify_with
+    from retrain.tasks.inference import build_predictor, load_checked
     from retrain.tasks.runs import resolve_model
 
-    loaded = load_model_file(resolve_model(model, _store(store)))
-    result = classify_image(loaded.model, loaded.preprocessing, loaded.classes, storage.absolute(image))
-    return {"label": result.label, "score": result.score, "scores": result.scores}
+    loaded, _ = load_checked(resolve_model(model, _store(store)))
+    result = classify_with(build_predictor(loaded), storage.absolute(image))
+    answer = {"label": result.label, "score": result.score, "scores": result.scores}
+    if explain:
+        from retrain.tasks.explain import explain_image
+
+        answer["explanation"] = explain_image(loaded, storage.absolute(image), explain)["explanation"]
+    return answer
 
 
-def score(model: str, images: str, out: str | None = None, store: str | None = None, **settings: Any) -> dict:
-    """Batch-score every image below ``images`` on Dask (a local cluster, or ``dask_address``)
-    into ``out``; returns the job summary (scores URL, counts, images/s)."""
+def score(
+    model: str,
+    images: str,
+    out: str | None = None,
+    store: str | None = None,
+    dask_address: str | None = None,
+    workers: int | None = None,
+    mini_batch_size: int | None = None,
+    top_k: int | None = None,
+    partition_size: int | None = None,
+    engine: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """Batch-score every image below ``images`` (a folder, searched recursively, or a list file)
+    on Dask — a local cluster of ``workers`` processes, or the one at ``dask_address`` — into
+    ``out`` (default ``<store>/scores/<job-id>``; rerun with the same ``out`` to resume), as a
+    Prefect flow run. ``mini_batch_size`` and ``partition_size``: None for scoring's defaults.
+    Returns the job summary (scores URL, counts, images/s, engine)."""
+    from retrain.early_api import start_early_api
+    from retrain.tasks import storage
+    from retrain.tasks.scoring.cluster import LocalClusterStart
+    from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, check_output
+
     _local_server()
-    from retrain.flows.score import score_flow
+    store = _store(store)
+    if out:  # a folder that is not the job's is refused at once, not after the start-ups
+        check_output(storage.absolute(out), storage.absolute(images))
+    # Three start-ups at once instead of one after the other: the local Dask cluster (its
+    # workers spawn and import torch), Prefect's temporary API (a uvicorn process), and this
+    # process importing the flow.
+    api = start_early_api()
+    early = LocalClusterStart(workers) if not dask_address else None  # handed to the flow, closed here
+    try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    return score_flow(model=model, images=images, out=out, store=_store(store), **settings)
+        from retrain.flows.score import score_flow
+        from retrain.orchestrator import prepare_for_flows
+
+        prepare_for_flows()
+        url = api.wait() if api is not None else None
+        with temporary_settings({PREFECT_API_URL: url} if url else {}):
+            summary = score_flow(
+                model=model,
+                images=images,
+                out=out,
+                store=store,
+                dask_address=dask_address,
+                workers=workers,
+                mini_batch_size=DEFAULT_MINI_BATCH_SIZE if mini_batch_size is None else mini_batch_size,
+                top_k=top_k,
+                partition_size=DEFAULT_PARTITION_SIZE if partition_size is None else partition_size,
+                progress=progress,
+                engine=engine,
+                cluster=early,
+            )
+    finally:
+        if early is not None:
+            early.close()
+        if api is not None:
+            api.stop()
+    if url:
+        # The temporary API ended with this call: its UI page is gone (Prefect derives a UI
+        # URL from the API's; overriding PREFECT_UI_URL for the flow instead left Prefect's
+        # events worker undrainable at the end of an in-process caller).
+        summary["ui_url"] = None
+    return summary
 
 
-def export(model: str, out: str, fmt: str = "onnx", store: str | None = None) -> str:
+def export(model: str, out: str, fmt: str = "onnx", store: str | None = None) -> dict:
     """Write ``model`` to ``out`` as ONNX (class names, input size and preprocessing in its
-    metadata; dynamic batch axis) or TorchScript; returns the URL written."""
+    metadata; dynamic batch axis) or TorchScript (``fmt="torchscript"``). A run's model
+    exported to ONNX is also checked against torch on the run's held-out images
+    (``"test_split"``). Returns ``{"output", "format", "classes"[, "test_split"]}``."""
+    import posixpath
+
     from retrain.tasks import storage
     from retrain.tasks.export import export_model
     from retrain.tasks.inference import load_checked
@@ -94,4 +198,14 @@ def export(model: str, out: str, fmt: str = "onnx", store: str | None = None) ->
 
     model_url = resolve_model(model, _store(store))
     loaded, _ = load_checked(model_url)
-    return export_model(loaded, storage.absolute(out), fmt, storage.sha256_of(model_url))
+    written = export_model(loaded, storage.absolute(out), fmt, storage.sha256_of(model_url))
+    result = {"output": written, "format": fmt, "classes": list(loaded.classes)}
+    split_url = storage.RunLayout(posixpath.dirname(model_url)).split  # the run folder beside the model
+    if fmt == "onnx" and storage.exists(split_url):  # a run's model: check on its test split
+        from retrain.tasks.datastore import held_out
+        from retrain.tasks.export import check_export
+
+        test, which = held_out(storage.read_parquet(split_url))
+        if len(test):
+            result["test_split"] = {"split": which, **check_export(loaded, written, list(test["path"]))}
+    return result

@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+
 from retrain.tasks import storage
 from retrain.tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_images
 from retrain.tasks.reports import montage
+from retrain.tasks.vocabulary import SPLITS
 
-SPLITS = ("train", "val", "test")
 # A zip whose contents expand past these is refused before anything is written.
 MAX_EXTRACTED_BYTES = 20 * 2**30
 MAX_ZIP_ENTRIES = 2_000_000
@@ -362,7 +363,7 @@ def sample_for_montage(images: pd.DataFrame, count: int = 16, seed: int = 0) -> 
     return images.sample(n=min(count, len(images)), random_state=seed)
 
 
-# ---- stages (plain functions on URLs, wrapped as Prefect tasks in flows/retrain.py) --------
+# ---- stages (plain functions on URLs, wrapped as Prefect tasks in flows/pipeline.py) --------
 
 
 @dataclass
@@ -441,11 +442,21 @@ def index_stage(dataset_url: str, run_url: str, seed: int = 0, labels: str | Non
     return IndexRecord(index.root, index_url, index.classes, index.counts(), len(index.skipped), montage_url, key)
 
 
+# The parts of a split a run never trains on, in the order :func:`held_out` prefers them.
+HELD_OUT_SPLITS = ("test", "val")
+
+
+def is_held_out(split: pd.DataFrame) -> pd.Series:
+    """Which rows of a split the run did not train on (its val and test parts): the rows the
+    engine gate judges held-out accuracy on. :func:`held_out` picks one of those parts."""
+    return split["split"].isin(HELD_OUT_SPLITS)
+
+
 def held_out(split: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The images a run holds out to judge its model on (evaluation and the promotion gate):
     its test split, or its validation split when it has no test part. Returns (rows, which);
     the rows are empty when it has neither."""
-    for name in ("test", "val"):
+    for name in HELD_OUT_SPLITS:
         rows = split[split["split"] == name]
         if len(rows):
             return rows, name

@@ -15,8 +15,9 @@ What it keeps, beside the model file and keyed by its sha256::
 The images: label agreement needs no labels, so it is measured on every image the run has
 (train, val and test from ``split.parquet`` beside the model) up to ``AGREEMENT_IMAGES``; above
 that, a seeded sample that keeps the held-out images first. Accuracy (which does need labels the
-model has not learnt) is judged on the held-out part of them only. Each image is decoded once for
-all engines; the scaled decoder's check decodes them a second time, its own way. The int8
+model has not learnt) is judged on the held-out part of them only (``datastore.is_held_out``: val
+and test). Each image is decoded once for all engines; the scaled decoder's check decodes the
+JPEGs a second time, its own way (for any other file its pixels are the exact ones). The int8
 calibration images are training images of that same set: calibration sets activation ranges,
 not weights, so agreeing on them is hardly easier than on others.
 
@@ -44,19 +45,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 import torch
+
 from retrain.tasks import storage
+from retrain.tasks.datastore import is_held_out
 from retrain.tasks.export import onnx_bytes, quantize_int8
 from retrain.tasks.inference import (
-    ENGINE_CHOICES,
     EngineError,
     Predictor,
     build_predictor,
     hardware_key,
-    image_loader,
     load_checked,
     supported_engines,
 )
 from retrain.tasks.networks import resolve_device
+from retrain.tasks.preprocessing import load_image, scaled_decoder_applies
+from retrain.tasks.vocabulary import ENGINE_CHOICES
 
 MIN_AGREEMENT = 0.995  # top label as float32 torch's on at least 99.5 % of the gate's images
 MIN_GATE_IMAGES = 20  # below this no verdict: every engine but torch is refused
@@ -64,7 +67,6 @@ MAX_ACCURACY_DROP = 0.005  # held-out accuracy at most half a point below float3
 AGREEMENT_IMAGES = 1000  # 5 disagreements allowed; decoded once, they take seconds per engine
 CALIBRATION_IMAGES = 64
 DECODE_CHUNK = 64  # images decoded and scored by every engine at a time
-HELD_OUT_SPLITS = ("val", "test")
 SPEED_BATCH, SPEED_SECONDS = 8, 0.6  # forward-only rate: one thread, batches of 8 (a worker's)
 GATE_VERSION = 4  # 4: agreement on all the run's images (up to 1,000), a minimum; 3: 400 held-out
 
@@ -117,12 +119,12 @@ def gate_images(model_url: str) -> tuple[pd.DataFrame | None, list[str]]:
     model file with no run beside it. Every image of the run up to ``AGREEMENT_IMAGES``; above
     that a seeded sample, held-out images first (up to all but the calibration's share), the
     rest training images."""
-    split_url = storage.join(posixpath.dirname(model_url), "split.parquet")
+    split_url = storage.RunLayout(posixpath.dirname(model_url)).split
     if not storage.exists(split_url):
         return None, []
     rows = storage.read_parquet(split_url)[["path", "label", "split"]]
     if len(rows) > AGREEMENT_IMAGES:
-        is_held = rows["split"].isin(HELD_OUT_SPLITS)
+        is_held = is_held_out(rows)
         held, train = (part.sample(frac=1.0, random_state=0) for part in (rows[is_held], rows[~is_held]))
         n_held = min(len(held), max(AGREEMENT_IMAGES - len(train), AGREEMENT_IMAGES - CALIBRATION_IMAGES))
         rows = pd.concat([held.iloc[:n_held], train.iloc[: AGREEMENT_IMAGES - n_held]])
@@ -135,7 +137,7 @@ def _held_out_mask(images: pd.DataFrame) -> torch.Tensor:
     """Which gate images may judge accuracy: the held-out ones (all, for a table with no split)."""
     if "split" not in images.columns:
         return torch.ones(len(images), dtype=torch.bool)
-    return torch.tensor(images["split"].isin(HELD_OUT_SPLITS).to_numpy(), dtype=torch.bool)
+    return torch.tensor(is_held_out(images).to_numpy(), dtype=torch.bool)
 
 
 def compare(
@@ -205,19 +207,22 @@ def _gate_scores(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Scores of every predictor on ``paths``, and float32 torch's on the scaled decoding, a
     chunk at a time (1,000 images at once would hold 155 MB at 227 px, 1 GB at 600 px). Each
-    image is decoded once for all engines; those in ``decoded`` (the calibration's) not again."""
+    image is read once and decoded once for all engines; those in ``decoded`` (the
+    calibration's) not again. The scaled decoder's check decodes again only the images that
+    decoder decodes its own way (JPEGs): for the others its pixels are the exact ones."""
     reference = predictors["torch"]
     size = reference.preprocessing.input_size
-    exact, scaled = image_loader("exact", size), image_loader("scaled", size)
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in predictors}
     scaled_scores = []
     for start in range(0, len(paths), DECODE_CHUNK):
         chunk = paths[start : start + DECODE_CHUNK]
         data = [storage.read_bytes(p) for p in chunk]
-        pixels = torch.stack([decoded[p] if p in decoded else exact(d) for p, d in zip(chunk, data, strict=True)])
+        exact = [decoded[p] if p in decoded else load_image(d, size) for p, d in zip(chunk, data, strict=True)]
+        pixels = torch.stack(exact)
         for name, predictor in predictors.items():
             scores[name].append(predictor.scores(pixels))
-        scaled_scores.append(reference.scores(torch.stack([scaled(d) for d in data])))
+        scaled = [load_image(d, size, "scaled") if scaled_decoder_applies(d) else e for d, e in zip(data, exact)]
+        scaled_scores.append(reference.scores(torch.stack(scaled)))
     return {name: torch.cat(parts) for name, parts in scores.items()}, torch.cat(scaled_scores)
 
 
@@ -249,8 +254,9 @@ def validate_engines(
     size = loaded.preprocessing.input_size
     reference = build_predictor(loaded, "torch", device=device)
     paths = list(images["path"]) if images is not None else []
-    exact = image_loader("exact", size)
-    calibration_pixels = {p: exact(storage.read_bytes(p)) for p in list(calibration or [])[:CALIBRATION_IMAGES]}
+    calibration_pixels = {
+        p: load_image(storage.read_bytes(p), size) for p in list(calibration or [])[:CALIBRATION_IMAGES]
+    }
     calib = _calibration_inputs(reference, torch.stack(list(calibration_pixels.values()))) if calibration_pixels else []
     files = _write_artifacts(folder, loaded, sha256, calib)
     record: dict = {
@@ -307,7 +313,7 @@ def existing_record(model_url: str, sha256: str, device: torch.device) -> tuple[
 def _can_validate(model_url: str, held: dict) -> bool:
     if held.get("images") is not None:
         return len(held["images"]) > 0
-    return storage.exists(storage.join(posixpath.dirname(model_url), "split.parquet"))
+    return storage.exists(storage.RunLayout(posixpath.dirname(model_url)).split)
 
 
 def engine_record(model_url: str, sha256: str, device: torch.device | None = None, **held) -> tuple[dict, str]:

@@ -2,7 +2,7 @@
 
 Every prediction goes through :mod:`tasks.inference` (one preprocessing, one forward loop):
 :func:`predict_scores` serves validation during training, :func:`evaluate_model` the test
-split, ``retrain evaluate`` and the promotion gate, :func:`classify_image` ``retrain classify``.
+split, ``retrain evaluate`` and the promotion gate, :func:`classify_with` ``retrain classify``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
+
 from retrain.tasks import storage
 from retrain.tasks.datastore import held_out
-from retrain.tasks.inference import Predictor, check_model, prepare_torch_model, read_image, torch_predictor
+from retrain.tasks.inference import Predictor, check_model, prepare_torch_model, torch_predictor
 from retrain.tasks.model_file import LoadedModel, load_model_file
-from retrain.tasks.preprocessing import Preprocessing
+from retrain.tasks.preprocessing import ImageDecodeError, Preprocessing, load_image, load_images
 from retrain.tasks.reports import confusion_chart
-from torch import nn
 
 EVAL_CHUNK_IMAGES = 1024  # images decoded at once by evaluate_model (155 MB at 227 x 227)
 
@@ -114,26 +115,16 @@ class Classification:
 def classify_with(predictor: Predictor, image_url: str) -> Classification:
     """Label and score for one new image (MATLAB's ``scores2label(predict(net, I))``); an
     image that cannot be used raises :class:`ImageDecodeError` naming the file and why."""
-    scores = predictor.scores(read_image(image_url, predictor)[None])[0]
+    try:
+        pixels = load_image(image_url, predictor.preprocessing.input_size, predictor.decoder)
+    except IsADirectoryError:
+        raise ImageDecodeError(
+            f"{image_url} is a folder, not an image file (score a folder with `retrain score`)"
+        ) from None
+    scores = predictor.scores(pixels[None])[0]
     best = int(scores.argmax())
     classes = predictor.classes
     return Classification(classes[best], float(scores[best]), {c: float(s) for c, s in zip(classes, scores.tolist())})
-
-
-def classify_image(
-    model: nn.Module, preprocessing: Preprocessing, classes: list[str], image_url: str
-) -> Classification:
-    """:func:`classify_with` for an in-memory model, after the model check (a model that cannot
-    score its input size, whose outputs do not match its classes, or whose weights are not
-    finite raises :class:`ModelFileError`)."""
-    check_model(_as_loaded(model, preprocessing, classes), "the model")
-    return classify_with(torch_predictor(model, preprocessing, classes), image_url)
-
-
-def _as_loaded(model: nn.Module, preprocessing: Preprocessing, classes: list[str]) -> LoadedModel:
-    from types import SimpleNamespace
-
-    return LoadedModel(model, SimpleNamespace(name=type(model).__name__), list(classes), preprocessing, {})
 
 
 def evaluate_model(
@@ -160,31 +151,14 @@ def evaluate_model(
     # Decoded a chunk at a time, so memory does not grow with the number of images; a chunk
     # is a whole number of batches, so the forward passes are the ones one batch would make.
     chunk = batch_size * max(1, EVAL_CHUNK_IMAGES // batch_size)
+    size, decoder = loaded.preprocessing.input_size, predictor.decoder
     parts = [
-        predictor.scores(load_pixels(paths[s : s + chunk], predictor), batch_size) for s in range(0, len(paths), chunk)
+        predictor.scores(load_images(paths[s : s + chunk], size, decoder), batch_size)
+        for s in range(0, len(paths), chunk)
     ]
     scores = torch.cat(parts) if parts else torch.empty((0, len(loaded.classes)))
     table = predictions_table(list(images["path"]), list(images["label"]), scores, loaded.classes)
     return evaluate_predictions(list(table["true_label"]), list(table["label"]), loaded.classes), table
-
-
-def load_pixels(urls: list[str], predictor: Predictor, threads: int = 4) -> torch.Tensor:
-    """Decode many images (threads overlap reads and decoding) into one uint8 batch."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from retrain.tasks.preprocessing import ImageDecodeError
-
-    def one(url: str) -> torch.Tensor:
-        try:
-            return predictor.load(storage.read_bytes(url))
-        except ImageDecodeError as exc:
-            raise ImageDecodeError(f"{url}: {exc}") from None
-
-    out = torch.empty((len(urls), 3, *predictor.preprocessing.input_size), dtype=torch.uint8)
-    with ThreadPoolExecutor(threads) as pool:
-        for i, image in enumerate(pool.map(one, urls)):
-            out[i] = image
-    return out
 
 
 def evaluate_run(run_url: str) -> dict:

@@ -22,20 +22,17 @@ import statistics
 from dataclasses import asdict, dataclass, field, fields
 
 import pandas as pd
+
 from retrain.tasks import storage
 from retrain.tasks.feature_sharing import shared_feature_folder
-from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import _save
+from retrain.tasks.request import DEFAULTS, RunRequest
 from retrain.tasks.runs import STATUS_COMPLETED, read_run
 from retrain.tasks.training.options import TrainingOptions
+from retrain.tasks.vocabulary import AUGMENTATION_KEYS, AugmentationSettings
 
-FLOW_KEYS = {"network": str, "weights": str, "mode": str, "split_fractions": str}
-AUGMENTATION_KEYS = {"reflect": bool, "max_translation": int}
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int, "float | None": float}
-
-
-def _option_types() -> dict[str, type]:
-    return {f.name: _TYPES.get(str(f.type), str) for f in fields(TrainingOptions) if f.name != "seed"}
+# The request's plain choices (network, weights, mode, split_fractions) a grid may vary.
+FLOW_KEYS = {f.name: str for f in fields(RunRequest) if f.type == "str"}
 
 
 def _convert(key: str, text: str, kind: type):
@@ -56,7 +53,8 @@ def _convert(key: str, text: str, kind: type):
 def parse_grid(items: list[str]) -> dict[str, list]:
     """``["mode=transfer,finetune", "initial-learn-rate=1e-3,1e-4"]`` -> {key: [values]},
     keys in snake_case, values converted to the option's type."""
-    kinds = {**FLOW_KEYS, **AUGMENTATION_KEYS, **_option_types()}
+    options = {k: kind for k, kind in TrainingOptions.value_types().items() if k != "seed"}  # seeds: --seeds
+    kinds = {**FLOW_KEYS, **AUGMENTATION_KEYS, **options}
     grid: dict[str, list] = {}
     for item in items:
         key, sep, values = item.partition("=")
@@ -176,13 +174,13 @@ def run_id_in(experiment_id: str, planned: PlannedRun, content: str = "") -> str
 
 def _shared_features(parameters: dict, store: str, dataset: str, split_seed: int) -> dict:
     options = TrainingOptions.from_dict(parameters["options"])
-    augmentation = Augmentation(**parameters["augmentation"])
+    augmentation = AugmentationSettings.from_dict(parameters["augmentation"])
     key = {
         "data": dataset,
         "labels": parameters.get("labels"),
-        "network": parameters.get("network", "squeezenet"),
-        "weights": parameters.get("weights", "default"),
-        "split": parameters.get("split_fractions", "0.7,0.15,0.15"),
+        "network": parameters.get("network", DEFAULTS.network),
+        "weights": parameters.get("weights", DEFAULTS.weights),
+        "split": parameters.get("split_fractions", DEFAULTS.split_fractions),
         "split_seed": split_seed,
         "augmentation": augmentation.to_dict(),
         "views": options.cache_views(augmentation),
@@ -235,7 +233,7 @@ def finished_summary(store: str, run_id: str) -> dict | None:
 
 def run_result(planned: PlannedRun, summary: dict, seconds: float) -> RunResult:
     """The comparison's record of a finished run, from its summary and training.json."""
-    training = storage.read_json(storage.join(summary["run"], "training.json"))
+    training = storage.read_json(storage.RunLayout(summary["run"]).training)
     cache = training.get("feature_cache") or {}
     return RunResult(
         planned.label,

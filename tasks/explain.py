@@ -23,11 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
 from retrain.tasks import storage  # noqa: E402
 from retrain.tasks.model_file import LoadedModel, load_model_file
 from retrain.tasks.preprocessing import load_image, load_images  # noqa: E402
 from retrain.tasks.reports import _save  # noqa: E402
-from torch import nn  # noqa: E402
 
 DISPLAY_SIZE = (192, 192)  # the thumbnails in the figures
 
@@ -181,7 +182,7 @@ def plot_grad_cam(loaded: LoadedModel, paths: list[str], true_labels: list[str] 
 
 def explain_image(loaded: LoadedModel, image_url: str, url: str) -> dict:
     """``retrain classify MODEL IMAGE --explain OUT.png``: the image beside its overlay."""
-    pixels = load_image(storage.read_bytes(image_url), loaded.preprocessing.input_size)[None]
+    pixels = load_image(image_url, loaded.preprocessing.input_size)[None]
     cams = explain_images(loaded, pixels)
     label, score = loaded.classes[cams.predicted[0]], cams.scores[0]
     _grid(

@@ -23,8 +23,10 @@ import warnings
 
 import numpy as np
 import torch
+
 from retrain.tasks import storage
 from retrain.tasks.model_file import LoadedModel, ModelFileError
+from retrain.tasks.preprocessing import load_images
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
@@ -94,10 +96,9 @@ def export_model(loaded: LoadedModel, out: str, fmt: str, sha256: str | None = N
 def check_export(loaded: LoadedModel, onnx_url: str, image_urls: list[str]) -> dict:
     """ONNX Runtime on the exported file against the torch model on ``image_urls`` (a run's
     test split): how many labels agree and the largest score difference."""
-    from retrain.tasks.inference import build_predictor, image_loader
+    from retrain.tasks.inference import build_predictor
 
-    load = image_loader("exact", loaded.preprocessing.input_size)
-    pixels = torch.stack([load(storage.read_bytes(u)) for u in image_urls])
+    pixels = load_images(list(image_urls), loaded.preprocessing.input_size)
     reference = build_predictor(loaded, "torch", device=torch.device("cpu")).scores(pixels)
     exported = build_predictor(loaded, "onnx", onnx_url, device=torch.device("cpu")).scores(pixels)
     same = int((reference.argmax(1) == exported.argmax(1)).sum())

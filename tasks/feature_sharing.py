@@ -3,18 +3,18 @@
 Transfer-mode runs on the same images, network, weights, augmentation and number of cached
 views compute the same feature cache (tasks/training/features.py): an experiment points them at one
 folder, ``features/<key>/`` in the store, and the first run to get there builds it while the
-others wait on a file lock, then memory-map it. The folder's name is a digest of everything
-the cache depends on that is known before training; the manifest inside still checks the
-images and body weights, so a wrong guess costs a rebuild, never wrong features.
+others wait on the folder's lock (the store's: a lease on an object store), then memory-map it. The
+folder's name is a digest of everything the cache depends on that is known before training;
+the manifest inside still checks the images and body weights, so a wrong guess costs a
+rebuild, never wrong features.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
+import math
 from collections.abc import Iterator
 
 from retrain.tasks import storage
@@ -28,17 +28,11 @@ def shared_feature_folder(store: str, **key) -> str:
 
 @contextlib.contextmanager
 def feature_lock(folder: str | None) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (a local path; a no-op for None or a remote URL)
-    while its cache is checked or built, so concurrent runs build it once. ``flock`` locks
-    belong to the open file, so threads of one process exclude each other too."""
-    if folder is None or ("://" in folder and not folder.startswith("file://")):
+    """Hold the store's lock on ``folder`` (any store URL; a no-op for None) while its cache is
+    checked or built, so concurrent runs build it once: the others wait as long as it takes.
+    Each holder opens its own lock file, so threads of one process exclude each other too."""
+    if folder is None:
         yield
         return
-    path = storage.absolute(folder).rstrip("/") + ".lock"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with storage.FolderLock(storage.absolute(folder), wait_s=math.inf):
+        yield

@@ -20,7 +20,6 @@ validated once per model against ``torch`` on the run's images); this module run
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,19 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from retrain.tasks import storage
 from retrain.tasks.model_file import LoadedModel, ModelFileError, model_from_record, read_model_record
 from retrain.tasks.networks import resolve_device
-from retrain.tasks.preprocessing import ImageDecodeError, Preprocessing, decode_image, resize
-
-ENGINES = ("torch", "torch-bf16", "onnx", "onnx-int8")
-ENGINE_CHOICES = ("auto", *ENGINES)
-DECODERS = ("exact", "scaled")  # scaled: JPEG decoded at a reduced size by DCT scaling
-
-try:  # libjpeg-turbo with DCT scaling: decodes a 1000 px photo meant for 227 px at 1/4 size
-    import simplejpeg
-except ImportError:  # optional: decoding falls back to the exact decoder
-    simplejpeg = None
+from retrain.tasks.preprocessing import InputAffine, Preprocessing
+from retrain.tasks.vocabulary import ENGINE_CHOICES, ENGINES
 
 
 class EngineError(ValueError):
@@ -140,85 +132,6 @@ def load_checked(model_url: str) -> tuple[LoadedModel, dict]:
     return loaded, record
 
 
-# ---- preprocessing: uint8 pixels -> the network's input ----------------------------------------
-
-
-@dataclass(frozen=True)
-class InputAffine:
-    """``Preprocessing.normalize`` as one multiply-add per channel in the network's channel
-    order: two passes over the batch instead of five."""
-
-    channels: list[int]  # RGB -> the network's channel order
-    mul: torch.Tensor  # 1 x 3 x 1 x 1
-    add: torch.Tensor
-    identity_mul: bool
-
-    @classmethod
-    def of(cls, prep: Preprocessing, device: torch.device) -> InputAffine:
-        mean = torch.tensor(prep.mean, dtype=torch.float32)
-        std = torch.tensor(prep.std, dtype=torch.float32)
-        mul = (prep.scale / std).view(1, 3, 1, 1).to(device)
-        add = (-mean / std).view(1, 3, 1, 1).to(device)
-        channels = [2, 1, 0] if prep.channel_order == "BGR" else [0, 1, 2]
-        return cls(channels, mul, add, bool(torch.all(mul == 1.0)))
-
-    def __call__(self, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """uint8 batch (N x 3 x H x W) already in the network's channel order -> float
-        channels_last input on ``device``. To a GPU it travels as uint8, a quarter of the bytes."""
-        pixels = pixels.to(device, non_blocking=True)
-        x = torch.empty(pixels.shape, dtype=torch.float32, device=device, memory_format=torch.channels_last)
-        x.copy_(pixels)
-        if not self.identity_mul:
-            x.mul_(self.mul)
-        return x.add_(self.add)
-
-
-# ---- decoding ---------------------------------------------------------------------------------
-
-
-def _exif_rotated(data: bytes) -> bool:
-    """True when a JPEG's EXIF orientation asks for a rotation (the scaled decoder ignores EXIF)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as probe:
-        return probe.getexif().get(0x0112, 1) not in (1, None)
-
-
-# Decoded at no less than twice the network's input, with the accurate DCT and upsampling, the
-# antialiased resize that follows hides the scaling: on hymenoptera's held-out photos it agreed
-# with the exact decoder on every label (at 1x with the fast DCT: 98.6 %, which the gate refuses).
-SCALED_MARGIN = 2
-
-
-def decode_scaled(data: bytes, size: tuple[int, int]) -> torch.Tensor:
-    """A JPEG decoded by DCT scaling at the smallest of 1/1, 1/2, 1/4, 1/8 of its size that is
-    still at least twice ``size``, then resized: 1.1-1.3x faster than the exact decoder on
-    photos of 300-1000 px. Anything else (PNG, CMYK, EXIF-rotated, damaged) goes the exact way."""
-    if simplejpeg is None or data[:2] != b"\xff\xd8" or b"\xff\xd9" not in data[-64:] or _exif_rotated(data):
-        return resize(decode_image(data), size)
-    try:
-        array = simplejpeg.decode_jpeg(
-            data,
-            colorspace="RGB",
-            fastdct=False,
-            fastupsample=False,
-            min_height=size[0] * SCALED_MARGIN,
-            min_width=size[1] * SCALED_MARGIN,
-        )
-    except (ValueError, RuntimeError):
-        return resize(decode_image(data), size)
-    return resize(torch.from_numpy(array).permute(2, 0, 1), size)
-
-
-def image_loader(decoder: str, size: tuple[int, int]) -> Callable[[bytes], torch.Tensor]:
-    """bytes -> uint8 RGB image at ``size``; raises :class:`ImageDecodeError` for a bad file."""
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
-    if decoder == "scaled":
-        return lambda data: decode_scaled(data, size)
-    return lambda data: resize(decode_image(data), size)
-
-
 # ---- the predictor --------------------------------------------------------------------------
 
 
@@ -232,7 +145,7 @@ class Predictor:
     device: torch.device
     forward: Callable[[torch.Tensor], torch.Tensor]  # network input -> logits (any device)
     affine: InputAffine
-    decoder: str = "exact"
+    decoder: str = "exact"  # how its images are decoded (tasks.preprocessing.load_image)
 
     def network_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 batch in the network's channel order -> the network's float input."""
@@ -249,10 +162,6 @@ class Predictor:
             batch = images[start : start + batch_size][:, self.affine.channels]
             out.append(torch.softmax(self.logits_ordered(batch), dim=1).cpu())
         return torch.cat(out) if out else torch.empty((0, len(self.classes)))
-
-    def load(self, data: bytes) -> torch.Tensor:
-        """Image bytes -> uint8 RGB image at the input size, with this predictor's decoder."""
-        return image_loader(self.decoder, self.preprocessing.input_size)(data)
 
 
 def torch_forward(model: torch.nn.Module, bf16: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -393,15 +302,3 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, values) of the ``k`` best classes per row, best first."""
     values, indices = scores.topk(k, dim=1)
     return indices.cpu().numpy(), values.cpu().numpy()
-
-
-def read_image(url: str, predictor: Predictor) -> torch.Tensor:
-    """One image file for ``classify``: a clear error for a folder or an unusable file."""
-    try:
-        data = storage.read_bytes(url)
-    except IsADirectoryError:
-        raise ImageDecodeError(f"{url} is a folder, not an image file (score a folder with `retrain score`)") from None
-    try:
-        return predictor.load(data)
-    except ImageDecodeError as exc:
-        raise ImageDecodeError(f"cannot use {url}: {exc}") from None

@@ -15,8 +15,10 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
+
 from retrain.tasks import storage
-from retrain.tasks.datastore import SPLITS, DataSetError, ImageIndex, check_image, drop_same_content, entry_url
+from retrain.tasks.datastore import DataSetError, ImageIndex, check_image, drop_same_content, entry_url
+from retrain.tasks.vocabulary import SPLITS
 
 REQUIRED_COLUMNS = ("path", "label")
 # Spellings of the split names other tools write (Vertex AI: TRAINING, VALIDATION, TEST).

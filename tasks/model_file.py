@@ -11,10 +11,11 @@ import pickle
 from dataclasses import dataclass
 
 import torch
-from retrain.tasks import storage
-from retrain.tasks.networks import NetworkSpec, build_network, get_spec
-from retrain.tasks.preprocessing import Preprocessing
 from torch import nn
+
+from retrain.tasks import storage
+from retrain.tasks.networks import NetworkSpec, TensorFileError, build_network, get_spec, load_tensors
+from retrain.tasks.preprocessing import Preprocessing
 
 MODEL_FORMAT = "retrain.model/1"
 
@@ -66,30 +67,11 @@ def save_model_file(url: str, record: dict) -> str:
 def read_model_record(url: str) -> dict:
     """Load a model file's record without building the network; refuses anything unsafe."""
     try:
-        data = storage.read_bytes(url)
+        record = load_tensors(url)
     except FileNotFoundError:
         raise ModelFileError(f"model file not found: {url}") from None
-    try:
-        record = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = str(exc).splitlines()
-        unsafe = next((line.strip() for line in lines if "Unsupported global" in line), None)
-        if unsafe:
-            raise ModelFileError(
-                f"refused to load {url}: it holds Python objects other than tensors and plain "
-                f"values, which could run code ({unsafe})"
-            ) from None
-        # torch's message suggests weights_only=False: advice never to pass on. Keep its reason.
-        text = str(exc)
-        detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
-        raise ModelFileError(
-            f"refused to load {url}: not a model file that loads safely (truncated, "
-            f"corrupt or not written by torch.save): {detail or lines[0]}"
-        ) from None
-    except Exception as exc:
-        raise ModelFileError(
-            f"{url} is not a readable model file (truncated or corrupt?): {type(exc).__name__}: {exc}"
-        ) from None
+    except TensorFileError as exc:
+        raise ModelFileError(_unloadable(url, exc.reason)) from None
     if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{url} is not a retrain model file (expected format {MODEL_FORMAT})")
     missing = [k for k in ("network", "classes", "preprocessing", "state_dict") if k not in record]
@@ -120,3 +102,22 @@ def model_from_record(record: dict, source: str = "model file") -> LoadedModel:
 
 def load_model_file(url: str) -> LoadedModel:
     return model_from_record(read_model_record(url), source=url)
+
+
+def _unloadable(url: str, reason: Exception) -> str:
+    """Why torch would not load the file at ``url``, in words for its owner."""
+    if not isinstance(reason, pickle.UnpicklingError):
+        return f"{url} is not a readable model file (truncated or corrupt?): {type(reason).__name__}: {reason}"
+    lines = str(reason).splitlines()
+    unsafe = next((line.strip() for line in lines if "Unsupported global" in line), None)
+    if unsafe:
+        return (
+            f"refused to load {url}: it holds Python objects other than tensors and plain "
+            f"values, which could run code ({unsafe})"
+        )
+    # torch's message suggests weights_only=False: advice never to pass on. Keep its reason.
+    detail = str(reason).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+    return (
+        f"refused to load {url}: not a model file that loads safely (truncated, "
+        f"corrupt or not written by torch.save): {detail or lines[0]}"
+    )

@@ -1,8 +1,13 @@
-"""Pretrained network registry, head replacement, freezing, learn-rate factors, summary.
+"""The pretrained network registry as data; head replacement, freezing, learn-rate factors, summary.
 
-Each registry entry knows its architecture, where its weights come from, its input size and
-preprocessing, and its head layer (``conv10`` in SqueezeNet, as MATLAB names it). The model
-file that carries these facts with the weights is :mod:`retrain.tasks.model_file`.
+Each entry is a row, in the style of torchvision's weights enums and fastai's ``model_meta``:
+an architecture (a torchvision builder), its pretrained weights (torchvision's own ``Weights``
+enum member, or a state-dict file described the same way), the preprocessing and input size
+those weights want, its head layer (``conv10`` in SqueezeNet, as MATLAB names it) and, where the
+head is not the network's last operation, where the transfer-mode feature cache cuts it off.
+Every torchvision classifier is an entry under its builder name; :data:`NAMED_ENTRIES` adds the
+names the seed and MATLAB use. The model file that carries these facts with the weights is
+:mod:`retrain.tasks.model_file`.
 """
 
 from __future__ import annotations
@@ -11,15 +16,18 @@ import difflib
 import functools
 import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torchvision
-from retrain.tasks import storage
-from retrain.tasks.preprocessing import CAFFE_BGR, Preprocessing
-from retrain.tasks.request import MODES
 from torch import nn
+from torchvision.models import WeightsEnum
+
+from retrain.tasks import storage
+from retrain.tasks.preprocessing import Preprocessing
+from retrain.tasks.vocabulary import MODES
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -27,29 +35,102 @@ class WeightsUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class WeightsFile:
+    """Pretrained weights torchvision does not download, described as its weights enums describe
+    theirs: a state-dict file (found under this name in torch's hub cache, or passed with
+    ``--weights``), the preprocessing they were trained with, and what they classify."""
+
+    file_name: str
+    preprocessing: Preprocessing
+    description: str
+    categories: int
+
+    def __str__(self) -> str:
+        return self.file_name
+
+
+@dataclass(frozen=True)
+class HeadCut:
+    """Where the feature cache cuts a network whose head is not its last operation (fastai's
+    "cut"): the body's module path, the module paths from the head to the output (their output
+    is flattened to N x classes), and the dropout just before the head, which in training acts
+    on the features."""
+
+    body: str
+    rest: tuple[str, ...]
+    dropout: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchitectureMeta:
+    """What torchvision's registry does not say about an architecture (fastai's ``model_meta``)."""
+
+    head_name: str | None = None  # the head's name in the literature / MATLAB
+    cut: HeadCut | None = None  # None: the head is the last operation
+    builder_args: Mapping[str, Any] = field(default_factory=dict)
+
+
+_SQUEEZENET = ArchitectureMeta(
+    head_name="conv10",  # MATLAB's (and the paper's) name
+    # features -> classifier [Dropout, conv10 (the head), ReLU, AdaptiveAvgPool] -> flatten
+    cut=HeadCut(body="features", rest=("classifier.1", "classifier.2", "classifier.3"), dropout="classifier.0"),
+)
+# Builder arguments torchvision itself passes along with the Inception networks' pretrained
+# weights: they take ImageNet-normalised input and rescale it inside (transform_input), and their
+# auxiliary heads only matter when training from scratch on ImageNet. Applied to every build, so
+# a state-dict file and the pretrained enum agree.
+_INCEPTION = ArchitectureMeta(builder_args={"aux_logits": False, "transform_input": True, "init_weights": True})
+MODEL_META = {
+    "squeezenet1_0": _SQUEEZENET,
+    "squeezenet1_1": _SQUEEZENET,
+    "googlenet": _INCEPTION,
+    "inception_v3": _INCEPTION,
+}
+_AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")  # in the raw downloaded files; never used here
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registry name that is not a torchvision builder name."""
+
+    architecture: str
+    weights: WeightsFile | None = None  # None: the architecture's DEFAULT torchvision weights
+
+
+# The original Caffe SqueezeNet 1.1 that MATLAB imports, in ../shared/weights: BGR, 0-255, with
+# the per-channel mean (B 104, G 117, R 123) subtracted and no std, at 227x227.
+CAFFE_SQUEEZENET = WeightsFile(
+    file_name="squeezenet1_1_caffe-2c890718.pth",
+    preprocessing=Preprocessing(
+        input_size=(227, 227), channel_order="BGR", scale=1.0, mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0)
+    ),
+    description="SqueezeNet 1.1 with the original Caffe ImageNet weights MATLAB imports",
+    categories=1000,
+)
+NAMED_ENTRIES = {
+    "squeezenet": Entry("squeezenet1_1"),
+    "squeezenet-caffe": Entry("squeezenet1_1", CAFFE_SQUEEZENET),
+}
+
+
+@dataclass(frozen=True)
 class NetworkSpec:
+    """A registry entry with everything the rest of retrain needs to know about it."""
+
     name: str
     architecture: str  # torchvision.models builder name
     head_layer: str  # module path of the layer replaced for K classes
     head_name: str  # what the layer is called in the literature / MATLAB
     preprocessing: Preprocessing
-    torchvision_weights: str | None = None  # e.g. "SqueezeNet1_1_Weights.IMAGENET1K_V1"
-    weights_file: str | None = None  # expected file name in torch's hub cache
+    weights: WeightsEnum | WeightsFile  # the pretrained weights, torchvision's own object or a file
     description: str = ""
     categories: int = 0  # classes of the pretrained head (ImageNet: 1000)
+    cut: HeadCut | None = None  # where the feature cache cuts it; None: just before the head
 
-
-# Names users know from MATLAB or the seed that are not torchvision builder names.
-ALIASES = {"squeezenet": "squeezenet1_1"}
-# Builder arguments torchvision itself passes along with these networks' pretrained weights:
-# the Inception networks take ImageNet-normalised input and rescale it inside
-# (transform_input), and their auxiliary heads only matter when training from scratch on
-# ImageNet. Applied to every build, so a state-dict file and the pretrained enum agree.
-_BUILDER_ARGS = {
-    "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
-    "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True},
-}
-_AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")  # in the raw downloaded files; never used here
+    @property
+    def from_torchvision(self) -> bool:
+        """Whether torchvision downloads the pretrained weights (else they come in a file)."""
+        return isinstance(self.weights, WeightsEnum)
 
 
 def torchvision_classifiers() -> list[str]:
@@ -58,18 +139,23 @@ def torchvision_classifiers() -> list[str]:
 
 
 def network_names() -> list[str]:
-    """What ``--network`` accepts: every torchvision classifier, the aliases and squeezenet-caffe."""
-    return sorted({*torchvision_classifiers(), *ALIASES, "squeezenet-caffe"})
+    """What ``--network`` accepts: every torchvision classifier and the named entries."""
+    return sorted({*torchvision_classifiers(), *NAMED_ENTRIES})
+
+
+def _file_entries() -> dict[str, WeightsFile]:
+    """The named entries whose weights come in a file (torchvision cannot download them)."""
+    return {name: entry.weights for name, entry in NAMED_ENTRIES.items() if entry.weights}
 
 
 def _builder_args(architecture: str, input_size: tuple[int, int]) -> dict:
-    args = dict(_BUILDER_ARGS.get(architecture, {}))
+    args = dict(MODEL_META.get(architecture, ArchitectureMeta()).builder_args)
     if architecture.startswith("vit_"):  # position embeddings are sized for one input size
         args["image_size"] = input_size[0]
     return args
 
 
-def _default_weights(architecture: str):
+def _default_weights(architecture: str) -> WeightsEnum:
     return torchvision.models.get_model_weights(architecture).DEFAULT
 
 
@@ -97,86 +183,81 @@ def _skeleton(architecture: str, input_size: tuple[int, int]) -> nn.Module:
         return torchvision.models.get_model(architecture, **builder_args)
 
 
-@functools.cache
-def _torchvision_spec(architecture: str) -> NetworkSpec:
-    """A spec from torchvision's registry: input size, normalisation and categories from the
-    architecture's DEFAULT weights enum, the head found in the architecture itself."""
-    weights = _default_weights(architecture)
+def _torchvision_preprocessing(weights: WeightsEnum) -> Preprocessing:
+    """Input size and normalisation from the transforms torchvision's weights carry."""
     transforms = weights.transforms()
     size = int(transforms.crop_size[0])
-    preprocessing = Preprocessing(
+    return Preprocessing(
         input_size=(size, size),
         channel_order="RGB",
         scale=1 / 255,
         mean=tuple(transforms.mean),
         std=tuple(transforms.std),
     )
-    head = find_head(_skeleton(architecture, (size, size)))
+
+
+@functools.cache
+def _architecture_spec(architecture: str) -> NetworkSpec:
+    """The entry of a torchvision builder name: its DEFAULT weights, their preprocessing and
+    categories, the head found in the architecture itself, and the architecture's meta row."""
+    weights = _default_weights(architecture)
+    preprocessing = _torchvision_preprocessing(weights)
+    head = find_head(_skeleton(architecture, preprocessing.input_size))
+    meta = MODEL_META.get(architecture, ArchitectureMeta())
     metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
     accuracy = f", ImageNet top-1 {metrics['acc@1']:.1f} %" if "acc@1" in metrics else ""
     return NetworkSpec(
         name=architecture,
         architecture=architecture,
         head_layer=head,
-        head_name=head,
+        head_name=meta.head_name or head,
         preprocessing=preprocessing,
-        torchvision_weights=f"{type(weights).__name__}.{weights.name}",
-        description=f"torchvision {type(weights).__name__}.{weights.name} "
-        f"({weights.meta['num_params'] / 1e6:.1f} M parameters{accuracy})",
+        weights=weights,
+        description=f"torchvision {weights} ({weights.meta['num_params'] / 1e6:.1f} M parameters{accuracy})",
         categories=len(weights.meta["categories"]),
+        cut=meta.cut,
     )
 
 
 def get_spec(name: str) -> NetworkSpec:
-    """The spec of any torchvision classifier by its builder name, of ``squeezenet``
-    (SqueezeNet 1.1, its head named ``conv10`` as in MATLAB) or of ``squeezenet-caffe``."""
-    if name == "squeezenet-caffe":
-        return replace(
-            get_spec("squeezenet"),
-            name=name,
-            preprocessing=Preprocessing(input_size=(227, 227), **CAFFE_BGR),
-            torchvision_weights=None,
-            weights_file="squeezenet1_1_caffe-2c890718.pth",
-            description="SqueezeNet 1.1 with the original Caffe ImageNet weights MATLAB imports",
-        )
-    architecture = ALIASES.get(name, name)
-    if architecture not in torchvision_classifiers():
+    """The entry ``name``: any torchvision classifier by its builder name, or a named entry."""
+    entry = NAMED_ENTRIES.get(name, Entry(name))
+    if entry.architecture not in torchvision_classifiers():
         close = difflib.get_close_matches(name, network_names(), n=5, cutoff=0.5)
         raise ValueError(
             f"unknown network {name!r}: any torchvision classifier (see `retrain network`), "
-            f"or squeezenet-caffe" + (f"; did you mean {', '.join(close)}?" if close else "")
+            f"or {', '.join(_file_entries())}" + (f"; did you mean {', '.join(close)}?" if close else "")
         )
-    spec = _torchvision_spec(architecture)
-    if architecture.startswith("squeezenet"):
-        spec = replace(spec, head_name="conv10")  # MATLAB's (and the paper's) name
-    return replace(spec, name=name) if name != architecture else spec
+    spec = _architecture_spec(entry.architecture)
+    if entry.weights:
+        w = entry.weights
+        spec = replace(
+            spec, weights=w, preprocessing=w.preprocessing, description=w.description, categories=w.categories
+        )
+    return replace(spec, name=name) if name != spec.name else spec
 
 
 def describe_network(name: str) -> dict:
     """One line of the network list, from torchvision's weights metadata alone (building
-    every architecture to list them would take a minute)."""
-    if name in ALIASES or name == "squeezenet-caffe":
+    every architecture to list them would take a minute); a named entry by its description."""
+    if name in NAMED_ENTRIES:
         spec = get_spec(name)
         return {"network": name, "input_size": list(spec.preprocessing.input_size), "description": spec.description}
     weights = _default_weights(name)
-    size = int(weights.transforms().crop_size[0])
+    size = _torchvision_preprocessing(weights).input_size[0]
     metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
     return {
         "network": name,
         "input_size": [size, size],
         "parameters": weights.meta["num_params"],
         "imagenet_top1": metrics.get("acc@1"),
-        "description": f"{type(weights).__name__}.{weights.name}, {weights.meta['num_params'] / 1e6:.1f} M parameters",
+        "description": f"{weights}, {weights.meta['num_params'] / 1e6:.1f} M parameters",
     }
-
-
-def _module(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
 
 
 def replace_head(model: nn.Module, head_layer: str, num_classes: int) -> nn.Module:
     """Swap the final learnable layer for a fresh one with ``num_classes`` outputs."""
-    old = _module(model, head_layer)
+    old = model.get_submodule(head_layer)
     if isinstance(old, nn.Conv2d):
         new = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size, stride=old.stride)
         nn.init.normal_(new.weight, mean=0.0, std=0.01)  # torchvision's init for conv10
@@ -186,23 +267,41 @@ def replace_head(model: nn.Module, head_layer: str, num_classes: int) -> nn.Modu
     else:
         raise TypeError(f"cannot replace head layer {head_layer!r} of type {type(old).__name__}")
     parent_path, _, child = head_layer.rpartition(".")
-    setattr(_module(model, parent_path) if parent_path else model, child, new)
+    setattr(model.get_submodule(parent_path), child, new)
     if hasattr(model, "num_classes"):
         model.num_classes = num_classes
     return model
 
 
+class TensorFileError(ValueError):
+    """A file that ``torch.load(..., weights_only=True)`` refuses or cannot read: unsafe,
+    truncated, corrupt or not a torch file. ``reason`` is torch's own exception."""
+
+    def __init__(self, url: str, reason: Exception):
+        super().__init__(f"{url}: {type(reason).__name__}: {reason}")
+        self.reason = reason
+
+
+def load_tensors(url: str) -> Any:
+    """The file at ``url`` through ``torch.load(..., weights_only=True)``: tensors and plain
+    values only, nothing in it can run code. The store's errors (FileNotFoundError where there
+    is no file) pass through; :class:`TensorFileError` where torch cannot load it."""
+    data = storage.read_bytes(url)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TensorFileError(url, exc) from exc
+
+
 def _load_state_dict_file(url: str) -> dict[str, torch.Tensor]:
     try:
-        data = storage.read_bytes(url)
+        obj = load_tensors(url)
     except FileNotFoundError:
         raise WeightsUnavailableError(f"weights file not found: {url}") from None
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refused, truncated zip, garbage bytes...
+    except TensorFileError as exc:  # unpickling refused, truncated zip, garbage bytes...
         raise WeightsUnavailableError(
             f"weights file {url} is not a readable PyTorch state dict "
-            f"(truncated, corrupt or holding arbitrary objects): {exc}"
+            f"(truncated, corrupt or holding arbitrary objects): {exc.reason}"
         ) from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
@@ -211,18 +310,13 @@ def _load_state_dict_file(url: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _cached_weights_file(spec: NetworkSpec) -> str | None:
-    candidate = os.path.join(torch.hub.get_dir(), "checkpoints", spec.weights_file)
-    return candidate if os.path.exists(candidate) else None
-
-
 def build_network(name: str, num_classes: int, weights: str = "default") -> tuple[nn.Module, str]:
     """The network ``name`` with its head replaced for ``num_classes``.
 
-    ``weights``: ``"default"`` (the network's pretrained weights: torchvision's DEFAULT enum
-    member, or the weights file of squeezenet-caffe), ``"none"`` (random init, for training
-    from scratch) or the URL of a state-dict file for the torchvision architecture. Returns
-    the model and a description of where its weights came from.
+    ``weights``: ``"default"`` (the entry's pretrained weights: torchvision's weights enum
+    member, or the entry's weights file in torch's hub cache), ``"none"`` (random init, for
+    training from scratch) or the URL of a state-dict file for the entry's architecture.
+    Returns the model and a description of where its weights came from.
     """
     spec = get_spec(name)
     if num_classes < 2:
@@ -231,13 +325,12 @@ def build_network(name: str, num_classes: int, weights: str = "default") -> tupl
     if weights == "none":
         model = torchvision.models.get_model(spec.architecture, weights=None, **builder_args)
         origin = "random initialisation"
-    elif weights == "default" and spec.torchvision_weights:
-        weights_enum = _torchvision_weights(spec)
+    elif weights == "default" and spec.from_torchvision:
         try:
-            model = torchvision.models.get_model(spec.architecture, weights=weights_enum, **builder_args)
+            model = torchvision.models.get_model(spec.architecture, weights=spec.weights, **builder_args)
         except Exception as exc:  # URLError, socket errors, hash mismatch, partial download
             raise _torchvision_unavailable(spec, exc) from None
-        origin = f"torchvision {spec.torchvision_weights} ({weights_enum.url})"
+        origin = f"torchvision {spec.weights} ({spec.weights.url})"
     else:
         url = _weights_file(spec, weights)
         model = torchvision.models.get_model(spec.architecture, weights=None, **builder_args)
@@ -255,9 +348,9 @@ def check_weights(name: str, weights: str = "default") -> None:
     spec = get_spec(name)
     if weights == "none":
         return
-    if weights == "default" and spec.torchvision_weights:
+    if weights == "default" and spec.from_torchvision:
         try:
-            _torchvision_weights(spec).get_state_dict(progress=False)
+            spec.weights.get_state_dict(progress=False)
         except Exception as exc:
             raise _torchvision_unavailable(spec, exc) from None
         return
@@ -265,15 +358,16 @@ def check_weights(name: str, weights: str = "default") -> None:
 
 
 def _weights_file(spec: NetworkSpec, weights: str) -> str:
-    """The state-dict file ``weights`` names ("default": the registry's file in torch's cache)."""
+    """The state-dict file ``weights`` names ("default": the entry's file in torch's hub cache)."""
     if weights != "default":
         return weights
-    url = _cached_weights_file(spec)
-    if url is None:
+    checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
+    url = os.path.join(checkpoints, spec.weights.file_name)
+    if not os.path.exists(url):
         raise WeightsUnavailableError(
-            f"network {spec.name!r} needs its weights file {spec.weights_file}: pass "
-            f"--weights PATH_OR_URL (for example ../shared/weights/{spec.weights_file}), "
-            f"or copy the file into {os.path.join(torch.hub.get_dir(), 'checkpoints')}"
+            f"network {spec.name!r} needs its weights file {spec.weights.file_name}: pass "
+            f"--weights PATH_OR_URL (for example ../shared/weights/{spec.weights.file_name}), "
+            f"or copy the file into {checkpoints}"
         )
     return url
 
@@ -292,19 +386,14 @@ def _load_fitting(model: nn.Module, spec: NetworkSpec, url: str) -> None:
         ) from None
 
 
-def _torchvision_weights(spec: NetworkSpec):
-    enum_name, _, member = spec.torchvision_weights.partition(".")
-    return getattr(getattr(torchvision.models, enum_name), member)
-
-
 def _torchvision_unavailable(spec: NetworkSpec, exc: Exception) -> WeightsUnavailableError:
+    files = "".join(f", or --network {name} --weights PATH_TO_{w.file_name}" for name, w in _file_entries().items())
     return WeightsUnavailableError(
         f"could not obtain the pretrained weights for {spec.name!r} "
-        f"({spec.torchvision_weights}) through torchvision: {type(exc).__name__}: {exc}. "
+        f"({spec.weights}) through torchvision: {type(exc).__name__}: {exc}. "
         f"On a machine without internet access, use a local weights file: "
-        f"--weights PATH (a state dict for torchvision.models.{spec.architecture}), or "
-        f"--network squeezenet-caffe --weights PATH_TO_squeezenet1_1_caffe-2c890718.pth; "
-        f"or copy the file torchvision downloads ({_torchvision_weights(spec).url}) into "
+        f"--weights PATH (a state dict for torchvision.models.{spec.architecture}){files}; "
+        f"or copy the file torchvision downloads ({spec.weights.url}) into "
         f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}"
     )
 
@@ -313,7 +402,7 @@ def _torchvision_unavailable(spec: NetworkSpec, exc: Exception) -> WeightsUnavai
 
 
 def head_parameters(model: nn.Module, spec: NetworkSpec) -> list[nn.Parameter]:
-    return list(_module(model, spec.head_layer).parameters())
+    return list(model.get_submodule(spec.head_layer).parameters())
 
 
 def configure_trainable(model: nn.Module, spec: NetworkSpec, mode: str) -> None:
@@ -412,7 +501,7 @@ def summarize(model: nn.Module, spec: NetworkSpec) -> NetworkSummary:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    head = _module(model, spec.head_layer)
+    head = model.get_submodule(spec.head_layer)
     return NetworkSummary(
         name=spec.name,
         architecture=spec.architecture,

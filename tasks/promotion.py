@@ -27,7 +27,7 @@ is written before that decision's other records, so a kill between them never sh
 promotion that did not happen; :func:`history` reads a decision whose own file the kill
 prevented from current.json, and the next decision on the model writes that file.
 
-Plain functions; :mod:`flows.retrain` wraps :func:`promote_run` as a Prefect task and shows
+Plain functions; :mod:`flows.pipeline` wraps :func:`promote_run` as a Prefect task and shows
 the decision as an artifact. ``retrain models`` and ``retrain rollback`` call them directly.
 """
 
@@ -212,22 +212,19 @@ def _stack(current: dict) -> list[str]:
 @contextlib.contextmanager
 def _model_lock(store: str, name: str, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
     """One decision on a model name at a time: reading current.json, comparing and writing
-    the decision happen under an exclusive lock on ``models/<name>/`` (scoring's
-    :class:`JobLock`: ``flock`` on a local disk, released by the kernel even when the holder
-    is killed; a lease on an object store). A second promotion waits for the first."""
-    from retrain.tasks.scoring import JobLock, ScoringLockedError
-
+    the decision happen under an exclusive lock on ``models/<name>/`` (the store's
+    :class:`~retrain.tasks.storage.FolderLock`: ``flock`` on a local disk, released by the
+    kernel even when the holder is killed; a lease on an object store). A second promotion
+    waits for the first."""
     folder = model_layout(store, name).url
-    try:
-        lock = JobLock(folder, wait_s=wait_s).acquire()
-    except ScoringLockedError:
-        raise PromotionError(
+
+    def refusal(who: str) -> PromotionError:
+        return PromotionError(
             f"model {name!r}: another promotion or rollback has held {folder} for over {wait_s:.0f} s; try again"
-        ) from None
-    try:
+        )
+
+    with storage.FolderLock(folder, wait_s=wait_s, refusal=refusal):
         yield
-    finally:
-        lock.release()
 
 
 # ---- both models on the same images ----------------------------------------------------------

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from retrain.tasks import storage
 from retrain.tasks.model_file import read_model_record, save_model_file
+from retrain.tasks.training.options import TrainingOptions
+from retrain.tasks.vocabulary import AugmentationSettings
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED = "running", "completed", "failed"
 # Shown by list_runs, never recorded: a "running" run whose writer is gone (killed, power cut),
@@ -25,28 +28,62 @@ STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED = "running", "completed", "faile
 STATUS_INTERRUPTED = "interrupted"
 
 
-class RunLockedError(ValueError):
+class RunLockedError(storage.LockedError):
     """Another process is writing to this run folder (a second ``retrain run`` of the same
     unfinished run): refused, so that a run folder never has two writers."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
+    """The run's configuration, typed, from the checked request to the training loop: what
+    ``run.json`` records under ``config`` and the training stage reads back
+    (:meth:`from_record`). :meth:`tasks.request.RunRequest.check` makes it without its data;
+    the retrain flow adds the data set and its content key."""
+
     data: str  # the data set URL as given
     dataset: str  # what identifies its content: the zip's sha256, or the folder URL
     network: str
-    weights: str
-    mode: str
-    split: tuple[float, float, float]
-    options: dict
-    augmentation: dict
+    weights: str  # default, none, or a state-dict file's absolute URL ("none" in scratch mode)
+    mode: str  # tasks.vocabulary.MODES
+    split: tuple[float, float, float]  # train, val, test fractions per label
+    options: TrainingOptions
+    augmentation: AugmentationSettings
+    # labels (a label table) and its sha256, split_seed (an experiment's), shared_features
+    # (a feature cache shared with other runs, tasks/feature_sharing.py)
     extra: dict = field(default_factory=dict)
     content: str = ""  # the images' content key (datastore.content_key): the run is bound to it
+
+    def __post_init__(self):
+        # Options and augmentation may be given as dicts of the settings that differ from the
+        # defaults (as a test or a Prefect parameter gives them): checked and typed here.
+        if isinstance(self.options, dict):
+            object.__setattr__(self, "options", TrainingOptions.from_dict(self.options))
+        if isinstance(self.augmentation, dict):
+            object.__setattr__(self, "augmentation", AugmentationSettings.from_dict(self.augmentation))
+        object.__setattr__(self, "split", tuple(self.split))
+
+    @classmethod
+    def from_record(cls, config: dict) -> RunConfig:
+        """The configuration ``run.json`` recorded (by this version or an earlier one: a
+        missing ``extra`` or ``content`` takes its default)."""
+        return cls(**config)
+
+    def to_record(self) -> dict:
+        return asdict(self)
+
+    @property
+    def split_seed(self) -> int:
+        """The seed the split is drawn from: the experiment's, else the training seed."""
+        return self.extra.get("split_seed", self.options.seed)
+
+    @property
+    def shared_features(self) -> dict | None:
+        return self.extra.get("shared_features")
 
     def fingerprint(self) -> str:
         # The number of training processes is left out: it does not change the result
         # (tasks/training/distributed.py), so a run resumes with another.
-        record = asdict(self)
+        record = self.to_record()
         record["options"] = {k: v for k, v in record["options"].items() if k != "processes"}
         blob = json.dumps(record, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -107,11 +144,10 @@ def find_resumable(store: str, fingerprint: str) -> str | None:
 
 
 def lock_run(run_url: str):
-    """The run folder's lock (scoring's :class:`JobLock` on ``runs/<run-id>/.lock``: ``flock``
-    on a local disk, released by the kernel even when the holder is killed -9; a lease on an
-    object store, taken over once its holder stops renewing it). Acquire it before writing."""
-    from retrain.tasks.scoring.lock import JobLock
-
+    """The run folder's lock (the store's :class:`~retrain.tasks.storage.FolderLock` on
+    ``runs/<run-id>/.lock``: ``flock`` on a local disk, released by the kernel even when the
+    holder is killed -9; a lease on an object store, taken over once its holder stops renewing
+    it). Acquire it before writing."""
     run_id = storage.RunLayout(run_url).run_id
 
     def refusal(who: str) -> RunLockedError:
@@ -121,7 +157,7 @@ def lock_run(run_url: str):
             "--fresh to start a new run"
         )
 
-    return JobLock(run_url, refusal=refusal)
+    return storage.FolderLock(run_url, refusal=refusal)
 
 
 def start_run(store: str, config: RunConfig, run_id: str | None = None, resume: bool = True):
@@ -156,7 +192,7 @@ def _open_record(run_url: str, run_id: str, store: str, config: RunConfig, finge
         if record.get("fingerprint") != fingerprint:
             raise ValueError(_other_fingerprint(run_id, record, config))
         # The same configuration but for what the fingerprint leaves out (processes): this one.
-        update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1, config=asdict(config))
+        update_run(run_url, status=STATUS_RUNNING, resumed=record.get("resumed", 0) + 1, config=config.to_record())
     else:
         now = datetime.now(timezone.utc).isoformat()
         storage.write_json(
@@ -165,7 +201,7 @@ def _open_record(run_url: str, run_id: str, store: str, config: RunConfig, finge
                 "run_id": run_id,
                 "store": store,
                 "fingerprint": fingerprint,
-                "config": asdict(config),
+                "config": config.to_record(),
                 "status": STATUS_RUNNING,
                 "created": now,
                 "updated": now,
@@ -200,11 +236,8 @@ def _refuse_published(run_url: str, run_id: str) -> None:
 def _clear_run_folder(run_url: str) -> None:
     """Remove what an earlier run of this id left (its lock, held by the caller, stays): a run
     started over must not find the old split, checkpoints or trained model."""
-    from retrain.tasks.scoring.layout import JobLayout
-
-    keep = JobLayout(run_url).lock.rstrip("/").rsplit("/", 1)[-1]
     for url in storage.ls(run_url):
-        if url.rstrip("/").rsplit("/", 1)[-1] != keep:
+        if posixpath.basename(url.rstrip("/")) != storage.LOCK_NAME:
             storage.remove(url, recursive=True)
 
 

@@ -11,6 +11,7 @@ import io
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from retrain.tasks import storage
 
 SHAPES = ("circle", "square", "triangle")

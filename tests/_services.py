@@ -92,7 +92,7 @@ def start(
 
 def retrain_argv(*args: str) -> list[str]:
     """The ``retrain`` program with ``args``, as a user runs it (from this checkout)."""
-    return [sys.executable, "-m", "retrain.flows.cli", *args]
+    return [sys.executable, "-m", "retrain.cli", *args]
 
 
 def kill_group(proc: subprocess.Popen | int) -> None:

@@ -1,6 +1,6 @@
 """Shared fixtures and helpers: tiny generated image sets, the ../shared data (skipped when
-absent), a small model file, one Prefect API for the whole session, an in-process Dask cluster;
-image encoding, zipping, and calling the CLI in this process."""
+absent), a small model file, one Prefect API and one S3 server (moto) for the whole session, an
+in-process Dask cluster; image encoding, zipping, and calling the CLI in this process."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-# Failed commands write their tracebacks to log files (flows/cli.py): here, not in ~/.local/state.
+# Failed commands write their tracebacks to log files (retrain/cli.py): here, not in ~/.local/state.
 os.environ.setdefault("RETRAIN_LOG_DIR", tempfile.mkdtemp(prefix="retrain-test-logs-"))
 
 from retrain.tasks.model_file import model_record, save_model_file
@@ -85,6 +85,17 @@ def random_model_file(tmp_path_factory) -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """One S3 server (moto's, tests/_services.py) for the session, instead of one per test
+    module: each test uses buckets of its own names."""
+    pytest.importorskip("s3fs")
+    from tests._services import moto_s3
+
+    with moto_s3(tmp_path_factory.mktemp("moto")) as endpoint:
+        yield endpoint
+
+
 @pytest.fixture(scope="module")
 def dask_client():
     """An in-process Dask cluster (one worker thread): the real job, without process start-up."""
@@ -134,7 +145,7 @@ def last_json(capsys) -> dict:
 def run_cli(args: list[str]) -> tuple[int, dict, str]:
     """``retrain ARGS --json`` in this process: (exit status, the last JSON line, stderr). An
     exception escaping ``main`` is a crash and fails the test."""
-    from retrain.flows.cli import main
+    from retrain.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

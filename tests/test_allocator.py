@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+
 from retrain.tasks import allocator
 
 # Each check runs in a fresh interpreter: the settings are process-wide and applied once.

@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+
 from retrain.tasks import datastore, storage
 from retrain.tasks.datastore import unzip_dataset
 from retrain.tasks.model_file import MODEL_FORMAT, ModelFileError, save_model_file
@@ -34,7 +35,6 @@ from retrain.tasks.networks import build_network
 from retrain.tasks.preprocessing import ImageDecodeError, decode_image
 from retrain.tasks.samples import make_shapes_dataset
 from retrain.tasks.training.checkpoints import load_latest_checkpoint
-
 from tests.conftest import encode, run_cli, tiny_run_flags, zip_folder
 
 CLASSES = ["circle", "square", "triangle"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from retrain.tasks import storage
 from retrain.tasks.datastore import (
     DataSetError,
@@ -16,7 +17,6 @@ from retrain.tasks.datastore import (
     unzip_dataset,
 )
 from retrain.tasks.samples import draw_shape
-
 from tests.conftest import zip_folder
 
 

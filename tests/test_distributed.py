@@ -8,6 +8,8 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from torch import nn
+
 from retrain.tasks.datastore import index_stage, split_stage
 from retrain.tasks.model_file import load_model_file
 from retrain.tasks.networks import build_network
@@ -20,7 +22,6 @@ from retrain.tasks.training.dropout import KeyedDropout, keep_mask
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import seeded_generator
 from retrain.tasks.training.stage import train_run
-from torch import nn
 
 # Largest absolute difference allowed between final weights trained in 1 and in 2 processes.
 # Measured (4 iterations, SGD with momentum, random SqueezeNet, mini-batches of 7 cut 4 + 3):

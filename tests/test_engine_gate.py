@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+
 from retrain.tasks import engine_gate, inference, storage
-from retrain.tasks.datastore import index_images
+from retrain.tasks.datastore import held_out, index_images, is_held_out
+from retrain.tasks.model_file import load_model_file
 from retrain.tasks.scoring.job import inspect_model
 
 
@@ -69,17 +71,12 @@ def _quick_gate(mp: pytest.MonkeyPatch) -> None:
 
 
 def _counting_loader(real, counts: dict):
-    def loader(decoder: str, size):
-        load = real(decoder, size)
+    def counted(data: bytes, size, decoder: str = "exact") -> torch.Tensor:
+        key = (decoder, hashlib.sha256(data).hexdigest())
+        counts[key] = counts.get(key, 0) + 1
+        return real(data, size, decoder)
 
-        def counted(data: bytes) -> torch.Tensor:
-            key = (decoder, hashlib.sha256(data).hexdigest())
-            counts[key] = counts.get(key, 0) + 1
-            return load(data)
-
-        return counted
-
-    return loader
+    return counted
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +97,7 @@ def planted(tmp_path_factory, random_model_file, shapes) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         _quick_gate(mp)
         mp.setattr(engine_gate, "build_predictor", _disagrees_on_flat_images(engine_gate.build_predictor))
-        mp.setattr(engine_gate, "image_loader", _counting_loader(engine_gate.image_loader, counts))
+        mp.setattr(engine_gate, "load_image", _counting_loader(engine_gate.load_image, counts))
         choice = engine_gate.choose_engine(model, sha, "auto")
     folder = Path(engine_gate.engines_dir(model, sha))
     record = json.loads((folder / "validation.json").read_text())
@@ -124,6 +121,29 @@ def test_each_image_is_decoded_once_for_all_engines(planted):
     scaled = [n for (decoder, _), n in planted["counts"].items() if decoder == "scaled"]
     assert len(exact) == 25 and set(exact) == {1}  # calibration images included: they are in the set
     assert len(scaled) == 25 and set(scaled) == {1}  # the scaled decoder's own check
+
+
+def test_the_scaled_check_decodes_again_only_what_it_decodes_its_own_way(tmp_path, random_model_file, monkeypatch):
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 40, 3), dtype=np.uint8)).resize((400, 400))
+    paths = [str(tmp_path / "photo.jpg"), str(tmp_path / "photo.png")]
+    photo.save(paths[0], "JPEG", quality=95)
+    photo.save(paths[1], "PNG")
+    counts: dict = {}
+    monkeypatch.setattr(engine_gate, "load_image", _counting_loader(engine_gate.load_image, counts))
+    reference = inference.build_predictor(load_model_file(random_model_file), "torch", device=torch.device("cpu"))
+    scores, scaled = engine_gate._gate_scores({"torch": reference}, paths, {})
+    assert sorted(decoder for decoder, _ in counts) == ["exact", "exact", "scaled"]  # the JPEG's own way only
+    assert set(counts.values()) == {1}
+    assert torch.allclose(scaled[1], scores["torch"][1], atol=1e-6)  # the PNG: the exact pixels
+
+
+def test_the_gate_and_evaluation_hold_out_by_one_rule():
+    split = pd.DataFrame({"path": list("abcdef"), "label": ["x"] * 6, "split": ["train", "val", "test"] * 2})
+    assert engine_gate._held_out_mask(split).tolist() == is_held_out(split).tolist() == [False, True, True] * 2
+    rows, which = held_out(split)  # evaluation: the test part, of the held-out ones
+    assert which == "test" and list(rows["path"]) == ["c", "f"]
+    rows, which = held_out(split[split["split"] != "test"])
+    assert which == "val" and list(rows["path"]) == ["b", "e"]
 
 
 def test_too_few_images_cannot_establish_agreement(tmp_path, random_model_file, shapes, monkeypatch):

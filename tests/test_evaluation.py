@@ -1,7 +1,9 @@
 import pytest
 import torch
+
 from retrain.tasks.datastore import index_images
-from retrain.tasks.evaluation import classify_image, evaluate_model, evaluate_predictions, predictions_table
+from retrain.tasks.evaluation import classify_with, evaluate_model, evaluate_predictions, predictions_table
+from retrain.tasks.inference import build_predictor
 from retrain.tasks.model_file import load_model_file
 
 
@@ -34,7 +36,7 @@ def test_evaluate_model_and_classify_on_images(random_model_file, shapes_dir):
     assert result.count == 24 and sum(map(sum, result.confusion)) == 24
     assert len(table) == 24 and table["score"].between(0, 1).all()
     first = table.iloc[0]
-    one = classify_image(loaded.model, loaded.preprocessing, loaded.classes, first["path"])
+    one = classify_with(build_predictor(loaded, engine="torch"), first["path"])
     assert one.label == first["label"] and one.score == pytest.approx(first["score"], abs=1e-5)
     assert sum(one.scores.values()) == pytest.approx(1.0, abs=1e-5)
 

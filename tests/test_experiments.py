@@ -10,8 +10,10 @@ import time
 
 import pytest
 import torch
-from retrain.flows import experiment, failures
-from retrain.flows.cli import main
+
+from retrain import failures
+from retrain.cli import main
+from retrain.flows import experiment
 from retrain.tasks import storage
 from retrain.tasks.experiments import (
     RunResult,
@@ -25,7 +27,6 @@ from retrain.tasks.experiments import (
 )
 from retrain.tasks.networks import build_network
 from retrain.tasks.samples import make_shapes_dataset
-
 from tests import _services
 from tests.conftest import run_cli, tiny_run_flags
 from tests.test_faults import subprocess_env, wait_for

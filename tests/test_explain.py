@@ -7,12 +7,13 @@ import shutil
 import pandas as pd
 import torch
 from PIL import Image
-from retrain.flows.cli import main
+from torch import nn
+
+from retrain.cli import main
 from retrain.tasks.datastore import index_images
 from retrain.tasks.evaluation import evaluate_model
 from retrain.tasks.explain import explain_run, find_cam_layer, grad_cam, top_losses
 from retrain.tasks.model_file import load_model_file
-from torch import nn
 
 
 def test_top_losses_ranks_by_the_loss_of_the_true_class():

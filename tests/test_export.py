@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from retrain.tasks.datastore import index_images
 from retrain.tasks.export import checked_onnx_source
 from retrain.tasks.model_file import ModelFileError, load_model_file
-from retrain.tasks.preprocessing import decode_image, resize
-
+from retrain.tasks.preprocessing import load_image
 from tests.conftest import run_cli
 
 
@@ -34,7 +34,7 @@ def test_onnx_round_trip_with_onnxruntime_alone(tmp_path, random_model_file, sha
     size = json.loads(meta["retrain.input_size"])
     assert classes == loaded.classes and size == [227, 227] and prep["channel_order"] == "BGR"
     paths = list(index_images(shapes_dir).images["path"])
-    images = torch.stack([resize(decode_image(Path(p).read_bytes()), tuple(size)) for p in paths]).float()
+    images = torch.stack([load_image(Path(p).read_bytes(), tuple(size)) for p in paths]).float()
     x = images.flip(1) if prep["channel_order"] == "BGR" else images
     x = (x * prep["scale"] - torch.tensor(prep["mean"]).view(1, 3, 1, 1)) / torch.tensor(prep["std"]).view(1, 3, 1, 1)
     logits = np.concatenate([session.run(None, {"input": x[i : i + 7].numpy()})[0] for i in range(0, len(x), 7)])

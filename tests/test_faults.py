@@ -24,11 +24,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
 from retrain.tasks import storage
 from retrain.tasks.model_file import model_record, read_model_record
 from retrain.tasks.networks import build_network, get_spec
 from retrain.tasks.samples import make_shapes_dataset
-
 from tests import _services
 from tests._services import kill_group
 from tests.conftest import CAFFE_WEIGHTS, s3_environment
@@ -95,7 +95,7 @@ def subprocess_env(prefect_api, tmp_path) -> dict[str, str]:
 
 
 def run_in_process(args: list[str]) -> dict:
-    from retrain.flows.cli import main
+    from retrain.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -336,19 +336,10 @@ class FaultProxy:
 
 def s3_environment_with_fast_retries(monkeypatch, endpoint: str) -> None:
     """botocore tries once (AWS_MAX_ATTEMPTS=1), so every retry seen is retrain's own
-    (tasks/storage.py), three attempts in all, quickly."""
+    (tasks/storage/remote.py), three attempts in all, quickly."""
     s3_environment(
         monkeypatch, endpoint, AWS_MAX_ATTEMPTS="1", RETRAIN_STORE_RETRIES="3", RETRAIN_STORE_RETRY_DELAY="0.02"
     )
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    pytest.importorskip("s3fs")
-    from tests._services import moto_s3
-
-    with moto_s3(tmp_path_factory.mktemp("moto")) as endpoint:
-        yield endpoint
 
 
 @pytest.fixture
@@ -408,7 +399,7 @@ def test_listing_images_to_score_on_a_flaky_s3_is_retried(s3):
 
 
 def test_s3_that_keeps_failing_gives_a_clear_error_after_retries(s3, tmp_path, capsys):
-    from retrain.flows.cli import main
+    from retrain.cli import main
 
     proxy, bucket = s3
     model = f"{bucket}/models/model.pt"
@@ -435,8 +426,8 @@ def test_s3_endpoint_down_gives_a_clear_error(tmp_path, monkeypatch, capsys):
     """moto started, a model published to it, moto stopped: the endpoint refuses connections."""
     pytest.importorskip("s3fs")
     import s3fs
-    from retrain.flows.cli import main
 
+    from retrain.cli import main
     from tests._services import moto_s3
 
     with moto_s3(tmp_path) as endpoint:

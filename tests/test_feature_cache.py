@@ -9,6 +9,7 @@ import os
 import pandas as pd
 import pytest
 import torch
+
 from retrain.tasks.datastore import index_images
 from retrain.tasks.evaluation import predict_scores
 from retrain.tasks.networks import build_network, configure_trainable, get_spec, head_parameters
@@ -52,6 +53,13 @@ def run(data: TrainingData, weights: str = "none", **options) -> tuple[torch.nn.
     return model, outcome
 
 
+@pytest.fixture(scope="module")
+def cached_run(shapes_data) -> tuple[torch.nn.Module, object]:
+    """:func:`run` with its defaults (features cached in memory), trained once for the tests
+    that only read it."""
+    return run(shapes_data)
+
+
 def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -85,9 +93,9 @@ def test_cache_and_classic_both_give_a_working_model(shapes_data, caffe_weights)
     assert results[False] >= 0.75 and results[True] >= 0.75, results  # chance is 0.33
 
 
-def test_the_body_stays_frozen_and_the_state_dict_reproduces_cached_validation(shapes_data):
+def test_the_body_stays_frozen_and_the_state_dict_reproduces_cached_validation(shapes_data, cached_run):
     initial = {k: v.clone() for k, v in make_model().state_dict().items()}
-    model, outcome = run(shapes_data)
+    model, outcome = cached_run
     head = {k for k in initial if k.startswith(SPEC.head_layer + ".")}
     assert head == {"classifier.1.weight", "classifier.1.bias"}
     for k, v in outcome.state_dict.items():
@@ -166,8 +174,8 @@ def test_resume_gives_the_uninterrupted_result(shapes_data, tmp_path, memory_mb)
     assert whole.best_iteration == resumed.best_iteration
 
 
-def test_disk_cache_trains_like_memory_cache(shapes_data, tmp_path):
-    _, memory = run(shapes_data)
+def test_disk_cache_trains_like_memory_cache(shapes_data, cached_run, tmp_path):
+    _, memory = cached_run
     _, disk = run(shapes_data, feature_cache_memory_mb=0, feature_folder=str(tmp_path / "features"))
     _, temporary = run(shapes_data, feature_cache_memory_mb=0)  # no folder: a temporary one
     assert disk.feature_cache["location"] == str(tmp_path / "features")

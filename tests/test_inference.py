@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
 from retrain.tasks import engine_gate, inference, storage
 from retrain.tasks.datastore import index_images
 from retrain.tasks.model_file import ModelFileError, load_model_file, save_model_file
-from retrain.tasks.preprocessing import decode_image, resize
-
+from retrain.tasks.preprocessing import load_image
 from tests.conftest import run_cli
 
 
@@ -26,7 +26,7 @@ def held_out(shapes_dir) -> pd.DataFrame:
 
 def test_onnx_engines_give_the_torch_labels(random_model_file, held_out):
     loaded = load_model_file(random_model_file)
-    pixels = torch.stack([resize(decode_image(Path(p).read_bytes()), (227, 227)) for p in held_out["path"]])
+    pixels = torch.stack([load_image(Path(p).read_bytes(), (227, 227)) for p in held_out["path"]])
     reference = inference.build_predictor(loaded, "torch").scores(pixels)
     folder = str(Path(random_model_file).parent / "engines-test")
     record = engine_gate.validate_engines(
@@ -92,14 +92,12 @@ def test_scaled_jpeg_decoding_is_close_to_exact_and_falls_back_for_other_formats
     big = Image.open(next(Path(shapes_dir).rglob("*.jpg"))).convert("RGB").resize((900, 700))
     buffer = io.BytesIO()
     big.save(buffer, "JPEG", quality=95)
-    exact = resize(decode_image(buffer.getvalue()), (227, 227)).float()
-    scaled = inference.decode_scaled(buffer.getvalue(), (227, 227)).float()
+    exact = load_image(buffer.getvalue(), (227, 227)).float()
+    scaled = load_image(buffer.getvalue(), (227, 227), "scaled").float()
     assert scaled.shape == exact.shape and (scaled - exact).abs().mean() < 4  # of 255
     png = io.BytesIO()
     big.save(png, "PNG")
-    assert torch.equal(
-        inference.decode_scaled(png.getvalue(), (227, 227)), resize(decode_image(png.getvalue()), (227, 227))
-    )
+    assert torch.equal(load_image(png.getvalue(), (227, 227), "scaled"), load_image(png.getvalue(), (227, 227)))
 
 
 def test_nan_weights_are_refused_by_classify_evaluate_and_score(tmp_path, random_model_file, shapes_dir, monkeypatch):

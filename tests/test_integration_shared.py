@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-from retrain.flows.cli import main
 
+from retrain.cli import main
 from tests.conftest import HYMENOPTERA, MERCH_ZIP, last_json, need
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,8 @@ import os
 
 import pandas as pd
 import pytest
-from retrain.flows.cli import main
+
+from retrain.cli import main
 from retrain.tasks import storage
 from retrain.tasks.datastore import DataSetError, index_stage, split_stage
 from retrain.tasks.labels import index_from_table

@@ -6,6 +6,7 @@ import urllib.error
 import pytest
 import torch
 import torchvision
+
 from retrain.tasks import model_file, networks
 from retrain.tasks.model_file import ModelFileError, load_model_file, model_record, save_model_file
 from retrain.tasks.networks import (
@@ -17,6 +18,7 @@ from retrain.tasks.networks import (
     summarize,
     torchvision_classifiers,
 )
+from retrain.tasks.preprocessing import Preprocessing
 from retrain.tasks.training.body_head import split_at_head
 
 # One network of each torchvision family (the smallest), besides the seed's entries.
@@ -173,6 +175,42 @@ def test_weights_for_another_architecture_are_refused(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(WeightsUnavailableError, match="not a readable"):
         build_network("squeezenet-caffe", 2, weights=str(tmp_path / "junk.pth"))
+
+
+def test_a_network_with_its_weights_in_a_file_is_one_more_row_of_the_registry(monkeypatch, tmp_path):
+    """squeezenet-caffe is a row like any other: another one needs no code."""
+    pre = Preprocessing(
+        input_size=(160, 160), channel_order="BGR", scale=1.0, mean=(1.0, 2.0, 3.0), std=(1.0, 1.0, 1.0)
+    )
+    weights = networks.WeightsFile("resnet18-own.pth", pre, "ResNet-18 with our own weights", 1000)
+    monkeypatch.setitem(networks.NAMED_ENTRIES, "resnet18-own", networks.Entry("resnet18", weights))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert "resnet18-own" in networks.network_names()
+    spec = get_spec("resnet18-own")
+    assert (spec.architecture, spec.head_layer, spec.preprocessing, spec.from_torchvision) == (
+        "resnet18",
+        "fc",
+        pre,
+        False,
+    )
+    with pytest.raises(WeightsUnavailableError, match="needs its weights file resnet18-own.pth"):
+        build_network("resnet18-own", 2)
+    original, _ = build_network("resnet18", 1000, weights="none")
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(original.state_dict(), tmp_path / "checkpoints" / "resnet18-own.pth")
+    model, origin = build_network("resnet18-own", 2)
+    assert origin.startswith(f"file {tmp_path}") and torch.equal(model.conv1.weight, original.conv1.weight)
+
+
+def test_a_store_failure_is_not_reported_as_a_corrupt_file(monkeypatch):
+    def unreachable(url):
+        raise ConnectionError(f"store unreachable: {url}")
+
+    monkeypatch.setattr(networks.storage, "read_bytes", unreachable)
+    with pytest.raises(ConnectionError):
+        load_model_file("s3://bucket/model.pt")
+    with pytest.raises(ConnectionError):
+        build_network("squeezenet-caffe", 2, weights="s3://bucket/weights.pth")
 
 
 def test_model_file_roundtrips_with_weights_only(tmp_path):

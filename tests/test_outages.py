@@ -19,10 +19,12 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import pytest
-from retrain.tasks import orchestrator, storage
-from retrain.tasks.samples import make_shapes_dataset
 
+from retrain import orchestrator
+from retrain.tasks import storage
+from retrain.tasks.samples import make_shapes_dataset
 from tests import _services
 from tests._services import kill_group
 from tests.conftest import run_cli, s3_environment, tiny_run_flags
@@ -344,9 +346,18 @@ def test_dask_scheduler_killed_mid_score_is_status_5_and_a_new_scheduler_scores_
 def test_a_dask_scheduler_that_does_not_answer_is_status_5(tmp_path, random_model_file, prefect_api, logs):
     address = f"tcp://127.0.0.1:{_services.free_port()}"
     score_images(tmp_path / "images", 3)
-    status, result, err = run_cli(
-        ["score", random_model_file, str(tmp_path / "images"), "--out", str(tmp_path / "o"), "--dask-address", address]
-    )
+    with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):  # Dask's setting, not a 30 s wait
+        status, result, err = run_cli(
+            [
+                "score",
+                random_model_file,
+                str(tmp_path / "images"),
+                "--out",
+                str(tmp_path / "o"),
+                "--dask-address",
+                address,
+            ]
+        )
     assert status == 5 and result["type"] == "ClusterLostError", (result, err[-2000:])
     assert last_line(err).startswith(f"retrain score: error: compute cluster unreachable: {address}")
 
@@ -477,7 +488,7 @@ def test_wrong_s3_credentials_are_status_3_naming_the_bucket_and_endpoint(tmp_pa
 
 
 def test_help_lists_the_exit_statuses(capsys):
-    from retrain.flows.cli import main
+    from retrain.cli import main
 
     with pytest.raises(SystemExit):
         main(["score", "--help"])

@@ -5,15 +5,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from retrain.tasks.networks import CAFFE_SQUEEZENET
 from retrain.tasks.preprocessing import (
-    CAFFE_BGR,
     Augmentation,
     ImageDecodeError,
+    InputAffine,
     Preprocessing,
     decode_image,
     load_image,
+    load_images,
+    scaled_decoder_applies,
 )
-
 from tests.conftest import encode
 
 
@@ -31,7 +34,7 @@ def test_decoding_in_threads_leaves_the_warning_filters_alone():
 
 
 def test_caffe_preprocessing_is_bgr_0_255_mean_subtracted():
-    pre = Preprocessing(input_size=(227, 227), **CAFFE_BGR)
+    pre = CAFFE_SQUEEZENET.preprocessing
     pixel = torch.tensor([10, 20, 30], dtype=torch.uint8).view(1, 3, 1, 1)  # R G B
     out = pre.normalize(pixel).flatten().tolist()
     assert out == pytest.approx([30 - 104, 20 - 117, 10 - 123])  # B G R
@@ -92,6 +95,48 @@ def test_decompression_bomb_is_refused():
 def test_load_image_resizes_to_network_input():
     data = encode(Image.new("RGB", (500, 300), "blue"), "JPEG")
     assert load_image(data, (227, 227)).shape == (3, 227, 227)
+
+
+def test_load_image_takes_a_url_or_bytes_and_names_the_file_it_cannot_use(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(encode(Image.new("RGB", (50, 40), "blue"), "JPEG"))
+    assert torch.equal(load_image(str(photo), (32, 32)), load_image(photo.read_bytes(), (32, 32)))
+    assert torch.equal(load_images([str(photo)] * 2, (32, 32))[1], load_image(str(photo), (32, 32)))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"hello world")
+    with pytest.raises(ImageDecodeError, match="broken.jpg: not a readable image") as caught:
+        load_images([str(photo), str(broken)], (32, 32))
+    assert caught.value.source == str(broken) and caught.value.reason.startswith("not a readable image")
+    with pytest.raises(FileNotFoundError):  # what the store says: no file is not a bad image
+        load_image(str(tmp_path / "gone.jpg"), (32, 32))
+
+
+def test_the_scaled_decoder_is_a_parameter_of_the_one_loader():
+    rng = np.random.default_rng(2)
+    photo = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).resize((800, 600))
+    jpeg, png = encode(photo, "JPEG", quality=95), encode(photo, "PNG")
+    exact, scaled = load_image(jpeg, (100, 100)), load_image(jpeg, (100, 100), "scaled")
+    assert scaled.shape == exact.shape and (scaled.float() - exact.float()).abs().mean() < 4  # of 255
+    assert not scaled_decoder_applies(png)  # anything but a JPEG: the exact decoder, the same pixels
+    assert torch.equal(load_image(png, (100, 100), "scaled"), load_image(png, (100, 100)))
+    assert not scaled_decoder_applies(b"\xff\xd8 not a JPEG at all \xff\xd9")  # the exact decoder says why
+    with pytest.raises(ImageDecodeError, match="not a readable image"):
+        load_image(b"\xff\xd8 not a JPEG at all \xff\xd9", (100, 100), "scaled")
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        load_image(jpeg, (100, 100), "fast")
+
+
+@pytest.mark.parametrize("channel_order", ["RGB", "BGR"])
+def test_one_normalisation_for_training_and_inference(channel_order):
+    pre = Preprocessing((6, 5), channel_order, scale=1 / 255, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    pixels = torch.randint(0, 256, (3, 3, 6, 5), dtype=torch.uint8)
+    affine = InputAffine.of(pre, torch.device("cpu"))
+    x = pre.normalize(pixels)  # training's and the features' call
+    assert torch.equal(x, affine(pixels[:, affine.channels], torch.device("cpu")))  # the predictors'
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    ordered = pixels.float().flip(1) if channel_order == "BGR" else pixels.float()
+    mean, std = torch.tensor(pre.mean).view(1, 3, 1, 1), torch.tensor(pre.std).view(1, 3, 1, 1)
+    assert torch.allclose(x, (ordered * pre.scale - mean) / std, atol=1e-6)
 
 
 def test_augmentation_is_repeatable_and_translates_with_zero_fill():

@@ -12,6 +12,7 @@ import time
 import pandas as pd
 import pytest
 import torch
+
 from retrain.tasks import promotion, storage
 from retrain.tasks.model_file import model_record, save_model_file
 from retrain.tasks.networks import build_network, get_spec
@@ -114,7 +115,7 @@ def test_gate_promotes_across_changed_classes_only_when_asked(tmp_path, shapes_d
 
 
 def test_models_and_rollback_commands(tmp_path, shapes_dir, capsys):
-    from retrain.flows.cli import main
+    from retrain.cli import main
 
     store = str(tmp_path / "store")
     for run_id, answer in (("r1", "circle"), ("r2", "triangle"), ("r3", "circle")):

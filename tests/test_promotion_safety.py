@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from retrain.tasks import promotion, storage
 from retrain.tasks.runs import RunConfig, list_runs, read_run, start_run
-
 from tests.conftest import run_cli, tiny_run_flags
 from tests.test_promotion import CLASSES, constant_model, make_run
 
@@ -186,7 +186,7 @@ def test_a_kill_during_the_record_never_shows_a_promotion_that_did_not_happen(
 @pytest.fixture(scope="module")
 def killed_before_promotion(prefect_api, shapes_dir, tmp_path_factory):
     """A tiny run whose process died between publishing its model and the promotion gate."""
-    import retrain.flows.retrain as retrain_module
+    import retrain.flows.pipeline as retrain_module
 
     store = str(tmp_path_factory.mktemp("killed") / "store")
     args = ["run", shapes_dir, "--store", store, *tiny_run_flags(max_epochs=1)]
@@ -198,7 +198,7 @@ def killed_before_promotion(prefect_api, shapes_dir, tmp_path_factory):
     retrain_module.promote_run = killed
     try:
         with pytest.raises(Killed):
-            from retrain.flows.cli import main
+            from retrain.cli import main
 
             main([*args, "--json"])
     finally:

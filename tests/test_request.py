@@ -12,9 +12,11 @@ import sys
 
 import pytest
 import torch
+
 from retrain.tasks import request as request_module
-from retrain.tasks.request import DEFAULTS, MODES, RunRequest, parse_fractions
+from retrain.tasks.request import DEFAULTS, RunRequest
 from retrain.tasks.training.options import TrainingOptions
+from retrain.tasks.vocabulary import MODES, parse_fractions
 
 HEAVY = ("torch", "torchvision", "prefect", "dask", "distributed", "pandas")
 
@@ -29,7 +31,7 @@ def test_the_vocabulary_matches_the_registry_and_the_augmenter():
 
 
 def test_the_flags_make_the_request():
-    from retrain.flows.cli import build_parser
+    from retrain.cli import build_parser
     from retrain.tasks.request import request_from_args
 
     args = build_parser().parse_args(
@@ -48,8 +50,8 @@ def test_the_flags_make_the_request():
 
 
 def test_the_flow_and_the_deployments_take_their_defaults_from_the_request():
-    from retrain.flows import deploy
-    from retrain.flows.retrain import retrain_flow
+    from retrain import deploy
+    from retrain.flows.pipeline import retrain_flow
 
     signature = inspect.signature(retrain_flow.fn)
     for name in ("network", "weights", "mode", "split_fractions"):
@@ -124,7 +126,7 @@ def _cli_in_fresh_python(argv: list[str], cwd: str) -> dict:
     """Run the CLI with ``argv`` in a new interpreter; its exit status and heavy imports."""
     code = (
         "import json, sys\n"
-        "from retrain.flows.cli import main\n"
+        "from retrain.cli import main\n"
         "try:\n    status = main(sys.argv[1:])\n"
         "except SystemExit as exit:\n    status = exit.code\n"
         f"print(json.dumps({{'status': status, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
@@ -170,3 +172,68 @@ def test_a_cluster_request_takes_a_worker_count_of_zero_or_more():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match=r"--dask-workers\) must be an integer >= 0"):
             ClusterRequest.from_dict({"workers": bad})
+
+
+# ---- one typed run configuration -----------------------------------------------------------------
+
+# run.json's "config" as the version before the typed RunConfig wrote it, and its fingerprint then:
+# a rerun of that run must still find it (same fingerprint) and train from it.
+EARLIER_CONFIG = {
+    "augmentation": {"max_translation": 30, "reflect": True},
+    "content": "c0ffee",
+    "data": "/data/shapes",
+    "dataset": "/data/shapes",
+    "extra": {"split_seed": 0},
+    "mode": "transfer",
+    "network": "squeezenet-caffe",
+    "options": {**TrainingOptions(max_epochs=3, mini_batch_size=8, processes=2).to_dict()},
+    "split": [0.7, 0.15, 0.15],
+    "weights": "none",
+}
+EARLIER_FINGERPRINT = "b4fa6edbb44143ee"
+
+
+def test_a_run_config_written_before_reads_back_with_its_fingerprint():
+    from retrain.tasks.runs import RunConfig
+
+    config = RunConfig.from_record(json.loads(json.dumps(EARLIER_CONFIG)))
+    assert config.fingerprint() == EARLIER_FINGERPRINT
+    assert config.options == TrainingOptions(max_epochs=3, mini_batch_size=8, processes=2)
+    assert config.augmentation.to_dict() == EARLIER_CONFIG["augmentation"] and config.split == (0.7, 0.15, 0.15)
+    assert config.to_record() == {**EARLIER_CONFIG, "split": (0.7, 0.15, 0.15)}
+    # the processes are left out of the fingerprint: a run resumes with another count
+    other = RunConfig.from_record({**EARLIER_CONFIG, "options": {**EARLIER_CONFIG["options"], "processes": 1}})
+    assert other.fingerprint() == EARLIER_FINGERPRINT
+    # an older record without extra and content
+    bare = {k: v for k, v in EARLIER_CONFIG.items() if k not in ("extra", "content")}
+    assert RunConfig.from_record(bare).extra == {} and RunConfig.from_record(bare).content == ""
+
+
+def test_the_checked_request_is_the_run_config_the_flow_records():
+    from dataclasses import replace
+
+    from retrain.tasks.vocabulary import AugmentationSettings
+
+    request = RunRequest(
+        network="squeezenet-caffe", weights="none", options={"max_epochs": 3, "mini_batch_size": 8, "processes": 2}
+    )
+    checked = request.check(fetch_weights=False)
+    assert checked.augmentation == AugmentationSettings() and checked.split == (0.7, 0.15, 0.15)
+    config = replace(checked, data="/data/shapes", dataset="/data/shapes", extra={"split_seed": 0}, content="c0ffee")
+    assert config.fingerprint() == EARLIER_FINGERPRINT
+    with pytest.raises(AttributeError):
+        config.options.max_epochs = 4  # frozen: what run.json says is what trains
+
+
+def test_the_vocabulary_is_one_home_for_its_words():
+    from retrain import cli
+    from retrain.tasks import engine_gate, inference, vocabulary
+    from retrain.tasks.experiments import AUGMENTATION_KEYS
+    from retrain.tasks.preprocessing import Augmentation
+
+    assert cli.ENGINE_CHOICES is inference.ENGINE_CHOICES is engine_gate.ENGINE_CHOICES is vocabulary.ENGINE_CHOICES
+    assert AUGMENTATION_KEYS is vocabulary.AUGMENTATION_KEYS == {"reflect": bool, "max_translation": int}
+    assert Augmentation().to_dict() == vocabulary.AugmentationSettings().to_dict() == DEFAULTS.augmentation
+    assert Augmentation.from_dict({"reflect": False}) == Augmentation(False, 30)
+    with pytest.raises(ValueError, match="workers must be at least 1, not 0"):
+        vocabulary.check_workers(0)

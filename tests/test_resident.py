@@ -1,4 +1,4 @@
-"""The resident process (flows/resident.py): commands run in a fork of a process that has
+"""The resident process (retrain/resident.py): commands run in a fork of a process that has
 imported everything already, with the caller's terminal, folder, environment and exit status.
 
 The quick tests check when a command may run there (code and import-time settings); the
@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from retrain.flows import resident
-from retrain.tasks import server
 
+from retrain import resident, server
 from tests._services import PROJECT_ROOT, local_retrain_server, retrain_cli
 from tests.conftest import tiny_run_flags
 
@@ -29,7 +28,7 @@ from tests.conftest import tiny_run_flags
 def test_a_command_runs_in_the_resident_process_only_with_its_code_and_import_time_settings():
     fingerprint = resident.code_fingerprint()
     assert fingerprint == resident.code_fingerprint() and sys.executable in fingerprint
-    assert "flows/resident.py:" in fingerprint and "tasks/server.py:" in fingerprint
+    assert "retrain/resident.py:" in fingerprint and "retrain/server.py:" in fingerprint
 
     env = {"PREFECT_API_URL": "http://127.0.0.1:1/api", "DASK_X": "1", "HOME": "/root", "PATH": "/bin"}
     settings = resident.import_time_environment(env)
@@ -44,7 +43,7 @@ def test_a_command_runs_in_the_resident_process_only_with_its_code_and_import_ti
 
 
 def test_retrain_resident_0_starts_none_and_delegates_nothing(tmp_path, monkeypatch):
-    from retrain.tasks import server
+    from retrain import server
 
     monkeypatch.setenv("RETRAIN_RESIDENT", "0")
     monkeypatch.setattr(server, "running", lambda home: {"pid": 1, "api_url": "http://127.0.0.1:1/api"})
@@ -81,7 +80,7 @@ def _resident_forks(log: str) -> list[str]:
 
 def _popen(args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "retrain.flows.cli", *args],
+        [sys.executable, "-m", "retrain.cli", *args],
         env=env,
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
@@ -153,7 +152,7 @@ def test_commands_run_in_the_resident_process_as_they_would_in_their_own(tmp_pat
 
         # code changed since it started: that command runs in its caller, which starts a fresh
         # resident process (from its own environment, PREFECT_API_URL set) for the next ones
-        older_code = "from retrain.flows import cli, resident; resident.code_fingerprint = lambda: 'older'; cli.entry()"
+        older_code = "from retrain import cli, resident; resident.code_fingerprint = lambda: 'older'; cli.entry()"
         caller = subprocess.run(
             [sys.executable, "-c", older_code, "classify", str(tmp_path / "no-model.pt"), shapes_dir],
             env=env,

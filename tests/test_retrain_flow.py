@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from retrain.flows.cli import main
-from retrain.flows.retrain import retrain_flow
-from retrain.tasks.runs import read_run
 
+from retrain.cli import main
+from retrain.flows.pipeline import retrain_flow
+from retrain.tasks.runs import read_run
 from tests.conftest import last_json, tiny_run_flags
 
 FAST = tiny_run_flags(max_epochs=2, validation_frequency=2)

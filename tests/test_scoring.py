@@ -20,16 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+
 from retrain.tasks import inference, scoring, storage
 from retrain.tasks.model_file import ModelFileError, save_model_file
 from retrain.tasks.preprocessing import load_image
 from retrain.tasks.samples import make_shapes_dataset
 from retrain.tasks.scoring.job import run_record
-
 from tests._services import kill_group
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 CLASSES = ["circle", "square", "triangle"]
 
 
@@ -262,8 +261,8 @@ def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path,
         [
             sys.executable,
             "-c",
-            "import sys, time\nfrom retrain.tasks.scoring import JobLock\n"
-            "JobLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)",
+            "import sys, time\nfrom retrain.tasks.scoring import lock_job\n"
+            "lock_job(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(120)",
             out,
         ],
         stdout=subprocess.PIPE,
@@ -287,15 +286,15 @@ def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path,
 
 
 def test_lease_lock_on_a_remote_store():
-    first = scoring.JobLock("memory://leases/out", lease_s=60).acquire()
+    first = scoring.lock_job("memory://leases/out", lease_s=60).acquire()
     with pytest.raises(scoring.ScoringLockedError):
-        scoring.JobLock("memory://leases/out", lease_s=60).acquire()
+        scoring.lock_job("memory://leases/out", lease_s=60).acquire()
     first.release()
-    with scoring.JobLock("memory://leases/out", lease_s=60):
+    with scoring.lock_job("memory://leases/out", lease_s=60):
         pass
     stale = {"host": "gone", "pid": 1, "token": "old", "since": "then", "heartbeat": time.time() - 3600}
     storage.write_json(scoring.JobLayout("memory://leases/out").lock, stale)
-    with scoring.JobLock("memory://leases/out", lease_s=60):  # a lease not renewed is taken over
+    with scoring.lock_job("memory://leases/out", lease_s=60):  # a lease not renewed is taken over
         assert storage.read_json(scoring.JobLayout("memory://leases/out").lock)["token"] != "old"
 
 
@@ -351,27 +350,28 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, mod
 
 
 @pytest.mark.services
-def test_a_prestarted_cluster_closed_unused_is_never_handed_to_a_later_job():
-    """`retrain score` starts a local cluster before its flow; when the flow fails before taking
-    it (a bad model, say) the command closes it, and a later job in the same process must start
-    its own instead of getting the closed one."""
-    from retrain.tasks.scoring.cluster import LocalClusterStart, prestart_local_cluster, start_cluster
+def test_a_job_runs_on_the_local_cluster_its_caller_started_and_leaves_it_to_the_caller(tmp_path, model_file):
+    """`retrain score` starts a local cluster before its flow (beside Prefect's API) and hands
+    it to the flow; the job scores on it and leaves it running: its starter closes it (also when
+    the flow fails before using it)."""
+    from retrain.tasks.scoring.cluster import LocalClusterStart
 
-    early = prestart_local_cluster(1)
-    early.close()
-    later = start_cluster(None, 1)
+    given = LocalClusterStart(1)
     try:
-        assert isinstance(later, LocalClusterStart) and later is not early
-        assert later.address().startswith("tcp://")
+        expected = make_folder(tmp_path / "images", per_class=1, bad=False)
+        out = str(tmp_path / "out")
+        summary = scoring.score_job(model_file, str(tmp_path / "images"), out, cluster=given, partition_size=2)
+        assert summary["images"] == summary["processed"] == len(expected)
+        assert given.address().startswith("tcp://")
         # Its workers drop the heartbeat traceback a scheduler closed under them would print
         # (partition.dask_setup), and only that record.
         from distributed import Client
 
-        with Client(later.address()) as client:
+        with Client(given.address()) as client:  # still running after the job
             kept = client.run(_worker_logs_after_scheduler_loss)
         assert list(kept.values()) == [[False, True]]
     finally:
-        later.close()
+        given.close()
 
 
 def _worker_logs_after_scheduler_loss() -> list[bool]:
@@ -432,66 +432,11 @@ def _wait_group_gone(pid_group: int, timeout: float = 30) -> None:
 @pytest.fixture
 def dask_processes(tmp_path):
     """A `dask scheduler` and a `dask worker` (one process, one thread) on 127.0.0.1, started
-    as separate processes and stopped after the test."""
-    import socket
+    as separate processes (tests/_services.py) and stopped after the test."""
+    from tests._services import dask_cluster
 
-    from distributed import Client
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    log = open(tmp_path / "dask.log", "wb")
-    common = dict(cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    procs = [
-        subprocess.Popen(
-            [
-                str(BIN / "dask"),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-dashboard",
-                "--dashboard-address",
-                "127.0.0.1:0",
-            ],
-            **common,
-        )
-    ]
-    try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    str(BIN / "dask"),
-                    "worker",
-                    address,
-                    "--nworkers",
-                    "1",
-                    "--nthreads",
-                    "1",
-                    "--host",
-                    "127.0.0.1",
-                    "--no-dashboard",
-                ],
-                **common,
-            )
-        )
-        with Client(address, timeout="60s") as client:
-            client.wait_for_workers(1, timeout=180)
+    with dask_cluster(tmp_path / "dask") as address:
         yield address
-    finally:
-        for proc in reversed(procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                kill_group(proc.pid)
-                proc.wait()
-        log.close()
 
 
 @pytest.fixture
@@ -518,7 +463,7 @@ def run_cli(args: list[str]) -> tuple[int, dict]:
     (stdout redirected here rather than with capsys, see ``prefect_logs``)."""
     from contextlib import redirect_stdout
 
-    from retrain.flows.cli import main
+    from retrain.cli import main
 
     buffer = io.StringIO()
     with redirect_stdout(buffer):
@@ -568,7 +513,7 @@ def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_
 
 
 def test_retrain_flow_ends_with_batch_predict_on_a_local_cluster(prefect_logs, shapes_dir, tmp_path):
-    from retrain.flows.retrain import retrain_flow
+    from retrain.flows.pipeline import retrain_flow
     from retrain.flows.score import score_flow
 
     expected = make_folder(tmp_path / "to-score", per_class=3)
@@ -608,7 +553,7 @@ def _assert_artifacts(*keys: str) -> None:
 
 
 def test_early_prefect_api_is_not_started_where_a_server_is_configured(monkeypatch, tmp_path):
-    from retrain.flows.early_api import api_configured, start_early_api
+    from retrain.early_api import api_configured, start_early_api
 
     monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
     assert start_early_api() is None

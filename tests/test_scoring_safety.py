@@ -16,9 +16,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from retrain.tasks import scoring, storage
 from retrain.tasks.scoring import partition
-
 from tests.test_scoring import make_folder, prefect_logs, read_scores  # noqa: F401 - prefect_logs: a fixture
 
 
@@ -55,16 +55,15 @@ def test_an_images_folder_as_output_is_refused_before_scoring_and_nothing_is_del
 def test_retrain_score_refuses_its_images_folder_as_out_in_one_line_before_starting_anything(
     tmp_path, model_file, monkeypatch
 ):
-    from retrain.flows import early_api
+    from retrain import early_api
     from retrain.tasks.scoring import cluster
-
     from tests.conftest import run_cli
 
     def not_now(*args):
         raise AssertionError("started before the output was checked")
 
     monkeypatch.setattr(early_api, "start_early_api", not_now)
-    monkeypatch.setattr(cluster, "prestart_local_cluster", not_now)
+    monkeypatch.setattr(cluster, "LocalClusterStart", not_now)
     images = tmp_path / "imgs"
     make_folder(images, per_class=1, bad=False)
     (images / "parts").mkdir()
@@ -154,13 +153,13 @@ def test_a_lock_release_failing_after_the_job_failed_does_not_hide_the_first_fai
         raise storage.StorageError(f"store failure: remove {url} failed 4 time(s)")
 
     with pytest.raises(storage.StorageError, match="the first failure"):
-        with scoring.JobLock("memory://dead/out", lease_s=60):
+        with scoring.lock_job("memory://dead/out", lease_s=60):
             monkeypatch.setattr(storage, "remove", release_fails)
             raise storage.StorageError("the first failure")
 
 
 def test_a_full_output_disk_is_exit_3_naming_the_file_and_the_output(tmp_path, model_file, dask_client, monkeypatch):
-    from retrain.flows.failures import EXIT_STORE_FAILED, classify
+    from retrain.failures import EXIT_STORE_FAILED, classify
 
     images = tmp_path / "imgs"
     make_folder(images, per_class=2, bad=False)
@@ -181,7 +180,7 @@ def test_a_full_output_disk_is_exit_3_naming_the_file_and_the_output(tmp_path, m
 
 @pytest.mark.usefixtures("prefect_logs")
 def test_an_interrupted_batch_predict_step_resumes_in_the_same_run(shapes_dir, tmp_path, dask_client, monkeypatch):
-    from retrain.flows.retrain import retrain_flow
+    from retrain.flows.pipeline import retrain_flow
     from retrain.tasks.runs import list_runs
     from retrain.tasks.scoring import cluster, run
 
@@ -267,7 +266,7 @@ def test_the_python_api_runs_from_a_script_without_a_main_guard(tmp_path, model_
 
 @pytest.mark.usefixtures("prefect_logs")
 def test_retrain_run_refuses_a_score_out_holding_other_files_before_training(shapes_dir, tmp_path):
-    from retrain.flows.retrain import retrain_flow
+    from retrain.flows.pipeline import retrain_flow
 
     folder = tmp_path / "to-score"
     make_folder(folder, per_class=1, bad=False)

@@ -208,6 +208,7 @@ def test_kubernetes_manifests_use_compose_tls_settings_and_the_api_auth_string()
 def test_a_tls_address_without_client_certificate_settings_says_what_is_missing():
     import dask
     import distributed  # noqa: F401  (its settings' defaults, before dask.config.set)
+
     from retrain.tasks.scoring.cluster import check_tls_settings
     from retrain.tasks.scoring.layout import ScoringError
 
@@ -234,6 +235,7 @@ def test_tls_cluster_with_compose_settings_scores_a_folder_and_refuses_clients_w
     from distributed import Client
     from distributed.security import Security
     from prefect.settings import PREFECT_API_URL
+
     from retrain.tasks.samples import make_shapes_dataset
 
     certs = make_certs(tmp_path / "certs")

@@ -1,4 +1,4 @@
-"""The local Prefect server (tasks/server.py, ``retrain server start|stop|status``).
+"""The local Prefect server (retrain/server.py, ``retrain server start|stop|status``).
 
 The quick tests check how a command decides to use the server (state file, process, port,
 the user's own API setting) with stand-ins: a listening socket and a sleeping process whose
@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from retrain.flows.cli import main
-from retrain.tasks import server
 
+from retrain import server
+from retrain.cli import main
 from tests._services import local_retrain_server, retrain_cli
 
 
@@ -144,7 +144,7 @@ def test_classify_answers_without_importing_prefect_or_dask(tmp_path, random_mod
     import costs seconds, and Prefect would start its temporary API)."""
     image = sorted(Path(shapes_dir, "circle").iterdir())[0]
     code = (
-        "import sys; from retrain.flows.cli import main; "
+        "import sys; from retrain.cli import main; "
         f"status = main(['classify', {random_model_file!r}, {str(image)!r}, '--json']); "
         "print(sorted(m for m in ('prefect', 'dask', 'distributed') if m in sys.modules)); sys.exit(status)"
     )

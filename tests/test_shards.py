@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from retrain.tasks import storage
 from retrain.tasks.datastore import index_images, index_stage, split_stage
 from retrain.tasks.model_file import load_model_file
@@ -33,8 +34,7 @@ from retrain.tasks.training.feature_cluster import ClusterBody
 from retrain.tasks.training.features import build_feature_cache
 from retrain.tasks.training.loop import train
 from retrain.tasks.training.options import TrainingOptions
-from retrain.tasks.training.shards import ShardImages, ShardSet, missing_shards, plan_shards, prepare_shards
-
+from retrain.tasks.training.shards import ShardImages, ShardSet, plan_shards, prepare_shards, shard_job
 from tests.conftest import CAFFE_WEIGHTS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,8 @@ def test_shards_hold_the_decoded_images_are_keyed_by_content_and_resume(shapes, 
     for i in (2, 6):
         (folder / plan.shard_name(i)).unlink()
     (folder / (plan.shard_name(6) + storage.TMP_MARKER + "dead")).write_bytes(b"half a shard")
-    assert missing_shards(plan) == [2, 6]
+    missing = shard_job(plan).missing(storage.names_in(plan.folder))
+    assert [p.name for p in missing] == [plan.shard_name(2), plan.shard_name(6)]
     before = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.npy")}
     resumed = prepare_shards(plan)
     assert resumed["prepared"] == 2 and resumed["reused"] == 8

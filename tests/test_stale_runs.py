@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from retrain.tasks import storage
 from retrain.tasks.runs import RunConfig, start_run
-
 from tests.conftest import run_cli, tiny_run_flags
 
 # ---- names that become folders of the store -----------------------------------------------------
@@ -87,7 +87,7 @@ def change_data(data: Path, how: str, spare: str) -> None:
 
 def interrupt_after_first_checkpoint(run: Path) -> None:
     """What a run killed during its second epoch leaves: the first epoch's checkpoint, no
-    outputs after it, status failed (as flows/retrain.py records it)."""
+    outputs after it, status failed (as flows/pipeline.py records it)."""
     for name in ("trained.pt", "training.json", "model.pt", "metrics.json", "summary.json", "predictions.parquet"):
         (run / name).unlink(missing_ok=True)
     checkpoints = sorted((run / "checkpoints").glob("iter-*.pt"))
@@ -103,18 +103,33 @@ def spare_shapes(tmp_path_factory) -> str:
     return make_shapes_dataset(str(tmp_path_factory.mktemp("spare") / "shapes"), per_class=8, size=48, seed=7)
 
 
+@pytest.fixture(scope="module")
+def finished_on_data(prefect_api, shapes_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """One finished run, trained once for the tests that change its data: (the data folder,
+    the store holding the run, the run's answer). Each test copies the store and puts the data
+    back as it was trained on (the run is bound to the data's URL, so the folder stays put)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("finished-on-data")
+    data, store = root / "data", root / "store"
+    shutil.copytree(shapes_dir, data)
+    status, first, err = run_cli(["run", str(data), "--store", str(store), "--no-promote", *STALE_FLAGS])
+    assert status == 0, err
+    return data, store, first
+
+
 @pytest.mark.parametrize("how", ["class removed", "images moved", "class added"])
 def test_a_rerun_on_changed_data_trains_a_new_run_after_a_finished_or_interrupted_one(
-    prefect_api, shapes_dir, spare_shapes, tmp_path, how
+    prefect_api, shapes_dir, spare_shapes, finished_on_data, tmp_path, how
 ):
     import shutil
 
-    data = tmp_path / "data"
+    data, trained, first = finished_on_data
+    shutil.rmtree(data)  # the data as the first run saw it (an earlier test changed it)
     shutil.copytree(shapes_dir, data)
     finished, interrupted = tmp_path / "finished", tmp_path / "interrupted"
-    status, first, err = run_cli(["run", str(data), "--store", str(finished), "--no-promote", *STALE_FLAGS])
-    assert status == 0, err
-    shutil.copytree(finished, interrupted)
+    shutil.copytree(trained, finished)
+    shutil.copytree(trained, interrupted)
     interrupt_after_first_checkpoint(interrupted / "runs" / first["run_id"])
     change_data(data, how, spare_shapes)
     classes = sorted(p.name for p in data.iterdir())
@@ -170,12 +185,11 @@ def test_checkpoints_and_a_trained_model_are_reused_only_on_their_own_split(shap
     old run folder or a hand edit): a checkpoint made on another split is not resumed, a
     model trained on another split is not taken for trained."""
     from retrain.tasks.datastore import index_stage, split_stage
-    from retrain.tasks.request import DEFAULTS
     from retrain.tasks.training.stage import train_run
 
     options = {"max_epochs": 2, "mini_batch_size": 8, "validation_frequency": 2}
+    # {}: the default augmentation
     config = RunConfig(shapes_dir, shapes_dir, "squeezenet-caffe", "none", "transfer", (0.7, 0.3, 0.0), options, {})
-    config.augmentation = dict(DEFAULTS.augmentation)
     run_url, lock = start_run(str(tmp_path / "store"), config)
     lock.release()  # this test is the run folder's only writer
     run = Path(run_url)

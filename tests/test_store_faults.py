@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from retrain.tasks import storage
 
+from retrain.tasks import storage
 from tests import _services
 from tests.conftest import run_cli, s3_environment
 
@@ -123,15 +123,13 @@ def test_an_upload_to_a_stalled_s3_endpoint_fails_within_the_bounded_time(monkey
 def test_a_failed_lock_release_after_a_failure_keeps_the_first_error(monkeypatch, caplog):
     """A dead store fails the publish, then the lease's release: the publish failure is what
     the command reports (it said "remove .../.lock failed"); the release failure is logged."""
-    from retrain.tasks.scoring.lock import JobLock
-
     folder = f"memory://release-{os.urandom(3).hex()}/runs/r1"
 
     def dead_store(url, *args, **kwargs):
         raise storage.StorageError(f"store failure: remove {url} failed 4 time(s)")
 
     for form in ("finally", "with"):
-        lock = JobLock(folder).acquire()
+        lock = storage.FolderLock(folder).acquire()
         monkeypatch.setattr(storage, "remove", dead_store)
         with caplog.at_level("WARNING", logger="retrain.storage"), pytest.raises(storage.StorageError) as err:
             if form == "finally":
@@ -156,14 +154,12 @@ def test_a_writer_that_lost_its_lease_stops_instead_of_finishing():
     """Writer A holds the lease on a model's folder, stalls past it (no renewals), and B takes
     it over: A's next write there and its release raise, A leaves B's lease alone, B finishes
     (there were two promote entries: both finished)."""
-    from retrain.tasks.scoring.lock import JobLock
-
     folder = f"memory://fence-{os.urandom(3).hex()}/store/models/shapes"
-    first = JobLock(folder, lease_s=0.5).acquire()
+    first = storage.FolderLock(folder, lease_s=0.5).acquire()
     first._stop.set()  # A stalls: its renewals stop
     first._refresher.join()
     time.sleep(0.6)
-    second = JobLock(folder, lease_s=0.5).acquire()  # the lease lapsed: B takes it over
+    second = storage.FolderLock(folder, lease_s=0.5).acquire()  # the lease lapsed: B takes it over
     entry = storage.join(folder, "history", "a.json")
     with pytest.raises(storage.StorageError, match=r"lost the lock on .*models/shapes before writing .*a\.json"):
         storage.write_json(entry, {"run_id": "a"})
@@ -179,13 +175,6 @@ def test_a_writer_that_lost_its_lease_stops_instead_of_finishing():
 
 
 # ---- a missing bucket ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    pytest.importorskip("s3fs")
-    with _services.moto_s3(tmp_path_factory.mktemp("moto")) as endpoint:
-        yield endpoint
 
 
 @pytest.mark.parametrize(
@@ -214,7 +203,7 @@ def test_a_missing_bucket_is_status_3_naming_the_bucket_and_endpoint(moto, monke
 def test_a_full_disk_while_writing_an_image_shard_names_the_shard(tiny_disk):
     """A 9 MB shard on a 6 MiB disk: numpy's save said "9274680 requested and 6283264
     written", no errno, no file; now ENOSPC naming the shard, status 3, no temporary file."""
-    from retrain.flows.failures import EXIT_STORE_FAILED, classify
+    from retrain.failures import EXIT_STORE_FAILED, classify
     from retrain.tasks.training.row_files import write_npy
 
     url = str(tiny_disk / "store" / "shards" / "k" / "shard-000000.npy")

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from retrain.tasks.datastore import index_images, split_each_label
 from retrain.tasks.networks import build_network, get_spec
 from retrain.tasks.preprocessing import Augmentation, load_images

@@ -31,11 +31,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from retrain.tasks.reports import HISTORY_ROWS
 
+from retrain.tasks.reports import HISTORY_ROWS
 from tests._services import local_retrain_server, retrain_cli
 
-SCORE_FLOW = Path(__file__).resolve().parents[1] / "flows" / "score.py"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -238,7 +237,7 @@ def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shape
             [
                 sys.executable,
                 "-m",
-                "retrain.flows.cli",
+                "retrain.cli",
                 "run",
                 shapes_dir,
                 "--store",
@@ -346,35 +345,34 @@ def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shape
                 browser.screenshot(Path(shots) / "retrain-run-plots.png", height=5200)
 
             # a batch-scoring run shows its progress and its summary
-            if SCORE_FLOW.exists():
-                t_score = time.perf_counter()
-                scored = retrain_cli(
-                    "score",
-                    summary["run_id"],
-                    shapes_dir,
-                    "--store",
-                    str(tmp_path / "store"),
-                    "--workers",
-                    "1",
-                    "--json",
-                    env=env,
-                )
-                timings["retrain score"] = time.perf_counter() - t_score
-                assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
-                score_summary = json.loads(scored.stdout.strip().splitlines()[-1])
-                score_run = flow_run_of(api_url, "score")
-                assert score_summary["ui_url"] == f"{ui_url}/runs/flow-run/{score_run['id']}"
-                links = artifact_links(
-                    browser, ui_url, score_run["id"], ("score-summary", "score-labels", "score-progress")
-                )
-                if shots:
-                    browser.screenshot(Path(shots) / "score-run-artifacts.png")
-                browser.goto(links["score-summary"])
-                # wait for the table itself: the artifact's description ("Batch scoring summary")
-                # shows before its markdown is rendered
-                text = browser.wait_for("document.body.innerText.includes('images scored') && document.body.innerText")
-                assert "# Batch scoring" not in text and f"{score_summary['scored']:,}" in text
-                assert read_progress(browser, links["score-progress"]) == 100
+            t_score = time.perf_counter()
+            scored = retrain_cli(
+                "score",
+                summary["run_id"],
+                shapes_dir,
+                "--store",
+                str(tmp_path / "store"),
+                "--workers",
+                "1",
+                "--json",
+                env=env,
+            )
+            timings["retrain score"] = time.perf_counter() - t_score
+            assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
+            score_summary = json.loads(scored.stdout.strip().splitlines()[-1])
+            score_run = flow_run_of(api_url, "score")
+            assert score_summary["ui_url"] == f"{ui_url}/runs/flow-run/{score_run['id']}"
+            links = artifact_links(
+                browser, ui_url, score_run["id"], ("score-summary", "score-labels", "score-progress")
+            )
+            if shots:
+                browser.screenshot(Path(shots) / "score-run-artifacts.png")
+            browser.goto(links["score-summary"])
+            # wait for the table itself: the artifact's description ("Batch scoring summary")
+            # shows before its markdown is rendered
+            text = browser.wait_for("document.body.innerText.includes('images scored') && document.body.innerText")
+            assert "# Batch scoring" not in text and f"{score_summary['scored']:,}" in text
+            assert read_progress(browser, links["score-progress"]) == 100
         finally:
             browser.close()
             if run.poll() is None:
@@ -385,6 +383,7 @@ def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shape
 
 def test_training_history_lists_validation_points_with_the_training_means_since_the_previous():
     import pandas as pd
+
     from retrain.tasks.reports import history_markdown
 
     nan = float("nan")

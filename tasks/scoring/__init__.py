@@ -5,12 +5,12 @@ One module per responsibility:
 - :mod:`.layout`    the job folder's file names (spelled once), settings defaults, errors
 - :mod:`.partition` what a Dask worker runs: one partition -> one parquet part
 - :mod:`.job`       the driver's side: list, plan, consolidate
-- :mod:`.lock`      one job per output at a time
 - :mod:`.cluster`   the Dask cluster (local, in the background, or given) and the task map
-- :mod:`.run`       the one orchestration, :func:`score_job` (what ``score_flow`` runs)
+- :mod:`.run`       a job start to end: :func:`score_job`, and the lock, cluster and clock
+                    it and ``score_flow`` hold (:class:`ScoringRun`)
 
 Nothing here imports Prefect: these functions run inside Dask workers, and each Prefect import
-there would start its own API. :mod:`flows.score` wraps the stages in Prefect tasks.
+there would start its own API. :mod:`flows.score` calls the same stages as Prefect tasks.
 
 The names below load their module on first use: ``retrain.tasks.scoring.layout`` (what the
 command line needs for its help) stays free of torch.
@@ -23,13 +23,13 @@ import importlib
 _HOME = {
     **dict.fromkeys(
         (
-            "ClusterLostError",
             "JobLayout",
             "ScoringError",
             "ScoringIncompleteError",
             "ScoringLockedError",
             "check_output",
             "default_out",
+            "lock_job",
         ),
         "layout",
     ),
@@ -44,16 +44,15 @@ _HOME = {
             "consolidate",
             "inspect_model",
             "list_images",
-            "missing_partitions",
             "partitions",
+            "parts_job",
             "prepare_job",
             "read_partitions",
         ),
         "job",
     ),
-    "JobLock": "lock",
-    **dict.fromkeys(("LocalClusterStart", "prestart_local_cluster", "start_cluster"), "cluster"),
-    **dict.fromkeys(("Stages", "score_job", "score_missing"), "run"),
+    **dict.fromkeys(("LocalClusterStart", "start_cluster"), "cluster"),
+    **dict.fromkeys(("ScoringRun", "score_job", "score_missing"), "run"),
 }
 __all__ = sorted(_HOME)
 

@@ -1,5 +1,6 @@
 """The Dask side of a scoring job: the cluster (a local one started for the job, possibly in
-the background while the rest starts up, or an existing one) and mapping partitions over it.
+the background while the rest starts up, or an existing one) and a client of it. Mapping the
+partitions over it is the parts engine's (tasks/parts.py), with its lost-scheduler handling.
 
 A local cluster is one process per core, one thread each; its workers import torch and the
 inference path while they start (``preload``), so that cost is paid while the driver lists
@@ -11,15 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING
 
-from retrain.tasks.scoring.layout import ClusterLostError, ScoringError, ScoringIncompleteError
-
-if TYPE_CHECKING:  # torch, imported when a job maps partitions: not before the local cluster starts
-    from retrain.tasks.scoring.partition import PartResult, WorkerModel
+from retrain.tasks.parts import ClusterLostError, cluster_connection, cluster_lost, lost
+from retrain.tasks.scoring.layout import ScoringError
+from retrain.tasks.vocabulary import check_workers
 
 # Imported by each local worker as it starts: torch, torchvision, ONNX Runtime, the predictor.
 WORKER_PRELOAD = "retrain.tasks.scoring.partition"
@@ -98,10 +96,7 @@ def _workers_skip_main() -> Iterator[None]:
 
 
 def _worker_count(workers: int | None) -> int:
-    n = (os.cpu_count() or 1) if workers is None else workers
-    if n < 1:
-        raise ScoringError(f"workers must be at least 1, not {n}")
-    return n
+    return check_workers((os.cpu_count() or 1) if workers is None else workers, ScoringError)
 
 
 class LocalClusterStart:
@@ -143,8 +138,6 @@ class LocalClusterStart:
         return self._cluster.scheduler_address
 
     def close(self) -> None:
-        if self in _PRESTARTED:  # started early but never taken by a job: no later job may take it
-            _PRESTARTED.remove(self)
         self._thread.join()
         if self._cluster is not None:
             with quiet_dask():
@@ -153,42 +146,25 @@ class LocalClusterStart:
         self._main_hidden.close()
 
 
-_PRESTARTED: list[LocalClusterStart] = []
-
-
-def prestart_local_cluster(workers: int | None = None) -> LocalClusterStart:
-    """Start a local cluster now, in the background, for the next job in this process that
-    asks for a local cluster of this size (the CLI calls it before Prefect's API starts)."""
-    started = LocalClusterStart(workers)
-    _PRESTARTED.append(started)
-    return started
-
-
 class _GivenCluster:
-    """A cluster someone else runs (an address, or one started early by its own owner)."""
+    """A cluster someone else runs, at ``address``."""
 
-    def __init__(self, address: str | LocalClusterStart):
+    def __init__(self, address: str):
         self._address = address
 
     def address(self) -> str:
-        return self._address if isinstance(self._address, str) else self._address.address()
+        return self._address
 
     def close(self) -> None:
         pass
 
 
 def start_cluster(address: str | None = None, workers: int | None = None) -> LocalClusterStart | _GivenCluster:
-    """The cluster a job runs on, starting now: ``address`` as given, a local cluster started
-    in advance by :func:`prestart_local_cluster` (its starter closes it), or a new local cluster
+    """The cluster a job runs on, starting now: ``address`` as given, or a new local cluster
     starting in the background (the caller closes it). ``.address()`` waits for it."""
     if address:
         return _GivenCluster(address)
-    n = _worker_count(workers)
-    early = next((c for c in _PRESTARTED if c.workers == n), None)
-    if early is not None:
-        _PRESTARTED.remove(early)
-        return _GivenCluster(early)
-    return LocalClusterStart(n)
+    return LocalClusterStart(workers)
 
 
 @contextmanager
@@ -201,31 +177,6 @@ def dask_cluster(address: str | None = None, workers: int | None = None) -> Iter
         cluster.close()
 
 
-def _lost(client) -> bool:
-    """Whether ``client`` lost its scheduler (it is reconnecting, or gave up and closed)."""
-    return client.status not in ("running", "newly-created")
-
-
-def _cluster_connection(exc: BaseException) -> bool:
-    """Whether ``exc`` is a failure of Dask's own connections (CommClosedError, a closed
-    stream), which are OSErrors a store failure must not be taken for."""
-    return type(exc).__module__.startswith(("distributed.", "tornado."))
-
-
-def _address_of(client) -> str:
-    try:
-        return client.scheduler.address
-    except AttributeError:
-        return "(the scheduler)"
-
-
-def cluster_lost(address: str, detail: str = "") -> ClusterLostError:
-    return ClusterLostError(
-        f"compute cluster lost: {address}: the Dask scheduler went away during the job{detail}; the finished "
-        "partitions are kept: rerun the same command against a running scheduler to score the missing partitions"
-    )
-
-
 @contextmanager
 def dask_client(address: str) -> Iterator:
     """A client of the scheduler at ``address``. A scheduler that does not answer, or goes away
@@ -236,7 +187,9 @@ def dask_client(address: str) -> Iterator:
     check_tls_settings(address)
     with quiet_dask():
         try:
-            client = Client(address, timeout="30s")
+            # How long an unanswered scheduler is waited for: Dask's own setting,
+            # distributed.comm.timeouts.connect (30 s; DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT).
+            client = Client(address)
         except (OSError, TimeoutError) as exc:
             raise ClusterLostError(
                 f"compute cluster unreachable: {address}: the Dask scheduler did not answer ({exc}); start it "
@@ -249,7 +202,7 @@ def dask_client(address: str) -> Iterator:
         except Exception as exc:  # the scheduler's connection failing under the job, typically
             # The client's own connection closing is the loss too, even when the client has not
             # noticed it yet (a gather can fail before its status changes).
-            if _lost(client) or _cluster_connection(exc):
+            if lost(client) or cluster_connection(exc):
                 raise cluster_lost(address, f" ({type(exc).__name__}: {exc})") from exc
             raise
         finally:
@@ -274,115 +227,3 @@ def check_tls_settings(address: str) -> None:
             "certificate (DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT "
             "and DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY; see infra/README.md)"
         )
-
-
-def store_failure(exc: BaseException | None) -> bool:
-    """Whether a part failed because its output or the store failed (full, unreachable,
-    refusing the credentials), not because of its images: every other part would fail the
-    same way, each after the store's own retries."""
-    import errno
-
-    from retrain.tasks import storage
-
-    if exc is None or _cluster_connection(exc):
-        return False  # the cluster's own connections (CommClosedError...): its loss, not the store's
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    return isinstance(exc, storage.StorageError) or storage.transient(exc) or storage.access_refused(exc)
-
-
-def run_partitions(
-    client,
-    model: WorkerModel,
-    todo: list[tuple[list[str], str]],
-    mini_batch_size: int,
-    k: int,
-    on_done: Callable[[PartResult], None] | None = None,
-    torch_threads: int | None = None,
-    worker_timeout_s: float = 300.0,
-) -> list[PartResult]:
-    """Map :func:`score_partition` over ``todo`` (file list, part URL) on ``client``; calls
-    ``on_done`` in this (the driver's) thread as each finishes. Partitions are handed out as
-    threads free up (one more than the cluster's threads in flight), so that a failure of the
-    output or the store (:func:`store_failure`) ends the job at the first failed part, with
-    that part's error, and no more are started. A partition that fails otherwise (a worker
-    killed, say) is tried once more, then reported in :class:`ScoringIncompleteError` after
-    the others are done; a bad model fails fast."""
-    from distributed import as_completed
-    from retrain.tasks.model_file import ModelFileError
-    from retrain.tasks.scoring.partition import score_partition
-
-    if not todo:
-        return []
-    try:
-        client.wait_for_workers(1, timeout=worker_timeout_s)
-    except TimeoutError:
-        if _lost(client):
-            raise cluster_lost(_address_of(client)) from None
-        raise ScoringError(f"no Dask worker joined the cluster within {worker_timeout_s:.0f} s") from None
-
-    def submit(paths: list[str], url: str):
-        return client.submit(
-            score_partition,
-            model,
-            paths,
-            url,
-            mini_batch_size,
-            k,
-            None,
-            torch_threads,
-            key=f"score-{url.rsplit('/', 1)[-1]}-{uuid.uuid4().hex[:8]}",
-        )
-
-    waiting = list(reversed(todo))  # popped from the end: in plan order
-    running = as_completed()
-    futures: dict = {}  # future -> (paths, url, attempt)
-
-    def top_up() -> None:
-        try:
-            threads = sum(client.nthreads().values())
-        except (OSError, TimeoutError) as exc:  # the scheduler does not answer
-            raise cluster_lost(_address_of(client), f" ({type(exc).__name__}: {exc})") from exc
-        room = threads + 1 - running.count()
-        while waiting and room > 0:
-            paths, url = waiting.pop()
-            future = submit(paths, url)
-            futures[future], room = (paths, url, 1), room - 1
-            running.add(future)
-
-    results, failures = [], []
-    try:
-        top_up()
-        for future in running:
-            paths, url, attempt = futures[future]
-            if future.status != "finished":  # error, or cancelled
-                exc = future.exception() if future.status == "error" else None
-                if isinstance(exc, ModelFileError) or store_failure(exc):
-                    raise exc
-                if exc is not None and attempt == 1 and not _lost(client):
-                    retry = submit(paths, url)
-                    futures[retry] = (paths, url, 2)
-                    running.add(retry)
-                    continue
-                failures.append((url, f"{type(exc).__name__}: {exc}" if exc else future.status))
-            else:
-                result = future.result()
-                results.append(result)
-                if on_done:
-                    on_done(result)
-            if _lost(client):
-                break
-            top_up()
-    finally:
-        try:
-            client.cancel(list(futures))
-        except Exception:  # a lost scheduler: nothing left to cancel there
-            pass
-    if (failures or waiting) and _lost(client):  # cancelled by the scheduler going away, not failed
-        raise cluster_lost(_address_of(client))  # the workers may have written more parts than reported here
-    if failures:
-        raise ScoringIncompleteError(
-            f"{len(failures)} of {len(todo)} partitions failed (first: {failures[0][0]}: {failures[0][1]}); "
-            f"the others are saved, rerun the job to retry these"
-        )
-    return results

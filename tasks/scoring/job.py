@@ -16,12 +16,16 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from retrain.tasks import storage
 from retrain.tasks.datastore import _is_hidden as is_hidden  # one rule for hidden files, training's
 from retrain.tasks.datastore import entry_url
 from retrain.tasks.engine_gate import EngineChoice, choose_engine
 from retrain.tasks.inference import load_checked
+from retrain.tasks.model_file import ModelFileError
+from retrain.tasks.parts import Part, PartsJob, present, store_failure
 from retrain.tasks.preprocessing import IMAGE_EXTENSIONS
+from retrain.tasks.scoring import partition
 from retrain.tasks.scoring.layout import (
     DEFAULT_MINI_BATCH_SIZE,
     DEFAULT_PARTITION_SIZE,
@@ -30,8 +34,8 @@ from retrain.tasks.scoring.layout import (
     ScoringError,
     ScoringIncompleteError,
     is_part_file,
+    part_file,
 )
-from retrain.tasks.scoring.lock import now
 from retrain.tasks.scoring.partition import (
     PART_SCHEMA,
     PartResult,
@@ -174,6 +178,11 @@ class JobPlan:
     done: list[str] = field(default_factory=list)  # parts already there when the plan was made
     done_images: int = 0  # images in those parts
 
+    @property
+    def missing(self) -> int:
+        """Partitions not scored when the plan was made."""
+        return self.partitions - len(self.done)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -221,8 +230,8 @@ def prepare_job(
     # The engine and decoder are in the salt: one job's parts all come from one engine.
     salt = f"{model.sha256}:{top_k}:{model.engine.engine}:{model.engine.decoder}"
     parts = partitions(listing.paths, partition_size, salt=salt)
-    present = present_parts(out)
-    done = [p.name for p in parts if f"{p.name}.parquet" in present]
+    found = present(layout.parts)
+    done = [p.name for p in parts if part_file(p.name) in found]
     frame = pa.table(
         {
             "path": pa.array([u for p in parts for u in p.paths], type=pa.string()),
@@ -246,7 +255,7 @@ def prepare_job(
             "partitions": len(parts),
             "partition_size": partition_size,
             "top_k": top_k,
-            "updated": now(),
+            "updated": storage.now(),
         },
     )
     return JobPlan(
@@ -261,7 +270,7 @@ def prepare_job(
         top_k,
         mini_batch_size,
         done,
-        sum(len(p.paths) for p in parts if f"{p.name}.parquet" in present),
+        sum(len(p.paths) for p in parts if part_file(p.name) in found),
     )
 
 
@@ -278,20 +287,34 @@ def read_partitions(plan: JobPlan) -> list[Partition]:
     return out
 
 
-@storage.retrying
-def present_parts(out: str) -> set[str]:
-    """File names in ``<out>/parts``, listed afresh (workers elsewhere wrote them: a cached
-    listing, as s3fs keeps, would miss some)."""
-    fs, path = storage.filesystem(JobLayout(out).parts)
-    fs.invalidate_cache(path)
-    return {posixpath.basename(p) for p in fs.ls(path, detail=False)} if fs.isdir(path) else set()
+def parts_job(plan: JobPlan, partitions: list[Partition] | None = None, torch_threads: int | None = None) -> PartsJob:
+    """The plan's partitions (``partitions`` when already read) as a job of the parts engine
+    (tasks/parts.py): part ``<name>.parquet`` in ``<out>/parts`` is :func:`score_partition` of the
+    partition's files; a bad model or a failing store ends the job at once."""
+    layout = JobLayout(plan.out)
+    model = plan.model.for_workers()
+    partitions = read_partitions(plan) if partitions is None else partitions
+    return PartsJob(
+        layout.parts,
+        tuple(
+            Part(
+                part_file(p.name),
+                (model, list(p.paths), layout.part(p.name), plan.mini_batch_size, plan.top_k, None, torch_threads),
+            )
+            for p in partitions
+        ),
+        partition.score_partition,  # looked up now: a test may stand a failing one in
+        what="partitions",
+        label="score",
+        fatal=_ends_job,
+        incomplete=ScoringIncompleteError,
+        no_workers=ScoringError,
+    )
 
 
-def missing_partitions(plan: JobPlan, parts: list[Partition] | None = None) -> list[Partition]:
-    """The plan's partitions (``parts`` when already read) with no part written yet."""
-    present = present_parts(plan.out)
-    parts = read_partitions(plan) if parts is None else parts
-    return [p for p in parts if f"{p.name}.parquet" not in present]
+def _ends_job(exc: BaseException) -> bool:
+    """A bad model or a failing store: every other partition would fail the same way."""
+    return isinstance(exc, ModelFileError) or store_failure(exc)
 
 
 # ---- consolidation -----------------------------------------------------------------------------
@@ -303,11 +326,11 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     and temporary debris. Returns the summary."""
     layout = JobLayout(plan.out)
     parts = read_partitions(plan)
-    missing = missing_partitions(plan, parts)
+    missing = parts_job(plan, parts).missing(present(layout.parts))
     if missing:
         raise ScoringIncompleteError(
             f"{len(missing)} of {len(parts)} partitions are not scored yet "
-            f"(first: {missing[0].name}); rerun the job to score them"
+            f"(first: {posixpath.splitext(missing[0].name)[0]}); rerun the job to score them"
         )
     sink = io.BytesIO()
     tally = _Tally()
@@ -339,11 +362,11 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
         "classes": plan.model.classes,
         "top_k": plan.top_k,
         "partitions": plan.partitions,
-        "finished": now(),
+        "finished": storage.now(),
         **(extra or {}),
     }
     storage.write_json(layout.summary, summary)
-    _remove_stale(plan, {f"{p.name}.parquet" for p in parts})
+    _remove_stale(plan, {part_file(p.name) for p in parts})
     return summary
 
 
@@ -388,7 +411,7 @@ class _Tally:
 def _remove_stale(plan: JobPlan, keep: set[str]) -> None:
     """Parts of earlier plans (the folder changed since) and temporary debris of killed runs;
     only files named as a job names its parts (check_output refused any other)."""
-    for name in present_parts(plan.out) - keep:
+    for name in present(JobLayout(plan.out).parts) - keep:
         if not is_part_file(name):
             continue
         try:

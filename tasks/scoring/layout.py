@@ -35,7 +35,7 @@ class ScoringError(ValueError):
     """A scoring job cannot run as asked (bad model for scoring, bad settings, bad output)."""
 
 
-class ScoringLockedError(ScoringError):
+class ScoringLockedError(ScoringError, storage.LockedError):
     """Another scoring job is writing to the same output."""
 
 
@@ -44,10 +44,9 @@ class ScoringIncompleteError(ScoringError):
     are saved and a rerun scores only the missing ones."""
 
 
-class ClusterLostError(RuntimeError):
-    """The Dask scheduler could not be reached, or went away during the job. Not a refusal and
-    not a store failure: the parts finished before are kept, and the same command run against a
-    running scheduler scores only the missing ones."""
+def part_file(name: str) -> str:
+    """The file of partition ``name`` in ``<out>/parts``."""
+    return f"{name}.parquet"
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class JobLayout:
         return storage.join(self.out, "parts")
 
     def part(self, name: str) -> str:
-        return storage.join(self.parts, f"{name}.parquet")
+        return storage.join(self.parts, part_file(name))
 
     @property
     def scores(self) -> str:
@@ -81,13 +80,26 @@ class JobLayout:
 
     @property
     def lock(self) -> str:
-        return storage.join(self.out, ".lock")
+        return storage.lock_url(self.out)
+
+
+def lock_job(out: str, wait_s: float = 0.0, lease_s: float = 120.0) -> storage.FolderLock:
+    """The output's lock (the store's :class:`~retrain.tasks.storage.FolderLock` on
+    ``<out>/.lock``): a second job on the same output is refused with :class:`ScoringLockedError`
+    once ``wait_s`` has passed. Acquire it before writing."""
+
+    def refusal(who: str) -> ScoringLockedError:
+        return ScoringLockedError(
+            f"another scoring job is writing to {out}{who}; wait for it to finish, or score into another --out"
+        )
+
+    return storage.FolderLock(out, wait_s=wait_s, lease_s=lease_s, refusal=refusal)
 
 
 # What a job writes directly in its folder (the lock, the plan, the parts' folder, the results)
 # and what it writes in <out>/parts (part-<n>-<digest>.parquet, as job.partitions names them).
 # A job writes and removes nothing else there, and refuses a folder that holds anything else.
-JOB_ENTRIES = frozenset({".lock", "job.json", "files.parquet", "parts", "scores.parquet", "summary.json"})
+JOB_ENTRIES = frozenset({storage.LOCK_NAME, "job.json", "files.parquet", "parts", "scores.parquet", "summary.json"})
 _PART_FILE = re.compile(r"part-\d{6,}-[0-9a-z]+\.parquet")
 
 

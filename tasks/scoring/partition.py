@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
 from retrain.tasks import storage
 from retrain.tasks.allocator import tune_allocator
 from retrain.tasks.inference import Predictor, cached_predictor, top_k
-from retrain.tasks.preprocessing import ImageDecodeError
+from retrain.tasks.preprocessing import ImageDecodeError, load_image
 from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_TOP_K
 
 REMOTE_READ_THREADS = 8  # reads from object stores wait on the network: overlap them
@@ -42,7 +43,8 @@ PART_SCHEMA = pa.schema(
 
 
 def read_and_decode(url: str, predictor: Predictor) -> tuple[torch.Tensor | None, str | None]:
-    """(uint8 RGB image at the input size, None) or (None, why it is unusable). Never raises."""
+    """(uint8 RGB image at the input size, None) or (None, why it is unusable). Never raises:
+    a file that cannot be read or decoded becomes its row's ``error`` (the row names the file)."""
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError:
@@ -52,9 +54,9 @@ def read_and_decode(url: str, predictor: Predictor) -> tuple[torch.Tensor | None
     except Exception as exc:  # permissions, network errors after fsspec's own retries
         return None, f"cannot read file ({type(exc).__name__}: {exc})"
     try:
-        return predictor.load(data), None
+        return load_image(data, predictor.preprocessing.input_size, predictor.decoder), None
     except ImageDecodeError as exc:
-        return None, str(exc)
+        return None, exc.reason
     except Exception as exc:  # a decoder bug must not fail the other images
         return None, f"cannot decode image ({type(exc).__name__}: {exc})"
 

@@ -1,32 +1,107 @@
-"""The one orchestration of a scoring job: what ``score_flow`` runs, and what scripts and tests
-call directly.
+"""A scoring job, start to end: :func:`score_job` (what scripts and tests call, no Prefect) and
+:class:`ScoringRun`, what it and ``score_flow`` hold while the stages run.
 
 lock the output -> (local cluster starting in the background) -> check the model, choose its
 engine, list and plan -> score the missing partitions on Dask -> consolidate
 
-The flow passes its Prefect tasks as the :class:`Stages`; called plainly, the stages are the
-plain functions. A script calling it needs no ``if __name__ == "__main__":`` guard: the local
-cluster's workers do not run the script again (cluster.LocalClusterStart).
+``score_flow`` (flows/score.py) calls the same stages as Prefect tasks, in the same order, inside
+the same :class:`ScoringRun`. A script calling :func:`score_job` needs no
+``if __name__ == "__main__":`` guard: the local cluster's workers do not run the script again
+(cluster.LocalClusterStart).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
 
-from retrain.tasks.scoring.cluster import dask_client, run_partitions, start_cluster
-from retrain.tasks.scoring.job import (
-    JobPlan,
-    check_settings,
-    consolidate,
-    missing_partitions,
-    prepare_job,
-    run_record,
+from retrain.tasks.parts import map_on_dask, present
+from retrain.tasks.scoring.cluster import LocalClusterStart, dask_client, start_cluster
+from retrain.tasks.scoring.job import JobPlan, check_settings, consolidate, parts_job, prepare_job, run_record
+from retrain.tasks.scoring.layout import (
+    DEFAULT_MINI_BATCH_SIZE,
+    DEFAULT_PARTITION_SIZE,
+    check_output,
+    lock_job,
 )
-from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, JobLayout, check_output
-from retrain.tasks.scoring.lock import JobLock
 from retrain.tasks.scoring.partition import PartResult
+
+
+class ScoringRun:
+    """What a job holds from the start to its consolidation: the output's lock, the cluster
+    (a local one starts in the background on entry, so its workers start and import torch while
+    the model is checked and the images listed) and the clock of the summary's start-up figures.
+
+    The cluster is ``client``'s, the one at ``dask_address``, ``cluster`` (a local cluster its
+    starter already started and closes; the command line starts it before Prefect's API), or
+    else a local cluster of ``workers`` processes this run starts and closes."""
+
+    def __init__(
+        self,
+        out: str,
+        images: str,
+        mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
+        partition_size: int = DEFAULT_PARTITION_SIZE,
+        dask_address: str | None = None,
+        workers: int | None = None,
+        client=None,
+        cluster: LocalClusterStart | None = None,
+        lock_wait_s: float = 0.0,
+    ):
+        self.out, self.images = out, images
+        self.mini_batch_size, self.partition_size = mini_batch_size, partition_size
+        self.dask_address, self.workers, self.client, self.given = dask_address, workers, client, cluster
+        self.lock_wait_s = lock_wait_s
+        # A local cluster runs one process per core: one torch thread each.
+        self.torch_threads = 1 if client is None and not dask_address else None
+        self._held = ExitStack()  # the lock and this run's own cluster, from entry to exit
+        self._own = None  # the cluster this run started (and closes)
+        self.started = self.planned_at = self.scoring_started = 0.0
+
+    def __enter__(self) -> ScoringRun:
+        self.started = time.perf_counter()
+        check_settings(self.mini_batch_size, self.partition_size)
+        check_output(self.out, self.images)  # before the lock: a refused folder is left as it was found
+        with ExitStack() as stack:
+            stack.enter_context(lock_job(self.out, wait_s=self.lock_wait_s))
+            stack.callback(self._close_cluster)  # closed before the lock is released
+            if self.client is None and self.given is None:
+                self._own = start_cluster(self.dask_address, self.workers)
+            self._held = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._held.__exit__(*exc)
+
+    def _close_cluster(self) -> None:
+        if self._own is not None:
+            self._own.close()
+            self._own = None
+
+    def planned(self, plan: JobPlan) -> JobPlan:
+        """Mark the plan made (the end of the start-up the summary measures); returns ``plan``."""
+        self.planned_at = self.scoring_started = time.perf_counter()
+        return plan
+
+    def scheduler(self) -> str | None:
+        """The cluster's scheduler address, once it has started (None with a given client);
+        scoring starts now."""
+        cluster = self._own or self.given
+        address = cluster.address() if cluster is not None else None
+        self.scoring_started = time.perf_counter()
+        return address
+
+    def scored(self, plan: JobPlan, results: list[PartResult]) -> dict:
+        """Scoring is over: close this run's cluster; returns this run's figures for the summary."""
+        scoring_s = time.perf_counter() - self.scoring_started
+        self._close_cluster()
+        figures = run_record(plan, results, time.perf_counter() - self.started, scoring_s)
+        # Start-up, measured: what the plan took (model check, engine, listing), and how long
+        # the job then still waited for the cluster started beside it.
+        figures["plan_seconds"] = round(self.planned_at - self.started, 3)
+        figures["cluster_wait_seconds"] = round(self.scoring_started - self.planned_at, 3)
+        return figures
 
 
 def score_missing(
@@ -36,25 +111,17 @@ def score_missing(
     on_done: Callable[[PartResult], None] | None = None,
     client=None,
 ) -> list[PartResult]:
-    """Score the plan's missing partitions on the cluster at ``scheduler`` (or ``client``)."""
-    layout = JobLayout(plan.out)
-    todo = [(list(p.paths), layout.part(p.name)) for p in missing_partitions(plan)]
+    """Score the plan's missing partitions (listed now) on the cluster at ``scheduler`` (or
+    ``client``), mapped by the parts engine; ``on_done`` gets each part's result as it ends."""
+    job = parts_job(plan, torch_threads=torch_threads)
+    todo = job.missing(present(job.folder))
     if not todo:
         return []
-    args = (plan.model.for_workers(), todo, plan.mini_batch_size, plan.top_k, on_done, torch_threads)
+    report = (lambda part, result: on_done(result)) if on_done else None
     if client is not None:
-        return run_partitions(client, *args)
+        return map_on_dask(client, job, todo, report)
     with dask_client(scheduler) as made:
-        return run_partitions(made, *args)
-
-
-@dataclass(frozen=True)
-class Stages:
-    """How each stage runs: plain functions, or the flow's Prefect tasks around them."""
-
-    plan: Callable[..., JobPlan] = prepare_job
-    score: Callable[..., list[PartResult]] = score_missing
-    consolidate: Callable[[JobPlan, dict], dict] = consolidate
+        return map_on_dask(made, job, todo, report)
 
 
 def score_job(
@@ -69,37 +136,14 @@ def score_job(
     partition_size: int = DEFAULT_PARTITION_SIZE,
     client=None,
     lock_wait_s: float = 0.0,
-    stages: Stages = Stages(),
-    on_plan: Callable[[JobPlan], None] | None = None,
+    cluster: LocalClusterStart | None = None,
 ) -> dict:
     """Score every image of ``images`` with the model at ``model_url`` into ``out`` and return
-    the summary. A local cluster (no ``client``, no ``dask_address``) starts in the background
-    at once, so its workers start and import torch while the model is checked and the images
-    listed. Rerun with the same ``out`` to resume: only missing partitions are scored."""
-    started = time.perf_counter()
-    check_settings(mini_batch_size, partition_size)
-    check_output(out, images)  # before the lock: a refused folder is left as it was found
-    torch_threads = 1 if client is None and not dask_address else None  # one process per core: one thread
-    with JobLock(out, wait_s=lock_wait_s):
-        cluster = start_cluster(dask_address, workers) if client is None else None
-        try:
-            plan = stages.plan(model_url, images, out, top_k, partition_size, mini_batch_size, None, engine)
-            planned = time.perf_counter()
-            if on_plan:
-                on_plan(plan)
-            results: list[PartResult] = []
-            scoring_started = planned
-            if len(plan.done) < plan.partitions:
-                scheduler = cluster.address() if cluster is not None else None
-                scoring_started = time.perf_counter()
-                results = stages.score(plan, scheduler, torch_threads, client=client)
-            scoring_s = time.perf_counter() - scoring_started
-        finally:
-            if cluster is not None:
-                cluster.close()
-        figures = run_record(plan, results, time.perf_counter() - started, scoring_s)
-        # Start-up, measured: what the plan took (model check, engine, listing), and how long
-        # the job then still waited for the cluster started beside it.
-        figures["plan_seconds"] = round(planned - started, 3)
-        figures["cluster_wait_seconds"] = round(scoring_started - planned, 3)
-        return stages.consolidate(plan, figures)
+    the summary (the cluster: see :class:`ScoringRun`). Rerun with the same ``out`` to resume:
+    only missing partitions are scored."""
+    with ScoringRun(
+        out, images, mini_batch_size, partition_size, dask_address, workers, client, cluster, lock_wait_s
+    ) as job:
+        plan = job.planned(prepare_job(model_url, images, out, top_k, partition_size, mini_batch_size, None, engine))
+        results = score_missing(plan, job.scheduler(), job.torch_threads, client=client) if plan.missing else []
+        return consolidate(plan, job.scored(plan, results))

@@ -7,8 +7,9 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from retrain.tasks.networks import NetworkSpec
 from torch import nn
+
+from retrain.tasks.networks import NetworkSpec
 
 
 @dataclass
@@ -28,17 +29,17 @@ class BodyHeadSplit:
 
 
 def split_at_head(model: nn.Module, spec: NetworkSpec) -> BodyHeadSplit:
-    """The body/rest split of a network. SqueezeNet's 1x1-conv head is followed by ReLU and
-    pooling, so its split is written out; for every other network the head is the last
+    """The body/rest split of a network: where the registry gives a cut (SqueezeNet's 1x1-conv
+    head is followed by ReLU and pooling), there; for every other network the head is the last
     operation and the body is the model with the head replaced by an identity. That is checked
     by one forward pass; where it does not hold, ``NotImplementedError`` (callers then run the
     whole model)."""
-    if spec.architecture.startswith("squeezenet"):
-        # features -> classifier [Dropout, conv10 (the head), ReLU, AdaptiveAvgPool] -> flatten
-        c = model.classifier
-        return BodyHeadSplit(model.features, nn.Sequential(c[1], c[2], c[3], nn.Flatten(1)), c[0].p)
+    if spec.cut is not None:
+        rest = nn.Sequential(*(model.get_submodule(path) for path in spec.cut.rest), nn.Flatten(1))
+        dropout = model.get_submodule(spec.cut.dropout).p if spec.cut.dropout else 0.0
+        return BodyHeadSplit(model.get_submodule(spec.cut.body), rest, dropout)
     parent_path, _, child = spec.head_layer.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent = model.get_submodule(parent_path)
     head = parent.get_submodule(child)
     dropout = 0.0
     if isinstance(parent, nn.Sequential):  # a dropout just before the head acts on the features

@@ -14,6 +14,7 @@ import re
 
 import pandas as pd
 import torch
+
 from retrain.tasks import storage
 
 log = logging.getLogger("retrain.training")
@@ -69,7 +70,7 @@ def save_checkpoint(checkpoints: str, state: dict, keep: int = 2) -> str:
 
 def remove_write_debris(checkpoints: str) -> int:
     """Remove the temporary files that checkpoint writes killed midway left (``*.tmp-*``,
-    never read: see tasks/storage.py), before a run writes there again. Returns how many."""
+    never read: see tasks/storage/files.py), before a run writes there again. Returns how many."""
     debris = [url for url in storage.ls(checkpoints) if storage.TMP_MARKER in url.rsplit("/", 1)[-1]]
     for url in debris:
         storage.remove(url)

@@ -2,17 +2,17 @@
 mode's feature extraction (both inference, both mapped over shards). The same machinery as
 batch scoring (:mod:`tasks.scoring.cluster`): a local cluster of ``workers`` processes, or the
 cluster at ``address``. Started only when some work needs it (a rerun that finds every shard
-written starts none), closed by whoever opened it. :func:`run_tasks` runs a batch of such work there.
+written starts none), closed by whoever opened it; tasks/parts.py maps the work over it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+
+from retrain.tasks.vocabulary import check_dask_workers
 
 log = logging.getLogger("retrain.training")
 
@@ -35,10 +35,7 @@ class ClusterRequest:
     @classmethod
     def from_dict(cls, d: dict | None) -> ClusterRequest:
         d = d or {}
-        workers = d.get("workers")
-        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
-            raise ValueError(f"Dask workers (--dask-workers) must be an integer >= 0 (0: in process), not {workers!r}")
-        return cls(d.get("address") or None, workers or None)
+        return cls(d.get("address") or None, check_dask_workers(d.get("workers")))
 
 
 class LazyCluster:
@@ -78,25 +75,3 @@ def training_cluster(
         yield cluster
     finally:
         cluster.close()
-
-
-def run_tasks(client, tasks: dict[str, tuple], on_result: Callable[[Any], None] | None = None) -> list[tuple[str, Any]]:
-    """Run each ``tasks[name] = (function, *arguments)`` on the Dask ``client`` (one retry
-    each: a worker lost mid-task); ``on_result`` gets each result as it arrives. Returns the
-    failures, ``(name, exception)``; what is still running when this returns is cancelled."""
-    from distributed import as_completed
-
-    futures = {
-        client.submit(function, *arguments, key=f"{name}-{uuid.uuid4().hex[:8]}", retries=1): name
-        for name, (function, *arguments) in tasks.items()
-    }
-    failures = []
-    try:
-        for future in as_completed(futures):
-            if future.status != "finished":
-                failures.append((futures[future], future.exception() if future.status == "error" else None))
-            elif on_result is not None:
-                on_result(future.result())
-    finally:
-        client.cancel(list(futures))
-    return failures

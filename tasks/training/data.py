@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+
 from retrain.tasks.preprocessing import load_images
 from retrain.tasks.training.shards import ShardImages, ShardSet, plan_shards, prepare_shards
 

@@ -17,15 +17,16 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch import nn
+
 from retrain.tasks import storage
+from retrain.tasks.parts import run_parts
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
-from retrain.tasks.training.cluster import run_tasks
 from retrain.tasks.training.feature_files import (
-    MANIFEST,
     MODEL,
     FeatureCache,
     FeaturePlan,
@@ -36,7 +37,6 @@ from retrain.tasks.training.feature_files import (
 from retrain.tasks.training.features import FeatureJob, part_features
 from retrain.tasks.training.row_files import write_npy
 from retrain.tasks.training.shards import ShardImages, ShardPlan, ShardSet
-from torch import nn
 
 # ---- the body on a worker ------------------------------------------------------------------------
 
@@ -137,13 +137,17 @@ def build_on_cluster(job: FeatureJob, folder: str, cluster: ClusterBody, bar, lo
     folder = storage.absolute(folder)
     done = start_folder(folder, job.key())
     local = local_folder(folder) or tempfile.mkdtemp(prefix="retrain-features-")
-    if MANIFEST in done:
+    # The workers' part function is set once the body is written for them (only when some part is missing).
+    work = plan.parts_job(
+        folder, extract_part, lambda kind, j, first, stop: (kind, j, first, job.images(kind).indices[first:stop])
+    )
+    if work.finished(done):
         train, val = open_shards(plan, folder, local)
         logger.info("reusing the feature cache in %s", folder)
         return FeatureCache(
             train, val, folder, 0.0, reused=True, folder=local, temporary=local != folder, store_folder=folder
         )
-    todo = [p for p in plan.parts() if plan.name(p[0], p[1]) not in done]
+    todo = work.missing(done)
     shards: ShardImages = data.train_images if isinstance(data.train_images, ShardImages) else data.val_images
     started = time.perf_counter()
     stats = {"parts": len(plan.parts()), "computed": len(todo), "where": "dask"}
@@ -168,15 +172,19 @@ def build_on_cluster(job: FeatureJob, folder: str, cluster: ClusterBody, bar, lo
             job.preprocessing.to_dict(),
             job.seed,
         )
-        client = cluster.client_source()
+        work = replace(work, compute=functools.partial(extract_part, task))
         logger.info("feature extraction: %d of %d parts on the Dask cluster", len(todo), len(plan.parts()))
-        threads = _run_parts(client, task, job, todo, bar)
-        stats["worker_threads"] = threads
+    threads = []
+
+    def progress(part, result: dict) -> None:
+        threads.append(result.get("threads"))
+        if bar is not None:
+            bar.update(result["images"] * ((plan.views + 1) if result["kind"] == "train" else 1))
+
+    run_parts(work, cluster.client_source, progress, done)
+    if todo:
+        stats["worker_threads"] = threads[-1] if threads else None
     stats["extract_seconds"] = round(time.perf_counter() - started, 3)
-    left = [p for p in plan.parts() if plan.name(p[0], p[1]) not in storage.names_in(folder)]
-    if left:
-        raise RuntimeError(f"feature parts missing after extraction: {[plan.name(p[0], p[1]) for p in left[:5]]}")
-    storage.write_json(storage.join(folder, MANIFEST), {"parts": len(plan.parts())})
     with contextlib.suppress(FileNotFoundError):
         storage.remove(storage.join(folder, MODEL))
     train, val = open_shards(plan, folder, local)
@@ -190,26 +198,3 @@ def build_on_cluster(job: FeatureJob, folder: str, cluster: ClusterBody, bar, lo
         store_folder=folder,
         extraction=stats,
     )
-
-
-def _run_parts(client, task: FeatureTask, job: FeatureJob, todo: list, bar) -> int | None:
-    """The ``todo`` parts as tasks on the cluster; returns the torch threads a worker used."""
-    tasks = {
-        f"features-{kind}-{j:06d}": (extract_part, task, kind, j, first, job.images(kind).indices[first:stop])
-        for kind, j, first, stop in todo
-    }
-    threads = []
-
-    def done(result: dict) -> None:
-        threads.append(result.get("threads"))
-        if bar is not None:
-            bar.update(result["images"] * ((task.views + 1) if result["kind"] == "train" else 1))
-
-    failures = run_tasks(client, tasks, done)
-    if failures:
-        name, exc = failures[0]
-        raise RuntimeError(
-            f"{len(failures)} feature parts failed on the cluster (first: {name}: {exc}); "
-            "rerun to compute the missing parts"
-        ) from exc
-    return threads[-1] if threads else None

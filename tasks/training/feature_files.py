@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from retrain.tasks import storage
+from retrain.tasks.parts import Part, PartsJob
 from retrain.tasks.training.row_files import RowFiles, local_copy, read_npy_header
 
 PLAN, MANIFEST, MODEL = "plan.json", "manifest.json", "model.pt"
@@ -46,6 +48,25 @@ class FeaturePlan:
     @staticmethod
     def name(kind: str, j: int) -> str:
         return f"{kind}-{j:06d}.npy"
+
+    def parts_job(
+        self,
+        folder: str,
+        compute: Callable[..., object],
+        args: Callable[[str, int, int, int], tuple] = lambda *part: part,
+    ) -> PartsJob:
+        """The cache's parts as a resumable-parts job (tasks/parts.py) in ``folder``: part
+        ``(kind, j)`` is ``compute(*args(kind, j, first, stop))``; the manifest, written last,
+        counts the parts."""
+        return PartsJob(
+            folder,
+            tuple(Part(self.name(kind, j), args(kind, j, first, stop)) for kind, j, first, stop in self.parts()),
+            compute,
+            what="feature parts",
+            label="features",
+            manifest=MANIFEST,
+            manifest_record={"parts": len(self.parts())},
+        )
 
 
 def existing_files(folder: str, key: dict) -> set[str]:

@@ -29,17 +29,18 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from retrain.tasks import storage
+from torch import nn
+
+from retrain.tasks.parts import compute_here, finish
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.data import TrainingData
 from retrain.tasks.training.devices import autocast, to_device
 from retrain.tasks.training.feature_files import (
-    MANIFEST,
     PLAN,
     FeatureCache,
     FeaturePlan,
@@ -51,7 +52,6 @@ from retrain.tasks.training.feature_files import (
 from retrain.tasks.training.row_files import write_npy
 from retrain.tasks.training.schedule import seeded_generator
 from retrain.tasks.training.shards import ShardImages
-from torch import nn
 
 if TYPE_CHECKING:  # the Dask path loads only when a cluster is asked for
     from retrain.tasks.training.feature_cluster import ClusterBody
@@ -291,52 +291,81 @@ def _build_in_process(
     if local and os.path.exists(os.path.join(local, PLAN)):
         key = job.key()
         done = existing_files(local, key)
-        if MANIFEST in done:
-            train, val = open_shards(plan, local, local)
-            logger.info("reusing the feature cache in %s", local)
-            return FeatureCache(train, val, local, 0.0, reused=True, folder=local)
-    settings = (job.augmentation, job.preprocessing, job.seed, device)
-    where, target, temporary = None, None, False
-    memory: dict[str, torch.Tensor] = {}
-    computed = 0
-    for kind, j, first, stop in plan.parts():
-        name = plan.name(kind, j)
-        if name in done:
-            if bar is not None:
-                bar.update((stop - first) * ((plan.views + 1) if kind == "train" else 1))
-            continue
-        computed += 1
-        views = plan.views if kind == "train" else 0
-        features = part_features(job.body, job.images(kind)[first:stop], first, views, *settings)
-        if where is None:  # the first part computed tells the size, and so where the cache goes
-            where, target, temporary = _placement(plan, features, device, memory_bytes, local, bool(done))
-            if target is not None:
-                key = key or job.key()
-                done = start_folder(target, key)
-                if target == local:
-                    logger.info("feature cache: shards in %s", target)
-        if target is None:
-            if kind not in memory:
-                total = plan.n if kind == "train" else plan.m
-                on = device if where == "cuda memory" else torch.device("cpu")
-                memory[kind] = torch.empty((views + 1, total, *features.shape[2:]), dtype=FEATURE_DTYPE, device=on)
-            memory[kind][:, first:stop] = features.to(memory[kind].device)
-        else:
-            write_npy(os.path.join(target, name), features.cpu().numpy())
-        del features
+    placed = _Placement(job, device, memory_bytes, local, bool(done), key, logger)
+    work = plan.parts_job(local or "", placed.compute)
+    if work.finished(done):
+        train, val = open_shards(plan, local, local)
+        logger.info("reusing the feature cache in %s", local)
+        return FeatureCache(train, val, local, 0.0, reused=True, folder=local)
+    todo = work.missing(done)
+
+    def progress(part, _record) -> None:
         if bar is not None:
-            bar.update((stop - first) * (views + 1))
-    if where is None:  # every part was on disk already, but not the manifest
-        where, target, temporary = local, local, False
-    stats = {"where": "in process", "parts": len(plan.parts()), "computed": computed}
-    if target is None:
+            kind, _, first, stop = part.args
+            bar.update((stop - first) * ((plan.views + 1) if kind == "train" else 1))
+
+    for part in work.parts:
+        if part.name in done:
+            progress(part, None)
+    compute_here(work, todo, progress)
+    stats = {"where": "in process", "parts": len(plan.parts()), "computed": len(todo)}
+    if placed.where is None:  # every part was on disk already, but not the manifest
+        placed.where, placed.target = local, local
+    if placed.target is None:
+        memory = placed.memory
         shape = next(iter(memory.values())).shape[2:]
         train = memory["train"]
         val = memory.get("val", torch.empty((1, 0, *shape), dtype=FEATURE_DTYPE, device=train.device))[0]
-        return FeatureCache(train, val, where, 0.0, extraction=stats)
-    storage.write_json(os.path.join(target, MANIFEST), {"parts": len(plan.parts())})
-    train, val = open_shards(plan, target, target)
-    return FeatureCache(train, val, target, 0.0, folder=target, temporary=temporary, extraction=stats)
+        return FeatureCache(train, val, placed.where, 0.0, extraction=stats)
+    finish(replace(work, folder=placed.target))
+    train, val = open_shards(plan, placed.target, placed.target)
+    return FeatureCache(
+        train, val, placed.target, 0.0, folder=placed.target, temporary=placed.temporary, extraction=stats
+    )
+
+
+@dataclass
+class _Placement:
+    """Computes the parts in this process and puts each where the cache goes, which the
+    first part computed decides (from its size: see :func:`_placement`): (GPU) memory, or
+    feature shards in a folder."""
+
+    job: FeatureJob
+    device: torch.device
+    memory_bytes: int
+    local: str | None
+    resuming: bool
+    key: dict | None  # job.key() digests the body: once
+    logger: logging.Logger
+    where: str | None = None
+    target: str | None = None  # the shard folder; None: memory
+    temporary: bool = False
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def compute(self, kind: str, j: int, first: int, stop: int) -> None:
+        job, plan = self.job, self.job.plan
+        views = plan.views if kind == "train" else 0
+        images = job.images(kind)[first:stop]
+        features = part_features(
+            job.body, images, first, views, job.augmentation, job.preprocessing, job.seed, self.device
+        )
+        if self.where is None:
+            self.where, self.target, self.temporary = _placement(
+                plan, features, self.device, self.memory_bytes, self.local, self.resuming
+            )
+            if self.target is not None:
+                self.key = self.key or job.key()
+                start_folder(self.target, self.key)
+                if self.target == self.local:
+                    self.logger.info("feature cache: shards in %s", self.target)
+        if self.target is None:
+            if kind not in self.memory:
+                total = plan.n if kind == "train" else plan.m
+                on = self.device if self.where == "cuda memory" else torch.device("cpu")
+                self.memory[kind] = torch.empty((views + 1, total, *features.shape[2:]), dtype=FEATURE_DTYPE, device=on)
+            self.memory[kind][:, first:stop] = features.to(self.memory[kind].device)
+        else:
+            write_npy(os.path.join(self.target, plan.name(kind, j)), features.cpu().numpy())
 
 
 def _placement(

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field, fields
 
 import pandas as pd
 import torch
+from torch import nn
+
 from retrain.tasks.allocator import tune_allocator
 from retrain.tasks.feature_sharing import feature_lock
 from retrain.tasks.networks import (
-    MODES,
     NetworkSpec,
     configure_trainable,
     freeze_batchnorm,
@@ -42,7 +43,7 @@ from retrain.tasks.training.features import build_feature_cache
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import dropout_seed, epoch_order, make_optimizer, set_epoch_learn_rate
 from retrain.tasks.training.steps import CachedSteps, ClassicSteps, validation_metrics
-from torch import nn
+from retrain.tasks.vocabulary import check_mode
 
 log = logging.getLogger("retrain.training")
 
@@ -357,8 +358,7 @@ def train(
     validates, writes checkpoints and calls ``on_validation``, and only its outcome counts.
     """
     logger = logger or log
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    check_mode(mode)
     options.validate()
     device = resolve_device(options.execution_environment)
     if ranks is not None:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from retrain.tasks.preprocessing import Augmentation
+    from retrain.tasks.vocabulary import AugmentationSettings
 
 
 # Learn rates that work for each mode with Adam: the head alone can move fast; pretrained
@@ -23,9 +23,11 @@ DEFAULT_LEARN_RATES = {"transfer": 1e-3, "finetune": 1e-4, "scratch": 1e-3}
 # on hymenoptera, 0, 1 or 2 views were all within a point of the classic loop's accuracy).
 AUTO_EPOCHS_PER_VIEW = 15
 MAX_AUTO_VIEWS = 8
+# A field's annotation -> the type of its value (an optional one's when set).
+_VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int, "float | None": float}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingOptions:
     """MATLAB's ``trainingOptions`` in snake_case. Validate once with :meth:`validate`."""
 
@@ -129,7 +131,7 @@ class TrainingOptions:
             )
         return self
 
-    def cache_views(self, augmentation: Augmentation | None = None) -> int:
+    def cache_views(self, augmentation: AugmentationSettings | None = None) -> int:
         """Augmented views per training image in the feature cache. Automatic: one per
         AUTO_EPOCHS_PER_VIEW epochs (at least 1, at most MAX_AUTO_VIEWS, fewer than
         max_epochs); none when the augmentation changes nothing."""
@@ -145,6 +147,11 @@ class TrainingOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def value_types(cls) -> dict[str, type]:
+        """Each option's value type: what a flag or an experiment grid converts its text to."""
+        return {f.name: _VALUE_TYPES[str(f.type)] for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainingOptions:

@@ -15,6 +15,7 @@ import threading
 import uuid
 
 import numpy as np
+
 from retrain.tasks import storage
 
 

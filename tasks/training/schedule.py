@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+
 from retrain.tasks.training.options import TrainingOptions
 
 

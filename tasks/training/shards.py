@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from retrain.tasks import storage
+
+from retrain.tasks import parts, storage
 from retrain.tasks.training.row_files import RowFiles, cache_root, local_copy, write_npy
 
 if TYPE_CHECKING:
@@ -144,12 +145,9 @@ def plan_shards(
 
 
 def _decode(url: str, size: tuple[int, int]) -> torch.Tensor:
-    from retrain.tasks.preprocessing import ImageDecodeError, load_image
+    from retrain.tasks.preprocessing import load_image  # the one loader: errors name the file
 
-    try:
-        return load_image(storage.read_bytes(url), size)
-    except ImageDecodeError as exc:
-        raise ImageDecodeError(f"{url}: {exc}") from None
+    return load_image(url, size)
 
 
 def write_shard(plan: ShardPlan, i: int, paths: list[str] | None = None, threads: int | None = None) -> dict:
@@ -176,11 +174,23 @@ def write_shard(plan: ShardPlan, i: int, paths: list[str] | None = None, threads
     return {"shard": i, "images": len(paths), "seconds": time.perf_counter() - started, "skipped": False}
 
 
-def missing_shards(plan: ShardPlan) -> list[int]:
-    present = storage.names_in(plan.folder)
-    if MANIFEST in present and all(plan.shard_name(i) in present for i in range(plan.shards)):
-        return []
-    return [i for i in range(plan.shards) if plan.shard_name(i) not in present]
+def shard_job(plan: ShardPlan, threads: int | None = None) -> parts.PartsJob:
+    """The shards of ``plan`` as a resumable-parts job (tasks/parts.py): shard ``i`` is
+    :func:`write_shard` over its images, decoding in ``threads`` (None: as many as suit where
+    the images are), and the manifest lists every shard."""
+    light = plan.without_paths()  # each task carries its own images, not the whole list
+    return parts.PartsJob(
+        plan.folder,
+        tuple(
+            parts.Part(plan.shard_name(i), (light, i, list(plan.paths[slice(*plan.shard_range(i))]), threads))
+            for i in range(plan.shards)
+        ),
+        write_shard,
+        what="image shards",
+        label=f"shards-{plan.key[:8]}",
+        manifest=MANIFEST,
+        manifest_record={**plan.record(), "shards": [plan.shard_name(i) for i in range(plan.shards)]},
+    )
 
 
 def prepare_shards(
@@ -195,11 +205,13 @@ def prepare_shards(
     Returns what it did: {"shards", "prepared", "reused", "images", "seconds", "where"}."""
     logger = logger or log
     started = time.perf_counter()
-    todo = missing_shards(plan)
-    if todo and not storage.exists(storage.join(plan.folder, PLAN)):
-        storage.write_json(storage.join(plan.folder, PLAN), plan.record())
-    where = "in process"
+    # 2 decoding threads per task on a cluster: a local cluster runs one worker per core
+    job = shard_job(plan, threads=2 if cluster is not None else None)
+    present = parts.present(plan.folder)
+    todo = [] if job.finished(present) else job.missing(present)
     if todo:
+        if PLAN not in present:
+            storage.write_json(storage.join(plan.folder, PLAN), plan.record())
         logger.info(
             "image shards: preparing %d of %d shards (%d images at %dx%d) in %s",
             len(todo),
@@ -208,49 +220,20 @@ def prepare_shards(
             *plan.input_size,
             plan.folder,
         )
-    if todo and cluster is not None:
-        where = "dask"
-        _prepare_on_dask(cluster.client(), plan, todo, on_shard)
-    else:
-        for i in todo:
-            result = write_shard(plan, i)
-            if on_shard is not None:
-                on_shard(result)
-    if todo or not storage.exists(storage.join(plan.folder, MANIFEST)):
-        left = missing_shards(plan.without_paths()) if todo else []
-        if left:
-            raise RuntimeError(f"image shards {left[:5]} of {plan.folder} are missing after preparation")
-        storage.write_json(
-            storage.join(plan.folder, MANIFEST),
-            {**plan.record(), "shards": [plan.shard_name(i) for i in range(plan.shards)]},
-        )
+    done = None if on_shard is None else (lambda part, record: on_shard(record))
+    run = parts.run_parts(job, cluster.client if cluster is not None else None, done, present)
     seconds = time.perf_counter() - started
     if todo:
-        logger.info("image shards: %d prepared (%s) in %.1f s", len(todo), where, seconds)
+        logger.info("image shards: %d prepared (%s) in %.1f s", run.computed, run.where, seconds)
     return {
         "folder": plan.folder,
         "shards": plan.shards,
-        "prepared": len(todo),
-        "reused": plan.shards - len(todo),
+        "prepared": run.computed,
+        "reused": run.reused,
         "images": plan.count,
         "seconds": round(seconds, 3),
-        "where": where,
+        "where": run.where,
     }
-
-
-def _prepare_on_dask(client, plan: ShardPlan, todo: list[int], on_shard: Callable[[dict], None] | None) -> None:
-    from retrain.tasks.training.cluster import run_tasks
-
-    light = plan.without_paths()
-    tasks = {}
-    for i in todo:
-        start, stop = plan.shard_range(i)
-        # 2 decoding threads per task: a local cluster runs one worker per core
-        tasks[f"shard-{plan.key[:8]}-{i:06d}"] = (write_shard, light, i, list(plan.paths[start:stop]), 2)
-    failures = run_tasks(client, tasks, on_shard)
-    if failures:
-        name, exc = failures[0]
-        raise RuntimeError(f"{len(failures)} image shards failed on the cluster (first: {name}: {exc})") from exc
 
 
 # ---- reading ----------------------------------------------------------------------------------------

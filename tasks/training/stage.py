@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+
 from retrain.tasks import storage
 from retrain.tasks.model_file import model_record, save_model_file
 from retrain.tasks.networks import NetworkSpec, build_network, get_spec, resolve_device, summarize
 from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import training_progress
-from retrain.tasks.runs import read_run
+from retrain.tasks.runs import RunConfig, read_run
 from retrain.tasks.storage import RunLayout
 from retrain.tasks.training.checkpoints import keep_only_split, split_key
 from retrain.tasks.training.cluster import ClusterRequest, LazyCluster, training_cluster
@@ -51,15 +52,14 @@ class _ProgressPlot:
             self.last = time.monotonic()
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Run:
-    """What the training stage reads from a run folder."""
+    """A run folder as the training stage reads it: its configuration (``run.json``), its
+    split, the network's registry entry and the classes."""
 
     layout: RunLayout
     store: str
-    config: dict
-    options: TrainingOptions
-    augmentation: Augmentation
+    config: RunConfig
     spec: NetworkSpec
     split: pd.DataFrame
     classes: list[str]
@@ -68,22 +68,16 @@ class _Run:
     def read(cls, run_url: str) -> _Run:
         layout = RunLayout(run_url)
         record = read_run(run_url)
-        config = record["config"]
+        config = RunConfig.from_record(record["config"])
         split = storage.read_parquet(layout.split)
         return cls(
             layout,
-            record.get("store") or run_url.rstrip("/").rsplit("/runs/", 1)[0],
+            record.get("store") or layout.store,
             config,
-            TrainingOptions.from_dict(config["options"]),
-            Augmentation(**config["augmentation"]),
-            get_spec(config["network"]),
+            get_spec(config.network),
             split,
             sorted(split["label"].unique()),
         )
-
-    @property
-    def mode(self) -> str:
-        return self.config["mode"]
 
     def training_data(self, cluster: LazyCluster | None, logger: logging.Logger) -> TrainingData:
         """The train and validation images, from the data set's image shards (prepared now
@@ -121,8 +115,8 @@ def train_run(
     dropped = keep_only_split(layout.checkpoints, key)
     if dropped:
         logger.warning("%d checkpoint(s) made on another split removed: training from the start", dropped)
-    device = resolve_device(run.options.execution_environment)
-    processes = resolve_processes(run.options.processes, run.mode, device)
+    device = resolve_device(run.config.options.execution_environment)
+    processes = resolve_processes(run.config.options.processes, run.config.mode, device)
     if not isinstance(cluster, ClusterRequest):
         cluster = ClusterRequest.from_dict(cluster)
     if processes == 1:
@@ -155,8 +149,9 @@ def _train(
     """Train a run in this process, alone or as one of ``ranks``; the outputs are written by
     the only or the first process. Returns the ``training.json`` record (rank 0's)."""
     leader = ranks is None or ranks.leader
-    torch.manual_seed(run.options.seed)  # the new head's initial weights
-    weights = "none" if run.mode == "scratch" else run.config["weights"]
+    config = run.config
+    torch.manual_seed(config.options.seed)  # the new head's initial weights
+    weights = "none" if config.mode == "scratch" else config.weights
     model, origin = build_network(run.spec.name, len(run.classes), weights)
     if leader:
         storage.write_bytes(run.layout.network, summarize(model, run.spec).to_text().encode())
@@ -166,7 +161,7 @@ def _train(
             (logger.info if leader else logger.debug)(
                 "training %s (%s mode) on %d images, validating on %d, %d classes",
                 run.spec.name,
-                run.mode,
+                config.mode,
                 len(data.train_targets),
                 len(data.val_targets),
                 len(run.classes),
@@ -197,20 +192,21 @@ def _train_on(
         if on_validation is not None:
             on_validation(history)
 
+    config = run.config
     return train(
         model,
         run.spec,
         run.spec.preprocessing,
         data,
-        run.mode,
-        run.options,
-        run.augmentation,
+        config.mode,
+        config.options,
+        Augmentation.from_dict(config.augmentation.to_dict()),
         checkpoints=run.layout.checkpoints,
         on_validation=after_validation,
         progress=progress,
         logger=logger,
         feature_folder=run.layout.features,
-        shared_features=run.config.get("extra", {}).get("shared_features"),  # from an experiment
+        shared_features=config.shared_features,  # from an experiment
         ranks=ranks,
         feature_cluster=cluster,
     )
@@ -225,10 +221,11 @@ def _write_outputs(
     if len(outcome.history):
         training_progress(outcome.history, layout.progress)
     model.load_state_dict(outcome.state_dict)
+    config = run.config
     training = {
-        "mode": run.mode,
-        "options": run.options.to_dict(),
-        "augmentation": run.augmentation.to_dict(),
+        "mode": config.mode,
+        "options": config.options.to_dict(),
+        "augmentation": config.augmentation.to_dict(),
         "iterations": outcome.iterations,
         "epochs": outcome.epochs_completed,
         "processes": processes,
@@ -236,7 +233,7 @@ def _write_outputs(
     metrics = {"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss}
     record = model_record(model, run.spec, run.classes, origin, metrics=metrics, training=training)
     save_model_file(layout.trained, record)
-    summary = _summary(outcome, layout, origin, run.options, len(data.train_targets), len(data.val_targets))
+    summary = _summary(outcome, layout, origin, config.options, len(data.train_targets), len(data.val_targets))
     summary["processes"] = processes
     summary["image_shards"] = data.shards
     summary["split_key"] = split_key(run.split)  # what it was trained on: not reused on another split

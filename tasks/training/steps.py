@@ -6,6 +6,8 @@ batch of an iteration, on the host: may run on a worker thread), ``logits`` and
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from retrain.tasks.evaluation import predict_scores
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.data import TrainingData
@@ -14,7 +16,6 @@ from retrain.tasks.training.feature_files import FeatureCache
 from retrain.tasks.training.features import network_layout
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.training.schedule import epoch_views, seeded_generator
-from torch import nn
 
 
 def dropout_to_float(features: torch.Tensor, p: float) -> torch.Tensor:

@@ -1,14 +1,16 @@
-"""What each ``retrain`` command does (:mod:`flows.cli` parses the command line).
+"""What each ``retrain`` command does (:mod:`retrain.cli` parses the command line).
 
-Each command imports what it needs when it runs, so ``retrain --help`` and a refused flag
-import no torch, Prefect or Dask. Each returns the dict that ``--json`` prints.
+``evaluate``, ``classify``, ``score`` and ``export`` call the Python API's function of the
+same name (:mod:`retrain`: the one implementation) and print its answer. Each command imports
+what it needs when it runs, so ``retrain --help`` and a refused flag import no torch, Prefect or
+Dask. Each returns the dict that ``--json`` prints.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 
+import retrain
 from retrain.tasks import storage
 from retrain.tasks.request import check_store_names, request_from_args
 
@@ -21,13 +23,9 @@ def cmd_run(args) -> dict:
     from dataclasses import asdict
 
     request = _checked_run_request(args)
-    from retrain.flows.retrain import retrain_flow
-    from retrain.tasks.orchestrator import prepare_for_flows
-
-    prepare_for_flows()
-    summary = retrain_flow(
-        data=args.data,
-        store=_store(args),
+    summary = retrain.run(
+        args.data,
+        store=args.store,
         **asdict(request),
         run_id=args.run_id,
         resume=not args.fresh,
@@ -114,111 +112,44 @@ def _print_ui_url(summary: dict) -> None:
         print("  (start `retrain server start` once to keep runs in the Prefect UI)")
 
 
-def _predictor(model_url: str, engine: str):
-    """The model's predictor with ``engine`` (auto: the fastest validated here) and why."""
-    from retrain.tasks.engine_gate import choose_engine
-    from retrain.tasks.inference import build_predictor, load_checked
-
-    loaded, _ = load_checked(model_url)
-    choice = choose_engine(model_url, storage.sha256_of(model_url), engine) if engine != "torch" else None
-    if choice is not None and choice.reason.startswith("forced"):
-        print(f"retrain: warning: {choice.reason}", file=sys.stderr)
-    predictor = (
-        build_predictor(loaded, choice.engine, choice.onnx_url, decoder=choice.decoder)
-        if choice
-        else build_predictor(loaded)
-    )
-    return loaded, predictor, choice
-
-
 def cmd_evaluate(args) -> dict:
-    from retrain.tasks.datastore import index_images, materialize
-    from retrain.tasks.evaluation import evaluate_model
-    from retrain.tasks.reports import confusion_chart
-    from retrain.tasks.runs import resolve_model
+    from retrain.tasks.evaluation import Evaluation
 
-    started = time.perf_counter()
-    loaded, predictor, choice = _predictor(resolve_model(args.model, _store(args)), args.engine)
-    index = index_images(materialize(storage.absolute(args.data), _store(args)))
-    result, _ = evaluate_model(loaded, index.images, predictor=predictor)
-    if args.chart:
-        confusion_chart(result.confusion, result.classes, args.chart)
+    answer = retrain.evaluate(args.model, args.data, args.store, engine=args.engine, chart=args.chart)
     if not args.json:
+        result = Evaluation(
+            answer["classes"], answer["accuracy"], answer["confusion"], answer["per_class"], answer["count"]
+        )
         print(
-            f"accuracy {result.accuracy:.4f} on {result.count} images with engine {predictor.engine}"
-            + (f" ({len(index.skipped)} files skipped)" if len(index.skipped) else "")
+            f"accuracy {result.accuracy:.4f} on {result.count} images with engine {answer['engine']}"
+            + (f" ({answer['skipped']} files skipped)" if answer["skipped"] else "")
         )
         print(result.per_class_table().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         print(result.confusion_text())
-    return {
-        **result.to_dict(),
-        "engine": predictor.engine,
-        "engine_reason": choice.reason if choice else "float32 reference, as asked",
-        "skipped": len(index.skipped),
-        "seconds": time.perf_counter() - started,
-    }
+    return answer
 
 
 def cmd_classify(args) -> dict:
-    from retrain.tasks.evaluation import classify_with
-    from retrain.tasks.inference import build_predictor, load_checked
-    from retrain.tasks.runs import resolve_model
-
-    loaded, _ = load_checked(resolve_model(args.model, _store(args)))
-    result = classify_with(build_predictor(loaded), storage.absolute(args.image))
-    answer = {"label": result.label, "score": result.score, "scores": result.scores}
-    if args.explain:
-        from retrain.tasks.explain import explain_image
-
-        answer["explanation"] = explain_image(loaded, storage.absolute(args.image), args.explain)["explanation"]
+    answer = retrain.classify(args.model, args.image, args.store, explain=args.explain)
     if not args.json:
-        print(f"{result.label} ({result.score:.4f})" + (f"; Grad-CAM: {args.explain}" if args.explain else ""))
+        print(f"{answer['label']} ({answer['score']:.4f})" + (f"; Grad-CAM: {args.explain}" if args.explain else ""))
     return answer
 
 
 def cmd_score(args) -> dict:
-    # Three start-ups at once instead of one after the other: the local Dask cluster (its
-    # workers spawn and import torch), Prefect's temporary API (a uvicorn process), and this
-    # process importing the flow.
-    from retrain.flows.early_api import start_early_api
-    from retrain.tasks.scoring.cluster import prestart_local_cluster
-    from retrain.tasks.scoring.layout import check_output
-
-    if args.out:  # a folder that is not the job's is refused at once, not after the start-ups
-        check_output(storage.absolute(args.out), storage.absolute(args.images))
-    api = start_early_api()
-    early = prestart_local_cluster(args.workers) if not args.dask_address else None
-    try:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-        from retrain.flows.score import score_flow
-        from retrain.tasks.orchestrator import prepare_for_flows
-
-        prepare_for_flows()
-        url = api.wait() if api is not None else None
-        with temporary_settings({PREFECT_API_URL: url} if url else {}):
-            summary = score_flow(
-                model=args.model,
-                images=args.images,
-                out=args.out,
-                store=_store(args),
-                dask_address=args.dask_address,
-                workers=args.workers,
-                mini_batch_size=args.mini_batch_size,
-                top_k=args.top_k,
-                partition_size=args.partition_size,
-                progress=not args.json and sys.stderr.isatty(),
-                engine=args.engine,
-            )
-    finally:
-        if early is not None:
-            early.close()
-        if api is not None:
-            api.stop()
-    if url:
-        # The temporary API ended with this command: its UI page is gone (Prefect derives a UI
-        # URL from the API's; overriding PREFECT_UI_URL for the flow instead left Prefect's
-        # events worker undrainable at the end of an in-process caller).
-        summary["ui_url"] = None
+    summary = retrain.score(
+        args.model,
+        args.images,
+        out=args.out,
+        store=args.store,
+        dask_address=args.dask_address,
+        workers=args.workers,
+        mini_batch_size=args.mini_batch_size,
+        top_k=args.top_k,
+        partition_size=args.partition_size,
+        engine=args.engine,
+        progress=not args.json and sys.stderr.isatty(),
+    )
     if not args.json:
         print(
             f"scored {summary['scored']:,} of {summary['images']:,} images ({summary['failed']:,} failed) "
@@ -255,24 +186,9 @@ def cmd_score(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from retrain.tasks.export import export_model
-    from retrain.tasks.inference import load_checked
-    from retrain.tasks.runs import resolve_model
-
-    model_url = resolve_model(args.model, _store(args))
-    loaded, _ = load_checked(model_url)
-    out = export_model(loaded, storage.absolute(args.out), args.fmt, storage.sha256_of(model_url))
-    result = {"output": out, "format": args.fmt, "classes": list(loaded.classes)}
-    split_url = storage.join(model_url.rsplit("/", 1)[0], "split.parquet")
-    if args.fmt == "onnx" and storage.exists(split_url):  # a run's model: check on its test split
-        from retrain.tasks.datastore import held_out
-        from retrain.tasks.export import check_export
-
-        test, which = held_out(storage.read_parquet(split_url))
-        if len(test):
-            result["test_split"] = {"split": which, **check_export(loaded, out, list(test["path"]))}
+    result = retrain.export(args.model, args.out, args.fmt, args.store)
     if not args.json:
-        print(f"{args.fmt} model for {len(loaded.classes)} classes written to {out}")
+        print(f"{args.fmt} model for {len(result['classes'])} classes written to {result['output']}")
         if "test_split" in result:
             t = result["test_split"]
             print(
@@ -298,7 +214,7 @@ def cmd_network(args) -> dict:
     if not args.json:
         print(summary.to_text(max_rows=None if args.all_layers else 40))
         print(f"weights: {origin}")
-        if spec.torchvision_weights:
+        if spec.from_torchvision:
             print(f"pretrained weights: {spec.description}; {spec.categories} categories")
     return {
         "network": spec.name,
@@ -309,13 +225,13 @@ def cmd_network(args) -> dict:
         "head_module": summary.head_layer,
         "learnables": summary.learnables,
         "layers": len(summary.layers),
-        "pretrained_weights": spec.torchvision_weights or spec.weights_file,
+        "pretrained_weights": str(spec.weights),
         "weights_origin": origin,
     }
 
 
 def cmd_experiment(args) -> dict:
-    from retrain.flows.experiment_cli import cmd_experiment as experiment
+    from retrain.experiment_cli import cmd_experiment as experiment
 
     return experiment(args, _store(args))
 
@@ -337,7 +253,7 @@ def cmd_runs(args) -> dict:
 def cmd_deploy(args) -> dict:
     from pathlib import Path
 
-    from retrain.flows import deploy
+    from retrain import deploy
 
     values = {name: getattr(args, name) for name in deploy.placeholder_defaults()}
     result = deploy.apply(
@@ -399,7 +315,7 @@ def cmd_rollback(args) -> dict:
 
 
 def cmd_server(args) -> dict:
-    from retrain.tasks import server
+    from retrain import server
 
     if args.action == "stop":
         result = server.stop()

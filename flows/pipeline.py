@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import time
 import traceback
+from dataclasses import replace
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from retrain.flows.artifacts import flow_run_ui_url
 from retrain.flows.train import train_flow
 from retrain.tasks import storage
 from retrain.tasks.datastore import IndexRecord, adopt_index, index_dataset, materialize, split_stage
 from retrain.tasks.evaluation import evaluate_run
 from retrain.tasks.explain import explain_run
 from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run, unjudged_run
-from retrain.tasks.reports import flow_run_ui_url, png_markdown, run_summary_markdown
-from retrain.tasks.request import DEFAULTS, CheckedRequest, RunRequest, check_store_names
+from retrain.tasks.reports import png_markdown, run_summary_markdown
+from retrain.tasks.request import DEFAULTS, RunRequest, check_store_names
 from retrain.tasks.runs import STATUS_FAILED, RunConfig, lock_run, publish_run, start_run, update_run
 from retrain.tasks.samples import ensure_sample_dataset
 from retrain.tasks.scoring.layout import check_output
@@ -89,7 +92,7 @@ def retrain_flow(
     checked = request.check(fetch_weights=train_deployment is None)  # the weights are the GPU pool's business
     if labels:
         labels = storage.absolute(labels)
-        data = data or labels.rsplit("/", 1)[0]
+        data = data or labels.rsplit("/", 1)[0]  # the table's folder
     named_after = data  # the default model name's data set (None: the sample set)
     if data is None:
         data = ensure_sample_dataset(store)
@@ -98,7 +101,7 @@ def retrain_flow(
 
     dataset_url = unzip(data, store)
     indexed = index(dataset_url, store, labels)  # first: the run is bound to the data's content, not its URL
-    config = _run_config(data, dataset_url, checked, labels, split_seed, shared_features, indexed.content)
+    config = _with_data(checked, data, dataset_url, labels, split_seed, shared_features, indexed.content)
     after = dict(
         store=store,
         model_name=model_name,
@@ -118,9 +121,9 @@ def retrain_flow(
     try:
         update_run(run_url, promote=promote)  # a rerun finishes the promotion a kill prevented
         indexed, trained, metrics, model_url = _run_stages(
-            run_url, indexed, checked, train_deployment, progress, split_seed, cluster
+            run_url, indexed, config, train_deployment, progress, cluster
         )
-        summary = _summary(run_url, model_url, data, checked, indexed, trained, metrics, time.perf_counter() - started)
+        summary = _summary(run_url, model_url, config, indexed, trained, metrics, time.perf_counter() - started)
         summary_url = storage.RunLayout(run_url).summary
         storage.write_json(summary_url, summary)
         publish_artifacts(summary, metrics, run_url, indexed.montage)
@@ -200,26 +203,21 @@ def _unscored_run(store: str, fingerprint: str) -> str | None:
     return layout.url
 
 
-def _run_config(
+def _with_data(
+    checked: RunConfig,
     data: str,
     dataset_url: str,
-    checked: CheckedRequest,
     labels: str | None,
     split_seed: int | None,
     shared_features: dict | None,
     content: str,
 ) -> RunConfig:
-    """What run.json records of the request (a resumed run must ask for the same, on the
-    same images: ``content``, their key)."""
-    return RunConfig(
+    """The checked request's configuration with its data (a resumed run must ask for the
+    same, on the same images: ``content``, their key)."""
+    return replace(
+        checked,
         data=data,
         dataset=dataset_url,
-        network=checked.network,
-        weights=checked.weights,
-        mode=checked.mode,
-        split=checked.fractions,
-        options=checked.options.to_dict(),
-        augmentation=checked.augmentation,
         extra={
             **({"labels": labels, "labels_sha256": storage.sha256_of(labels)} if labels else {}),
             **({"split_seed": split_seed} if split_seed is not None else {}),
@@ -239,8 +237,7 @@ def _score(model_url: str, folder: str, store: str, progress: bool, out: str) ->
 def _summary(
     run_url: str,
     model_url: str,
-    data: str,
-    checked: CheckedRequest,
+    config: RunConfig,
     indexed: IndexRecord,
     trained: dict,
     metrics: dict,
@@ -251,9 +248,9 @@ def _summary(
         "run_id": storage.RunLayout(run_url).run_id,
         "run": run_url,
         "model": model_url,
-        "data": data,
-        "network": checked.network,
-        "mode": checked.mode,
+        "data": config.data,
+        "network": config.network,
+        "mode": config.mode,
         "weights_origin": trained["weights_origin"],
         "classes": indexed.classes,
         "counts": indexed.counts,
@@ -265,7 +262,7 @@ def _summary(
         "epochs": trained["epochs"],
         "resumed_from": trained["resumed_from"],
         "device": trained["device"],
-        "options": checked.options.to_dict(),
+        "options": config.options.to_dict(),
         "seconds": seconds,
         "ui_url": flow_run_ui_url(),
     }
@@ -274,10 +271,9 @@ def _summary(
 def _run_stages(
     run_url: str,
     indexed: IndexRecord,
-    checked: CheckedRequest,
+    config: RunConfig,
     train_deployment: str | None,
     progress: bool,
-    split_seed: int | None = None,
     cluster: dict | None = None,
 ) -> tuple[IndexRecord, dict, dict, str]:
     """index (``indexed``, taken into the run folder) -> split -> train -> evaluate ->
@@ -287,14 +283,14 @@ def _run_stages(
     run_name = storage.RunLayout(run_url).run_id
     logger.info("run %s in %s", run_name, run_url)
     try:
-        indexed = adopt(indexed, run_url, checked.options.seed)
+        indexed = adopt(indexed, run_url, config.options.seed)
         logger.info(
             "%d classes: %s; %d files skipped",
             len(indexed.classes),
             ", ".join(f"{c} ({n})" for c, n in indexed.counts.items()),
             indexed.skipped,
         )
-        split(run_url, checked.fractions, checked.options.seed if split_seed is None else split_seed)
+        split(run_url, config.split, config.split_seed)
         if train_deployment:
             trained = train_on_deployment(train_deployment, run_url, cluster)
         else:

@@ -6,7 +6,7 @@ therefore starts, beside the Prefect server, one more process that imports all o
 and waits on a Unix socket in PREFECT_HOME. A command that finds it hands over its
 arguments, working folder, environment and terminal (its stdin, stdout and stderr file
 descriptors, passed over the socket); the resident process forks, and the fork runs the
-command with the same code (:func:`retrain.flows.cli.main`), prints to the caller's
+command with the same code (:func:`retrain.cli.main`), prints to the caller's
 terminal, and its exit status becomes the caller's. The caller forwards Ctrl-C and other
 signals to the fork; a caller that dies takes its command with it (the fork is interrupted,
 as by Ctrl-C: runs resume on the next call).
@@ -73,10 +73,9 @@ def socket_path(home: Path) -> str:
 def code_fingerprint() -> str:
     """What identifies the code a command would run: the interpreter and the size and time
     of every file of the retrain package (a few milliseconds for ~80 files)."""
+    import retrain
     import retrain.flows
     import retrain.tasks
-
-    import retrain
 
     parts = [sys.executable]
     for folder in {*retrain.__path__, *retrain.flows.__path__, *retrain.tasks.__path__}:
@@ -98,7 +97,7 @@ def import_time_environment(environ) -> dict[str, str]:
 def delegate(argv: list[str], home: Path) -> int | None:
     """Run ``retrain ARGV`` in the resident process; its exit status, or None when the
     command should run here (no resident process, or it cannot run this one)."""
-    from retrain.tasks.server import resident_enabled
+    from retrain.server import resident_enabled
 
     if not resident_enabled():
         return None
@@ -123,7 +122,7 @@ def delegate(argv: list[str], home: Path) -> int | None:
             return None
         if "pid" not in first:
             if first.get("stale"):
-                from retrain.tasks.server import start_resident
+                from retrain.server import start_resident
 
                 start_resident(home)  # a fresh one for the next command; this one runs here
             return None
@@ -166,14 +165,15 @@ def _preload() -> None:
     import dask.distributed  # noqa: F401
     import pandas  # noqa: F401
     import prefect  # noqa: F401
-    import retrain.flows.commands  # noqa: F401
-    import retrain.flows.retrain  # noqa: F401
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+
+    import retrain.commands  # noqa: F401
+    import retrain.flows.pipeline  # noqa: F401
     import retrain.flows.score  # noqa: F401
     import retrain.tasks.inference  # noqa: F401
     import retrain.tasks.scoring.run  # noqa: F401
     import retrain.tasks.training.loop  # noqa: F401
-    import torch  # noqa: F401
-    import torchvision  # noqa: F401
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -219,7 +219,7 @@ def _run_forked(request: dict, fds: list[int]) -> None:
         sys.argv = ["retrain", *request["argv"]]
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=stream.isatty())
-        from retrain.flows.cli import finish, main
+        from retrain.cli import finish, main
 
         finish(main(request["argv"], watch_api=True))  # exits; like the program, it watches the API
     except SystemExit as exc:  # argparse's own exit
@@ -276,7 +276,7 @@ class Resident:
         if listener is None:
             _log(f"another resident process answers at {self.path}; exiting")
             return
-        from retrain.tasks.server import pid_alive
+        from retrain.server import pid_alive
 
         _log(f"ready at {self.path} (pid {os.getpid()})")
         self.selector.register(listener, selectors.EVENT_READ)
@@ -390,7 +390,7 @@ class Resident:
 
 
 def serve(home: Path) -> None:
-    from retrain.tasks.server import running, use_local_server
+    from retrain.server import running, use_local_server
 
     started = time.perf_counter()
     state = running(home)

@@ -229,11 +229,11 @@ def resident_enabled() -> bool:
 
 
 def start_resident(home: Path) -> int:
-    """Start the resident process (flows/resident.py) for the server in ``home``, in the
+    """Start the resident process (retrain/resident.py) for the server in ``home``, in the
     background: it is ready seconds later, and commands run in their own process until then."""
     with open(home / RESIDENT_LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "retrain.flows.resident", str(home)],
+            [sys.executable, "-m", "retrain.resident", str(home)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -253,7 +253,7 @@ def resident_pid(home: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    return pid if b"retrain.flows.resident" in cmdline else None  # a recycled pid is not ours
+    return pid if b"retrain.resident" in cmdline else None  # a recycled pid is not ours
 
 
 def _stop_resident(home: Path, timeout: float = 5.0) -> None:

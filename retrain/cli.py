@@ -1,10 +1,12 @@
 """The ``retrain`` command: its arguments and ``--json`` output (its exit statuses and error
-reports: :mod:`flows.failures`).
+reports: :mod:`retrain.failures`).
 
 ``run`` and ``score`` are Prefect flows (they show in the UI); ``evaluate``, ``classify``,
 ``network`` and ``runs`` call the plain functions, so they answer in seconds without starting a
-Prefect API. What each command does is in :mod:`flows.commands`; this module imports nothing
-heavy, so ``retrain --help`` and an argument error answer at once.
+Prefect API. What each command does is in :mod:`retrain.commands` (``evaluate``, ``classify``,
+``score`` and ``export`` call the Python API's function of the same name, in :mod:`retrain`,
+and print its answer); this module imports nothing heavy, so ``retrain --help``
+and an argument error answer at once.
 With ``--json`` the last line of stdout is one JSON object; without it, output is for people.
 """
 
@@ -24,9 +26,13 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # 20 s limit would fail the run before it begins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-from retrain.flows import failures  # noqa: E402  (standard library only: costs ms)
-from retrain.tasks import orchestrator, server  # noqa: E402
+from retrain import (  # noqa: E402
+    failures,  # noqa: E402  (standard library only: costs ms)
+    orchestrator,
+    server,
+)
 from retrain.tasks.request import add_run_arguments  # noqa: E402
+from retrain.tasks.vocabulary import ENGINE_CHOICES  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -141,9 +147,6 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
-ENGINE_CHOICES = ("auto", "torch", "torch-bf16", "onnx", "onnx-int8")  # tasks.inference.ENGINE_CHOICES
-
-
 def _engine_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine",
@@ -174,7 +177,7 @@ def _runs_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _deploy_arguments(p: argparse.ArgumentParser) -> None:
-    from retrain.flows.deploy import placeholder_defaults
+    from retrain.deploy import placeholder_defaults
 
     for name, (default, what) in placeholder_defaults().items():
         flag = "--" + name.removeprefix("RETRAIN_").lower().replace("_", "-")
@@ -232,7 +235,7 @@ def _server_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _experiment_arguments(p: argparse.ArgumentParser) -> None:
-    from retrain.flows.experiment_cli import add_experiment_arguments
+    from retrain.experiment_cli import add_experiment_arguments
 
     p.add_argument(
         "data",
@@ -377,7 +380,7 @@ def main(argv: list[str] | None = None, watch_api: bool = False) -> int:
             if url:  # a server the user chose: down now is said now, not after Prefect's retries
                 orchestrator.check_api(url)
                 watch = _watch_api(args, url, grace) if watch_api else None
-        from retrain.flows.commands import COMMANDS
+        from retrain.commands import COMMANDS
 
         result = COMMANDS[args.command](args)
         if args.json:
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None, watch_api: bool = False) -> int:
 
 def entry() -> None:
     """The ``retrain`` program: :func:`main` here, or in the resident process when the local
-    server runs one (flows/resident.py: the same command without the imports), then
+    server runs one (retrain/resident.py: the same command without the imports), then
     :func:`finish`."""
     argv = sys.argv[1:]
     status = _delegated(argv)
@@ -410,7 +413,7 @@ def _delegated(argv: list[str]) -> int | None:
     args = build_parser(_command_of(argv) or "").parse_args(argv)  # --help and bad flags: answered here
     if args.command == "server" or server.use_local_server() is None:
         return None
-    from retrain.flows import resident
+    from retrain import resident
 
     return resident.delegate(argv, server.prefect_home())
 

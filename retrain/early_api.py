@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from retrain.tasks.server import _profile_sets_api_url  # one reading of Prefect's profiles
+from retrain.server import _profile_sets_api_url  # one reading of Prefect's profiles
 
 
 def api_configured(environ=os.environ) -> bool:

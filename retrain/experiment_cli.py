@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from retrain.flows import failures
+from retrain import failures
 
 
 def add_experiment_arguments(experiment: argparse.ArgumentParser) -> None:
-    """The experiment's own flags (the run's flags are added by flows/cli.py)."""
+    """The experiment's own flags (the run's flags are added by retrain/cli.py)."""
     experiment.add_argument(
         "--grid",
         action="append",
@@ -58,7 +58,7 @@ def cmd_experiment(args: argparse.Namespace, store: str) -> dict:
         from retrain.tasks.labels import read_label_table
 
         read_label_table(storage.absolute(args.labels))
-    from retrain.tasks.orchestrator import prepare_for_flows
+    from retrain.orchestrator import prepare_for_flows
 
     prepare_for_flows()
     record = experiment_flow(

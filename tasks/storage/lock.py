@@ -1,14 +1,15 @@
-"""One writer per folder at a time: an exclusive lock on a scoring job's output, a run folder
-(tasks/runs.py), a model's promotion folder (tasks/promotion.py).
+"""One writer per folder at a time: an exclusive lock on a folder of the store while a job
+writes there — a run folder (tasks/runs.py), a model's promotion folder (tasks/promotion.py),
+a scoring job's output (tasks/scoring), a feature cache shared by runs (tasks/feature_sharing.py).
 
-On a local disk it is ``fcntl.flock`` on ``<out>/.lock``: the kernel drops it when the holder
+On a local disk it is ``fcntl.flock`` on ``<folder>/.lock``: the kernel drops it when the holder
 exits, even by kill -9, so a crashed job never blocks its rerun. Elsewhere (S3...) it is a
 lease: the file names its holder and is refreshed every ``lease_s / 4`` seconds; one not
 refreshed for ``lease_s`` is taken over (best effort: object stores have no atomic
 create-if-absent through fsspec). A lease is fenced: its token is checked before each renewal,
-each write below the folder (tasks/storage.py's fences) and the release, so a holder that
-stalled past its lease and was taken over raises :class:`LeaseLostError` instead of finishing
-beside the new holder, and never removes the new holder's lease.
+each write below the folder (:func:`.files.fence`) and the release, so a holder that stalled
+past its lease and was taken over raises :class:`LeaseLostError` instead of finishing beside
+the new holder, and never removes the new holder's lease.
 """
 
 from __future__ import annotations
@@ -24,13 +25,22 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+# The store's files through the package, not its modules: what replaces one of them there (a
+# store that fails, in a test) is what the lock reads and writes with too.
 from retrain.tasks import storage
-from retrain.tasks.scoring.layout import JobLayout, ScoringLockedError
+from retrain.tasks.storage.files import fence
+from retrain.tasks.storage.remote import StorageError
+
+LOCK_NAME = ".lock"  # the lock's file, in the folder it locks
 
 log = logging.getLogger("retrain.storage")
 
 
-class LeaseLostError(storage.StorageError):
+class LockedError(ValueError):
+    """Another process holds the folder's lock (a refusal: the caller may wait, or write elsewhere)."""
+
+
+class LeaseLostError(StorageError):
     """Another writer took over this process's lease on a folder (after a stall longer than
     the lease): what this process would still write there would mix with the new holder's."""
 
@@ -39,21 +49,27 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-class JobLock:
-    """An exclusive lock on a folder while a job writes to it (see the module's doc).
-    ``refusal(who)`` makes the error for a folder held by another (``who``: the holder, in
-    words); by default a :class:`ScoringLockedError` about a scoring output."""
+def lock_url(folder: str) -> str:
+    """The lock's file of ``folder``."""
+    return storage.join(folder, LOCK_NAME)
+
+
+class FolderLock:
+    """An exclusive lock on ``folder`` while a job writes to it (see the module's doc), waiting
+    up to ``wait_s`` seconds for another holder to let go. ``refusal(who)`` makes the error
+    for a folder still held by another (``who``: the holder, in words); by default a
+    :class:`LockedError`."""
 
     def __init__(
         self,
-        out: str,
+        folder: str,
         wait_s: float = 0.0,
         lease_s: float = 120.0,
         refusal: Callable[[str], Exception] | None = None,
     ):
-        self.out, self.url, self.wait_s, self.lease_s = out, JobLayout(out).lock, wait_s, lease_s
+        self.folder, self.url, self.wait_s, self.lease_s = folder, lock_url(folder), wait_s, lease_s
         self.refusal = refusal
-        self.local = storage.protocol_of(out) in ("file", "local")
+        self.local = storage.protocol_of(folder) in ("file", "local")
         self.token, self.since = uuid.uuid4().hex, now()
         self._fd: int | None = None
         self._made_folders: list[str] = []  # folders this lock created, innermost first
@@ -76,11 +92,9 @@ class JobLock:
             who += f" (a holder that died loses the lock {self.lease_s:.0f} s after its last heartbeat)"
         if self.refusal is not None:
             return self.refusal(who)
-        return ScoringLockedError(
-            f"another scoring job is writing to {self.out}{who}; wait for it to finish, or score into another --out"
-        )
+        return LockedError(f"another process is writing to {self.folder}{who}; wait for it to finish")
 
-    def acquire(self) -> JobLock:
+    def acquire(self) -> FolderLock:
         deadline = time.monotonic() + self.wait_s
         while True:
             holder = self._try_local() if self.local else self._try_lease()
@@ -133,8 +147,8 @@ class JobLock:
         time.sleep(0.2)  # a racer writing at the same moment: the last writer wins, the other sees it
         if storage.read_json(self.url).get("token") != self.token:
             return storage.read_json(self.url)
-        storage.fence(self.out, self._check)
-        self._refresher = threading.Thread(target=self._refresh, daemon=True, name="score-lock-lease")
+        fence(self.folder, self._check)
+        self._refresher = threading.Thread(target=self._refresh, daemon=True, name="store-lock-lease")
         self._refresher.start()
         return None
 
@@ -161,7 +175,7 @@ class JobLock:
         return self._lost is None
 
     def _check(self, url: str) -> None:
-        """The fence (tasks/storage.py): before a write or removal of ``url`` below the folder.
+        """The fence (:func:`.files.fence`): before a write or removal of ``url`` below the folder.
         The lease is read once, without the store's retries: when the store fails that read,
         the write it guards fails too, and its own error is the one to report."""
         if url == self.url:
@@ -181,7 +195,7 @@ class JobLock:
             else "another writer, which has since released it,"
         )
         return LeaseLostError(
-            f"store failure: lost the lock on {self.out} before {doing}: {who} took it over after this process "
+            f"store failure: lost the lock on {self.folder} before {doing}: {who} took it over after this process "
             f"went {self.lease_s:.0f} s without renewing its lease (the store or this process stalled); "
             "stopped so that one writer finishes, not two: rerun the same command"
         )
@@ -196,7 +210,7 @@ class JobLock:
         except Exception as exc:
             if failing is None:
                 raise
-            log.warning("releasing the lock on %s failed too (%s: %s)", self.out, type(exc).__name__, exc)
+            log.warning("releasing the lock on %s failed too (%s: %s)", self.folder, type(exc).__name__, exc)
 
     def _release(self, once: bool = False) -> None:
         """``once``: one try of each store call, not the store's retries (the job failed: a
@@ -210,7 +224,7 @@ class JobLock:
             os.close(self._fd)
             self._fd = None
             for folder in self._made_folders:  # a job refused before it wrote anything leaves no
-                try:  # empty --out behind
+                try:  # empty folder behind
                     os.rmdir(folder)
                 except OSError:  # not empty: the job's files
                     break
@@ -218,7 +232,7 @@ class JobLock:
             self._stop.set()
             self._refresher.join(timeout=5)
             self._refresher = None
-            storage.fence(self.out, self._check, on=False)
+            fence(self.folder, self._check, on=False)
             read, remove = storage.read_bytes, storage.remove
             if once:
                 read, remove = getattr(read, "__wrapped__", read), getattr(remove, "__wrapped__", remove)
@@ -226,7 +240,7 @@ class JobLock:
                 raise self._lost_error("releasing it")
             remove(self.url)
 
-    def __enter__(self) -> JobLock:
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

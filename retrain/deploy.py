@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 import yaml
+
 from retrain.tasks import storage
-from retrain.tasks.request import DEFAULTS, MODES
+from retrain.tasks.request import DEFAULTS
+from retrain.tasks.vocabulary import MODES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"

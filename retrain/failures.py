@@ -13,8 +13,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from retrain.tasks import orchestrator, server
-from retrain.tasks.orchestrator import DEFAULT_GRACE_S
+from retrain import orchestrator, server
+from retrain.orchestrator import DEFAULT_GRACE_S
 
 # Exit statuses, one per failure class (the help's epilog and the README list them too).
 EXIT_REFUSED = 2  # the input or request was refused: running it again as it is will not help
@@ -211,7 +211,7 @@ def classify(args, exc: BaseException) -> tuple[str, int] | None:
     import errno
 
     from retrain.tasks import storage
-    from retrain.tasks.scoring.layout import ClusterLostError
+    from retrain.tasks.parts import ClusterLostError
 
     if interrupted(exc):
         return "interrupted; what is in the store is kept: rerun the same command to resume", EXIT_INTERRUPTED
