@@ -234,7 +234,9 @@ def map_on_dask(
         except Exception:  # a lost scheduler: nothing left to cancel there
             pass
     if (failures or waiting) and lost(client):  # cancelled by the scheduler going away, not failed
-        raise cluster_lost(address_of(client), what=job.what)  # the workers may have written more parts than reported here
+        raise cluster_lost(
+            address_of(client), what=job.what
+        )  # the workers may have written more parts than reported here
     if failures:
         part, exc, happened = failures[0]
         raise job.incomplete(
