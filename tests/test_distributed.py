@@ -2,6 +2,7 @@
 keyed by sample, and the must-show: 2 CPU processes on gloo end with the same weights as one
 process with the same global batch; a checkpoint of one count resumes in another."""
 
+import dataclasses
 import os
 import shutil
 
@@ -193,7 +194,8 @@ def test_kill_9_of_the_launcher_ends_its_ranks_and_the_run_resumes_in_one_proces
     import psutil
 
     config = _config(shapes_dir, 2)
-    config.options.update(max_epochs=8, mini_batch_size=6, checkpoint_frequency=1)  # 24 iterations
+    options = dataclasses.replace(config.options, max_epochs=8, mini_batch_size=6, checkpoint_frequency=1)
+    config = dataclasses.replace(config, options=options)  # 24 iterations
     run = _started(str(tmp_path / "store"), config)
     index_stage(shapes_dir, run)
     split_stage(run, (0.75, 0.25, 0.0), 0)
