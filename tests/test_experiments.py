@@ -301,7 +301,13 @@ def test_an_interrupt_that_lands_in_a_finalizer_still_ends_the_command_with_130(
         return []
 
     monkeypatch.setattr(runs, "list_runs", list_runs)
-    status = main(["runs", "--store", str(tmp_path), "--json"])
+    # Ctrl-C as a fresh command process gets it: whatever SIGINT handler an earlier test's
+    # library left in this process is not the command's.
+    earlier = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = main(["runs", "--store", str(tmp_path), "--json"])
+    finally:
+        signal.signal(signal.SIGINT, earlier)
     captured = capsys.readouterr()
     assert status == failures.EXIT_INTERRUPTED, captured
     assert "Exception ignored" not in captured.err
