@@ -103,9 +103,6 @@ class Preprocessing:
         return affine(images[:, affine.channels], images.device)
 
 
-IMAGENET_RGB = dict(channel_order="RGB", scale=1.0 / 255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
 @dataclass(frozen=True)
 class InputAffine:
     """The one normalisation: a :class:`Preprocessing`'s channel order, scale, mean and std as
