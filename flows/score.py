@@ -1,7 +1,8 @@
 """The score flow: batch inference over a large image folder on Dask.
 
-resolve model -> plan (check the model, choose the engine, list, partition) -> score the missing
-partitions on Dask -> consolidate -> summary artifact, each stage a task of this module, called
+resolve model -> plan (check the model, choose the engine, list, compare with the output's rows,
+partition what is new or changed) -> score those partitions on Dask -> consolidate -> summary
+artifact, each stage a task of this module, called
 in that order inside a :class:`tasks.scoring.run.ScoringRun` (the output's lock, the cluster,
 the start-up clock), as :func:`tasks.scoring.score_job` calls the plain functions.
 
@@ -70,7 +71,10 @@ def score_partitions(
             update_progress_artifact(artifact, 100.0 * state["images"] / max(plan.count, 1))
 
     get_run_logger().info(
-        "Dask scheduler %s; %d of %d partitions already scored", scheduler, len(plan.done), plan.partitions
+        "%d images to score in %d partitions, %s",
+        plan.todo_images,
+        plan.partitions,
+        f"on the Dask scheduler {scheduler}" if scheduler else "in this process (few images)",
     )
     try:
         results = score_missing(plan, scheduler, torch_threads, on_done)
@@ -96,13 +100,16 @@ def score_flow(
     lock_wait_s: float = 0.0,
     engine: str = "auto",
     cluster: LocalClusterStart | None = None,
+    verify_content: bool = False,
 ) -> dict:
     """Score every image in ``images`` (a folder, searched recursively, or a list file; any
-    fsspec URL) with ``model`` (a model file URL or a run id in ``store``) into ``out``
-    (default ``<store>/scores/<job-id>``) with ``engine`` (auto: the fastest validated one
-    here). Rerun with the same ``out`` to resume: only missing partitions are scored. Returns
-    the summary (images, scored, failed, seconds, images_per_second, engine, output, count
-    per label, failures). ``cluster``: a local cluster of ``workers`` processes its caller
+    fsspec URL) with ``model`` (a model file URL, a run id or a promoted model name in
+    ``store``) into ``out`` (default ``<store>/scores/<job-id>``, one per model file and folder)
+    with ``engine`` (auto: the fastest validated one here). Rerun with the same ``out`` to score what changed: new and changed images (by size and
+    version; with ``verify_content`` by content hash) are scored, the rows of deleted ones
+    dropped, the parts of a stopped job reused. Returns the summary (images, new, changed,
+    deleted, unchanged, scored, failed, seconds, images_per_second, engine, output, count per
+    label, failures). ``cluster``: a local cluster of ``workers`` processes its caller
     already started (and closes), used instead of starting one (in process only: a deployment
     cannot pass it)."""
     logger = get_run_logger()
@@ -117,25 +124,34 @@ def score_flow(
     with ScoringRun(
         out, images, mini_batch_size, partition_size, dask_address, workers, cluster=cluster, lock_wait_s=lock_wait_s
     ) as job:
-        plan = job.planned(plan_scoring(model_url, images, out, top_k, partition_size, mini_batch_size, None, engine))
+        plan = job.planned(
+            plan_scoring(model_url, images, out, top_k, partition_size, mini_batch_size, None, engine, verify_content)
+        )
+        if plan.note:
+            logger.warning(plan.note)
         logger.info(
-            "%d images (%d other files ignored) in %d partitions; %d already scored; engine %s (%s), %s decoding",
+            "%d images (%d other files ignored): %d new, %d changed, %d failed before, %d unchanged; %d deleted; "
+            "engine %s (%s), %s decoding",
             plan.count,
             plan.ignored,
-            plan.partitions,
-            len(plan.done),
+            plan.new,
+            plan.changed,
+            plan.retried,
+            plan.done_images,
+            plan.deleted,
             plan.model.engine.engine,
             plan.model.engine.reason,
             plan.model.engine.decoder,
         )
-        results = score_partitions(plan, job.scheduler(), job.torch_threads, progress) if plan.missing else []
+        results = score_partitions(plan, job.scheduler(plan), job.torch_threads, progress) if plan.missing else []
         summary = consolidate_scores(plan, job.scored(plan, results))
     logger.info(
-        "scored %d images (%d failed) in %.1f s with %s -> %s",
-        summary["scored"],
-        summary["failed"],
+        "%d images scored by this run in %.1f s with %s; the output holds %d rows (%d failed) -> %s",
+        summary["processed"],
         summary["seconds"],
         summary["engine"],
+        summary["images"],
+        summary["failed"],
         summary["output"],
     )
     publish_artifacts(summary)
@@ -155,9 +171,10 @@ def summary_markdown(summary: dict) -> str:
         f"| images scored | {summary['scored']:,} |",
         f"| failed | {summary['failed']:,} |",
         f"| other files ignored | {summary['ignored']:,} |",
-        f"| this run | {summary['processed']:,} images in {summary['seconds']:.1f} s "
-        f"({summary['images_per_second'] or 0:.1f} images/s); {summary['resumed_partitions']} of "
-        f"{summary['partitions']} partitions were already done |",
+        f"| since the last run | {summary['new']:,} new, {summary['changed']:,} changed, "
+        f"{summary['deleted']:,} deleted, {summary['unchanged']:,} unchanged |",
+        f"| this run | {summary['processed']:,} images scored in {summary['seconds']:.1f} s "
+        f"({summary['images_per_second'] or 0:.1f} images/s) |",
         f"| output | `{summary['output']}` |",
         "",
         "## Count per label",

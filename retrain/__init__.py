@@ -128,16 +128,20 @@ def score(
     partition_size: int | None = None,
     engine: str = "auto",
     progress: bool = False,
+    verify_content: bool = False,
 ) -> dict:
     """Batch-score every image below ``images`` (a folder, searched recursively, or a list file)
     on Dask — a local cluster of ``workers`` processes, or the one at ``dask_address`` — into
-    ``out`` (default ``<store>/scores/<job-id>``; rerun with the same ``out`` to resume), as a
-    Prefect flow run. ``mini_batch_size`` and ``partition_size``: None for scoring's defaults.
-    Returns the job summary (scores URL, counts, images/s, engine)."""
+    ``out`` (default ``<store>/scores/<job-id>``, one per model and folder), as a Prefect flow
+    run. Rerun with the same ``out`` to score what changed since: new and changed images (by
+    size and version; with ``verify_content`` by content hash) are scored, deleted ones' rows
+    dropped. ``mini_batch_size`` and ``partition_size``: None for scoring's defaults. Returns
+    the job summary (scores URL, counts: new, changed, deleted, unchanged, images/s, engine)."""
     from retrain.early_api import start_early_api
     from retrain.tasks import storage
     from retrain.tasks.scoring.cluster import LocalClusterStart
     from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, check_output
+    from retrain.tasks.scoring.run import holds_scores
 
     _local_server()
     store = _store(store)
@@ -145,9 +149,12 @@ def score(
         check_output(storage.absolute(out), storage.absolute(images))
     # Three start-ups at once instead of one after the other: the local Dask cluster (its
     # workers spawn and import torch), Prefect's temporary API (a uvicorn process), and this
-    # process importing the flow.
+    # process importing the flow. A rerun into an output that holds scores starts no cluster
+    # here: it usually has few images to score (tasks/scoring/run.py decides once it knows).
     api = start_early_api()
-    early = LocalClusterStart(workers) if not dask_address else None  # handed to the flow, closed here
+    target = out or _default_scores_out(model, images, store)
+    rerun = target is not None and holds_scores(storage.absolute(target))
+    early = LocalClusterStart(workers) if not dask_address and not rerun else None  # closed here
     try:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -170,6 +177,7 @@ def score(
                 progress=progress,
                 engine=engine,
                 cluster=early,
+                verify_content=verify_content,
             )
     finally:
         if early is not None:
@@ -182,6 +190,20 @@ def score(
         # events worker undrainable at the end of an in-process caller).
         summary["ui_url"] = None
     return summary
+
+
+def _default_scores_out(model: str, images: str, store: str) -> str | None:
+    """Where ``score_flow`` scores when no ``out`` is given (None when the model is not found:
+    the flow then says so)."""
+    from retrain.tasks import storage
+    from retrain.tasks.runs import resolve_model
+    from retrain.tasks.scoring.layout import default_out
+
+    try:
+        model_url = storage.absolute(resolve_model(model, storage.absolute(store)))
+        return default_out(storage.absolute(store), storage.sha256_of(model_url), storage.absolute(images))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def export(model: str, out: str, fmt: str = "onnx", store: str | None = None) -> dict:

@@ -101,7 +101,7 @@ def add_labels_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file URL or run id in the store")
+    p.add_argument("model", help="model file URL, run id in the store, or promoted model name")
     p.add_argument("data", help="zip or folder of class folders")
     p.add_argument("--chart", default=None, help="write the confusion chart PNG here")
     _engine_argument(p)
@@ -109,14 +109,14 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _classify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file URL or run id in the store")
+    p.add_argument("model", help="model file URL, run id in the store, or promoted model name")
     p.add_argument("image", help="image URL")
     p.add_argument("--explain", default=None, metavar="OUT.png", help="also write the image with its Grad-CAM overlay")
     _common(p)
 
 
 def _score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file URL or run id in the store")
+    p.add_argument("model", help="model file URL, run id in the store, or promoted model name")
     p.add_argument("images", help="folder of images (searched recursively) or list file of image URLs, any fsspec URL")
     p.add_argument(
         "--out",
@@ -143,6 +143,12 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
         default=partition_size,
         help=f"images per Dask task and output part (default {partition_size})",
     )
+    p.add_argument(
+        "--verify-content",
+        action="store_true",
+        help="tell changed images by a hash of their content (reads every image each run), not only by "
+        "size and modification time or ETag (for stores that give neither)",
+    )
     _engine_argument(p)
     _common(p)
 
@@ -158,7 +164,7 @@ def _engine_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file URL or run id in the store")
+    p.add_argument("model", help="model file URL, run id in the store, or promoted model name")
     p.add_argument("--format", dest="fmt", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True, help="URL of the exported file")
     _common(p)
@@ -260,7 +266,7 @@ SUBCOMMANDS = {
     "evaluate": ("accuracy, per-class metrics and confusion of a model on labelled images", None, _evaluate_arguments),
     "classify": ("label and score for one image", None, _classify_arguments),
     "score": (
-        "batch-score a folder or list of images on Dask (Prefect flow); rerun with the same --out to resume",
+        "batch-score a folder or list of images on Dask (Prefect flow); rerun to score only what changed",
         None,
         _score_arguments,
     ),

@@ -149,16 +149,16 @@ def cmd_score(args) -> dict:
         partition_size=args.partition_size,
         engine=args.engine,
         progress=not args.json and sys.stderr.isatty(),
+        verify_content=args.verify_content,
     )
     if not args.json:
+        if "note" in summary:
+            print(summary["note"])
         print(
-            f"scored {summary['scored']:,} of {summary['images']:,} images ({summary['failed']:,} failed) "
-            f"in {summary['seconds']:.1f} s, {summary['images_per_second'] or 0:.1f} images/s, engine {summary['engine']}"
-            + (
-                f"; {summary['resumed_partitions']} partitions were already done"
-                if summary["resumed_partitions"]
-                else ""
-            )
+            f"{summary['images']:,} images: {summary['new']:,} new, {summary['changed']:,} changed, "
+            f"{summary['deleted']:,} deleted, {summary['unchanged']:,} unchanged; scored {summary['processed']:,} "
+            f"in {summary['seconds']:.1f} s ({summary['images_per_second'] or 0:.1f} images/s, engine "
+            f"{summary['engine']}); {summary['failed']:,} failed"
         )
         for label, n in list(summary["labels"].items())[:10]:
             print(f"  {label:<30} {n:>8,}")
@@ -175,13 +175,20 @@ def cmd_score(args) -> dict:
             "images_per_second_scoring",
             "output",
             "processed",
+            "new",
+            "changed",
+            "deleted",
+            "unchanged",
+            "retried",
             "resumed_partitions",
             "ignored",
             "ui_url",
             "engine",
             "engine_reason",
             "decoder",
+            "note",
         )
+        if k in summary
     }
 
 

@@ -37,23 +37,49 @@ def placeholder_defaults() -> dict[str, tuple[str, str]]:
         "RETRAIN_NETWORK": (DEFAULTS.network, "network to retrain"),
         "RETRAIN_WEIGHTS": (DEFAULTS.weights, "default, none, or a state-dict file URL"),
         "RETRAIN_MODE": (DEFAULTS.mode, " | ".join(MODES)),
-        "RETRAIN_MODEL_NAME": ("", "model name for promotion (empty: the data set's name and a key of its classes)"),
+        "RETRAIN_MODEL_NAME": (
+            "",
+            "model name for promotion, and the model scheduled scoring uses (empty: the data set's name and a key "
+            "of its classes)",
+        ),
         "RETRAIN_TRAIN_DEPLOYMENT": ("train/gpu", "deployment that trains (empty: train in the retrain run)"),
         "RETRAIN_CRON": ("0 3 * * 1", "when to retrain (cron)"),
-        "RETRAIN_TIMEZONE": ("UTC", "time zone of the cron schedule"),
+        "RETRAIN_TIMEZONE": ("UTC", "time zone of the cron schedules (--cron, --score-cron)"),
         "RETRAIN_CPU_POOL": ("cpu", "work pool of the retraining and scoring runs"),
         "RETRAIN_GPU_POOL": ("gpu", "work pool of the training runs"),
         "RETRAIN_DASK_ADDRESS": ("", "Dask scheduler of batch scoring (empty: a local cluster per run)"),
+        "RETRAIN_SCORE_IMAGES": (
+            "",
+            "images folder URL that batch scoring scores on a schedule with the model promoted as --model-name "
+            "(empty: no scheduled scoring)",
+        ),
+        "RETRAIN_SCORE_CRON": (
+            "0 * * * *",
+            "when to score --score-images (cron); each run scores only new and changed images",
+        ),
         "RETRAIN_CODE_DIR": (str(PROJECT_ROOT), "where workers find the project (their working directory)"),
     }
 
 
+# Placeholders that follow from the others (never a flag): the scoring schedule is active only
+# when there is a folder to score.
+DERIVED_PLACEHOLDERS = ("RETRAIN_SCORE_ACTIVE",)
+
+
 def deployment_env(values: dict[str, str | None] | None = None) -> dict[str, str]:
-    """The placeholders' values: ``values`` (flags) over the environment over the defaults."""
+    """The placeholders' values: ``values`` (flags) over the environment over the defaults, and
+    the :data:`DERIVED_PLACEHOLDERS` from them."""
     env = {}
     for name, (default, _) in placeholder_defaults().items():
         given = (values or {}).get(name)
         env[name] = given if given is not None else os.environ.get(name, default)
+    if env["RETRAIN_SCORE_IMAGES"] and not env["RETRAIN_MODEL_NAME"]:
+        # Each scheduled run scores with the model current under a name; without one there is none to follow.
+        raise ValueError(
+            "scheduled scoring (--score-images) scores with a promoted model: give its name with --model-name "
+            "(`retrain models` lists them; the scheduled retraining promotes under the same name)"
+        )
+    env["RETRAIN_SCORE_ACTIVE"] = "true" if env["RETRAIN_SCORE_IMAGES"] else "false"
     return env
 
 

@@ -161,10 +161,15 @@ def _log(message: str) -> None:
 
 
 def _preload() -> None:
-    """What commands import: loaded once here, shared by every fork (copy on write)."""
+    """What commands import: loaded once here, shared by every fork (copy on write). Not
+    onnxruntime: importing it starts a native thread, which a fork must not inherit."""
     import dask.distributed  # noqa: F401
+    import fastapi  # noqa: F401  (what Prefect serializes a flow's parameters with)
     import pandas  # noqa: F401
     import prefect  # noqa: F401
+    import prefect.flow_engine  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+    import pyarrow.acero  # noqa: F401  (scoring's listing diff)
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 

@@ -17,7 +17,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from retrain.tasks import storage
+from retrain.tasks import promotion, storage
 from retrain.tasks.model_file import read_model_record, save_model_file
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.vocabulary import AugmentationSettings
@@ -242,14 +242,21 @@ def _clear_run_folder(run_url: str) -> None:
 
 
 def resolve_model(model: str, store: str) -> str:
-    """A model file URL from a URL/path or a run id in the store."""
+    """A model file URL from, in this order, a model file's URL/path, a run id in the store, or
+    a promoted model's name (what ``retrain models`` lists): its current model file, so a job
+    that names the model scores with whichever model is current when it starts."""
     if storage.exists(model) and not storage.isdir(model):
         return model
     for candidate in (storage.RunLayout(model).model, storage.StoreLayout(store).run(model).model):
         if storage.exists(candidate):
             return candidate
+    try:
+        return promotion.current_model_url(store, model)
+    except promotion.PromotionError:  # not a model name, or nothing promoted under it
+        pass
     raise FileNotFoundError(
-        f"no model file at {model!r}, and no run {model!r} with a published model in the store {store}"
+        f"no model file at {model!r}, no run {model!r} with a published model, and no promoted model named "
+        f"{model!r} in the store {store}"
     )
 
 

@@ -1,7 +1,8 @@
 """Deployments.
 
-Fast tests: prefect.yaml's placeholders and defaults, ``retrain deploy``'s refusals, and the
-retrain flow's wait on a training deployment that fails. (The promotion gate itself:
+Fast tests: prefect.yaml's placeholders and defaults, the batch deployment's scoring schedule
+(as Prefect reads it), ``retrain deploy``'s refusals, and the retrain flow's wait on a training
+deployment that fails. (The promotion gate itself:
 tests/test_promotion.py.)
 
 Integration (../shared): a real ``prefect server``, ``retrain deploy``, two process workers
@@ -34,7 +35,8 @@ def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
     from retrain import deploy
 
     used = set(deploy._PLACEHOLDER.findall(json.dumps(yaml.safe_load(deploy.PREFECT_FILE.read_text()))))
-    assert used <= set(deploy.placeholder_defaults()), used - set(deploy.placeholder_defaults())
+    known = set(deploy.placeholder_defaults()) | set(deploy.DERIVED_PLACEHOLDERS)
+    assert used <= known, used - known
     env = deploy.deployment_env({"RETRAIN_DATA": "s3://b/MerchData.zip", "RETRAIN_GPU_POOL": "k8s-gpu"})
     found = {d["name"]: d for d in deploy.read_deployments(env=env)}
     assert set(found) == {"scheduled", "gpu", "batch"}
@@ -46,6 +48,12 @@ def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
     assert found["scheduled"]["parameters"]["train_deployment"] == "train/gpu"
     assert found["scheduled"]["schedules"][0]["cron"] == "0 3 * * 1"
     assert found["gpu"]["work_pool"] == "k8s-gpu" and found["scheduled"]["work_pool"] == "cpu"
+    # batch scoring: a schedule that scores a folder with the promoted model, inactive without a
+    # folder; never an `out`: the default output is fixed per model content and folder
+    [scoring] = found["batch"]["schedules"]
+    assert scoring["cron"] == "0 * * * *" and scoring["active"] == "false"
+    assert set(scoring["parameters"]) == {"model", "images"}
+    assert "out" not in found["batch"]["parameters"] and "out" not in scoring["parameters"]
     assert "{{" not in json.dumps(list(found.values()))
     # the parameters each deployment sets are parameters of its flow
     from retrain.flows.pipeline import retrain_flow
@@ -58,7 +66,43 @@ def test_prefect_yaml_names_three_deployments_with_every_placeholder_known():
         flows["batch"] = score_flow
     for name, fn in flows.items():
         accepted = set(fn.parameters.properties)
-        assert set(found[name]["parameters"]) <= accepted, (name, set(found[name]["parameters"]) - accepted)
+        given = set(found[name]["parameters"]).union(*(s.get("parameters", {}) for s in found[name]["schedules"]))
+        assert given <= accepted, (name, given - accepted)
+
+
+def test_scheduled_scoring_follows_the_promoted_model_and_is_off_without_a_folder(monkeypatch):
+    """`retrain deploy --score-images URL --model-name NAME` turns the batch schedule on with
+    those parameters, as Prefect itself reads the file (its own templating and schedule models,
+    as `prefect deploy` calls them); without a folder it is deployed inactive; a folder without
+    a model name is refused."""
+    import yaml
+    from prefect.cli.deploy._models import RawScheduleConfig
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.utilities.templating import apply_values
+
+    from retrain import deploy
+    from retrain.cli import build_parser
+
+    def batch_schedule(argv: list[str]) -> DeploymentScheduleCreate:
+        args = build_parser().parse_args(["deploy", *argv])
+        env = deploy.deployment_env({name: getattr(args, name) for name in deploy.placeholder_defaults()})
+        config = yaml.safe_load(deploy.PREFECT_FILE.read_text())
+        [batch] = [d for d in config["deployments"] if d["name"] == "batch"]
+        with monkeypatch.context() as patch:
+            for name, value in env.items():  # the environment `retrain deploy` runs `prefect deploy` in
+                patch.setenv(name, value)
+            [schedule] = apply_values(batch, {}, remove_notset=False)["schedules"]
+        RawScheduleConfig(**schedule)
+        return DeploymentScheduleCreate(**_schedule_config_to_deployment_schedule(schedule))
+
+    on = batch_schedule(["--score-images", "s3://b/new/", "--model-name", "MerchData", "--score-cron", "*/15 * * * *"])
+    assert on.active is True and on.schedule.cron == "*/15 * * * *"
+    assert on.parameters == {"model": "MerchData", "images": "s3://b/new/"}
+    off = batch_schedule([])
+    assert off.active is False and off.schedule.cron == "0 * * * *"
+    with pytest.raises(ValueError, match="give its name with --model-name"):
+        deploy.deployment_env({"RETRAIN_SCORE_IMAGES": "s3://b/new/", "RETRAIN_MODEL_NAME": ""})
 
 
 def test_deploy_refuses_without_a_server_or_with_an_unknown_deployment(capsys):

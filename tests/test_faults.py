@@ -513,26 +513,36 @@ def test_consolidation_on_a_failing_s3_never_leaves_partial_scores(s3, tmp_path,
     make_shapes_dataset(str(images), per_class=3, size=32, seed=4)
     (images / "broken.jpg").write_bytes(b"not an image")
     out = f"{bucket}/scores/job"
+    layout = scoring.JobLayout(out)
     plan = scoring.prepare_job(str(model), str(images), out, partition_size=4, mini_batch_size=4)
     for part in scoring.read_partitions(plan):
-        scoring.score_partition(
-            plan.model.for_workers(), list(part.paths), scoring.JobLayout(out).part(part.name), 4, plan.top_k
-        )
+        scoring.score_partition(plan.model.for_workers(), part.files, layout.part(part.name), 4, plan.top_k)
+    parts = {name: storage.read_bytes(storage.join(layout.parts, name)) for name in storage.names_in(layout.parts)}
     start = len(proxy.log)
     scoring.consolidate(plan)
     requests = len(proxy.log) - start
-    storage.remove(scoring.JobLayout(out).scores)
-    storage.remove(scoring.JobLayout(out).summary)
+    assert not storage.names_in(layout.parts)  # consolidated: the parts' rows are in scores.parquet
+
+    def as_the_workers_left_it() -> None:
+        for url in (layout.scores, layout.summary):
+            if storage.exists(url):
+                storage.remove(url)
+        for name, data in parts.items():
+            storage.write_bytes(storage.join(layout.parts, name), data)
+
     for k in range(1, requests + 1):
+        as_the_workers_left_it()
         proxy.fail_from(k)
         with pytest.raises(OSError):  # StorageError, or s3fs's OSError where scoring lists parts itself
             scoring.consolidate(plan)
         proxy.fail_from(None)
-        if storage.exists(scoring.JobLayout(out).scores):
-            frame = storage.read_parquet(scoring.JobLayout(out).scores)
+        if storage.exists(layout.scores):
+            frame = storage.read_parquet(layout.scores)
             assert len(frame) == plan.count == 10 and frame["path"].is_unique
-            storage.remove(scoring.JobLayout(out).scores)
-            storage.remove(scoring.JobLayout(out).summary)
-    summary = scoring.consolidate(plan)
-    frame = storage.read_parquet(scoring.JobLayout(out).scores)
+    # The rerun of the job, from where the last failure left the output (scores.parquet written,
+    # a part not yet removed): nothing to score but the broken file, tried again each run.
+    assert storage.exists(layout.scores) and storage.names_in(layout.parts)
+    summary = scoring.score_job(str(model), str(images), out, partition_size=4, mini_batch_size=4)
+    frame = storage.read_parquet(layout.scores)
     assert len(frame) == summary["images"] == 10 and frame["path"].is_unique and summary["failed"] == 1
+    assert summary["unchanged"] == 9 and summary["retried"] == summary["processed"] == 1

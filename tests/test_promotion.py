@@ -193,3 +193,35 @@ def test_two_promotions_of_one_model_at_once_take_turns(tmp_path, shapes_dir, mo
     current = real_read(store, "shapes")
     assert current["run_id"] == second.run_id and current["previous"] == first.run_id
     assert not storage.exists(storage.join(storage.StoreLayout(store).model("shapes").url, ".lock"))
+
+
+def test_a_promoted_name_resolves_to_its_current_model_and_a_new_one_scores_into_a_new_output(tmp_path, shapes_dir):
+    """What the scheduled `score/batch` deployment relies on: it names the model, so each run
+    scores with the model current then, into default_out (fixed per model content and folder):
+    a newly promoted model starts a new output, and the old one is left as it was."""
+    from retrain.tasks.runs import resolve_model
+    from retrain.tasks.scoring.layout import default_out
+
+    store = str(tmp_path / "store")
+    images = storage.absolute(shapes_dir)
+    first = make_run(store, "r1", shapes_dir, "square")  # 1 of 4 right
+    promotion.promote_run(store, "shapes", first)
+    assert resolve_model("shapes", store) == storage.join(first, "model.pt")
+    old_out = default_out(store, storage.sha256_of(resolve_model("shapes", store)), images)
+    storage.write_json(storage.join(old_out, "summary.json"), {"model": "r1"})  # stands for its scores
+    before = {url: storage.sha256_of(url) for url in storage.list_files(old_out)}
+
+    better = make_run(store, "r2", shapes_dir, "circle")  # 2 of 4 right: promoted
+    assert promotion.promote_run(store, "shapes", better).promoted
+    assert resolve_model("shapes", store) == storage.join(better, "model.pt")
+    new_out = default_out(store, storage.sha256_of(resolve_model("shapes", store)), images)
+    assert new_out != old_out
+    assert {url: storage.sha256_of(url) for url in storage.list_files(old_out)} == before
+
+    # a file and a run id come first (a run named like a model is that run); an unknown name says all three
+    assert resolve_model(storage.join(first, "model.pt"), store) == storage.join(first, "model.pt")
+    assert resolve_model("r1", store) == storage.join(first, "model.pt")
+    with pytest.raises(FileNotFoundError, match="no model file at 'nope', no run 'nope' .* no promoted model named"):
+        resolve_model("nope", store)
+    with pytest.raises(FileNotFoundError, match="no promoted model named '../x'"):
+        resolve_model("../x", store)

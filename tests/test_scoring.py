@@ -4,6 +4,7 @@ at a time, and the same code runs on a local cluster and on a separately started
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -25,7 +27,11 @@ from retrain.tasks import inference, scoring, storage
 from retrain.tasks.model_file import ModelFileError, save_model_file
 from retrain.tasks.preprocessing import load_image
 from retrain.tasks.samples import make_shapes_dataset
+from retrain.tasks.scoring import partition
 from retrain.tasks.scoring.job import run_record
+from retrain.tasks.scoring.layout import is_part_file
+from retrain.tasks.scoring.listing import IDENTITY_COLUMNS, LISTING_SCHEMA, changes, current_rows, version_of
+from retrain.tasks.scoring.partition import PART_SCHEMA
 from tests._services import kill_group
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +80,17 @@ def read_scores(out: str):
     return pq.read_table(scoring.JobLayout(out).scores).to_pandas()
 
 
+# The real score_partition, for the stand-ins tests put in its place. Dask pickles a stand-in by
+# value, and with it any function it holds: the real one, once the module's attribute is the
+# stand-in, would be pickled by value too (and cannot be: it names torch.classes). This function
+# of a module is pickled by name, and calls the real one in the worker.
+_SCORE_PARTITION = partition.score_partition
+
+
+def real_score_partition(*args):
+    return _SCORE_PARTITION(*args)
+
+
 @pytest.fixture(scope="module")
 def model_file(random_model_file) -> str:
     """The shared random-weights model for the CLASSES (tests/conftest.py)."""
@@ -88,6 +105,15 @@ def test_listing_folder_recursively_and_list_file(tmp_path):
     listing = scoring.list_images(str(tmp_path / "images"))
     assert listing.paths == sorted(expected) and len(listing.paths) == 12 + 7
     assert listing.ignored == [str(tmp_path / "images" / "notes.txt")]  # hidden files: neither
+    # each file's identity from the one listing: its size and modification time, no hash
+    assert listing.files.schema == LISTING_SCHEMA
+    assert listing.files["size"].to_pylist() == [os.stat(p).st_size for p in listing.paths]
+    assert listing.files["version"].to_pylist() == [f"mtime:{os.stat(p).st_mtime}" for p in listing.paths]
+    assert listing.files["sha256"].null_count == len(listing.paths)
+    hashed = scoring.list_images(str(tmp_path / "images"), verify_content=True)
+    assert hashed.files["sha256"].to_pylist() == [
+        hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in hashed.paths
+    ]
 
     (tmp_path / "list.txt").write_text(
         "# two images and one that is gone\nimages/square/square_001.jpg\n\n"
@@ -96,18 +122,146 @@ def test_listing_folder_recursively_and_list_file(tmp_path):
     )
     listed = scoring.list_images(str(tmp_path / "list.txt"))
     assert [Path(p).name for p in listed.paths] == ["circle_000.jpg", "missing.jpg", "square_001.jpg"]
+    rows = {Path(r["path"]).name: r for r in listed.files.to_pylist()}
+    square = tmp_path / "images" / "square" / "square_001.jpg"
+    assert rows["square_001.jpg"]["size"] == square.stat().st_size
+    assert rows["square_001.jpg"]["version"] == f"mtime:{square.stat().st_mtime}"
+    # a listed file that is not there: unknown identity (scored, and its row says it is missing)
+    assert (rows["missing.jpg"]["size"], rows["missing.jpg"]["version"], rows["missing.jpg"]["sha256"]) == (None,) * 3
     with pytest.raises(FileNotFoundError):
         scoring.list_images(str(tmp_path / "nowhere"))
 
 
-def test_partition_names_depend_only_on_the_sorted_files():
-    files = [f"/data/img_{i:03d}.jpg" for i in range(10)]
+def test_version_of_takes_the_stores_own_version_from_a_listing_entry():
+    # S3: the version id where the bucket keeps versions, else the ETag (not the time)
+    s3 = {"name": "b/x.jpg", "size": 5, "ETag": '"9a0364b9e99bb480dd25e1f0284c8555"', "LastModified": "2026-12-05"}
+    assert version_of(s3) == 'ETag:"9a0364b9e99bb480dd25e1f0284c8555"'
+    assert version_of({**s3, "VersionId": "3HL4kqtJlcpXroDTDmJ"}) == "VersionId:3HL4kqtJlcpXroDTDmJ"
+    assert version_of({"name": "/d/x.jpg", "size": 5, "mtime": 1796512818.25}) == "mtime:1796512818.25"  # local
+    assert version_of({"name": "/x.jpg", "size": 5, "created": 1796512832.5}) == "created:1796512832.5"  # memory://
+    # the key is kept in the value: an ETag and a time that print alike are not one version
+    assert version_of({"etag": "17"}) != version_of({"mtime": 17}) and version_of({"mtime": 17}) == "mtime:17"
+    assert version_of({"name": "x", "size": 5, "ETag": ""}) is None and version_of({}) is None
+
+
+def test_a_memory_store_gives_each_write_a_new_version():
+    url = "memory://listing-versions/imgs"
+    storage.write_bytes(f"{url}/a.jpg", b"one")
+    storage.write_bytes(f"{url}/notes.txt", b"not an image")
+    before = scoring.list_images(url).files.to_pylist()
+    assert [(Path(r["path"]).name, r["size"]) for r in before] == [("a.jpg", 3)]
+    assert before[0]["version"].startswith("created:") and before[0]["sha256"] is None
+    time.sleep(0.01)
+    storage.write_bytes(f"{url}/a.jpg", b"two")  # same name, same size
+    after = scoring.list_images(url, verify_content=True).files.to_pylist()
+    assert after[0]["size"] == 3 and after[0]["version"] != before[0]["version"]
+    assert after[0]["sha256"] == hashlib.sha256(b"two").hexdigest()
+
+
+def _listing(*rows: tuple) -> pa.Table:
+    """Listing rows (path, size, version, sha256)."""
+    return pa.Table.from_pylist([dict(zip(LISTING_SCHEMA.names, r)) for r in rows], schema=LISTING_SCHEMA)
+
+
+def _scored(*rows: tuple) -> pa.Table:
+    """An output's rows (path, size, version, sha256, error; label and scores from the error)."""
+    out = []
+    for path, size, version, sha256, error, *score in rows:
+        good = error is None
+        label, value = ("circle", score[0] if score else 0.5) if good else (None, None)
+        out.append(
+            dict(
+                path=path,
+                label=label,
+                score=value,
+                top_labels=[label] if good else None,
+                top_scores=[value] if good else None,
+                error=error,
+                size=size,
+                version=version,
+                sha256=sha256,
+            )
+        )
+    return pa.Table.from_pylist(out, schema=PART_SCHEMA)
+
+
+def test_changes_count_new_changed_deleted_unchanged_and_retried():
+    listing = _listing(
+        ("a", 1, "mtime:1", None),  # unchanged
+        ("b", 1, "mtime:2", None),  # changed: another version
+        ("c", 1, None, None),  # version unknown: matches nothing, scored again
+        ("d", 1, "mtime:4", None),  # its row failed: tried again
+        ("e", 1, "mtime:5", None),  # new
+        ("f", 2, "mtime:6", None),  # changed: another size, same time
+    )
+    scored = _scored(
+        ("a", 1, "mtime:1", None, None),
+        ("b", 1, "mtime:1", None, None),
+        ("c", 1, None, None, None),
+        ("d", 1, "mtime:4", None, "truncated image"),
+        ("f", 1, "mtime:6", None, None),
+        ("x", 1, "mtime:9", None, None),  # deleted
+    )
+    found = changes(listing, scored.select(["path", *IDENTITY_COLUMNS, "error"]))
+    assert found.todo.schema == LISTING_SCHEMA and found.todo["path"].to_pylist() == ["b", "c", "d", "e", "f"]
+    assert (found.new, found.changed, found.retried, found.unchanged, found.deleted) == (1, 3, 1, 1, 1)
+    assert found.todo.num_rows == found.new + found.changed + found.retried
+
+    # nothing scored yet: every file is new; the same rows again: nothing to do
+    assert changes(listing, None).todo.equals(listing) and changes(listing, None).new == 6
+    assert changes(_listing(("a", 1, "mtime:1", None)), scored).todo.num_rows == 0
+
+    # verify_content compares size and hash: a new time over the same bytes is unchanged, new
+    # bytes under the same size and time are changed, an unknown hash matches nothing
+    hashed = _listing(("a", 1, "mtime:7", "h1"), ("b", 1, "mtime:1", "h3"), ("c", 1, "mtime:1", None))
+    rows = _scored(("a", 1, "mtime:1", "h1", None), ("b", 1, "mtime:1", "h2", None), ("c", 1, "mtime:1", None, None))
+    found = changes(hashed, rows, verify_content=True)
+    assert found.todo["path"].to_pylist() == ["b", "c"] and (found.changed, found.unchanged) == (2, 1)
+    assert changes(hashed, rows).todo["path"].to_pylist() == ["a"]  # without it: the time
+
+
+def test_current_rows_keep_one_row_per_listed_file_this_runs_first():
+    listing = _listing(("a", 1, "mtime:1", None), ("b", 1, "mtime:2", None), ("c", 1, None, None))
+    rows = pa.concat_tables(
+        [
+            _scored(("b", 1, "mtime:2", None, None, 0.9), ("c", 1, None, None, None, 0.8)),  # this run's
+            _scored(
+                ("a", 1, "mtime:1", None, None, 0.1),
+                ("b", 1, "mtime:2", None, None, 0.2),  # the same file scored earlier: dropped
+                ("b", 1, "mtime:1", None, None, 0.3),  # an older version: dropped
+                ("c", 1, None, None, None, 0.4),
+                ("x", 1, "mtime:1", None, None, 0.5),  # deleted
+            ),
+        ]
+    )
+    kept = current_rows(rows, listing)
+    assert kept.schema == PART_SCHEMA  # the list columns too
+    assert [(r["path"], r["score"], r["top_labels"]) for r in kept.to_pylist()] == [
+        ("a", pytest.approx(0.1), ["circle"]),
+        ("b", pytest.approx(0.9), ["circle"]),
+        ("c", pytest.approx(0.8), ["circle"]),
+    ]
+    assert current_rows(rows.slice(2), listing)["score"].to_pylist() == pytest.approx([0.1, 0.2, 0.4])
+    assert current_rows(rows.slice(0, 0), listing).num_rows == 0
+
+
+def test_partition_names_depend_on_the_files_identities_and_the_salt_not_their_order():
+    files = _listing(*((f"/data/img_{i:03d}.jpg", 100 + i, f"mtime:{i}", None) for i in range(10)))
     parts = scoring.partitions(files, 4, salt="m")
-    assert [len(p.paths) for p in parts] == [4, 4, 2]
-    assert scoring.partitions(list(reversed(files)), 4, salt="m") == parts  # order of listing: no matter
-    changed = scoring.partitions(files[:9] + ["/data/img_zzz.jpg"], 4, salt="m")
-    assert [p.name for p in changed[:2]] == [p.name for p in parts[:2]] and changed[2].name != parts[2].name
-    assert scoring.partitions(files, 4, salt="other model")[0].name != parts[0].name
+    assert [len(p.paths) for p in parts] == [4, 4, 2] and [p.index for p in parts] == [0, 1, 2]
+    assert all(is_part_file(f"{p.name}.parquet") and p.name.startswith(f"part-{p.index:06d}-") for p in parts)
+    assert parts[0].files.equals(files.slice(0, 4)) and sum((p.paths for p in parts), []) == files["path"].to_pylist()
+    assert scoring.partitions(files.take(list(reversed(range(10)))), 4, salt="m") == parts  # order: no matter
+    # a file of the last partition with a new version (same path, same size): only its name changes
+    changed = files.set_column(2, "version", pa.array([f"mtime:{i}" for i in range(9)] + ["mtime:99"]))
+    renamed = scoring.partitions(changed, 4, salt="m")
+    assert [p.name for p in renamed[:2]] == [p.name for p in parts[:2]] and renamed[2].name != parts[2].name
+    resized = files.set_column(1, "size", pa.array([100 + i for i in range(9)] + [1], pa.int64()))
+    assert scoring.partitions(resized, 4, salt="m")[2].name != parts[2].name
+    assert [p.name for p in scoring.partitions(files, 4, salt="other model")] != [p.name for p in parts]
+    assert scoring.partitions(files.slice(0, 0), 4, salt="m") == []
+    with pytest.raises(scoring.ScoringError, match="at least 1"):
+        scoring.partitions(files, 0)
 
 
 # ---- scoring a partition ------------------------------------------------------------------------
@@ -186,72 +340,183 @@ def test_models_that_do_not_fit_are_refused(tmp_path, model_file):
 # ---- the job: resume, lock -----------------------------------------------------------------------
 
 
-def test_job_resumes_only_missing_parts_and_keeps_one_row_per_image(tmp_path, model_file, dask_client):
+def test_a_finished_job_keeps_no_parts_and_a_rerun_scores_only_what_is_new_changed_or_failed(
+    tmp_path, model_file, dask_client
+):
     expected = make_folder(tmp_path / "images")
-    out = str(tmp_path / "out")
-    first = scoring.score_job(
-        model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=5, mini_batch_size=4
-    )
-    assert first["images"] == len(expected) and first["processed"] == len(expected)
+    images, out = tmp_path / "images", str(tmp_path / "out")
+
+    def job(into: str = out) -> dict:
+        return scoring.score_job(model_file, str(images), into, client=dask_client, partition_size=5, mini_batch_size=4)
+
+    first = job()
+    assert first["images"] == len(expected) == first["processed"] == first["new"]
+    assert (first["changed"], first["deleted"], first["unchanged"], first["retried"]) == (0, 0, 0, 0)
     assert first["scored"] + first["failed"] == len(expected) and first["ignored"] == 1
     assert first["partitions"] == 4 and sum(first["labels"].values()) == first["scored"]
     assert {f["path"] for f in first["failures"]} >= {p for p, e in expected.items() if e}
     frame = read_scores(out)
     assert list(frame["path"]) == sorted(expected)
+    assert list((Path(out) / "parts").iterdir()) == []  # their rows are in scores.parquet
+    # each row records what it scored: the file's identity as listed, and the scores key
+    table = pq.read_table(scoring.JobLayout(out).scores)
+    assert table.schema.remove_metadata() == PART_SCHEMA
+    assert table.select(LISTING_SCHEMA.names).equals(scoring.list_images(str(images)).files)
+    assert table.schema.metadata[partition.SCORES_KEY].decode().endswith(":top-3")
 
-    parts = sorted((Path(out) / "parts").iterdir())
-    parts[1].unlink()
-    (Path(out) / "scores.parquet").unlink()
-    (Path(out) / "parts" / "part-000099-debris.parquet.tmp-0a1b2c3d").write_bytes(b"half")
-    again = scoring.score_job(
-        model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=5, mini_batch_size=4
-    )
-    assert again["processed"] == 5 and again["resumed_partitions"] == 3
-    columns = ["path", "label", "error"]
+    # the same job again: the failed files are tried again (a fresh job would), nothing else
+    again = job()
+    failed = first["failed"]
+    assert again["processed"] == again["retried"] == failed > 0 and again["unchanged"] == len(expected) - failed
+    assert (again["new"], again["changed"], again["deleted"], again["resumed_partitions"]) == (0, 0, 0, 0)
+    assert again["partitions"] == 1 and list((Path(out) / "parts").iterdir()) == []
+    columns = ["path", "label", "score", "error"]
     assert read_scores(out)[columns].equals(frame[columns])
-    assert sorted(p.name for p in (Path(out) / "parts").iterdir()) == [p.name for p in parts]  # debris gone
 
-    # a part damaged on disk is removed by the consolidation, which says to rerun; the rerun redoes it
-    parts[2].write_bytes(b"PAR1 not really")
-    with pytest.raises(scoring.ScoringIncompleteError, match="unreadable"):
-        scoring.consolidate(scoring.prepare_job(model_file, str(tmp_path / "images"), out, partition_size=5))
-    assert not parts[2].exists()
+    # a new image that sorts first, one replaced under the same name, one deleted
+    (images / "aa_new.jpg").write_bytes((images / "square" / "square_000.jpg").read_bytes())
+    replaced = images / "circle" / "circle_001.jpg"
+    replaced.write_bytes((images / "triangle" / "triangle_000.jpg").read_bytes())
+    (images / "square" / "square_002.jpg").unlink()
+    third = job()
+    assert (third["new"], third["changed"], third["deleted"], third["retried"]) == (1, 1, 1, failed)
+    assert third["processed"] == 2 + failed and third["unchanged"] == len(expected) - 2 - failed
+    assert third["images"] == len(expected) and list((Path(out) / "parts").iterdir()) == []
+    now = read_scores(out).set_index("path")
+    assert sorted(now.index) == sorted(
+        set(expected) - {str(images / "square" / "square_002.jpg")} | {str(images / "aa_new.jpg")}
+    )
+    before = frame.set_index("path")
+    for path, same_as in ((replaced, "triangle/triangle_000.jpg"), (images / "aa_new.jpg", "square/square_000.jpg")):
+        assert now.loc[str(path), "label"] == before.loc[str(images / same_as), "label"]
+        assert now.loc[str(path), "score"] == pytest.approx(before.loc[str(images / same_as), "score"], abs=1e-5)
+    kept = [p for p in before.index if p in now.index and p != str(replaced) and pd.isna(before.loc[p, "error"])]
+    assert now.loc[kept, ["label", "score"]].equals(before.loc[kept, ["label", "score"]])  # not scored again
+    # ... and scores.parquet is what a fresh job on the folder as it is now writes
+    job(str(tmp_path / "fresh"))
+    fresh = read_scores(str(tmp_path / "fresh"))
+    mine = read_scores(out)
+    assert list(mine["path"]) == list(fresh["path"]) and mine["label"].equals(fresh["label"])
+    assert mine["error"].equals(fresh["error"]) and mine["score"].to_numpy() == pytest.approx(
+        fresh["score"].to_numpy(), nan_ok=True, abs=1e-5
+    )
     assert (
-        scoring.score_job(
-            model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=5, mini_batch_size=4
-        )["processed"]
-        == 5
+        pq.read_table(scoring.JobLayout(out).scores)
+        .select(LISTING_SCHEMA.names)
+        .equals(pq.read_table(scoring.JobLayout(str(tmp_path / "fresh")).scores).select(LISTING_SCHEMA.names))
     )
 
-    # a new image: only its partition (the last) is scored again, still one row per image
-    (tmp_path / "images" / "zz_new.jpg").write_bytes((tmp_path / "images" / "square" / "square_000.jpg").read_bytes())
-    third = scoring.score_job(
-        model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=5, mini_batch_size=4
-    )
-    assert third["images"] == len(expected) + 1 and third["processed"] == 5
+
+def _rows_in(parts: list[Path]) -> tuple[int, int]:
+    """(rows, rows without an error) in the parts."""
+    tables = [pq.read_table(p) for p in parts]
+    return sum(t.num_rows for t in tables), sum(t["error"].null_count for t in tables)
+
+
+def test_a_job_stopped_before_consolidating_resumes_from_its_parts(tmp_path, model_file, dask_client):
+    expected = make_folder(tmp_path / "images")
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    plan = scoring.prepare_job(model_file, images, out, partition_size=5, mini_batch_size=4)
+    assert (plan.partitions, plan.new, plan.todo_images) == (4, len(expected), len(expected))
+    scoring.score_missing(plan, None)  # in this process; then the run stops before consolidating
+    parts = sorted((Path(out) / "parts").iterdir())
+    assert len(parts) == 4 and not Path(scoring.JobLayout(out).scores).exists()
+
+    parts[1].unlink()  # lost
+    parts[2].write_bytes(b"PAR1 not really")  # damaged: removed when planning, its files scored again
+    debris = Path(out) / "parts" / "part-000099-debris.parquet.tmp-0a1b2c3d"
+    debris.write_bytes(b"half")
+    _, usable = _rows_in([parts[0], parts[3]])  # their failed rows are tried again
+    again = scoring.score_job(model_file, images, out, client=dask_client, partition_size=5, mini_batch_size=4)
+    assert again["resumed_partitions"] == 2 and again["processed"] == len(expected) - usable
+    # new, changed, ... count against the last finished job's scores.parquet: none yet
+    assert (again["new"], again["unchanged"], again["retried"], again["images"]) == (len(expected), 0, 0, len(expected))
+    assert list((Path(out) / "parts").iterdir()) == []  # the reused parts and the debris too
     frame = read_scores(out)
-    assert frame["path"].is_unique and len(frame) == len(expected) + 1
+    assert list(frame["path"]) == sorted(expected)
+
+    # a part of this run damaged before its consolidation: removed, with a word to rerun; the
+    # rerun scores only its files and reuses the run's other parts
+    for shape in ("circle", "square", "triangle"):  # three images moved: new names, old rows dropped
+        (tmp_path / "images" / f"{shape}/{shape}_000.jpg").rename(tmp_path / "images" / f"z_{shape}.jpg")
+    plan = scoring.prepare_job(model_file, images, out, partition_size=2)
+    scoring.score_missing(plan, None)
+    parts = sorted((Path(out) / "parts").iterdir())
+    assert len(parts) == plan.partitions >= 2
+    parts[0].write_bytes(b"PAR1 not really")
+    with pytest.raises(scoring.ScoringIncompleteError, match="unreadable"):
+        scoring.consolidate(plan)
+    assert not parts[0].exists() and not [p for p in parts[1:] if not p.exists()]
+    _, usable = _rows_in(parts[1:])
+    rerun = scoring.score_job(model_file, images, out, client=dask_client, partition_size=2)
+    failed = int(frame["error"].notna().sum())
+    assert (rerun["new"], rerun["deleted"], rerun["retried"], rerun["changed"]) == (3, 3, failed, 0)
+    assert rerun["unchanged"] == len(expected) - 3 - failed and rerun["resumed_partitions"] == len(parts) - 1
+    assert rerun["processed"] == plan.todo_images - usable and rerun["images"] == len(expected)
+    assert len(read_scores(out)) == len(expected) and read_scores(out)["path"].is_unique
+    assert list((Path(out) / "parts").iterdir()) == []
+
+
+def test_a_rerun_keeps_its_own_row_of_a_file_over_the_failed_row_of_a_stopped_run(tmp_path, model_file, dask_client):
+    """A file that failed in a stopped run's part (a read error that went away: the same size and
+    time, or ETag, after) is scored again; its new row, not the old failure, is the one kept,
+    whatever the names of the parts sort as."""
+    make_folder(tmp_path / "images", per_class=4, bad=False)
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    flaky = sorted((tmp_path / "images").rglob("*.jpg"))[::2]
+    saved = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in flaky}
+    for f, (data, mtime) in saved.items():
+        f.write_bytes(b"\0" * len(data))
+        os.utime(f, ns=(mtime, mtime))
+    plan = scoring.prepare_job(model_file, images, out, partition_size=12)
+    scoring.score_missing(plan, None)  # one part, 6 of its 12 rows failed; then the run stops
+    for f, (data, mtime) in saved.items():
+        f.write_bytes(data)
+        os.utime(f, ns=(mtime, mtime))
+    summary = scoring.score_job(model_file, images, out, client=dask_client, partition_size=1)
+    assert summary["processed"] == 6 and summary["resumed_partitions"] == 1 and summary["partitions"] == 6
+    assert summary["failed"] == 0 and read_scores(out)["error"].isna().all()
+
+
+def test_a_stopped_runs_part_whose_rows_all_failed_is_scored_again_under_its_own_name(tmp_path, model_file):
+    """The rerun's partition of those files has the stopped part's name (same files, same
+    identities): the part is scored again, not taken as done."""
+    make_folder(tmp_path / "images", per_class=2, bad=False)
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    saved = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (tmp_path / "images").rglob("*.jpg")}
+    for f, (data, mtime) in saved.items():
+        f.write_bytes(b"\0" * len(data))
+        os.utime(f, ns=(mtime, mtime))
+    stopped = scoring.prepare_job(model_file, images, out, partition_size=6)
+    scoring.score_missing(stopped, None)  # one part, every row failed; then the run stops
+    for f, (data, mtime) in saved.items():
+        f.write_bytes(data)
+        os.utime(f, ns=(mtime, mtime))
+    summary = scoring.score_job(model_file, images, out, partition_size=6)
+    assert (summary["processed"], summary["resumed_partitions"], summary["failed"]) == (6, 0, 0)
+    assert read_scores(out)["error"].isna().all()
 
 
 def test_a_failing_partition_fails_the_job_but_keeps_the_others(tmp_path, model_file, dask_client, monkeypatch):
     make_folder(tmp_path / "images", per_class=3, bad=False)
     out = str(tmp_path / "out")
-    from retrain.tasks.scoring import partition
 
-    real = partition.score_partition
-
-    def crash_on_second(model, paths, part, *args):
+    def crash_on_second(model, files, part, *args):
         if "part-000001-" in part:
             raise MemoryError("worker ran out of memory")
-        return real(model, paths, part, *args)
+        return real_score_partition(model, files, part, *args)
 
     monkeypatch.setattr(partition, "score_partition", crash_on_second)
     with pytest.raises(scoring.ScoringIncompleteError, match="1 of 3 partitions failed .*MemoryError"):
         scoring.score_job(model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=4)
     assert len(list((Path(out) / "parts").glob("*.parquet"))) == 2 and not Path(scoring.JobLayout(out).scores).exists()
-    monkeypatch.setattr(partition, "score_partition", real)
+    monkeypatch.setattr(partition, "score_partition", _SCORE_PARTITION)
+    # the rerun reuses the two parts (5 images) and scores the failed partition's 4 images
     summary = scoring.score_job(model_file, str(tmp_path / "images"), out, client=dask_client, partition_size=4)
-    assert summary["processed"] == 4 and summary["resumed_partitions"] == 2 and len(read_scores(out)) == 9
+    assert summary["processed"] == 4 and summary["resumed_partitions"] == 2 and summary["partitions"] == 1
+    assert (summary["new"], summary["unchanged"]) == (9, 0)  # against scores.parquet: none yet
+    assert len(read_scores(out)) == 9
+    assert list((Path(out) / "parts").iterdir()) == []
 
 
 def test_second_job_on_the_same_output_is_refused_until_the_first_ends(tmp_path, model_file, dask_client):
@@ -341,12 +606,15 @@ def test_kill_9_mid_run_then_rerun_gives_exactly_one_row_per_image(tmp_path, mod
     assert 2 <= done_at_kill < total, (done_at_kill, total)
     assert not Path(scoring.JobLayout(out).scores).exists()
 
+    # the parts the killed run wrote are reused: only their failed rows and the rest are scored
+    left = sorted(parts.glob("*.parquet"))
+    _, usable = _rows_in(left)
     summary = scoring.score_job(model_file, images, out, client=dask_client, partition_size=2, mini_batch_size=2)
     frame = read_scores(out)
     assert len(frame) == len(expected) == summary["images"]
     assert frame["path"].is_unique and set(frame["path"]) == set(expected)
-    assert summary["resumed_partitions"] >= done_at_kill and summary["processed"] < len(expected)
-    assert not [p for p in parts.iterdir() if storage.TMP_MARKER in p.name]
+    assert summary["resumed_partitions"] == len(left) >= done_at_kill and summary["processed"] == len(expected) - usable
+    assert list(parts.iterdir()) == []  # their rows are in scores.parquet; no debris of the killed run
 
 
 @pytest.mark.services
@@ -504,9 +772,15 @@ def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_
         loads = client.run(lambda: __import__("retrain.tasks.inference").tasks.inference.LOADS["count"])
     assert list(loads.values()) == [1]
 
-    code, again = run_cli(args)  # again: everything is there already
-    assert code == 0
-    assert again["processed"] == 0 and again["resumed_partitions"] == 5 and again["images"] == len(expected)
+    code, again = run_cli(args)  # again: only the files that failed are tried again
+    assert code == 0 and again["images"] == len(expected) and list((Path(out) / "parts").iterdir()) == []
+    assert again["processed"] == again["retried"] == result["failed"] and again["resumed_partitions"] == 0
+    assert (again["new"], again["changed"], again["deleted"]) == (0, 0, 0)
+    assert again["unchanged"] == len(expected) - result["failed"] and "note" not in again
+    assert read_scores(out)[["path", "label", "error"]].equals(frame[["path", "label", "error"]])
+    with Client(dask_processes) as client:  # the given cluster scored them, with the model it had
+        loads = client.run(lambda: __import__("retrain.tasks.inference").tasks.inference.LOADS["count"])
+    assert list(loads.values()) == [1]
 
     code, failed = run_cli(["score", str(tmp_path / "no-model.pt"), str(tmp_path / "images"), "--json"])
     assert code == 2 and "no model file" in failed["error"]
@@ -537,9 +811,12 @@ def test_retrain_flow_ends_with_batch_predict_on_a_local_cluster(prefect_logs, s
     # the local cluster's workers had their own environment; this process keeps its own
     assert {k: os.environ.get(k) for k in environ} == environ
 
-    # the flow again, by run id, into the same output: nothing left to score
+    # the flow again, by run id, into the same output: only the files that failed are tried again
     again = score_flow(model=summary["run_id"], images=str(tmp_path / "to-score"), out=out, store=store)
-    assert again["processed"] == 0 and again["resumed_partitions"] == again["partitions"]
+    assert again["processed"] == again["retried"] == scored["failed"] > 0 and again["resumed_partitions"] == 0
+    assert (again["new"], again["changed"], again["deleted"]) == (0, 0, 0)
+    assert again["unchanged"] == len(expected) - scored["failed"] and again["partitions"] == 1
+    assert read_scores(out)[["path", "label", "error"]].equals(frame[["path", "label", "error"]])
     _assert_artifacts("score-summary", "score-progress", "score-labels")
 
 

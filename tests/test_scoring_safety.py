@@ -19,7 +19,12 @@ import pytest
 
 from retrain.tasks import scoring, storage
 from retrain.tasks.scoring import partition
-from tests.test_scoring import make_folder, prefect_logs, read_scores  # noqa: F401 - prefect_logs: a fixture
+from tests.test_scoring import (  # noqa: F401 - prefect_logs: a fixture
+    make_folder,
+    prefect_logs,
+    read_scores,
+    real_score_partition,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,8 @@ def test_an_output_holding_other_files_is_refused_and_an_earlier_jobs_output_res
     first = scoring.score_job(model_file, str(images), str(out), client=dask_client, partition_size=2)
     assert first["processed"] == 6
     again = scoring.score_job(model_file, str(images), str(out), client=dask_client, partition_size=2)
-    assert again["processed"] == 0 and again["resumed_partitions"] == 3 and len(read_scores(str(out))) == 6
+    assert (again["processed"], again["partitions"], again["resumed_partitions"], again["unchanged"]) == (0, 0, 0, 6)
+    assert len(read_scores(str(out))) == 6 and _files(out / "parts") == {}
 
     (out / "report.csv").write_text("someone's")
     with pytest.raises(scoring.ScoringError, match=r"did not write \(report.csv\)"):
@@ -102,11 +108,12 @@ def test_consolidation_removes_only_files_named_as_parts(tmp_path, model_file, d
     make_folder(images, per_class=2, bad=False)
     out = str(tmp_path / "out")
     scoring.score_job(model_file, str(images), out, client=dask_client, partition_size=2)
+    plan = scoring.prepare_job(model_file, str(images), out, partition_size=2)
     stale = Path(out) / "parts" / "part-000007-0123456789ab.parquet"
     stale.write_bytes(b"an earlier plan's part")
     mine = Path(out) / "parts" / "keep.parquet"
     mine.write_bytes(b"not a part")  # put there after the job checked the folder
-    scoring.consolidate(scoring.prepare_job(model_file, str(images), out, partition_size=2))
+    scoring.consolidate(plan)
     assert not stale.exists() and mine.read_bytes() == b"not a part"
 
 
@@ -117,15 +124,14 @@ def _fail_after_first(monkeypatch, error: BaseException, seen: Path, spare_first
     """Make every part but the first (with ``spare_first``) fail with ``error``. Each attempt
     leaves a file in ``seen`` (the task reaches its worker as a copy: a list here would stay
     empty)."""
-    real = partition.score_partition
     seen.mkdir()
 
-    def failing(model, paths, url, *args):
+    def failing(model, files, url, *args):
         name = url.rsplit("/", 1)[-1]
         (seen / f"{name}-{len(list(seen.iterdir()))}").touch()
         if not (spare_first and name.startswith("part-000000-")):
             raise error
-        return real(model, paths, url, *args)
+        return real_score_partition(model, files, url, *args)
 
     monkeypatch.setattr(partition, "score_partition", failing)
     return seen
@@ -211,6 +217,7 @@ def test_an_interrupted_batch_predict_step_resumes_in_the_same_run(shapes_dir, t
     summary = retrain_flow(**settings)  # the same command again
     assert [r["run_id"] for r in list_runs(store)] == [first["run_id"]] and summary["run_id"] == first["run_id"]
     assert summary["scores"] == str(out / "scores.parquet") and len(read_scores(str(out))) == 6
+    assert _files(out / "parts") == {}  # a finished job keeps its rows in scores.parquet only
     assert (out.parent / "trained.pt").stat().st_mtime_ns == trained  # not trained again
     scored = storage.read_json(str(out / "summary.json"))
     assert scored["images"] == 6 and scored["model"] == summary["model"]

@@ -3,6 +3,7 @@
 One module per responsibility:
 
 - :mod:`.layout`    the job folder's file names (spelled once), settings defaults, errors
+- :mod:`.listing`   what the images folder holds now (each file's identity), what changed
 - :mod:`.partition` what a Dask worker runs: one partition -> one parquet part
 - :mod:`.job`       the driver's side: list, plan, consolidate
 - :mod:`.cluster`   the Dask cluster (local, in the background, or given) and the task map
@@ -37,13 +38,11 @@ _HOME = {
     **dict.fromkeys(("PartResult", "WorkerModel", "score_partition", "score_paths"), "partition"),
     **dict.fromkeys(
         (
-            "ImageList",
             "JobPlan",
             "ModelInfo",
             "Partition",
             "consolidate",
             "inspect_model",
-            "list_images",
             "partitions",
             "parts_job",
             "prepare_job",
@@ -51,6 +50,7 @@ _HOME = {
         ),
         "job",
     ),
+    **dict.fromkeys(("ImageList", "changes", "list_images"), "listing"),
     **dict.fromkeys(("LocalClusterStart", "start_cluster"), "cluster"),
     **dict.fromkeys(("ScoringRun", "score_job", "score_missing"), "run"),
 }

@@ -1,9 +1,13 @@
-"""The scoring job in the driver: list the images, cut them into partitions, write the plan;
-after the workers, consolidate the parts into ``scores.parquet`` and ``summary.json``.
+"""The scoring job in the driver: list the images with their identities, compare them with the
+rows the output holds, cut the files to score into partitions and write the plan; after the
+workers, consolidate into ``scores.parquet`` and ``summary.json``.
 
-A part's name is its position and a digest of its file names (and of the model, engine and
-top-k), so a rerun over the same files maps them to the same names and scores only the parts
-that are missing: that is what makes a job resumable after a crash or a kill -9.
+An output is kept in step with its folder: a rerun scores exactly the images that are new,
+changed (their size, version or hash: tasks/scoring/listing.py) or failed before, keeps the
+rows of the others and drops those of deleted images, so ``scores.parquet`` is what a fresh
+job on the folder as it is now would write. A part's name digests its files' identities (and
+the model, engine and top-k), and a part written before a crash or a kill -9 is reused by the
+rerun: that is what makes a job resumable.
 """
 
 from __future__ import annotations
@@ -18,13 +22,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retrain.tasks import storage
-from retrain.tasks.datastore import _is_hidden as is_hidden  # one rule for hidden files, training's
-from retrain.tasks.datastore import entry_url
 from retrain.tasks.engine_gate import EngineChoice, choose_engine
 from retrain.tasks.inference import load_checked
 from retrain.tasks.model_file import ModelFileError
 from retrain.tasks.parts import Part, PartsJob, present, store_failure
-from retrain.tasks.preprocessing import IMAGE_EXTENSIONS
 from retrain.tasks.scoring import partition
 from retrain.tasks.scoring.layout import (
     DEFAULT_MINI_BATCH_SIZE,
@@ -36,92 +37,45 @@ from retrain.tasks.scoring.layout import (
     is_part_file,
     part_file,
 )
+from retrain.tasks.scoring.listing import IDENTITY_COLUMNS, changes, current_rows, list_images
 from retrain.tasks.scoring.partition import (
     PART_SCHEMA,
+    SCORES_KEY,
     PartResult,
     WorkerModel,
+    scores_key,
     table_bytes,
 )
 
-LIST_FILE_COMMENT = "#"
 MAX_FAILURES_IN_SUMMARY = 1000
 
-# ---- listing and partitions ----------------------------------------------------------------
-
-
-@dataclass
-class ImageList:
-    paths: list[str]  # sorted, unique URLs
-    ignored: list[str]  # files in a folder without an image extension (not scored)
-    source: str
-
-
-def list_images(images: str, extensions: frozenset[str] | None = IMAGE_EXTENSIONS) -> ImageList:
-    """The images to score, sorted: every file with an image extension below a folder
-    (recursively; hidden files and folders left out), or every entry of a list file (one URL
-    or path per line, relative ones taken from the list file's folder; blank lines and
-    ``#`` comments skipped). A single image file is a list of one."""
-    fs, root = storage.filesystem(images)
-    below = _files_below(images)
-    if below is not None:
-        paths, ignored = [], []
-        for found in below:
-            rel = posixpath.relpath(found, root)
-            if any(is_hidden(p) or storage.TMP_MARKER in p for p in rel.split("/")):
-                continue
-            url = storage.to_url(fs, found)
-            if extensions is None or posixpath.splitext(found)[1].lower() in extensions:
-                paths.append(url)
-            else:
-                ignored.append(url)
-        return ImageList(sorted(set(paths)), sorted(ignored), images)
-    if not storage.exists(images):
-        raise FileNotFoundError(f"no folder or list file at {images}")
-    if posixpath.splitext(root)[1].lower() in IMAGE_EXTENSIONS:
-        return ImageList([images], [], images)
-    try:
-        text = storage.read_bytes(images).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ScoringError(
-            f"{images} is neither a folder, an image, nor a list file of image URLs (one per line, UTF-8)"
-        ) from None
-    base = images.rsplit("/", 1)[0] if "/" in images else "."
-    paths = []
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith(LIST_FILE_COMMENT):
-            continue
-        paths.append(entry_url(entry, base))  # one spelling per file: ./x.jpg and x.jpg are one image
-    return ImageList(sorted(set(paths)), [], images)
-
-
-@storage.retrying
-def _files_below(folder: str) -> list[str] | None:
-    """Paths (in the folder's filesystem) of every file below ``folder``; None when it is not
-    a folder. Retried on a remote store, like every other storage call."""
-    fs, root = storage.filesystem(folder)
-    return fs.find(root) if fs.isdir(root) else None
+# ---- partitions -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Partition:
     index: int
-    name: str  # part-<index>-<digest of the file names, model and top-k>
-    paths: tuple[str, ...]
+    name: str  # part-<index>-<digest of the files' identities and the scores key>
+    files: pa.Table  # listing rows (LISTING_SCHEMA)
+
+    @property
+    def paths(self) -> list[str]:
+        return self.files["path"].to_pylist()
 
 
-def partitions(paths: list[str], size: int = DEFAULT_PARTITION_SIZE, salt: str = "") -> list[Partition]:
-    """Cut the sorted file list into consecutive partitions of ``size`` files. The names
-    depend only on the list (and ``salt``: the model and top-k), so a rerun over the same
-    files maps them to the same parts."""
+def partitions(files: pa.Table, size: int = DEFAULT_PARTITION_SIZE, salt: str = "") -> list[Partition]:
+    """Cut the files to score (listing rows) into consecutive partitions of ``size`` files, in
+    path order. The names digest the files' identities and ``salt`` (the scores key), so the same
+    files to score map to the same parts: a rerun after a crash finds them."""
     if size < 1:
         raise ScoringError(f"partition size must be at least 1, not {size}")
-    paths = sorted(paths)
+    files = files.sort_by("path")
+    identity = [files[c].to_pylist() for c in files.column_names]
     out = []
-    for index, start in enumerate(range(0, len(paths), size)):
-        chunk = tuple(paths[start : start + size])
-        digest = hashlib.sha1("\n".join((salt, *chunk)).encode("utf-8")).hexdigest()[:12]
-        out.append(Partition(index, f"part-{index:06d}-{digest}", chunk))
+    for index, start in enumerate(range(0, files.num_rows, size)):
+        rows = zip(*(column[start : start + size] for column in identity))
+        digest = hashlib.sha1("\n".join((salt, *map(repr, rows))).encode("utf-8")).hexdigest()[:12]
+        out.append(Partition(index, f"part-{index:06d}-{digest}", files.slice(start, size)))
     return out
 
 
@@ -158,7 +112,7 @@ def inspect_model(model_url: str, engine: str = "auto") -> ModelInfo:
     )
 
 
-# ---- the job: lock, manifest, plan ----------------------------------------------------------
+# ---- the job: plan ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -168,20 +122,37 @@ class JobPlan:
     out: str
     model: ModelInfo
     images: str
-    files: str  # URL of files.parquet
+    files: str  # URL of files.parquet: the listing, each file to score with its partition
     count: int
     ignored: int
     partitions: int
     partition_size: int
     top_k: int
     mini_batch_size: int
-    done: list[str] = field(default_factory=list)  # parts already there when the plan was made
-    done_images: int = 0  # images in those parts
+    done: list[str] = field(default_factory=list)  # parts of a stopped run, found and reused
+    done_images: int = 0  # images with a usable row already (nothing to score)
+    # Against the last finished job's scores.parquet:
+    new: int = 0
+    changed: int = 0
+    retried: int = 0  # files whose earlier row is a failure
+    deleted: int = 0
+    unchanged: int = 0
+    verify_content: bool = False
+    note: str | None = None  # why the output's earlier rows are not reused, when they are not
 
     @property
     def missing(self) -> int:
         """Partitions not scored when the plan was made."""
-        return self.partitions - len(self.done)
+        return self.partitions
+
+    @property
+    def todo_images(self) -> int:
+        return self.count - self.done_images
+
+    @property
+    def key(self) -> str:
+        """The scores key every reused row must have (partition.scores_key)."""
+        return scores_key(self.model.for_workers(), self.top_k)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -211,9 +182,12 @@ def prepare_job(
     mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
     model: ModelInfo | None = None,
     engine: str = "auto",
+    verify_content: bool = False,
 ) -> JobPlan:
-    """Check the model, list the images, cut them into partitions and write ``job.json`` and
-    ``files.parquet``. An output that already holds another model's scores is refused."""
+    """Check the model, list the images with their identities, compare them with the rows the
+    output holds (scores.parquet, and the parts of a run that stopped), cut the files to score
+    (new, changed, failed before) into partitions and write ``job.json`` and ``files.parquet``.
+    An output that already holds another model's scores is refused."""
     check_settings(mini_batch_size, partition_size)
     model = model or inspect_model(model_url, engine)
     top_k = resolve_top_k(top_k, model.classes)
@@ -226,19 +200,25 @@ def prepare_job(
                 f"sha256 {str(previous.get('model_sha256'))[:12]}, classes "
                 f"{', '.join(previous.get('classes', []))}); score into another --out, or remove it first"
             )
-    listing = list_images(images)
-    # The engine and decoder are in the salt: one job's parts all come from one engine.
-    salt = f"{model.sha256}:{top_k}:{model.engine.engine}:{model.engine.decoder}"
-    parts = partitions(listing.paths, partition_size, salt=salt)
-    found = present(layout.parts)
-    done = [p.name for p in parts if part_file(p.name) in found]
-    frame = pa.table(
-        {
-            "path": pa.array([u for p in parts for u in p.paths], type=pa.string()),
-            "part": pa.array([p.name for p in parts for _ in p.paths], type=pa.string()),
-        }
+    listing = list_images(images, verify_content=verify_content)
+    key = scores_key(model.for_workers(), top_k)
+    earlier = earlier_rows(layout, key, columns=["path", *IDENTITY_COLUMNS, "error"])
+    found = changes(listing.files, earlier.scores_rows, verify_content)
+    # What a stopped run scored already is not scored again.
+    todo = changes(found.todo, earlier.parts_rows, verify_content).todo if earlier.parts else found.todo
+    parts = partitions(todo, partition_size, salt=key)
+    # A stopped run's part named as a planned one holds the same files, all to score again: each
+    # of its rows failed. Removed, so that it is scored again rather than taken as done.
+    retry = {part_file(p.name) for p in parts} & set(earlier.parts)
+    for name in retry:
+        storage.remove(storage.join(layout.parts, name))
+    part_of = {path: p.name for p in parts for path in p.paths}
+    storage.write_bytes(
+        layout.files,
+        table_bytes(
+            listing.files.append_column("part", pa.array([part_of.get(u) for u in listing.paths], type=pa.string()))
+        ),
     )
-    storage.write_bytes(layout.files, table_bytes(frame))
     storage.write_json(
         layout.job,
         {
@@ -250,11 +230,13 @@ def prepare_job(
             "preprocessing": model.preprocessing,
             "engine": model.engine.to_dict(),
             "images": images,
-            "count": len(listing.paths),
+            "count": listing.files.num_rows,
             "ignored": len(listing.ignored),
+            "to_score": todo.num_rows,
             "partitions": len(parts),
             "partition_size": partition_size,
             "top_k": top_k,
+            "verify_content": verify_content,
             "updated": storage.now(),
         },
     )
@@ -263,28 +245,111 @@ def prepare_job(
         model,
         images,
         layout.files,
-        len(listing.paths),
+        listing.files.num_rows,
         len(listing.ignored),
         len(parts),
         partition_size,
         top_k,
         mini_batch_size,
-        done,
-        sum(len(p.paths) for p in parts if part_file(p.name) in found),
+        [name for name in earlier.parts if name not in retry],
+        listing.files.num_rows - todo.num_rows,
+        found.new,
+        found.changed,
+        found.retried,
+        found.deleted,
+        found.unchanged,
+        verify_content,
+        earlier.note,
+    )
+
+
+@dataclass
+class EarlierRows:
+    parts_rows: pa.Table | None  # of the parts a run that stopped before consolidating wrote
+    parts: list[str]  # those part files
+    scores_rows: pa.Table | None  # of scores.parquet: the last finished job's
+    note: str | None = None  # why scores.parquet's rows are not reused, when they are not
+
+    @property
+    def rows(self) -> pa.Table | None:
+        """Every usable row: the parts' first (the newer), then scores.parquet's."""
+        tables = [t for t in (self.parts_rows, self.scores_rows) if t is not None]
+        return pa.concat_tables(tables) if tables else None
+
+
+def earlier_rows(
+    layout: JobLayout, key: str, columns: list[str] | None = None, first: frozenset[str] = frozenset()
+) -> EarlierRows:
+    """The rows the output holds that were scored with ``key`` (the model, engine, decoder and
+    top-k of this job): each part's (written by a run that stopped before consolidating; a
+    damaged part, or one of other settings, is removed: it is this job's file and of no use),
+    then scores.parquet's. ``columns``: only these (the plan needs no scores). ``first``: the
+    part files read before the others (this run's: its row of a file that failed in a stopped
+    run's part is the one kept, whatever the parts' names sort as)."""
+    tables, used = [], []
+    for name in sorted(present(layout.parts), key=lambda n: (n not in first, n)):
+        if not is_part_file(name) or storage.TMP_MARKER in name:
+            continue
+        table = _read_rows(storage.join(layout.parts, name), key, columns)
+        if table is None:
+            storage.remove(storage.join(layout.parts, name))
+            continue
+        tables.append(table)
+        used.append(name)
+    scores, note = None, None
+    if storage.exists(layout.scores):
+        scores = _read_rows(layout.scores, key, columns)
+        if scores is None:
+            note = _why_not_reused(layout.scores, key)
+    return EarlierRows(pa.concat_tables(tables) if tables else None, used, scores, note)
+
+
+def _read_rows(url: str, key: str, columns: list[str] | None) -> pa.Table | None:
+    """The rows of a part or scores.parquet, if they carry file identities and were scored
+    with ``key``; None otherwise."""
+    try:
+        file = pq.ParquetFile(io.BytesIO(storage.read_bytes(url)))
+        schema = file.schema_arrow
+        if (schema.metadata or {}).get(SCORES_KEY, b"").decode() != key or schema.remove_metadata() != PART_SCHEMA:
+            return None
+        return file.read(columns=columns).replace_schema_metadata(None)
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, FileNotFoundError) or (isinstance(exc, OSError) and store_failure(exc)):
+            raise
+        return None
+
+
+def _why_not_reused(url: str, key: str) -> str:
+    try:
+        schema = pq.read_schema(io.BytesIO(storage.read_bytes(url)))
+    except (pa.ArrowInvalid, OSError):
+        return f"{url} is unreadable: every image is scored afresh"
+    if "version" not in schema.names:
+        return f"{url} was written before scores recorded which file they scored: every image is scored afresh"
+    return (
+        f"{url} holds scores of other settings ({(schema.metadata or {}).get(SCORES_KEY, b'').decode()}; "
+        f"this job: {key}): every image is scored afresh"
     )
 
 
 def read_partitions(plan: JobPlan) -> list[Partition]:
     """The plan's partitions, read back from ``files.parquet``."""
     table = pq.read_table(io.BytesIO(storage.read_bytes(plan.files)))
-    paths, names = table["path"].to_pylist(), table["part"].to_pylist()
+    todo = table.filter(pc.is_valid(table["part"]))
+    names = todo["part"].to_pylist()
+    files = todo.drop_columns(["part"])
     out: list[Partition] = []
     start = 0
     for i in range(1, len(names) + 1):
         if i == len(names) or names[i] != names[start]:
-            out.append(Partition(len(out), names[start], tuple(paths[start:i])))
+            out.append(Partition(len(out), names[start], files.slice(start, i - start)))
             start = i
     return out
+
+
+def listed_files(plan: JobPlan) -> pa.Table:
+    """The listing the plan was made from (LISTING_SCHEMA)."""
+    return pq.read_table(io.BytesIO(storage.read_bytes(plan.files))).drop_columns(["part"])
 
 
 def parts_job(plan: JobPlan, partitions: list[Partition] | None = None, torch_threads: int | None = None) -> PartsJob:
@@ -299,7 +364,7 @@ def parts_job(plan: JobPlan, partitions: list[Partition] | None = None, torch_th
         tuple(
             Part(
                 part_file(p.name),
-                (model, list(p.paths), layout.part(p.name), plan.mini_batch_size, plan.top_k, None, torch_threads),
+                (model, p.files, layout.part(p.name), plan.mini_batch_size, plan.top_k, None, torch_threads),
             )
             for p in partitions
         ),
@@ -321,9 +386,10 @@ def _ends_job(exc: BaseException) -> bool:
 
 
 def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
-    """Concatenate the parts in plan order into ``scores.parquet`` (exactly one row per
-    listed image, sorted by path) and write ``summary.json``; remove parts of earlier plans
-    and temporary debris. Returns the summary."""
+    """Write ``scores.parquet``: exactly one row per listed image, sorted by path, taken from
+    this run's parts, the parts of a run that stopped, and the earlier scores.parquet, each row
+    the score of the file as it is now; and ``summary.json``. Then remove the parts (their rows
+    are in scores.parquet now) and temporary debris. Returns the summary."""
     layout = JobLayout(plan.out)
     parts = read_partitions(plan)
     missing = parts_job(plan, parts).missing(present(layout.parts))
@@ -332,21 +398,28 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
             f"{len(missing)} of {len(parts)} partitions are not scored yet "
             f"(first: {posixpath.splitext(missing[0].name)[0]}); rerun the job to score them"
         )
-    sink = io.BytesIO()
+    for part in parts:  # this run's parts: each readable and holding the files it was given
+        _check_part(layout, part, plan.key)
+    listing = listed_files(plan)
+    earlier = earlier_rows(layout, plan.key, first=frozenset(part_file(p.name) for p in parts))
+    rows = current_rows(earlier.rows, listing, plan.verify_content) if earlier.rows is not None else None
+    if rows is None or rows.num_rows != plan.count:
+        raise ScoringError(f"consolidation found {0 if rows is None else rows.num_rows} rows for {plan.count} images")
     tally = _Tally()
-    with pq.ParquetWriter(sink, PART_SCHEMA) as writer:
-        for part in parts:
-            table = _read_part(layout, part)
-            writer.write_table(table)
-            tally.add(table)
-    if tally.rows != plan.count:
-        raise ScoringError(f"consolidation found {tally.rows} rows for {plan.count} images")
-    storage.write_bytes(layout.scores, sink.getvalue())
+    tally.add(rows)
+    storage.write_bytes(
+        layout.scores, table_bytes(rows.cast(PART_SCHEMA).replace_schema_metadata({SCORES_KEY: plan.key}))
+    )
     summary = {
         "images": plan.count,
         "scored": tally.rows - tally.failed,
         "failed": tally.failed,
         "ignored": plan.ignored,
+        "new": plan.new,
+        "changed": plan.changed,
+        "deleted": plan.deleted,
+        "unchanged": plan.unchanged,
+        "retried": plan.retried,
         "labels": dict(sorted(tally.labels.items(), key=lambda kv: (-kv[1], kv[0]))),
         "failures": tally.failures,
         "failures_listed": len(tally.failures),
@@ -361,33 +434,36 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
         "decoder": plan.model.engine.decoder,
         "classes": plan.model.classes,
         "top_k": plan.top_k,
+        "verify_content": plan.verify_content,
         "partitions": plan.partitions,
+        **({"note": plan.note} if plan.note else {}),
         "finished": storage.now(),
         **(extra or {}),
     }
     storage.write_json(layout.summary, summary)
-    _remove_stale(plan, {part_file(p.name) for p in parts})
+    _remove_parts(layout)
     return summary
 
 
-def _read_part(layout: JobLayout, part: Partition) -> pa.Table:
-    """A part's table, checked to hold the files the plan gives it (a damaged part is removed)."""
+def _check_part(layout: JobLayout, part: Partition, key: str) -> None:
+    """A part of this run is readable, of this job's settings and holds the files the plan gives
+    it; a damaged one is removed (the rerun scores it again)."""
     url = layout.part(part.name)
     data = storage.read_bytes(url)  # a storage error propagates: the part may be fine
     try:
-        table = pq.read_table(io.BytesIO(data), schema=PART_SCHEMA)
-    except pa.ArrowInvalid as exc:  # damaged after it was written
+        file = pq.ParquetFile(io.BytesIO(data))
+        paths = file.read(columns=["path"])["path"].to_pylist()
+    except (pa.ArrowInvalid, OSError) as exc:  # damaged after it was written
         storage.remove(url)
         raise ScoringIncompleteError(
             f"part {part.name} was unreadable ({exc}) and is removed; rerun the job to score it again"
         ) from None
-    if table["path"].to_pylist() != list(part.paths):
+    if paths != part.paths or (file.schema_arrow.metadata or {}).get(SCORES_KEY, b"").decode() != key:
         raise ScoringError(f"part {part.name} does not hold the files the plan gives it; remove {url} and rerun")
-    return table
 
 
 class _Tally:
-    """What the summary counts over the parts: rows, failed files (the first
+    """What the summary counts over the rows: rows, failed files (the first
     MAX_FAILURES_IN_SUMMARY listed) and images per label."""
 
     def __init__(self):
@@ -408,14 +484,14 @@ class _Tally:
             self.labels[item["values"]] = self.labels.get(item["values"], 0) + int(item["counts"])
 
 
-def _remove_stale(plan: JobPlan, keep: set[str]) -> None:
-    """Parts of earlier plans (the folder changed since) and temporary debris of killed runs;
+def _remove_parts(layout: JobLayout) -> None:
+    """The parts, once scores.parquet holds their rows, and temporary debris of killed runs;
     only files named as a job names its parts (check_output refused any other)."""
-    for name in present(JobLayout(plan.out).parts) - keep:
+    for name in present(layout.parts):
         if not is_part_file(name):
             continue
         try:
-            storage.remove(storage.join(JobLayout(plan.out).parts, name))
+            storage.remove(storage.join(layout.parts, name))
         except FileNotFoundError:
             pass
 

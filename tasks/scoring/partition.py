@@ -27,10 +27,11 @@ from retrain.tasks.allocator import tune_allocator
 from retrain.tasks.inference import Predictor, cached_predictor, top_k
 from retrain.tasks.preprocessing import ImageDecodeError, load_image
 from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_TOP_K
+from retrain.tasks.scoring.listing import LISTING_SCHEMA, unlisted
 
 REMOTE_READ_THREADS = 8  # reads from object stores wait on the network: overlap them
 
-PART_SCHEMA = pa.schema(
+SCORES_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
         ("label", pa.string()),
@@ -40,6 +41,12 @@ PART_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+# A part's and scores.parquet's rows: the scores, and the identity of the file scored (from the
+# listing: tasks/scoring/listing.py), so that a rerun sees which files changed since.
+PART_SCHEMA = pa.schema([*SCORES_SCHEMA, *(f for f in LISTING_SCHEMA if f.name != "path")])
+# Schema metadata of a part and of scores.parquet: the model, engine, decoder and top-k its
+# rows were scored with (scores_key). Rows of other settings are never reused.
+SCORES_KEY = b"retrain.scores"
 
 
 def read_and_decode(url: str, predictor: Predictor) -> tuple[torch.Tensor | None, str | None]:
@@ -117,7 +124,7 @@ def score_paths(
     ``read_threads``: files read and decoded at once (default: 1 for local files, more for
     remote ones, whose reads wait on the network)."""
     n = len(paths)
-    k = min(k, len(predictor.classes))
+    k = kept_labels(predictor, k)
     label_idx = np.full((n, k), -1, dtype=np.int64)
     top_scores = np.zeros((n, k), dtype=np.float32)
     errors: list[str | None] = [None] * n
@@ -177,7 +184,7 @@ def _table(
             ),
             "error": pa.array(errors, type=pa.string()),
         },
-        schema=PART_SCHEMA,
+        schema=SCORES_SCHEMA,
     )
 
 
@@ -198,18 +205,32 @@ class WorkerModel:
     decoder: str = "exact"
 
 
+def scores_key(model: WorkerModel, k: int) -> str:
+    """What a row's scores depend on besides the file: the model, its engine and decoder, top-k."""
+    return f"{model.sha256}:{model.engine}:{model.decoder}:top-{k}"
+
+
+def kept_labels(predictor: Predictor, k: int) -> int:
+    """The labels kept per image: top-k, at most the model's classes. (Its own function: a test's
+    stand-in for score_partition pickles the real one by value, and a ``predictor.classes`` in
+    its body would make cloudpickle take the ``torch.classes`` module along.)"""
+    return min(k, len(predictor.classes))
+
+
 def score_partition(
     model: WorkerModel,
-    paths: list[str],
+    files: pa.Table | list[str],
     out_url: str,
     mini_batch_size: int = DEFAULT_MINI_BATCH_SIZE,
     k: int = DEFAULT_TOP_K,
     read_threads: int | None = None,
     torch_threads: int | None = None,
 ) -> PartResult:
-    """What one Dask task does: score ``paths`` with the (cached) predictor and write the part
-    atomically to ``out_url``. A part already there is not scored again. ``torch_threads``:
-    set this process's torch threads first (1 in a local cluster of one process per core)."""
+    """What one Dask task does: score ``files`` (listing rows: path and identity; or plain
+    paths, of unknown identity) with the (cached) predictor and write the part atomically to
+    ``out_url``, each row with its file's identity and the part with :func:`scores_key`. A part
+    already there is not scored again. ``torch_threads``: set this process's torch threads
+    first (1 in a local cluster of one process per core)."""
     started = time.perf_counter()
     if torch_threads and torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
@@ -225,10 +246,15 @@ def score_partition(
             skipped=True,
             engine=model.engine,
         )
+    files = unlisted(files) if isinstance(files, list) else files
     predictor = cached_predictor(model.url, model.sha256, model.engine, model.onnx_url, model.decoder)
     tune_allocator("inference")  # decoding and forward passes alternate (tasks/allocator.py)
     timings: dict = {}
-    table = score_paths(list(paths), predictor, mini_batch_size, k, read_threads, timings)
+    scores = score_paths(files["path"].to_pylist(), predictor, mini_batch_size, k, read_threads, timings)
+    table = pa.table(
+        [*scores.columns, *(files[f.name] for f in PART_SCHEMA if f.name not in scores.column_names)],
+        schema=PART_SCHEMA.with_metadata({SCORES_KEY: scores_key(model, kept_labels(predictor, k))}),
+    )
     storage.write_bytes(out_url, table_bytes(table))
     return PartResult(
         name,
