@@ -242,7 +242,13 @@ def test_prefect_api_killed_mid_run_gives_up_within_the_grace_and_the_rerun_resu
     assert status == 0, err[-3000:]
     record = storage.read_json(str(run / "run.json"))
     assert summary["run"] == str(run) and record["status"] == "completed" and record["resumed"] == 1
-    assert storage.read_json(str(run / "summary.json"))["resumed_from"] >= int(kept[0][5:13])
+    trained = storage.read_json(str(run / "summary.json"))
+    if (run / "checkpoints" / f"iter-{trained['iterations']:08d}.pt").name in kept:
+        # Training had reached its last iteration before the command gave up (a fast machine
+        # trains the 16 iterations within the grace): the rerun resumes after training.
+        assert trained["resumed_from"] is None
+    else:
+        assert trained["resumed_from"] >= int(kept[0][5:13])
 
 
 def score_images(root: Path, count: int) -> list[str]:
