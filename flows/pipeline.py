@@ -19,6 +19,7 @@ from retrain.tasks import storage
 from retrain.tasks.datastore import IndexRecord, adopt_index, index_dataset, materialize, split_stage
 from retrain.tasks.evaluation import evaluate_run
 from retrain.tasks.explain import explain_run
+from retrain.tasks.label_issues import find_run_label_issues
 from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run, unjudged_run
 from retrain.tasks.reports import png_markdown, run_summary_markdown
 from retrain.tasks.request import DEFAULTS, RunRequest, check_store_names
@@ -32,6 +33,7 @@ adopt = task(adopt_index, name="adopt-index")
 split = task(split_stage, name="split")
 evaluate = task(evaluate_run, name="evaluate")
 explain = task(explain_run, name="explain")
+find_label_issues = task(find_run_label_issues, name="label-issues")
 publish = task(publish_run, name="publish")
 
 
@@ -59,6 +61,7 @@ def retrain_flow(
     shared_features: dict | None = None,
     dask_address: str | None = None,
     dask_workers: int | None = None,
+    label_issues: str = "find",
 ) -> dict:
     """Retrain ``network`` on the images in ``data`` (a zip or a folder of class folders,
     any fsspec URL; the generated sample set when None). Returns the run summary.
@@ -80,7 +83,9 @@ def retrain_flow(
     feature cache shared with other runs (tasks/feature_sharing.py).
     ``dask_address`` (a scheduler) or ``dask_workers`` (a local cluster of that many
     processes): prepare the image shards and compute transfer mode's features on Dask
-    (tasks/training/cluster.py); in the training process when neither."""
+    (tasks/training/cluster.py); in the training process when neither.
+    ``label_issues``: "find" (label_issues.csv and label-issues.png, tasks/label_issues.py),
+    "exclude" (and train without the flagged images) or "off"."""
     logger = get_run_logger()
     started = time.perf_counter()
     store = storage.absolute(store or storage.default_store())
@@ -90,6 +95,7 @@ def retrain_flow(
         check_output(storage.absolute(score_out), storage.absolute(score_folder))
     request = RunRequest(network, weights, mode, split_fractions, options or {}, augmentation or {})
     checked = request.check(fetch_weights=train_deployment is None)  # the weights are the GPU pool's business
+    checked = replace(checked, label_issues=label_issues)
     if labels:
         labels = storage.absolute(labels)
         data = data or labels.rsplit("/", 1)[0]  # the table's folder
@@ -120,10 +126,11 @@ def retrain_flow(
     cluster = {"address": dask_address or None, "workers": dask_workers or None}
     try:
         update_run(run_url, promote=promote)  # a rerun finishes the promotion a kill prevented
-        indexed, trained, metrics, model_url = _run_stages(
+        indexed, trained, metrics, model_url, issues = _run_stages(
             run_url, indexed, config, train_deployment, progress, cluster
         )
         summary = _summary(run_url, model_url, config, indexed, trained, metrics, time.perf_counter() - started)
+        summary.update({k: v for k, v in issues.items() if k.startswith("label_issues")})
         summary_url = storage.RunLayout(run_url).summary
         storage.write_json(summary_url, summary)
         publish_artifacts(summary, metrics, run_url, indexed.montage)
@@ -275,10 +282,11 @@ def _run_stages(
     train_deployment: str | None,
     progress: bool,
     cluster: dict | None = None,
-) -> tuple[IndexRecord, dict, dict, str]:
-    """index (``indexed``, taken into the run folder) -> split -> train -> evaluate ->
-    explain -> publish; a failure marks the run failed (and is raised). Returns the index record, training.json, metrics.json and the
-    model URL."""
+) -> tuple[IndexRecord, dict, dict, str, dict]:
+    """index (``indexed``, taken into the run folder) -> split -> [label issues, excluded]
+    -> train -> [label issues] -> evaluate -> explain -> publish; a failure marks the run
+    failed (and is raised). Returns the index record, training.json, metrics.json, the model
+    URL and what the label-issues step found."""
     logger = get_run_logger()
     run_name = storage.RunLayout(run_url).run_id
     logger.info("run %s in %s", run_name, run_url)
@@ -291,13 +299,16 @@ def _run_stages(
             indexed.skipped,
         )
         split(run_url, config.split, config.split_seed)
+        issues = label_issues_step(run_url, exclude=True) if config.label_issues == "exclude" else {}
         if train_deployment:
             trained = train_on_deployment(train_deployment, run_url, cluster)
         else:
             trained = train_flow(run_url, progress=progress, cluster=cluster)
+        if config.label_issues == "find":
+            issues = label_issues_step(run_url, trained=True)
         metrics = evaluate(run_url)
         explain_step(run_url)
-        return indexed, trained, metrics, publish(run_url)
+        return indexed, trained, metrics, publish(run_url), issues
     except BaseException as exc:
         try:
             update_run(
@@ -317,6 +328,28 @@ def explain_step(run_url: str) -> None:
         explain(run_url)
     except Exception as exc:  # e.g. an architecture without a spatial feature map
         get_run_logger().warning("no explanations for this run: %s: %s", type(exc).__name__, exc)
+
+
+def label_issues_step(run_url: str, exclude: bool = False, trained: bool = False) -> dict:
+    """label_issues.csv and label-issues.png (tasks/label_issues.py), before training when
+    ``exclude`` leaves the flagged images out of it; a step that fails costs the run nothing
+    (when excluding, the model then trains on every image)."""
+    logger = get_run_logger()
+    try:
+        found = find_label_issues(run_url, exclude=exclude, trained=trained)
+    except Exception as exc:
+        logger.warning("no label issues for this run: %s: %s", type(exc).__name__, exc)
+        return {}
+    if found["skipped"]:
+        logger.info("%s", found["skipped"])
+    else:
+        logger.info(
+            "label issues: %d likely wrong labels among the training and validation images (%.1f s)%s",
+            found["label_issues"],
+            found["label_issues_seconds"],
+            f"; {found['label_issues_excluded']} left out of training" if exclude else "",
+        )
+    return found
 
 
 @task(name="promote")
@@ -375,9 +408,10 @@ def publish_artifacts(summary: dict, metrics: dict, run_url: str, montage_url: s
         ("Confusion chart", metrics["confusion_chart"]),
         ("Top losses", storage.RunLayout(run_url).mistakes),
         ("Grad-CAM", storage.RunLayout(run_url).gradcam),
+        ("Label issues", storage.RunLayout(run_url).label_issues_plot),
     ]
     create_markdown_artifact(
         "\n\n".join(f"## {title}\n\n{png_markdown(url, title)}" for title, url in plots if storage.exists(url)),
         key="retrain-plots",
-        description="Montage, training progress, confusion chart, top losses, Grad-CAM",
+        description="Montage, training progress, confusion chart, top losses, Grad-CAM, label issues",
     )

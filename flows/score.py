@@ -32,7 +32,7 @@ from retrain.tasks import storage
 from retrain.tasks.runs import resolve_model
 from retrain.tasks.scoring.cluster import LocalClusterStart
 from retrain.tasks.scoring.job import JobPlan, consolidate, prepare_job
-from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, default_out
+from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, DEFAULT_TO_LABEL, default_out
 from retrain.tasks.scoring.partition import PartResult
 from retrain.tasks.scoring.run import ScoringRun, score_missing
 from retrain.tasks.vocabulary import check_workers
@@ -101,6 +101,7 @@ def score_flow(
     engine: str = "auto",
     cluster: LocalClusterStart | None = None,
     verify_content: bool = False,
+    to_label: int = DEFAULT_TO_LABEL,
 ) -> dict:
     """Score every image in ``images`` (a folder, searched recursively, or a list file; any
     fsspec URL) with ``model`` (a model file URL, a run id or a promoted model name in
@@ -109,7 +110,9 @@ def score_flow(
     version; with ``verify_content`` by content hash) are scored, the rows of deleted ones
     dropped, the parts of a stopped job reused. Returns the summary (images, new, changed,
     deleted, unchanged, scored, failed, seconds, images_per_second, engine, output, count per
-    label, failures). ``cluster``: a local cluster of ``workers`` processes its caller
+    label, failures, to_label). ``to_label``: the least certain images (smallest margin between
+    the two top scores) listed in ``<out>/to_label.csv`` for a person to label (0: none).
+    ``cluster``: a local cluster of ``workers`` processes its caller
     already started (and closes), used instead of starting one (in process only: a deployment
     cannot pass it)."""
     logger = get_run_logger()
@@ -125,7 +128,9 @@ def score_flow(
         out, images, mini_batch_size, partition_size, dask_address, workers, cluster=cluster, lock_wait_s=lock_wait_s
     ) as job:
         plan = job.planned(
-            plan_scoring(model_url, images, out, top_k, partition_size, mini_batch_size, None, engine, verify_content)
+            plan_scoring(
+                model_url, images, out, top_k, partition_size, mini_batch_size, None, engine, verify_content, to_label
+            )
         )
         if plan.note:
             logger.warning(plan.note)
@@ -176,6 +181,11 @@ def summary_markdown(summary: dict) -> str:
         f"| this run | {summary['processed']:,} images scored in {summary['seconds']:.1f} s "
         f"({summary['images_per_second'] or 0:.1f} images/s) |",
         f"| output | `{summary['output']}` |",
+        *(
+            [f"| to label next | `{summary['to_label']['url']}` ({summary['to_label']['count']:,} least certain) |"]
+            if summary.get("to_label")
+            else []
+        ),
         "",
         "## Count per label",
         "",

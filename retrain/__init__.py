@@ -43,8 +43,9 @@ def run(data: str | None = None, store: str | None = None, **settings: Any) -> d
     """Retrain on ``data`` (a zip or a folder of class folders, any fsspec URL; the generated
     sample set when None) as a Prefect flow run. ``settings`` are the flow's parameters
     (``network``, ``weights``, ``mode``, ``split_fractions``, ``options`` — a dict of
-    training options such as ``{"max_epochs": 5}`` —, ``augmentation``, ``run_id``, ...).
-    Returns the run summary (run_id, model, accuracies, ...)."""
+    training options such as ``{"max_epochs": 5}`` —, ``augmentation``, ``run_id``,
+    ``label_issues``: "find", "exclude" or "off", ...). Returns the run summary (run_id,
+    model, accuracies, label_issues, ...)."""
     _local_server()
     from retrain.flows.pipeline import retrain_flow
     from retrain.orchestrator import prepare_for_flows
@@ -129,18 +130,26 @@ def score(
     engine: str = "auto",
     progress: bool = False,
     verify_content: bool = False,
+    to_label: int | None = None,
 ) -> dict:
     """Batch-score every image below ``images`` (a folder, searched recursively, or a list file)
     on Dask — a local cluster of ``workers`` processes, or the one at ``dask_address`` — into
     ``out`` (default ``<store>/scores/<job-id>``, one per model and folder), as a Prefect flow
     run. Rerun with the same ``out`` to score what changed since: new and changed images (by
     size and version; with ``verify_content`` by content hash) are scored, deleted ones' rows
-    dropped. ``mini_batch_size`` and ``partition_size``: None for scoring's defaults. Returns
-    the job summary (scores URL, counts: new, changed, deleted, unchanged, images/s, engine)."""
+    dropped. ``to_label``: the least certain images listed in ``<out>/to_label.csv``, to label
+    and give back with ``run(..., labels=TABLE)`` (0: none). ``mini_batch_size``,
+    ``partition_size`` and ``to_label``: None for scoring's defaults. Returns the job summary
+    (scores URL, counts: new, changed, deleted, unchanged, images/s, engine, to_label)."""
     from retrain.early_api import start_early_api
     from retrain.tasks import storage
     from retrain.tasks.scoring.cluster import LocalClusterStart
-    from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, check_output
+    from retrain.tasks.scoring.layout import (
+        DEFAULT_MINI_BATCH_SIZE,
+        DEFAULT_PARTITION_SIZE,
+        DEFAULT_TO_LABEL,
+        check_output,
+    )
     from retrain.tasks.scoring.run import holds_scores
 
     _local_server()
@@ -178,6 +187,7 @@ def score(
                 engine=engine,
                 cluster=early,
                 verify_content=verify_content,
+                to_label=DEFAULT_TO_LABEL if to_label is None else to_label,
             )
     finally:
         if early is not None:

@@ -85,6 +85,22 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the same on a local Dask cluster of N processes started for the run",
     )
+    issues = p.add_mutually_exclusive_group()
+    issues.add_argument(
+        "--exclude-label-issues",
+        dest="label_issues",
+        action="store_const",
+        const="exclude",
+        default="find",
+        help="train without the images whose labels look wrong (label_issues.csv; found before training)",
+    )
+    issues.add_argument(
+        "--no-label-issues",
+        dest="label_issues",
+        action="store_const",
+        const="off",
+        help="skip looking for likely wrong labels (label_issues.csv)",
+    )
     p.add_argument("--score-folder", default=None, help="end by batch-scoring this folder with the new model")
     p.add_argument("--score-out", default=None, help="where the scores go (default <run>/scores)")
     _common(p)
@@ -129,7 +145,7 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
         help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (default: start a local one)",
     )
     p.add_argument("--workers", type=int, default=None, help="local cluster processes (default: one per core)")
-    mini_batch, partition_size = _scoring_defaults()
+    mini_batch, partition_size, to_label = _scoring_defaults()
     p.add_argument(
         "--mini-batch-size",
         type=int,
@@ -148,6 +164,14 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tell changed images by a hash of their content (reads every image each run), not only by "
         "size and modification time or ETag (for stores that give neither)",
+    )
+    p.add_argument(
+        "--to-label",
+        type=int,
+        default=to_label,
+        metavar="N",
+        help=f"list the N least certain images (smallest margin between the two top scores) in "
+        f"<out>/to_label.csv, to label and give back with retrain run DATA --labels TABLE (default {to_label}; 0: none)",
     )
     _engine_argument(p)
     _common(p)
@@ -338,11 +362,15 @@ def _command_of(argv: list[str]) -> str | None:
     return first if first in SUBCOMMANDS else None
 
 
-def _scoring_defaults() -> tuple[int, int]:
-    """Images per forward pass and per partition of batch scoring, for the help text."""
-    from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE  # torch-free
+def _scoring_defaults() -> tuple[int, int, int]:
+    """Images per forward pass, per partition and in to_label.csv of batch scoring, for the help text."""
+    from retrain.tasks.scoring.layout import (  # torch-free
+        DEFAULT_MINI_BATCH_SIZE,
+        DEFAULT_PARTITION_SIZE,
+        DEFAULT_TO_LABEL,
+    )
 
-    return DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE
+    return DEFAULT_MINI_BATCH_SIZE, DEFAULT_PARTITION_SIZE, DEFAULT_TO_LABEL
 
 
 # Commands whose flows talk to the Prefect API.

@@ -39,6 +39,7 @@ def cmd_run(args) -> dict:
         labels=args.labels,
         dask_address=args.dask_address,
         dask_workers=args.dask_workers,
+        label_issues=args.label_issues,
     )
     if not args.json:
         _print_run(summary)
@@ -56,6 +57,8 @@ def cmd_run(args) -> dict:
         "epochs",
         "promotion",
         "scores",
+        "label_issues",
+        "label_issues_excluded",
         "ui_url",
     )
     return {k: summary[k] for k in keys if k in summary}
@@ -94,6 +97,12 @@ def _print_run(summary: dict) -> None:
         f"{summary['seconds']:.1f} s"
     )
     print(f"  model: {summary['model']}\n  plots: {summary['run']}/{{montage,progress,confusion,mistakes,gradcam}}.png")
+    if summary.get("label_issues") is not None:
+        excluded = summary.get("label_issues_excluded")
+        print(
+            f"  label issues: {summary['label_issues']} likely wrong labels in {summary['run']}/label_issues.csv"
+            + (f"; {excluded} images left out of training" if excluded is not None else "")
+        )
     if "promotion" in summary:
         decision = summary["promotion"]
         print(
@@ -150,6 +159,7 @@ def cmd_score(args) -> dict:
         engine=args.engine,
         progress=not args.json and sys.stderr.isatty(),
         verify_content=args.verify_content,
+        to_label=args.to_label,
     )
     if not args.json:
         if "note" in summary:
@@ -163,6 +173,8 @@ def cmd_score(args) -> dict:
         for label, n in list(summary["labels"].items())[:10]:
             print(f"  {label:<30} {n:>8,}")
         print(f"  scores: {summary['output']}\n  summary: {summary['out']}/summary.json")
+        if summary.get("to_label"):
+            print(f"  to label next: {summary['to_label']['url']} ({summary['to_label']['count']:,} least certain)")
         _print_ui_url(summary)
     return {
         k: summary[k]
@@ -187,6 +199,7 @@ def cmd_score(args) -> dict:
             "engine_reason",
             "decoder",
             "note",
+            "to_label",
         )
         if k in summary
     }

@@ -133,6 +133,16 @@ def run_summary_markdown(summary: dict) -> str:
         f"| test accuracy | **{accuracy_text(summary['test_accuracy'], 'test')}** |",
         f"| validation accuracy | {accuracy_text(summary['val_accuracy'], 'validation')} |",
         f"| iterations / epochs | {summary.get('iterations')} / {summary.get('epochs')} |",
+        *(
+            [f"| label issues | {summary['label_issues']} likely wrong labels (`label_issues.csv`) |"]
+            if summary.get("label_issues") is not None
+            else []
+        ),
+        *(
+            [f"| left out of training | {summary['label_issues_excluded']} |"]
+            if "label_issues_excluded" in summary
+            else []
+        ),
         f"| model | `{summary['model']}` |",
         f"| seconds | {summary['seconds']:.1f} |",
         "",

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from retrain.tasks import promotion, storage
 from retrain.tasks.model_file import read_model_record, save_model_file
 from retrain.tasks.training.options import TrainingOptions
-from retrain.tasks.vocabulary import AugmentationSettings
+from retrain.tasks.vocabulary import LABEL_ISSUES, AugmentationSettings
 
 STATUS_RUNNING, STATUS_COMPLETED, STATUS_FAILED = "running", "completed", "failed"
 # Shown by list_runs, never recorded: a "running" run whose writer is gone (killed, power cut),
@@ -52,6 +52,9 @@ class RunConfig:
     # (a feature cache shared with other runs, tasks/feature_sharing.py)
     extra: dict = field(default_factory=dict)
     content: str = ""  # the images' content key (datastore.content_key): the run is bound to it
+    # tasks/label_issues.py: "find" (label_issues.csv), "exclude" (and train without the flagged
+    # images) or "off"
+    label_issues: str = "find"
 
     def __post_init__(self):
         # Options and augmentation may be given as dicts of the settings that differ from the
@@ -61,6 +64,12 @@ class RunConfig:
         if isinstance(self.augmentation, dict):
             object.__setattr__(self, "augmentation", AugmentationSettings.from_dict(self.augmentation))
         object.__setattr__(self, "split", tuple(self.split))
+        if self.label_issues not in LABEL_ISSUES:
+            raise ValueError(f"label_issues must be one of {', '.join(LABEL_ISSUES)}, not {self.label_issues!r}")
+        if self.label_issues == "exclude" and self.mode == "scratch":
+            raise ValueError(
+                "excluding label issues needs pretrained weights to find them before training: not scratch mode"
+            )
 
     @classmethod
     def from_record(cls, config: dict) -> RunConfig:
@@ -85,6 +94,8 @@ class RunConfig:
         # (tasks/training/distributed.py), so a run resumes with another.
         record = self.to_record()
         record["options"] = {k: v for k, v in record["options"].items() if k != "processes"}
+        if record["label_issues"] != "exclude":  # finding them or not leaves the model as it is
+            del record["label_issues"]
         blob = json.dumps(record, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -19,6 +19,9 @@ ENGINES = ("torch", "torch-bf16", "onnx", "onnx-int8")
 ENGINE_CHOICES = ("auto", *ENGINES)
 # The parts of a data split, in the order of ``--split``'s fractions.
 SPLITS = ("train", "val", "test")
+# What a run does about likely wrong labels (tasks/label_issues.py): list them in
+# label_issues.csv, also train without them, or skip the step.
+LABEL_ISSUES = ("find", "exclude", "off")
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,8 @@ def test_a_run_config_written_before_reads_back_with_its_fingerprint():
     assert config.fingerprint() == EARLIER_FINGERPRINT
     assert config.options == TrainingOptions(max_epochs=3, mini_batch_size=8, processes=2)
     assert config.augmentation.to_dict() == EARLIER_CONFIG["augmentation"] and config.split == (0.7, 0.15, 0.15)
-    assert config.to_record() == {**EARLIER_CONFIG, "split": (0.7, 0.15, 0.15)}
+    # read back with what a config of today adds: label issues found, as by default
+    assert config.to_record() == {**EARLIER_CONFIG, "split": (0.7, 0.15, 0.15), "label_issues": "find"}
     # the processes are left out of the fingerprint: a run resumes with another count
     other = RunConfig.from_record({**EARLIER_CONFIG, "options": {**EARLIER_CONFIG["options"], "processes": 1}})
     assert other.fingerprint() == EARLIER_FINGERPRINT

@@ -694,6 +694,77 @@ def _wait_group_gone(pid_group: int, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+# ---- what to label next --------------------------------------------------------------------------
+
+
+def test_to_label_lists_the_least_certain_images_as_a_label_table_run_accepts(tmp_path, model_file, dask_client):
+    from retrain.tasks.labels import index_from_table
+
+    make_folder(tmp_path / "images", per_class=2)
+    images, out = tmp_path / "images", str(tmp_path / "out")
+    layout = scoring.JobLayout(out)
+
+    def job(to_label: int) -> dict:
+        return scoring.score_job(model_file, str(images), out, client=dask_client, top_k=2, to_label=to_label)
+
+    def least_certain(n: int) -> pd.DataFrame:
+        """The n rows without an error of smallest top-2 margin, computed from scores.parquet."""
+        scores = read_scores(out)
+        good = scores[scores["error"].isna()]
+        margin = good["top_scores"].map(lambda s: float(s[0] - s[1]))
+        return good.assign(margin=margin).sort_values(["margin", "path"]).head(n)
+
+    def to_label() -> pd.DataFrame:
+        return pd.read_csv(layout.to_label, dtype=str, keep_default_na=False)
+
+    first = job(4)
+    assert first["failed"] > 0 and first["to_label"] == {"url": layout.to_label, "count": 4}
+    table, want = to_label(), least_certain(4)
+    assert list(table.columns) == ["path", "label", "predicted", "score", "second_label", "margin"]
+    assert table["path"].tolist() == want["path"].tolist() and (table["label"] == "").all()
+    assert table["predicted"].tolist() == want["label"].tolist()
+    assert table["second_label"].tolist() == want["top_labels"].map(lambda t: t[1]).tolist()
+    assert table["margin"].astype(float).tolist() == pytest.approx(want["margin"].tolist(), abs=1e-5)
+    # filled in (one row left empty), it is a table `retrain run DATA --labels TABLE` takes, whatever DATA is
+    filled = tmp_path / "labelled.csv"
+    table.assign(label=["circle", "square", "circle", ""]).to_csv(filled, index=False)
+    index = index_from_table(str(filled), str(tmp_path / "elsewhere"))
+    assert index.images["path"].tolist() == table["path"].tolist()[:3]
+    assert index.images["label"].tolist() == ["circle", "square", "circle"]
+    assert index.skipped["reason"].str.contains("empty label").tolist() == [True]
+
+    # a rerun that scores one new image ranks every current row; N beyond them lists them all
+    (images / "aa_new.jpg").write_bytes((images / "square" / "square_000.jpg").read_bytes())
+    again = job(1000)
+    good = least_certain(1000)
+    assert again["to_label"]["count"] == len(good) == again["scored"] and again["processed"] < again["images"]
+    assert to_label()["path"].tolist() == good["path"].tolist()
+
+    # none asked for: the earlier list (of rows no longer current) is removed
+    assert job(0)["to_label"] is None and not storage.exists(layout.to_label)
+    with pytest.raises(scoring.ScoringError, match="to-label"):
+        job(-1)
+
+
+def test_to_label_with_one_kept_score_ranks_by_the_top_score():
+    from retrain.tasks.scoring.to_label import least_certain
+
+    rows = pa.table(
+        {
+            "path": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+            "label": ["x", "y", None, "x"],
+            "score": [0.6, 0.4, None, 0.9],
+            "top_labels": [["x"], ["y"], None, ["x"]],
+            "top_scores": [[0.6], [0.4], None, [0.9]],
+            "error": [None, None, "not a readable image", None],
+        },
+        schema=partition.SCORES_SCHEMA,
+    )
+    table = least_certain(rows, 10).to_pydict()
+    assert table["path"] == ["b.jpg", "a.jpg", "d.jpg"]  # margin unknown: its bound 2 * score - 1 ranks
+    assert table["margin"] == table["second_label"] == [None] * 3
+
+
 # ---- the flow and the command line --------------------------------------------------------------
 
 
@@ -758,10 +829,13 @@ def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_
         "8",
         "--top-k",
         "2",
+        "--to-label",
+        "3",
         "--json",
     ]
     code, result = run_cli(args)
     assert code == 0
+    assert result["to_label"] == {"url": scoring.JobLayout(out).to_label, "count": 3}
     assert set(result) >= {"images", "scored", "failed", "seconds", "images_per_second", "output", "engine"}
     assert result["engine"] == "torch" and "no held-out" in result["engine_reason"]  # no run beside the model
     assert result["images"] == len(expected) == result["scored"] + result["failed"]

@@ -6,6 +6,7 @@ One module per responsibility:
 - :mod:`.listing`   what the images folder holds now (each file's identity), what changed
 - :mod:`.partition` what a Dask worker runs: one partition -> one parquet part
 - :mod:`.job`       the driver's side: list, plan, consolidate
+- :mod:`.to_label`  what to label next: the least certain images, as a label table
 - :mod:`.cluster`   the Dask cluster (local, in the background, or given) and the task map
 - :mod:`.run`       a job start to end: :func:`score_job`, and the lock, cluster and clock
                     it and ``score_flow`` hold (:class:`ScoringRun`)

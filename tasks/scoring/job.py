@@ -1,6 +1,6 @@
 """The scoring job in the driver: list the images with their identities, compare them with the
 rows the output holds, cut the files to score into partitions and write the plan; after the
-workers, consolidate into ``scores.parquet`` and ``summary.json``.
+workers, consolidate into ``scores.parquet``, ``to_label.csv`` and ``summary.json``.
 
 An output is kept in step with its folder: a rerun scores exactly the images that are new,
 changed (their size, version or hash: tasks/scoring/listing.py) or failed before, keeps the
@@ -30,6 +30,7 @@ from retrain.tasks.scoring import partition
 from retrain.tasks.scoring.layout import (
     DEFAULT_MINI_BATCH_SIZE,
     DEFAULT_PARTITION_SIZE,
+    DEFAULT_TO_LABEL,
     DEFAULT_TOP_K,
     JobLayout,
     ScoringError,
@@ -46,6 +47,7 @@ from retrain.tasks.scoring.partition import (
     scores_key,
     table_bytes,
 )
+from retrain.tasks.scoring.to_label import write_to_label
 
 MAX_FAILURES_IN_SUMMARY = 1000
 
@@ -139,6 +141,7 @@ class JobPlan:
     unchanged: int = 0
     verify_content: bool = False
     note: str | None = None  # why the output's earlier rows are not reused, when they are not
+    to_label: int = DEFAULT_TO_LABEL  # rows of to_label.csv (0: none)
 
     @property
     def missing(self) -> int:
@@ -166,11 +169,13 @@ def resolve_top_k(top_k: int | None, classes: list[str]) -> int:
     return top_k
 
 
-def check_settings(mini_batch_size: int, partition_size: int) -> None:
+def check_settings(mini_batch_size: int, partition_size: int, to_label: int = DEFAULT_TO_LABEL) -> None:
     if mini_batch_size < 1:
         raise ScoringError(f"mini-batch size must be at least 1, not {mini_batch_size}")
     if partition_size < 1:
         raise ScoringError(f"partition size must be at least 1, not {partition_size}")
+    if to_label < 0:
+        raise ScoringError(f"to-label must be 0 (none) or more images, not {to_label}")
 
 
 def prepare_job(
@@ -183,12 +188,14 @@ def prepare_job(
     model: ModelInfo | None = None,
     engine: str = "auto",
     verify_content: bool = False,
+    to_label: int = DEFAULT_TO_LABEL,
 ) -> JobPlan:
     """Check the model, list the images with their identities, compare them with the rows the
     output holds (scores.parquet, and the parts of a run that stopped), cut the files to score
     (new, changed, failed before) into partitions and write ``job.json`` and ``files.parquet``.
-    An output that already holds another model's scores is refused."""
-    check_settings(mini_batch_size, partition_size)
+    An output that already holds another model's scores is refused. ``to_label``: the least
+    certain images consolidation lists in ``to_label.csv`` (0: none)."""
+    check_settings(mini_batch_size, partition_size, to_label)
     model = model or inspect_model(model_url, engine)
     top_k = resolve_top_k(top_k, model.classes)
     layout = JobLayout(out)
@@ -260,6 +267,7 @@ def prepare_job(
         found.unchanged,
         verify_content,
         earlier.note,
+        to_label,
     )
 
 
@@ -388,8 +396,9 @@ def _ends_job(exc: BaseException) -> bool:
 def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     """Write ``scores.parquet``: exactly one row per listed image, sorted by path, taken from
     this run's parts, the parts of a run that stopped, and the earlier scores.parquet, each row
-    the score of the file as it is now; and ``summary.json``. Then remove the parts (their rows
-    are in scores.parquet now) and temporary debris. Returns the summary."""
+    the score of the file as it is now; ``to_label.csv``, ranked over all those rows; and
+    ``summary.json``. Then remove the parts (their rows are in scores.parquet now) and
+    temporary debris. Returns the summary."""
     layout = JobLayout(plan.out)
     parts = read_partitions(plan)
     missing = parts_job(plan, parts).missing(present(layout.parts))
@@ -410,6 +419,7 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     storage.write_bytes(
         layout.scores, table_bytes(rows.cast(PART_SCHEMA).replace_schema_metadata({SCORES_KEY: plan.key}))
     )
+    to_label = write_to_label(rows, layout.to_label, plan.to_label)
     summary = {
         "images": plan.count,
         "scored": tally.rows - tally.failed,
@@ -436,6 +446,7 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
         "top_k": plan.top_k,
         "verify_content": plan.verify_content,
         "partitions": plan.partitions,
+        "to_label": to_label,
         **({"note": plan.note} if plan.note else {}),
         "finished": storage.now(),
         **(extra or {}),

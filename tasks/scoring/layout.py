@@ -10,6 +10,7 @@ Everything a job writes lives under its output URL::
                                            top_scores, error
     <out>/scores.parquet                   consolidated: exactly one row per image, sorted by path
     <out>/summary.json                     images, scored, failed, count per label, failures
+    <out>/to_label.csv                     the least certain images, to label next (to_label.py)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ DEFAULT_PARTITION_SIZE = 128
 # 32-64 cost 1.5-2x more CPU time per image (measured with SqueezeNet, see benchmarks/).
 DEFAULT_MINI_BATCH_SIZE = 8
 DEFAULT_TOP_K = 5
+# Images in to_label.csv: a batch a person labels in one sitting.
+DEFAULT_TO_LABEL = 100
 
 
 class ScoringError(ValueError):
@@ -79,6 +82,10 @@ class JobLayout:
         return storage.join(self.out, "summary.json")
 
     @property
+    def to_label(self) -> str:
+        return storage.join(self.out, "to_label.csv")
+
+    @property
     def lock(self) -> str:
         return storage.lock_url(self.out)
 
@@ -99,7 +106,9 @@ def lock_job(out: str, wait_s: float = 0.0, lease_s: float = 120.0) -> storage.F
 # What a job writes directly in its folder (the lock, the plan, the parts' folder, the results)
 # and what it writes in <out>/parts (part-<n>-<digest>.parquet, as job.partitions names them).
 # A job writes and removes nothing else there, and refuses a folder that holds anything else.
-JOB_ENTRIES = frozenset({storage.LOCK_NAME, "job.json", "files.parquet", "parts", "scores.parquet", "summary.json"})
+JOB_ENTRIES = frozenset(
+    {storage.LOCK_NAME, "job.json", "files.parquet", "parts", "scores.parquet", "summary.json", "to_label.csv"}
+)
 _PART_FILE = re.compile(r"part-\d{6,}-[0-9a-z]+\.parquet")
 
 

@@ -24,6 +24,7 @@ from retrain.tasks.scoring.job import JobPlan, check_settings, consolidate, part
 from retrain.tasks.scoring.layout import (
     DEFAULT_MINI_BATCH_SIZE,
     DEFAULT_PARTITION_SIZE,
+    DEFAULT_TO_LABEL,
     JobLayout,
     check_output,
     lock_job,
@@ -162,17 +163,21 @@ def score_job(
     lock_wait_s: float = 0.0,
     cluster: LocalClusterStart | None = None,
     verify_content: bool = False,
+    to_label: int = DEFAULT_TO_LABEL,
 ) -> dict:
     """Score every image of ``images`` with the model at ``model_url`` into ``out`` and return
     the summary (the cluster: see :class:`ScoringRun`). Rerun with the same ``out`` to score
     what changed: new and changed images are scored, deleted ones' rows dropped, a stopped
     job's parts reused. ``verify_content``: compare the files' content hashes, not only their
-    sizes and versions."""
+    sizes and versions. ``to_label``: the least certain images listed in ``to_label.csv``
+    (0: none)."""
     with ScoringRun(
         out, images, mini_batch_size, partition_size, dask_address, workers, client, cluster, lock_wait_s
     ) as job:
         plan = job.planned(
-            prepare_job(model_url, images, out, top_k, partition_size, mini_batch_size, None, engine, verify_content)
+            prepare_job(
+                model_url, images, out, top_k, partition_size, mini_batch_size, None, engine, verify_content, to_label
+            )
         )
         results = score_missing(plan, job.scheduler(plan), job.torch_threads, client=client) if plan.missing else []
         return consolidate(plan, job.scored(plan, results))

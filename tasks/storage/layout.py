@@ -45,6 +45,9 @@ class RunLayout:
         self.metrics = join(url, "metrics.json")
         self.confusion = join(url, "confusion.png")
         self.mistakes = join(url, "mistakes.png")  # the top-loss test images (tasks/explain.py)
+        self.label_issues = join(url, "label_issues.csv")  # likely label errors (tasks/label_issues.py)
+        self.label_issues_plot = join(url, "label-issues.png")  # the top suspects
+        self.pooled_features = join(url, "pooled_features.npz")  # transfer mode's, for label issues (then removed)
         self.gradcam = join(url, "gradcam.png")  # Grad-CAM overlays for a sample of test images
         self.model = join(url, "model.pt")  # the published model
         self.summary = join(url, "summary.json")

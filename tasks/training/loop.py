@@ -61,6 +61,7 @@ class TrainingOutcome:
     history: pd.DataFrame = field(repr=False)
     state_dict: dict = field(repr=False)
     feature_cache: dict | None = None  # what the transfer-mode feature cache held and cost
+    pooled_features: tuple | None = field(default=None, repr=False)  # CachedSteps.pooled_features
 
 
 @dataclass
@@ -343,6 +344,7 @@ def train(
     shared_features: dict | None = None,
     ranks: Ranks | None = None,
     feature_cluster=None,
+    pooled_features: bool = False,
 ) -> TrainingOutcome:
     """Train ``model`` with cross-entropy; returns the output network's weights and history.
 
@@ -356,6 +358,8 @@ def train(
     ``ranks``: this process's place among DistributedDataParallel
     processes (tasks/training/distributed.py; finetune and scratch modes); only rank 0
     validates, writes checkpoints and calls ``on_validation``, and only its outcome counts.
+    ``pooled_features``: the outcome also carries the feature cache's pooled features (for
+    tasks/label_issues.py), when training on one.
     """
     logger = logger or log
     check_mode(mode)
@@ -379,8 +383,11 @@ def train(
         steps = trainer.make_steps(
             preprocessing, data, augmentation, feature_folder, progress, shared_features, feature_cluster
         )
+        pooled = steps.pooled_features() if pooled_features and isinstance(steps, CachedSteps) else None
         _loop(trainer, steps, data, on_validation if trainer.leader else None, progress and trainer.leader)
-        return trainer.finish(resumed_from, steps.feature_info)
+        outcome = trainer.finish(resumed_from, steps.feature_info)
+        outcome.pooled_features = pooled
+        return outcome
     finally:
         trainer.dropout.remove()
 

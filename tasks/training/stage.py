@@ -7,11 +7,13 @@ Fine-tune and scratch modes train in several processes when the machine has seve
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -209,6 +211,7 @@ def _train_on(
         shared_features=config.shared_features,  # from an experiment
         ranks=ranks,
         feature_cluster=cluster,
+        pooled_features=config.label_issues == "find",  # the label-issues step after training fits on them
     )
 
 
@@ -233,6 +236,10 @@ def _write_outputs(
     metrics = {"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss}
     record = model_record(model, run.spec, run.classes, origin, metrics=metrics, training=training)
     save_model_file(layout.trained, record)
+    if outcome.pooled_features is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, train=outcome.pooled_features[0], val=outcome.pooled_features[1])
+        storage.write_bytes(layout.pooled_features, buffer.getvalue())
     summary = _summary(outcome, layout, origin, config.options, len(data.train_targets), len(data.val_targets))
     summary["processes"] = processes
     summary["image_shards"] = data.shards

@@ -5,6 +5,7 @@ batch of an iteration, on the host: may run on a worker thread), ``logits`` and
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -149,6 +150,20 @@ class CachedSteps:
             features = self.cache.train_batch(*features)
         features = dropout_to_float(features.to(self.device, non_blocking=True), self.dropout)
         return self.rest(features), targets.to(self.device, non_blocking=True)
+
+    def pooled_features(self, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Every training image as it is (view 0) and every validation image, averaged over
+        spatial positions: (N x C, M x C) float32, what tasks/label_issues.py fits its K-fold
+        heads on (the frozen body's output, so no second pass over the images)."""
+
+        def pooled(features: torch.Tensor) -> np.ndarray:  # stored layout: N x H x W x C, or N x C
+            features = features.float()
+            return (features.mean((1, 2)) if features.dim() == 4 else features).cpu().numpy()
+
+        indices = torch.arange(len(self.data.train_targets)).split(batch_size)
+        train = np.concatenate([pooled(self.cache.train_batch(torch.zeros_like(i), i)) for i in indices])
+        val = [pooled(features) for features in self.cache.val_batches(batch_size)]
+        return train, np.concatenate(val) if val else np.empty((0, train.shape[1]), dtype=np.float32)
 
     def val_scores(self) -> torch.Tensor:
         was_training = self.model.training
