@@ -7,7 +7,7 @@ the server itself; tiny generated images, enough epochs to watch. Then drives De
 headless Chromium over the DevTools protocol: while the run trains, the training flow run's
 progress artifact reads two increasing percentages; after it ends, its page shows the
 training history with the progress plot, and the retrain run's artifacts (summary, per-class
-metrics, promotion decision, the five plots: montage, progress, confusion, top losses, Grad-CAM) are there and the plots are decoded images, not
+metrics, promotion decision, the six plots: montage, progress, confusion, top losses, Grad-CAM, label issues) are there and the plots are decoded images, not
 broken links. A batch-scoring run shows its progress and summary. Skipped when no Chromium is
 installed (``apt-get install chromium``).
 
@@ -339,6 +339,7 @@ def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shape
                 "Confusion chart",
                 "Top losses",
                 "Grad-CAM",
+                "Label issues",  # label-issues.png: the top suspects (tasks/label_issues.py)
             ]
             assert all(w > 300 and h > 300 for _, w, h in images), images
             if shots:
