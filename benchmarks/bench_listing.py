@@ -63,7 +63,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from retrain.tasks import storage  # noqa: E402
 from retrain.tasks.scoring.listing import changes, current_rows, list_images  # noqa: E402
-from retrain.tasks.scoring.partition import PART_SCHEMA, table_bytes  # noqa: E402
+from retrain.tasks.scoring.partition import ROW_SCHEMA, table_bytes  # noqa: E402
 
 BUCKET = "bench-listing"
 FILE_BYTES = 300
@@ -196,7 +196,7 @@ def earlier_output(listing: pa.Table) -> tuple[pa.Table, dict]:
             "version": versions,
             "sha256": [None] * m,
         },
-        schema=PART_SCHEMA,
+        schema=ROW_SCHEMA,
     ).sort_by("path")
     expect = {
         "new": new,
@@ -223,7 +223,7 @@ def fresh_rows(todo: pa.Table) -> pa.Table:
             "version": todo["version"],
             "sha256": todo["sha256"],
         },
-        schema=PART_SCHEMA,
+        schema=ROW_SCHEMA,
     )
 
 

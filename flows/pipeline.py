@@ -21,7 +21,7 @@ from retrain.tasks.evaluation import evaluate_run
 from retrain.tasks.explain import explain_run
 from retrain.tasks.label_issues import find_run_label_issues
 from retrain.tasks.promotion import decision_markdown, model_name_for, promote_run, unjudged_run
-from retrain.tasks.reports import png_markdown, run_summary_markdown
+from retrain.tasks.reports import jpeg_markdown, png_markdown, run_summary_markdown
 from retrain.tasks.request import DEFAULTS, RunRequest, check_store_names
 from retrain.tasks.runs import STATUS_FAILED, RunConfig, lock_run, publish_run, start_run, update_run
 from retrain.tasks.samples import ensure_sample_dataset
@@ -306,6 +306,7 @@ def _run_stages(
             trained = train_flow(run_url, progress=progress, cluster=cluster)
         if config.label_issues == "find":
             issues = label_issues_step(run_url, trained=True)
+        logger.info("evaluating the trained network on the held-out images")  # each step past ~2 s said first
         metrics = evaluate(run_url)
         explain_step(run_url)
         return indexed, trained, metrics, publish(run_url), issues
@@ -324,6 +325,7 @@ def _run_stages(
 
 def explain_step(run_url: str) -> None:
     """mistakes.png and gradcam.png; an explanation that fails costs the run nothing."""
+    get_run_logger().info("explaining: the top losses and Grad-CAM maps")
     try:
         explain(run_url)
     except Exception as exc:  # e.g. an architecture without a spatial feature map
@@ -335,6 +337,7 @@ def label_issues_step(run_url: str, exclude: bool = False, trained: bool = False
     ``exclude`` leaves the flagged images out of it; a step that fails costs the run nothing
     (when excluding, the model then trains on every image)."""
     logger = get_run_logger()
+    logger.info("label issues: looking for likely wrong labels (cleanlab)")
     try:
         found = find_label_issues(run_url, exclude=exclude, trained=trained)
     except Exception as exc:
@@ -402,16 +405,19 @@ def publish_artifacts(summary: dict, metrics: dict, run_url: str, montage_url: s
         key="per-class-metrics",
         description="Per-class test metrics",
     )
+    layout = storage.RunLayout(run_url)
+    # Photos as JPEG, plots as PNG: ~0.5 MB in all instead of 2-3.5 MB, under Prefect's event
+    # size limit (tasks.reports.jpeg_markdown). The store keeps the PNG files.
     plots = [
-        ("Sample images", montage_url),
-        ("Training progress", storage.RunLayout(run_url).progress),
-        ("Confusion chart", metrics["confusion_chart"]),
-        ("Top losses", storage.RunLayout(run_url).mistakes),
-        ("Grad-CAM", storage.RunLayout(run_url).gradcam),
-        ("Label issues", storage.RunLayout(run_url).label_issues_plot),
+        ("Sample images", montage_url, jpeg_markdown),
+        ("Training progress", layout.progress, png_markdown),
+        ("Confusion chart", metrics["confusion_chart"], png_markdown),
+        ("Top losses", layout.mistakes, jpeg_markdown),
+        ("Grad-CAM", layout.gradcam, jpeg_markdown),
+        ("Label issues", layout.label_issues_plot, jpeg_markdown),
     ]
     create_markdown_artifact(
-        "\n\n".join(f"## {title}\n\n{png_markdown(url, title)}" for title, url in plots if storage.exists(url)),
+        "\n\n".join(f"## {title}\n\n{embed(url, title)}" for title, url, embed in plots if storage.exists(url)),
         key="retrain-plots",
         description="Montage, training progress, confusion chart, top losses, Grad-CAM, label issues",
     )

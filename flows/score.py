@@ -1,8 +1,9 @@
 """The score flow: batch inference over a large image folder on Dask.
 
 resolve model -> plan (check the model, choose the engine, list, compare with the output's rows,
-partition what is new or changed) -> score those partitions on Dask -> consolidate -> summary
-artifact, each stage a task of this module, called
+partition what is new or changed) -> score those partitions on Dask -> consolidate (scores,
+to_label.csv, the drift verdict) -> summary and drift artifacts -> the drift event when the
+verdict is drift (flows/drift_events.py), each stage a task of this module, called
 in that order inside a :class:`tasks.scoring.run.ScoringRun` (the output's lock, the cluster,
 the start-up clock), as :func:`tasks.scoring.score_job` calls the plain functions.
 
@@ -28,7 +29,10 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from retrain.flows.artifacts import flow_run_ui_url
+from retrain.flows.drift_events import emit_drift_event, promoted_name
 from retrain.tasks import storage
+from retrain.tasks.drift import verdict_line
+from retrain.tasks.reports import drift_markdown
 from retrain.tasks.runs import resolve_model
 from retrain.tasks.scoring.cluster import LocalClusterStart
 from retrain.tasks.scoring.job import JobPlan, consolidate, prepare_job
@@ -54,7 +58,13 @@ def score_partitions(
         key="score-progress",
         description=f"Scoring {plan.count:,} images into {plan.out}",
     )
-    bar = None
+    get_run_logger().info(
+        "%d images to score in %d partitions, %s",
+        plan.todo_images,
+        plan.partitions,
+        f"on the Dask scheduler {scheduler}" if scheduler else "in this process (few images)",
+    )
+    bar = None  # after the line above: a log line written under a bar would join it
     if progress:
         from tqdm import tqdm
 
@@ -70,12 +80,6 @@ def score_partitions(
             state["reported"] = now
             update_progress_artifact(artifact, 100.0 * state["images"] / max(plan.count, 1))
 
-    get_run_logger().info(
-        "%d images to score in %d partitions, %s",
-        plan.todo_images,
-        plan.partitions,
-        f"on the Dask scheduler {scheduler}" if scheduler else "in this process (few images)",
-    )
     try:
         results = score_missing(plan, scheduler, torch_threads, on_done)
     finally:
@@ -150,6 +154,8 @@ def score_flow(
         )
         results = score_partitions(plan, job.scheduler(plan), job.torch_threads, progress) if plan.missing else []
         summary = consolidate_scores(plan, job.scored(plan, results))
+    if summary.get("drift"):
+        (logger.warning if summary["drift"]["drift"] else logger.info)(verdict_line(summary["drift"]))
     logger.info(
         "%d images scored by this run in %.1f s with %s; the output holds %d rows (%d failed) -> %s",
         summary["processed"],
@@ -160,6 +166,7 @@ def score_flow(
         summary["output"],
     )
     publish_artifacts(summary)
+    emit_drift_event(summary, promoted_name(model, store, model_url))  # retrain/scheduled's trigger
     summary["ui_url"] = flow_run_ui_url()
     return summary
 
@@ -207,6 +214,12 @@ def summary_markdown(summary: dict) -> str:
 
 def publish_artifacts(summary: dict) -> None:
     create_markdown_artifact(summary_markdown(summary), key="score-summary", description="Batch scoring summary")
+    if summary.get("drift"):
+        create_markdown_artifact(
+            drift_markdown(summary["drift"]),
+            key="score-drift",
+            description="Do these images still look like the model's held-out images?",
+        )
     create_table_artifact(
         [{"label": label, "images": n} for label, n in summary["labels"].items()],
         key="score-labels",

@@ -44,12 +44,17 @@ def run(data: str | None = None, store: str | None = None, **settings: Any) -> d
     sample set when None) as a Prefect flow run. ``settings`` are the flow's parameters
     (``network``, ``weights``, ``mode``, ``split_fractions``, ``options`` — a dict of
     training options such as ``{"max_epochs": 5}`` —, ``augmentation``, ``run_id``,
-    ``label_issues``: "find", "exclude" or "off", ...). Returns the run summary (run_id,
-    model, accuracies, label_issues, ...)."""
+    ``label_issues``: "find", "exclude" or "off", ...) and training options given flat
+    (``max_epochs=5``). Returns the run summary (run_id, model, accuracies, label_issues, ...)."""
+    import inspect
+
+    from retrain.checks import run_settings
+
     _local_server()
     from retrain.flows.pipeline import retrain_flow
     from retrain.orchestrator import prepare_for_flows
 
+    settings = run_settings(settings, inspect.signature(retrain_flow.fn).parameters)
     prepare_for_flows()
     return retrain_flow(data=data, store=_store(store), **settings)
 
@@ -164,6 +169,12 @@ def score(
     target = out or _default_scores_out(model, images, store)
     rerun = target is not None and holds_scores(storage.absolute(target))
     early = LocalClusterStart(workers) if not dask_address and not rerun else None  # closed here
+    starting = [
+        *(["Prefect's temporary API"] if api is not None else []),
+        *([f"{early.workers} Dask workers"] if early is not None else []),
+    ]
+    if progress and starting:  # the silent seconds (10-30) before the flow's first line, said
+        print(f"starting {' and '.join(starting)}...", file=sys.stderr)
     try:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 

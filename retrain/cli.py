@@ -36,8 +36,32 @@ from retrain.tasks.vocabulary import ENGINE_CHOICES  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", default=None, help="store URL (default $RETRAIN_STORE or ./retrain-store)")
+    p.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="store URL (default $RETRAIN_STORE, else ./retrain-store in the current folder)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _hidden_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
+    """An old spelling of a flag, still accepted (scripts keep working) but not in the help."""
+    p.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
+def _run_groups(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """``run --help``'s sections, in order (advanced: the run's internals, seldom changed)."""
+    titles = {
+        "data": "data",
+        "network": "network",
+        "training": "training (MATLAB trainingOptions)",
+        "augmentation": "augmentation (MATLAB imageDataAugmenter)",
+        "run": "run, promotion and scoring",
+        "cluster": "cluster",
+        "advanced": "advanced",
+    }
+    return {name: p.add_argument_group(title) for name, title in titles.items()}
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,54 +69,60 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         "data",
         nargs="?",
         default=None,
+        metavar="DATA",
         help="zip or folder of class folders, any fsspec URL (default: a generated sample set)",
     )
-    add_run_arguments(p)  # network, weights, mode, split, augmentation; training options below
-    add_labels_argument(p)
-    p.add_argument("--run-id", default=None, help="name the run (or resume that run)")
-    p.add_argument(
+    groups = _run_groups(p)
+    add_run_arguments(groups)  # network, weights, mode, split, augmentation, training options
+    add_labels_argument(groups["data"])
+    run = groups["run"]
+    run.add_argument("--run-id", default=None, help="name the run (or resume that run)")
+    run.add_argument(
         "--fresh",
         action="store_true",
         help="start a new run even if an unfinished run with the same settings exists "
         "(with --run-id of an existing run: start that run over, replacing its files)",
     )
-    p.add_argument(
+    run.add_argument(
         "--model-name",
         default=None,
         help="the model this run may be promoted to (default: the data set's name and a key of its classes)",
     )
-    p.add_argument("--no-promote", action="store_true", help="skip the promotion gate")
-    p.add_argument(
+    run.add_argument("--no-promote", action="store_true", help="skip the promotion gate")
+    run.add_argument(
         "--allow-class-change",
         action="store_true",
         help="promote even if the current model has other classes (the two cannot be compared)",
     )
-    p.add_argument(
+    cluster = groups["cluster"]
+    cluster.add_argument(
         "--train-deployment",
         default=None,
         help="train as a flow run of this deployment (e.g. train/gpu) and wait for it",
     )
-    p.add_argument(
+    cluster.add_argument(
         "--dask-address",
         default=None,
+        metavar="URL",
         help="prepare the image shards and compute transfer mode's features on this Dask cluster "
         "(e.g. tcp://host:8786); default: in the training process",
     )
-    p.add_argument(
+    cluster.add_argument(
         "--dask-workers",
         type=int,
         default=None,
         metavar="N",
         help="the same on a local Dask cluster of N processes started for the run",
     )
-    issues = p.add_mutually_exclusive_group()
+    issues = groups["data"].add_mutually_exclusive_group()
     issues.add_argument(
         "--exclude-label-issues",
         dest="label_issues",
         action="store_const",
         const="exclude",
         default="find",
-        help="train without the images whose labels look wrong (label_issues.csv; found before training)",
+        help="train without the images whose labels look wrong (label_issues.csv; found before training; "
+        "default: list them only)",
     )
     issues.add_argument(
         "--no-label-issues",
@@ -101,12 +131,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         const="off",
         help="skip looking for likely wrong labels (label_issues.csv)",
     )
-    p.add_argument("--score-folder", default=None, help="end by batch-scoring this folder with the new model")
-    p.add_argument("--score-out", default=None, help="where the scores go (default <run>/scores)")
+    run.add_argument("--score-folder", default=None, help="end by batch-scoring this folder with the new model")
+    run.add_argument("--score-out", default=None, help="where the scores go (default <run>/scores)")
     _common(p)
 
 
-def add_labels_argument(p: argparse.ArgumentParser) -> None:
+def add_labels_argument(p) -> None:
     p.add_argument(
         "--labels",
         default=None,
@@ -117,34 +147,50 @@ def add_labels_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file URL, run id in the store, or promoted model name")
-    p.add_argument("data", help="zip or folder of class folders")
+    p.add_argument("model", metavar="MODEL", help="model file URL, run id in the store, or promoted model name")
+    p.add_argument("data", metavar="DATA", help="zip or folder of class folders")
     p.add_argument("--chart", default=None, help="write the confusion chart PNG here")
     _engine_argument(p)
     _common(p)
 
 
 def _classify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file URL, run id in the store, or promoted model name")
-    p.add_argument("image", help="image URL")
+    p.add_argument("model", metavar="MODEL", help="model file URL, run id in the store, or promoted model name")
+    p.add_argument("image", metavar="IMAGE", help="image URL")
     p.add_argument("--explain", default=None, metavar="OUT.png", help="also write the image with its Grad-CAM overlay")
     _common(p)
 
 
 def _score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file URL, run id in the store, or promoted model name")
-    p.add_argument("images", help="folder of images (searched recursively) or list file of image URLs, any fsspec URL")
+    p.add_argument("model", metavar="MODEL", help="model file URL, run id in the store, or promoted model name")
     p.add_argument(
-        "--out",
+        "images",
+        metavar="IMAGES",
+        help="folder of images (searched recursively) or list file of image URLs, any fsspec URL",
+    )
+    p.add_argument(
+        "--score-out",
+        dest="out",
         default=None,
+        metavar="URL",
         help="output URL for the parts, scores.parquet and summary.json (default <store>/scores/<job-id>)",
     )
+    _hidden_alias(p, "--out", "out", default=None)
     p.add_argument(
         "--dask-address",
         default=None,
+        metavar="URL",
         help="scheduler of an existing Dask cluster, e.g. tcp://host:8786 (default: start a local one)",
     )
-    p.add_argument("--workers", type=int, default=None, help="local cluster processes (default: one per core)")
+    p.add_argument(
+        "--dask-workers",
+        dest="workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes of the local Dask cluster (default: one per core)",
+    )
+    _hidden_alias(p, "--workers", "workers", type=int, default=None)
     mini_batch, partition_size, to_label = _scoring_defaults()
     p.add_argument(
         "--mini-batch-size",
@@ -188,7 +234,7 @@ def _engine_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file URL, run id in the store, or promoted model name")
+    p.add_argument("model", metavar="MODEL", help="model file URL, run id in the store, or promoted model name")
     p.add_argument("--format", dest="fmt", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True, help="URL of the exported file")
     _common(p)
@@ -271,11 +317,13 @@ def _experiment_arguments(p: argparse.ArgumentParser) -> None:
         "data",
         nargs="?",
         default=None,
+        metavar="DATA",
         help="zip or folder of class folders, any fsspec URL (default: a generated sample set)",
     )
-    add_run_arguments(p)
-    add_labels_argument(p)
-    p.add_argument(
+    groups = _run_groups(p)
+    add_run_arguments(groups)
+    add_labels_argument(groups["data"])
+    groups["cluster"].add_argument(
         "--train-deployment",
         default=None,
         help="train every run as a flow run of this deployment (e.g. train/gpu): its pool's workers run them",
@@ -321,8 +369,33 @@ SUBCOMMANDS = {
 }
 
 
+# What ``retrain --help`` says first (the module's docstring is for readers of the code).
+DESCRIPTION = (
+    "Retrain pretrained image networks on your own images, then evaluate, classify, batch-score and export "
+    "the models. run, score and experiment are Prefect flows (watch them in the UI of `retrain server "
+    "start`); the other commands answer in seconds. `retrain COMMAND --help` tells more."
+)
+# Each command's usage line: its arguments, then [options] (the full list of flags is its help).
+USAGE = {
+    "run": "[DATA] [options]",
+    "evaluate": "MODEL DATA [options]",
+    "classify": "MODEL IMAGE [options]",
+    "score": "MODEL IMAGES [options]",
+    "export": "MODEL --out FILE [options]",
+    "network": "[NAME] [options]",
+    "experiment": "[DATA] --grid KEY=V1,V2 [options]",
+    "models": "[NAME] [options]",
+    "rollback": "NAME [options]",
+    "server": "{start,stop,status} [options]",
+}
+
+
 class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's, except that the exit-status table of the epilog keeps its lines."""
+    """argparse's, with a wider flag column, except that the exit-status table of the epilog
+    keeps its lines."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if text is failures.EXIT_STATUSES:
@@ -330,20 +403,79 @@ class _HelpFormatter(argparse.HelpFormatter):
         return super()._fill_text(text, width, indent)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, except that a flag it does not know is refused by the command's own parser
+    (its usage, not retrain's) with the closest flags it has: ``--max-epocs`` -> ``--max-epochs``."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._subcommands().get(getattr(parsed, "command", None), self)
+            command.error(unknown_arguments(extras, command))
+        return parsed
+
+    def _subcommands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+
+def unknown_arguments(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    """The message for arguments ``parser`` does not take, with a did-you-mean for each flag."""
+    import difflib
+
+    # Each spelling of a shown flag (an alias too: --epochs) -> its first one (--max-epochs),
+    # compared without the dashes every flag shares.
+    canonical = {
+        flag.lstrip("-"): action.option_strings[0]
+        for action in parser._actions
+        if action.help != argparse.SUPPRESS
+        for flag in action.option_strings
+        if flag.startswith("--")
+    }
+    parts = []
+    for extra in extras:
+        flag = extra.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        close = difflib.get_close_matches(flag.lstrip("-"), canonical, n=4, cutoff=0.6)
+        suggestions = list(dict.fromkeys(canonical[c] for c in close))[:2]
+        parts.append(flag + (f" (did you mean {' or '.join(suggestions)}?)" if suggestions else ""))
+    if not parts:
+        return f"unrecognized arguments: {' '.join(extras)}"
+    return f"unrecognized argument{'s' if len(parts) > 1 else ''}: {', '.join(parts)}"
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import version
+
+        print(f"retrain {version('retrain')}")
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line. With ``command``, only that subcommand gets its arguments (the others
     keep their help line): what ``retrain X ...`` needs, without importing what the other
     commands' defaults come from."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="retrain",
-        description=__doc__.split("\n\n")[0],
+        description=DESCRIPTION,
         epilog=failures.EXIT_STATUSES,
         formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action=_Version, help="print retrain's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_line, description, add_arguments) in SUBCOMMANDS.items():
         p = sub.add_parser(
             name,
+            usage=f"%(prog)s {USAGE[name]}" if name in USAGE else None,
             help=help_line,
             description=description,
             epilog=failures.EXIT_STATUSES,
@@ -384,6 +516,7 @@ def _watch_api(args, url: str, grace_s: float) -> orchestrator.ApiWatch:
 
     def lost(error: orchestrator.OrchestratorError) -> None:
         failures.report(args, error, str(error), failures.EXIT_ORCHESTRATOR)
+        failures.release_error_line()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         os._exit(failures.EXIT_ORCHESTRATOR)
@@ -401,11 +534,16 @@ def main(argv: list[str] | None = None, watch_api: bool = False) -> int:
     away for the grace."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command_of(argv) or "").parse_args(argv)  # "": no subcommand, so none's arguments
+    if watch_api:  # the program, which ends through finish(): the error line waits for the exit handlers
+        failures.hold_error_line()
     if args.command != "server":
         server.use_local_server()  # the local server, when it runs and no other API is set
     watch = None
     restore_unraisable_hook = failures.keep_interrupts()
     try:
+        from retrain.checks import check_arguments
+
+        check_arguments(args)  # a location missing or of the wrong kind: refused before anything starts
         if args.command in PREFECT_COMMANDS:
             grace = orchestrator.grace_seconds()
             if watch_api:  # the program's own environment (in-process callers keep Prefect's settings)
@@ -459,11 +597,19 @@ def finish(status: int) -> None:
     handlers run (Prefect's send the last logs and events to the API)."""
     status = _flush(status)
     if status == failures.EXIT_ORCHESTRATOR:  # Prefect's exit handlers would only retry sending to the lost API
-        os._exit(status)
+        failures.release_error_line()
+        os._exit(_flush(status))
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
+    # Prefect's last logs and events sent while its temporary API is up: its exit handlers stop
+    # that API before its log worker's own drain, which then fails on stderr ("--- Error logging
+    # to API ---"), and the failed run's last logs never reached the UI.
+    from retrain.early_api import drain_prefect_workers
+
+    drain_prefect_workers()
     atexit._run_exitfuncs()
+    failures.release_error_line()  # after the exit handlers, which may log: the last line on stderr
     os._exit(_flush(status))
 
 

@@ -19,9 +19,17 @@ def _store(args) -> str:
     return storage.absolute(args.store or storage.default_store())
 
 
+def _say_loading(args) -> None:
+    """On a terminal, the imports said before they start (torch, Prefect, Dask: 5-15 s on a
+    small machine); a resident process (retrain/resident.py) has them loaded already."""
+    if not args.json and sys.stderr.isatty() and "torch" not in sys.modules:
+        print(f"retrain {args.command}: loading torch and Prefect...", file=sys.stderr, flush=True)
+
+
 def cmd_run(args) -> dict:
     from dataclasses import asdict
 
+    _say_loading(args)
     request = _checked_run_request(args)
     summary = retrain.run(
         args.data,
@@ -146,6 +154,7 @@ def cmd_classify(args) -> dict:
 
 
 def cmd_score(args) -> dict:
+    _say_loading(args)
     summary = retrain.score(
         args.model,
         args.images,
@@ -175,6 +184,10 @@ def cmd_score(args) -> dict:
         print(f"  scores: {summary['output']}\n  summary: {summary['out']}/summary.json")
         if summary.get("to_label"):
             print(f"  to label next: {summary['to_label']['url']} ({summary['to_label']['count']:,} least certain)")
+        if summary.get("drift"):
+            from retrain.tasks.drift import verdict_line
+
+            print(f"  {verdict_line(summary['drift'])}: {summary['out']}/drift.json")
         _print_ui_url(summary)
     return {
         k: summary[k]
@@ -200,6 +213,7 @@ def cmd_score(args) -> dict:
             "decoder",
             "note",
             "to_label",
+            "drift",
         )
         if k in summary
     }

@@ -39,8 +39,8 @@ def placeholder_defaults() -> dict[str, tuple[str, str]]:
         "RETRAIN_MODE": (DEFAULTS.mode, " | ".join(MODES)),
         "RETRAIN_MODEL_NAME": (
             "",
-            "model name for promotion, and the model scheduled scoring uses (empty: the data set's name and a key "
-            "of its classes)",
+            "model name for promotion, the model scheduled scoring uses, and whose drift starts a retraining "
+            "(empty: the data set's name and a key of its classes; no drift trigger)",
         ),
         "RETRAIN_TRAIN_DEPLOYMENT": ("train/gpu", "deployment that trains (empty: train in the retrain run)"),
         "RETRAIN_CRON": ("0 3 * * 1", "when to retrain (cron)"),
@@ -62,8 +62,8 @@ def placeholder_defaults() -> dict[str, tuple[str, str]]:
 
 
 # Placeholders that follow from the others (never a flag): the scoring schedule is active only
-# when there is a folder to score.
-DERIVED_PLACEHOLDERS = ("RETRAIN_SCORE_ACTIVE",)
+# when there is a folder to score, the drift trigger only when there is a model name to match.
+DERIVED_PLACEHOLDERS = ("RETRAIN_SCORE_ACTIVE", "RETRAIN_DRIFT_ACTIVE")
 
 
 def deployment_env(values: dict[str, str | None] | None = None) -> dict[str, str]:
@@ -80,6 +80,7 @@ def deployment_env(values: dict[str, str | None] | None = None) -> dict[str, str
             "(`retrain models` lists them; the scheduled retraining promotes under the same name)"
         )
     env["RETRAIN_SCORE_ACTIVE"] = "true" if env["RETRAIN_SCORE_IMAGES"] else "false"
+    env["RETRAIN_DRIFT_ACTIVE"] = "true" if env["RETRAIN_MODEL_NAME"] else "false"
     return env
 
 

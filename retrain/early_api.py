@@ -102,7 +102,7 @@ class EarlyApi:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            _drain_prefect_workers()
+            drain_prefect_workers()
             self.process.terminate()
             try:
                 self.process.wait(timeout=5)
@@ -111,7 +111,7 @@ class EarlyApi:
                 self.process.wait()
 
 
-def _drain_prefect_workers(timeout_s: float = 5.0) -> None:
+def drain_prefect_workers(timeout_s: float = 5.0) -> None:
     """Send what Prefect's events and log workers still hold while the temporary API is up,
     for at most ``timeout_s`` each. Left queued, they retry against the stopped API: at the
     exit of the command, or, in a process that goes on (tests, a notebook), until a later

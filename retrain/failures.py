@@ -70,14 +70,47 @@ def write_log(args, exc: BaseException, message: str) -> str | None:
 
 def report(args, exc: BaseException, message: str, status: int) -> int:
     """Report a failure: its traceback to a log file, one plain line (the last) on stderr,
-    and with --json an object with the error, its class and the exit status."""
-    log = write_log(args, exc, message)
+    and with --json an object with the error, its class and the exit status. A usage error
+    (:class:`retrain.checks.UsageError`: a location missing or of the wrong kind) writes no
+    log: its traceback would only show the check that refused it."""
+    from retrain.checks import UsageError
+
+    log = None if isinstance(exc, UsageError) else write_log(args, exc, message)
     if log:
         print(f"retrain {args.command}: details in {log}", file=sys.stderr)
-    print(f"retrain {args.command}: error: {message}", file=sys.stderr)
+    error_line(args, message)
     if args.json:
         print(json.dumps({"error": message, "type": type(exc).__name__, "status": status, "log": log}))
     return status
+
+
+# The program's error line, held until its exit handlers have run (retrain/cli.py `finish`):
+# Prefect's log while they send the last events ("EventsWorker - Still processing items"),
+# and the error line is to be the last line on stderr. None: printed at once (an in-process
+# caller, which has no such exit).
+_held: list[str] | None = None
+
+
+def hold_error_line() -> None:
+    global _held
+    _held = []
+
+
+def error_line(args, message: str) -> None:
+    """``retrain CMD: error: MESSAGE`` on stderr, now or, when held, at the program's end."""
+    line = f"retrain {args.command}: error: {message}"
+    if _held is None:
+        print(line, file=sys.stderr)
+    else:
+        _held.append(line)
+
+
+def release_error_line() -> None:
+    """Print the held error line (the program's last act before it exits)."""
+    for line in _held or ():
+        print(line, file=sys.stderr)
+    if _held:
+        _held.clear()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -100,7 +133,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _scores_out(args) -> str | None:
-    """The scores output a ``score`` (``--out``) or ``run`` (``--score-out``) command names."""
+    """The scores output a ``score`` or ``run`` command names (``--score-out``)."""
     return getattr(args, "out", None) if getattr(args, "command", None) == "score" else getattr(args, "score_out", None)
 
 
@@ -201,7 +234,7 @@ def exit_status(args, result: dict) -> int:
     """The status of a command that returned ``result``: 0, or an :class:`Unfinished` one's."""
     if not isinstance(result, Unfinished):
         return 0
-    print(f"retrain {args.command}: error: {result.message}", file=sys.stderr)
+    error_line(args, result.message)
     return result.status
 
 
@@ -210,6 +243,10 @@ def classify(args, exc: BaseException) -> tuple[str, int] | None:
     report needs, so it is raised)."""
     import errno
 
+    from retrain.checks import UsageError
+
+    if isinstance(exc, UsageError):  # said at once: the error types below load torch with their modules
+        return str(exc), EXIT_REFUSED
     from retrain.tasks import storage
     from retrain.tasks.parts import ClusterLostError
 

@@ -170,6 +170,7 @@ def _preload() -> None:
     import prefect.flow_engine  # noqa: F401
     import prefect.task_engine  # noqa: F401
     import pyarrow.acero  # noqa: F401  (scoring's listing diff)
+    import scipy.stats  # noqa: F401  (scoring's drift tests: ~0.5-1.5 s to import)
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 

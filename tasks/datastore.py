@@ -23,7 +23,7 @@ import pandas as pd
 from retrain.tasks import storage
 from retrain.tasks.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_images
 from retrain.tasks.reports import montage
-from retrain.tasks.vocabulary import SPLITS
+from retrain.tasks.vocabulary import IGNORED_NAMES, SPLITS
 
 # A zip whose contents expand past these is refused before anything is written.
 MAX_EXTRACTED_BYTES = 20 * 2**30
@@ -33,7 +33,6 @@ MAX_COMPRESSION_RATIO = 1_000  # JPEGs barely compress; a zip bomb compresses a 
 # ARCHIVE_RATIO_FLOOR bytes is a bomb spread over many entries, each under the entry check.
 MAX_ARCHIVE_RATIO = 100
 ARCHIVE_RATIO_FLOOR = 1 * 2**30
-IGNORED_NAMES = ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
 class DataSetError(ValueError):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -68,7 +69,7 @@ AGREEMENT_IMAGES = 1000  # 5 disagreements allowed; decoded once, they take seco
 CALIBRATION_IMAGES = 64
 DECODE_CHUNK = 64  # images decoded and scored by every engine at a time
 SPEED_BATCH, SPEED_SECONDS = 8, 0.6  # forward-only rate: one thread, batches of 8 (a worker's)
-GATE_VERSION = 4  # 4: agreement on all the run's images (up to 1,000), a minimum; 3: 400 held-out
+GATE_VERSION = 5  # 5: ONNX files give the embedding too; 4: all the run's images (up to 1,000); 3: 400 held-out
 
 
 def gate_rule() -> dict:
@@ -324,6 +325,8 @@ def engine_record(model_url: str, sha256: str, device: torch.device | None = Non
     found = existing_record(model_url, sha256, device)
     if found is not None:
         return found
+    # Said before the seconds it takes (exports, int8 calibration, every engine on every image, speeds).
+    print("checking the engines for this model (once per model and machine)...", file=sys.stderr, flush=True)
     try:
         return validate_engines(model_url, sha256, device=device, **held), engines_dir(model_url, sha256)
     except (PermissionError, OSError) as exc:

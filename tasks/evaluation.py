@@ -7,6 +7,7 @@ split, ``retrain evaluate`` and the promotion gate, :func:`classify_with` ``retr
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from retrain.tasks import storage
-from retrain.tasks.datastore import held_out
+from retrain.tasks.datastore import held_out, is_held_out
+from retrain.tasks.drift import reference_profile
 from retrain.tasks.inference import Predictor, check_model, prepare_torch_model, torch_predictor
 from retrain.tasks.model_file import LoadedModel, load_model_file
 from retrain.tasks.preprocessing import ImageDecodeError, Preprocessing, load_image, load_images
@@ -145,29 +147,55 @@ def evaluate_model(
         )
     if predictor is None:
         check_model(loaded, "the model")
-        device = device or next(loaded.model.parameters()).device
-        predictor = torch_predictor(prepare_torch_model(loaded.model, device), loaded.preprocessing, loaded.classes)
-    paths = list(images["path"])
-    # Decoded a chunk at a time, so memory does not grow with the number of images; a chunk
-    # is a whole number of batches, so the forward passes are the ones one batch would make.
-    chunk = batch_size * max(1, EVAL_CHUNK_IMAGES // batch_size)
-    size, decoder = loaded.preprocessing.input_size, predictor.decoder
-    parts = [
-        predictor.scores(load_images(paths[s : s + chunk], size, decoder), batch_size)
-        for s in range(0, len(paths), chunk)
-    ]
-    scores = torch.cat(parts) if parts else torch.empty((0, len(loaded.classes)))
+        predictor = reference_predictor(loaded, device)
+    scores, _ = predict_images(predictor, list(images["path"]), batch_size)
     table = predictions_table(list(images["path"]), list(images["label"]), scores, loaded.classes)
     return evaluate_predictions(list(table["true_label"]), list(table["label"]), loaded.classes), table
 
 
+def reference_predictor(loaded: LoadedModel, device: torch.device | None = None) -> Predictor:
+    """Float32 torch on the model's device, giving embeddings too: what evaluation judges with."""
+    device = device or next(loaded.model.parameters()).device
+    return torch_predictor(
+        prepare_torch_model(loaded.model, device),
+        loaded.preprocessing,
+        loaded.classes,
+        head_layer=loaded.spec.head_layer,
+    )
+
+
+def predict_images(
+    predictor: Predictor, paths: list[str], batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax scores and embeddings (None where the engine gives none) of image files,
+    decoded a chunk at a time, so memory does not grow with the number of images; a chunk is
+    a whole number of batches, so the forward passes are the ones one batch would make."""
+    chunk = batch_size * max(1, EVAL_CHUNK_IMAGES // batch_size)
+    size, decoder = predictor.preprocessing.input_size, predictor.decoder
+    parts = [
+        predictor.scores_and_embeddings(load_images(paths[s : s + chunk], size, decoder), batch_size)
+        for s in range(0, len(paths), chunk)
+    ]
+    if not parts:
+        return torch.empty((0, len(predictor.classes))), None
+    embeddings = [e for _, e in parts]
+    return torch.cat([s for s, _ in parts]), None if any(e is None for e in embeddings) else torch.cat(embeddings)
+
+
 def evaluate_run(run_url: str) -> dict:
-    """The evaluate stage: the trained network on the run's test split. Writes
-    ``predictions.parquet``, ``metrics.json`` and ``confusion.png``; returns the metrics."""
+    """The evaluate stage: the trained network on the run's held-out images, in one pass: its
+    test split (or val, without one) gives ``predictions.parquet``, ``metrics.json`` and
+    ``confusion.png``; all of them (val and test) the drift reference profile, ``reference.pt``
+    (tasks/drift.py), which publishing puts in the model file. Returns the metrics."""
     layout = storage.RunLayout(run_url)
     loaded = load_model_file(layout.trained)
-    test, _ = held_out(storage.read_parquet(layout.split))
-    result, table = evaluate_model(loaded, test)
+    split = storage.read_parquet(layout.split)
+    test, _ = held_out(split)
+    held = split[is_held_out(split)]
+    scores, embeddings = predict_images(reference_predictor(loaded), list(held["path"]))
+    is_test = torch.from_numpy(held.index.isin(test.index))
+    table = predictions_table(list(test["path"]), list(test["label"]), scores[is_test], loaded.classes)
+    result = evaluate_predictions(list(table["true_label"]), list(table["label"]), loaded.classes)
     storage.write_parquet(layout.predictions, table)
     confusion_url = confusion_chart(result.confusion, result.classes, layout.confusion, title="Test set")
     metrics = {
@@ -179,5 +207,10 @@ def evaluate_run(run_url: str) -> dict:
         "classes": result.classes,
         "confusion_chart": confusion_url,
     }
+    parts = "+".join(sorted(held["split"].unique()))
+    profile = reference_profile(scores, embeddings, loaded.classes, parts)
+    buffer = io.BytesIO()
+    torch.save(profile, buffer)
+    storage.write_bytes(layout.reference, buffer.getvalue())
     storage.write_json(layout.metrics, metrics)
     return metrics

@@ -4,7 +4,9 @@ quantization of an ONNX model, and the checks every ONNX file passes before it i
 An exported ONNX file describes itself like a model file: its metadata holds the class names,
 the input size and the preprocessing (as JSON), and its batch axis is dynamic. The network's
 input is the normalised float batch (N x 3 x H x W, in the channel order the preprocessing
-names); the output is one logit per class.
+names); the outputs are one logit per class (``logits``, the first) and the image's embedding
+(``embedding``: the pooled input of the head layer, from the same pass), which scoring's drift
+test compares with the model's reference (tasks/drift.py).
 
 ONNX files are data, not code, but they can name "external data" files: a path that leaves
 the model's folder (``../../etc/passwd``, an absolute path) would make a loader read any file.
@@ -26,16 +28,17 @@ import torch
 
 from retrain.tasks import storage
 from retrain.tasks.model_file import LoadedModel, ModelFileError
+from retrain.tasks.networks import WithEmbedding
 from retrain.tasks.preprocessing import load_images
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_NAME, OUTPUT_NAME, EMBEDDING_NAME = "input", "logits", "embedding"
 
 
 def onnx_metadata(loaded: LoadedModel, sha256: str | None = None) -> dict[str, str]:
     meta = {
-        "retrain.format": "retrain.onnx/1",
+        "retrain.format": "retrain.onnx/2",
         "retrain.network": loaded.spec.name,
         "retrain.classes": json.dumps(list(loaded.classes)),
         "retrain.input_size": json.dumps(list(loaded.preprocessing.input_size)),
@@ -47,10 +50,10 @@ def onnx_metadata(loaded: LoadedModel, sha256: str | None = None) -> dict[str, s
 
 
 def onnx_bytes(loaded: LoadedModel, sha256: str | None = None) -> bytes:
-    """The model as ONNX (dynamic batch axis, metadata), in memory."""
+    """The model as ONNX (dynamic batch axis, metadata; logits and embedding), in memory."""
     import onnx
 
-    model = loaded.model.eval().to("cpu", memory_format=torch.contiguous_format)
+    model = WithEmbedding(loaded.model.eval().to("cpu", memory_format=torch.contiguous_format), loaded.spec.head_layer)
     example = torch.zeros(1, 3, *loaded.preprocessing.input_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
@@ -60,8 +63,8 @@ def onnx_bytes(loaded: LoadedModel, sha256: str | None = None) -> bytes:
             (example,),
             buffer,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=[OUTPUT_NAME, EMBEDDING_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, EMBEDDING_NAME: {0: "batch"}},
             opset_version=ONNX_OPSET,
             dynamo=False,  # the dynamo exporter needs onnxscript and takes 10x longer for the same graph
         )

@@ -30,7 +30,7 @@ import torch
 
 from retrain.tasks import storage
 from retrain.tasks.model_file import LoadedModel, ModelFileError, model_from_record, read_model_record
-from retrain.tasks.networks import resolve_device
+from retrain.tasks.networks import WithEmbedding, resolve_device
 from retrain.tasks.preprocessing import InputAffine, Preprocessing
 from retrain.tasks.vocabulary import ENGINE_CHOICES, ENGINES
 
@@ -135,6 +135,11 @@ def load_checked(model_url: str) -> tuple[LoadedModel, dict]:
 # ---- the predictor --------------------------------------------------------------------------
 
 
+# What a forward pass gives: the logits and, where the engine can, the embedding (the pooled
+# input of the head layer, tasks.networks.WithEmbedding), from the same pass.
+Outputs = tuple[torch.Tensor, torch.Tensor | None]
+
+
 @dataclass
 class Predictor:
     """Scores for uint8 image batches with one engine; what every path predicts with."""
@@ -143,7 +148,7 @@ class Predictor:
     preprocessing: Preprocessing
     engine: str
     device: torch.device
-    forward: Callable[[torch.Tensor], torch.Tensor]  # network input -> logits (any device)
+    forward: Callable[[torch.Tensor], Outputs]  # network input -> (logits, embedding or None)
     affine: InputAffine
     decoder: str = "exact"  # how its images are decoded (tasks.preprocessing.load_image)
 
@@ -151,27 +156,43 @@ class Predictor:
         """uint8 batch in the network's channel order -> the network's float input."""
         return self.affine(pixels, self.device)
 
-    def logits_ordered(self, pixels: torch.Tensor) -> torch.Tensor:
+    def outputs_ordered(self, pixels: torch.Tensor) -> Outputs:
+        """(logits, embeddings or None), float32, for a batch in the network's channel order."""
         with torch.inference_mode():
-            return self.forward(self.network_input(pixels)).float()
+            logits, embeddings = self.forward(self.network_input(pixels))
+            return logits.float(), None if embeddings is None else embeddings.float()
+
+    def logits_ordered(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.outputs_ordered(pixels)[0]
 
     def scores(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Softmax scores (N x K, float32, on the CPU) for a uint8 RGB batch at the input size."""
-        out = []
+        return self.scores_and_embeddings(images, batch_size)[0]
+
+    def scores_and_embeddings(self, images: torch.Tensor, batch_size: int = 64) -> Outputs:
+        """Softmax scores (N x K) and embeddings (N x C, or None where the engine gives none),
+        float32 on the CPU, for a uint8 RGB batch at the input size: one forward pass each."""
+        scores, embeddings = [], []
         for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size][:, self.affine.channels]
-            out.append(torch.softmax(self.logits_ordered(batch), dim=1).cpu())
-        return torch.cat(out) if out else torch.empty((0, len(self.classes)))
+            logits, embedded = self.outputs_ordered(images[start : start + batch_size][:, self.affine.channels])
+            scores.append(torch.softmax(logits, dim=1).cpu())
+            embeddings.append(None if embedded is None else embedded.cpu())
+        if not scores:
+            return torch.empty((0, len(self.classes))), None
+        return torch.cat(scores), None if any(e is None for e in embeddings) else torch.cat(embeddings)
 
 
-def torch_forward(model: torch.nn.Module, bf16: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    if not bf16:
-        return model
+def torch_forward(
+    model: torch.nn.Module, bf16: bool = False, head_layer: str | None = None
+) -> Callable[[torch.Tensor], Outputs]:
+    """The forward pass of an in-memory model: (logits, embedding) where ``head_layer`` is known
+    (tasks.networks.WithEmbedding), else (logits, None)."""
+    network = WithEmbedding(model, head_layer) if head_layer else None
     device_type = _device_of(model).type
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            return model(x)
+    def forward(x: torch.Tensor) -> Outputs:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            return network(x) if network is not None else (model(x), None)
 
     return forward
 
@@ -189,14 +210,21 @@ def torch_predictor(
     classes: list[str],
     device: torch.device | None = None,
     bf16: bool = False,
+    head_layer: str | None = None,
 ) -> Predictor:
     """A predictor over an in-memory model, put in eval mode (the caller restores training
-    mode); its parameters are left as they are (a model being trained keeps its layout)."""
+    mode); its parameters are left as they are (a model being trained keeps its layout).
+    ``head_layer``: where its embeddings are taken (none without it)."""
     device = device or _device_of(model)
     model.eval()
     engine = "torch-bf16" if bf16 else "torch"
     return Predictor(
-        list(classes), preprocessing, engine, device, torch_forward(model, bf16), InputAffine.of(preprocessing, device)
+        list(classes),
+        preprocessing,
+        engine,
+        device,
+        torch_forward(model, bf16, head_layer),
+        InputAffine.of(preprocessing, device),
     )
 
 
@@ -218,12 +246,15 @@ def onnx_session(onnx_url: str, threads: int | None = None, device: torch.device
     return ort.InferenceSession(checked_onnx_source(onnx_url), options, providers=providers)
 
 
-def onnx_forward(session) -> Callable[[torch.Tensor], torch.Tensor]:
+def onnx_forward(session) -> Callable[[torch.Tensor], Outputs]:
+    """(logits, embedding) from one run of an exported file (tasks.export: its second output),
+    (logits, None) from a file exported without one."""
     name = session.get_inputs()[0].name
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> Outputs:
         array = x.detach().cpu().contiguous().numpy()  # ONNX Runtime wants NCHW, contiguous
-        return torch.from_numpy(session.run(None, {name: array})[0])
+        outputs = session.run(None, {name: array})
+        return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1]) if len(outputs) > 1 else None
 
     return forward
 
@@ -243,7 +274,12 @@ def build_predictor(
         if engine == "torch-bf16" and engine not in supported_engines(device):
             raise EngineError(f"engine torch-bf16 needs bf16 hardware; this {device.type} has none")
         predictor = torch_predictor(
-            prepare_torch_model(loaded.model, device), loaded.preprocessing, loaded.classes, device, engine != "torch"
+            prepare_torch_model(loaded.model, device),
+            loaded.preprocessing,
+            loaded.classes,
+            device,
+            engine != "torch",
+            loaded.spec.head_layer,
         )
         predictor.decoder = decoder
         return predictor

@@ -401,6 +401,34 @@ def _torchvision_unavailable(spec: NetworkSpec, exc: Exception) -> WeightsUnavai
 # ---- what trains: freezing and learn-rate factors --------------------------------------
 
 
+def pooled(head_input: torch.Tensor) -> torch.Tensor:
+    """A head layer's input as one vector per image: averaged over its spatial positions (a
+    convolutional head such as SqueezeNet's conv10), or flattened (a linear one)."""
+    x = head_input.float()
+    return x.mean((2, 3)) if x.dim() == 4 else x.flatten(1)
+
+
+class WithEmbedding(nn.Module):
+    """The network giving, beside its logits, the image's embedding: the pooled input of its
+    head layer (the body's output, what the head classifies), from the same forward pass. Drift
+    tests compare these (tasks/drift.py); the ONNX export gives them as a second output."""
+
+    def __init__(self, model: nn.Module, head_layer: str):
+        super().__init__()
+        self.model = model
+        self.head_layer = head_layer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        head = self.model.get_submodule(self.head_layer)
+        hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            logits = self.model(x)
+        finally:
+            hook.remove()
+        return logits, pooled(captured[-1])
+
+
 def head_parameters(model: nn.Module, spec: NetworkSpec) -> list[nn.Parameter]:
     return list(model.get_submodule(spec.head_layer).parameters())
 

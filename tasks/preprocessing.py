@@ -26,7 +26,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
 from retrain.tasks import storage
-from retrain.tasks.vocabulary import AugmentationSettings
+from retrain.tasks.vocabulary import IMAGE_EXTENSIONS, AugmentationSettings  # noqa: F401 (re-exported)
 
 try:  # libjpeg-turbo with DCT scaling: decodes a 1000 px photo meant for 227 px at 1/4 size
     import simplejpeg
@@ -42,7 +42,6 @@ except ImportError:  # a torchvision that has removed them
 # Far above any photo (a 100-megapixel image is 1e8) but stops a decompression bomb from
 # allocating gigabytes: a 1 KB PNG can claim to be 100,000 x 100,000 pixels.
 MAX_IMAGE_PIXELS = 120_000_000
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 _TORCHVISION_FORMATS = frozenset({"JPEG", "PNG"})  # fast native decoders; PIL for the rest
 DECODERS = ("exact", "scaled")  # scaled: JPEG decoded at a reduced size by DCT scaling
 

@@ -104,11 +104,103 @@ def confusion_chart(confusion: list[list[int]], classes: list[str], url: str, ti
     return _save(fig, url)
 
 
+def drift_chart(result: dict, reference: dict, confidence: np.ndarray, embeddings: np.ndarray | None, url: str) -> str:
+    """drift.png: the job beside the model's reference (tasks/drift.py): predicted-class mix,
+    confidence (top score) and the embeddings on their first two principal components."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    mix = result["class_mix"]
+    x = np.arange(len(mix["classes"]))
+    for offset, name, counts in ((-0.2, "reference", mix["reference"]), (0.2, "this job", mix["job"])):
+        share = np.asarray(counts, dtype=float) / max(sum(counts), 1)
+        axes[0].bar(x + offset, share, width=0.4, label=name)
+    axes[0].set_xticks(x, mix["classes"], rotation=45, ha="right", fontsize=7)
+    axes[0].set_title("Predicted classes (share)")
+    bins = np.linspace(0, 1, 21)
+    axes[1].hist(reference["confidence"].numpy(), bins=bins, density=True, alpha=0.6, label="reference")
+    axes[1].hist(confidence, bins=bins, density=True, alpha=0.6, label="this job")
+    axes[1].set_title("Confidence (top score)")
+    ref = reference.get("embeddings")
+    if ref is not None and embeddings is not None and len(embeddings):
+        both = np.concatenate([ref.float().numpy(), embeddings])
+        centred = both - both.mean(0)
+        _, _, components = np.linalg.svd(centred, full_matrices=False)
+        projected = centred @ components[:2].T
+        axes[2].scatter(*projected[: len(ref)].T, s=6, alpha=0.6, label="reference")
+        axes[2].scatter(*projected[len(ref) :].T, s=6, alpha=0.6, label="this job")
+    axes[2].set_title("Embeddings (first two principal components)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    verdict = {True: "DRIFT", False: "no drift"}[result["drift"]]
+    tests = ", ".join(f"{t['name']} p={t['p_value']:.3g}" for t in result["tests"])
+    fig.suptitle(f"{verdict}: {tests} (threshold {result['tests'][0]['threshold']:.3g})", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72, bbox_inches="tight")
+    plt.close(fig)
+    return storage.write_bytes(url, buffer.getvalue())
+
+
+def drift_markdown(result: dict) -> str:
+    """The scoring job's drift artifact: the verdict, each test, the class mix side by side and
+    drift.png (tasks/drift.py)."""
+    from retrain.tasks.drift import verdict_line
+
+    lines = ["# Drift", "", verdict_line(result)]
+    if result["tests"]:
+        lines += [
+            "",
+            f"{result['images']:,} images of this run ({result['embeddings']:,} embeddings) against the model's "
+            f"{result['reference_images']:,} held-out images; false-alarm rate at most {result['alpha']}.",
+            "",
+            "| test | method | statistic | p-value | threshold | drift |",
+            "|---|---|---|---|---|---|",
+            *[
+                f"| {t['name']} | {t['method']} | {t['statistic']:.4g} | {t['p_value']:.4g} | {t['threshold']:.4g} | "
+                f"{'**yes**' if t['drift'] else 'no'} |"
+                for t in result["tests"]
+            ],
+        ]
+        mix, hist = result["class_mix"], result["confidence_histogram"]
+        lines += ["", *_shares_table("predicted class", mix["classes"], mix["reference"], mix["job"])]
+        bins = [f"{a:.1f}-{b:.1f}" for a, b in zip(hist["edges"], hist["edges"][1:])]
+        lines += ["", *_shares_table("confidence (top score)", bins, hist["reference"], hist["job"])]
+    if result.get("reason") and result["drift"] is not None:
+        lines += ["", result["reason"]]
+    if result.get("plot") and storage.exists(result["plot"]):
+        lines += ["", png_markdown(result["plot"], "Drift: this job beside the reference")]
+    return "\n".join(lines)
+
+
+def _shares_table(what: str, rows: list[str], reference: list[int], job: list[int]) -> list[str]:
+    """A markdown table of two distributions side by side, as shares of their totals."""
+    ref_total, job_total = max(sum(reference), 1), max(sum(job), 1)
+    return [
+        f"| {what} | reference | this job |",
+        "|---|---|---|",
+        *[f"| {name} | {r / ref_total:.1%} | {j / job_total:.1%} |" for name, r, j in zip(rows, reference, job)],
+    ]
+
+
 def png_markdown(url: str, alt: str) -> str:
     """An image embedded in markdown as a data URI, so the Prefect UI shows it whatever the
     store is (a local folder is not reachable from a browser)."""
     encoded = base64.b64encode(storage.read_bytes(url)).decode("ascii")
     return f"![{alt}](data:image/png;base64,{encoded})"
+
+
+def jpeg_markdown(url: str, alt: str, quality: int = 85) -> str:
+    """A photo-like PNG (a montage, Grad-CAM maps) embedded as a JPEG data URI, ~6x smaller:
+    what keeps an artifact of several under Prefect's event size limit (1.5 MB,
+    PREFECT_EVENTS_MAXIMUM_SIZE_BYTES; the artifact's event carries its markdown, and a
+    larger one is refused with a warning on the console)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(storage.read_bytes(url))).convert("RGBA")
+    flat = Image.new("RGB", image.size, "white")
+    flat.paste(image, mask=image)  # transparency on white, as the PNG shows
+    buffer = io.BytesIO()
+    flat.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')})"
 
 
 def accuracy_text(value: float | None, part: str) -> str:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from retrain.tasks.training.options import TrainingOptions
+from retrain.tasks.training.options import CHOICES, DEFAULT_LEARN_RATES, TrainingOptions
 from retrain.tasks.vocabulary import MODES, AugmentationSettings, check_mode, parse_fractions
 
 if TYPE_CHECKING:
@@ -86,52 +87,114 @@ def check_store_names(**names: str | None) -> None:
 
 # ---- the command line: `retrain run`'s flags come from here --------------------------------------
 
+# What each training option is, for its help text (MATLAB's trainingOptions in snake_case).
+_OPTION_HELP = {
+    "solver": "optimizer",
+    "initial_learn_rate": "learn rate at the start",
+    "max_epochs": "passes over the training images",
+    "mini_batch_size": "images per training step",
+    "shuffle": "when the training images are shuffled",
+    "validation_frequency": "validate every N iterations (or epochs: --validation-frequency-unit)",
+    "validation_frequency_unit": "unit of --validation-frequency",
+    "validation_patience": "stop after N validations without a lower validation loss",
+    "l2_regularization": "weight decay",
+    "momentum": "sgdm's momentum",
+    "learn_rate_schedule": "piecewise: multiply the learn rate by --learn-rate-drop-factor every "
+    "--learn-rate-drop-period epochs",
+    "learn_rate_drop_factor": "see --learn-rate-schedule",
+    "learn_rate_drop_period": "epochs; see --learn-rate-schedule",
+    "head_learn_rate_factor": "finetune: the new head's learn rate over the body's",
+    "output_network": "the weights the run keeps",
+    "checkpoint_frequency": "checkpoint every N epochs or iterations (0: none)",
+    "checkpoint_frequency_unit": "unit of --checkpoint-frequency",
+    "execution_environment": "auto: CUDA when present",
+    "seed": "random seed of the split, the new head's weights and the shuffling",
+    "verbose": "more training output",
+    "classic_loop": "transfer: train on every augmented image through the whole network, not on cached features",
+    "feature_cache_views": "transfer: augmented views per training image in the feature cache",
+    "feature_cache_memory_mb": "transfer: a larger feature cache is kept on disk",
+    "processes": "finetune/scratch: training processes, one per GPU",
+}
 # What an option left at None means, for its help text.
 _NONE_MEANS = {
-    "initial_learn_rate": "per mode",
+    "initial_learn_rate": "per mode: " + ", ".join(f"{m} {r:g}" for m, r in DEFAULT_LEARN_RATES.items()),
     "validation_patience": "never stop early",
     "feature_cache_views": "automatic",
     "processes": "every visible GPU in finetune/scratch mode on CUDA, else 1",
 }
+# The settings of the run's internals: under "advanced" in `retrain run --help`.
+_ADVANCED = frozenset(
+    {
+        "classic_loop",
+        "feature_cache_views",
+        "feature_cache_memory_mb",
+        "processes",
+        "checkpoint_frequency",
+        "checkpoint_frequency_unit",
+    }
+)
+# The short names other tools use (fastai, Keras, PyTorch scripts), accepted too.
+_ALIASES = {"max_epochs": "--epochs", "initial_learn_rate": "--lr", "mini_batch_size": "--batch-size"}
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The request's flags (network, weights, mode, split, augmentation) and one flag per
-    TrainingOptions field, with their defaults."""
-    parser.add_argument(
+def add_run_arguments(groups: Mapping[str, Any]) -> None:
+    """The request's flags, with their defaults and allowed values, into ``groups`` (argparse
+    argument groups by name: network, data, augmentation, training, advanced): network,
+    weights, mode, split, augmentation and one flag per TrainingOptions field."""
+    network = groups["network"]
+    network.add_argument(
         "--network",
         default=DEFAULTS.network,
         help="any torchvision classifier (resnet50, efficientnet_b0, vit_b_16, ...; `retrain network` lists them), "
-        "squeezenet or squeezenet-caffe",
+        "squeezenet or squeezenet-caffe (default %(default)s)",
     )
-    parser.add_argument(
+    network.add_argument(
         "--weights",
         default=DEFAULTS.weights,
-        help="default (the network's pretrained weights), none, or a state-dict file URL",
+        metavar="WEIGHTS",
+        help="default (the network's pretrained weights), none, or a state-dict file URL (default %(default)s)",
     )
-    parser.add_argument("--mode", default=DEFAULTS.mode, choices=list(MODES))
-    parser.add_argument("--split", default=DEFAULTS.split_fractions, help="train,val,test fractions per label")
-    parser.add_argument("--no-reflect", action="store_true", help="no random horizontal reflection")
-    parser.add_argument(
+    network.add_argument(
+        "--mode",
+        default=DEFAULTS.mode,
+        choices=list(MODES),
+        help="transfer: train a new head on the frozen network; finetune: train all of it from the pretrained "
+        "weights; scratch: from random weights (default %(default)s)",
+    )
+    groups["data"].add_argument(
+        "--split",
+        default=DEFAULTS.split_fractions,
+        metavar="TRAIN,VAL,TEST",
+        help="fractions of each class for training, validation and test (default %(default)s)",
+    )
+    augmentation = groups["augmentation"]
+    augmentation.add_argument("--no-reflect", action="store_true", help="no random horizontal reflection")
+    augmentation.add_argument(
         "--max-translation",
         type=int,
         default=DEFAULTS.augmentation["max_translation"],
-        help="random X/Y translation, pixels",
+        metavar="PIXELS",
+        help="random X/Y translation, pixels (default %(default)s)",
     )
-    group = parser.add_argument_group("training options (MATLAB trainingOptions)")
     defaults = TrainingOptions()
     for name, kind in TrainingOptions.value_types().items():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-")] + ([_ALIASES[name]] if name in _ALIASES else [])
+        group = groups["advanced" if name in _ADVANCED else "training"]
         default = getattr(defaults, name)
         if kind is bool:
-            group.add_argument(flag, action="store_true", default=None, help=f"(default {default})")
+            group.add_argument(
+                *flags, action="store_true", default=None, help=f"{_OPTION_HELP[name]} (default {default})"
+            )
             continue
+        shown = f"default {default}" if default is not None else f"default: {_NONE_MEANS[name]}"
         group.add_argument(
-            flag,
+            *flags,
+            dest=name,
             type=kind,
             default=None,
-            metavar=name.upper(),
-            help=f"default {default}" if default is not None else f"default: {_NONE_MEANS[name]}",
+            choices=CHOICES.get(name),
+            metavar=None if name in CHOICES else {int: "N", float: "X"}[kind],
+            help=f"{_OPTION_HELP[name]} ({shown})",
         )
 
 

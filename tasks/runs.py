@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 
 from retrain.tasks import promotion, storage
 from retrain.tasks.model_file import read_model_record, save_model_file
+from retrain.tasks.networks import load_tensors
 from retrain.tasks.training.options import TrainingOptions
 from retrain.tasks.vocabulary import LABEL_ISSUES, AugmentationSettings
 
@@ -279,6 +280,8 @@ def publish_run(run_url: str) -> str:
     metrics = storage.read_json(layout.metrics)
     record["metrics"] = {**record.get("metrics", {}), **metrics}
     record["run_id"] = read_run(run_url)["run_id"]
+    if storage.exists(layout.reference):  # what scoring jobs judge drift against (tasks/drift.py)
+        record["reference"] = load_tensors(layout.reference)
     model_url = layout.model
     save_model_file(model_url, record)
     update_run(run_url, status=STATUS_COMPLETED, model=model_url, test_accuracy=metrics.get("test_accuracy"))

@@ -22,6 +22,10 @@ SPLITS = ("train", "val", "test")
 # What a run does about likely wrong labels (tasks/label_issues.py): list them in
 # label_issues.csv, also train without them, or skip the step.
 LABEL_ISSUES = ("find", "exclude", "off")
+# The file name extensions of images (training, scoring and the command line's checks).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+# Entries a data set's listing skips besides hidden ones (tasks/datastore.py; retrain/checks.py).
+IGNORED_NAMES = ("__MACOSX", "Thumbs.db", "desktop.ini")
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,10 @@ def _disagrees_on_flat_images(real):
         if engine == "onnx-int8":
             forward = predictor.forward
 
-            def wrong_on_flat(x: torch.Tensor) -> torch.Tensor:
-                logits = forward(x)
+            def wrong_on_flat(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                logits, embeddings = forward(x)
                 flat = x.flatten(2).std(2).amax(1) < 2  # every channel constant
-                return torch.where(flat[:, None], logits.roll(1, dims=1), logits)
+                return torch.where(flat[:, None], logits.roll(1, dims=1), logits), embeddings
 
             predictor.forward = wrong_on_flat
         return predictor

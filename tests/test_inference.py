@@ -53,8 +53,9 @@ def _negated(onnx_data: bytes, calibration) -> bytes:
     from onnx import helper
 
     proto = onnx.load_from_string(onnx_data)
-    out = proto.graph.output[0]
-    proto.graph.node[-1].output[0] = "before_negation"
+    out = proto.graph.output[0]  # the logits (the second output is the embedding)
+    last = next(node for node in proto.graph.node if out.name in node.output)
+    last.output[list(last.output).index(out.name)] = "before_negation"
     proto.graph.node.append(helper.make_node("Neg", ["before_negation"], [out.name]))
     return proto.SerializeToString()
 

@@ -14,8 +14,7 @@ from retrain.tasks.label_issues import (
     COLUMNS,
     EXCLUDED,
     find_run_label_issues,
-    out_of_sample_probabilities,
-    rank_label_issues,
+    flag_label_issues,
 )
 from retrain.tasks.request import RunRequest
 from retrain.tasks.runs import RunConfig
@@ -24,7 +23,7 @@ from tests.conftest import run_cli, tiny_run_flags
 
 def test_flipped_labels_are_the_top_suspects():
     """Three well separated classes, 5 % of the labels flipped: the flipped ones, and only
-    they, are flagged, worst first."""
+    they, are flagged, worst first, with their true class suggested."""
     rng = np.random.default_rng(0)
     n, classes = 300, ["a", "b", "c"]
     truth = rng.integers(0, 3, n)
@@ -34,7 +33,7 @@ def test_flipped_labels_are_the_top_suspects():
     given[flipped] = (truth[flipped] + 1) % 3
     paths = [f"img{i}.jpg" for i in range(n)]
 
-    issues = rank_label_issues(paths, given, out_of_sample_probabilities(features, given), classes)
+    issues = flag_label_issues(paths, given, features, classes)
 
     assert list(issues.columns) == COLUMNS
     assert set(issues["path"]) == {paths[i] for i in flipped}

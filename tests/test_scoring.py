@@ -24,14 +24,14 @@ import torch
 from PIL import Image
 
 from retrain.tasks import inference, scoring, storage
-from retrain.tasks.model_file import ModelFileError, save_model_file
+from retrain.tasks.model_file import ModelFileError, read_model_record, save_model_file
 from retrain.tasks.preprocessing import load_image
 from retrain.tasks.samples import make_shapes_dataset
 from retrain.tasks.scoring import partition
 from retrain.tasks.scoring.job import run_record
 from retrain.tasks.scoring.layout import is_part_file
 from retrain.tasks.scoring.listing import IDENTITY_COLUMNS, LISTING_SCHEMA, changes, current_rows, version_of
-from retrain.tasks.scoring.partition import PART_SCHEMA
+from retrain.tasks.scoring.partition import ROW_SCHEMA
 from tests._services import kill_group
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def _scored(*rows: tuple) -> pa.Table:
                 sha256=sha256,
             )
         )
-    return pa.Table.from_pylist(out, schema=PART_SCHEMA)
+    return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
 
 
 def test_changes_count_new_changed_deleted_unchanged_and_retried():
@@ -235,7 +235,7 @@ def test_current_rows_keep_one_row_per_listed_file_this_runs_first():
         ]
     )
     kept = current_rows(rows, listing)
-    assert kept.schema == PART_SCHEMA  # the list columns too
+    assert kept.schema == ROW_SCHEMA  # the list columns too
     assert [(r["path"], r["score"], r["top_labels"]) for r in kept.to_pylist()] == [
         ("a", pytest.approx(0.1), ["circle"]),
         ("b", pytest.approx(0.9), ["circle"]),
@@ -360,7 +360,7 @@ def test_a_finished_job_keeps_no_parts_and_a_rerun_scores_only_what_is_new_chang
     assert list((Path(out) / "parts").iterdir()) == []  # their rows are in scores.parquet
     # each row records what it scored: the file's identity as listed, and the scores key
     table = pq.read_table(scoring.JobLayout(out).scores)
-    assert table.schema.remove_metadata() == PART_SCHEMA
+    assert table.schema.remove_metadata() == ROW_SCHEMA
     assert table.select(LISTING_SCHEMA.names).equals(scoring.list_images(str(images)).files)
     assert table.schema.metadata[partition.SCORES_KEY].decode().endswith(":top-3")
 
@@ -882,6 +882,13 @@ def test_retrain_flow_ends_with_batch_predict_on_a_local_cluster(prefect_logs, s
     assert len(frame) == len(expected) and frame["path"].is_unique
     scored = storage.read_json(scoring.JobLayout(out).summary)
     assert scored["model"] == summary["model"] and scored["images"] == len(expected)
+    # the published model carries its held-out images' drift profile (tasks/drift.py); 6 of them
+    # are too few for a verdict
+    split = storage.read_parquet(storage.RunLayout(summary["run"]).split)
+    reference = read_model_record(summary["model"])["reference"]
+    assert reference["images"] == split["split"].isin(["val", "test"]).sum() == 6
+    assert reference["embeddings"].shape == (6, 512) and sum(reference["label_counts"]) == 6
+    assert scored["drift"]["drift"] is None and "reference holds 6 held-out images" in scored["drift"]["reason"]
     # the local cluster's workers had their own environment; this process keeps its own
     assert {k: os.environ.get(k) for k in environ} == environ
 
@@ -891,7 +898,7 @@ def test_retrain_flow_ends_with_batch_predict_on_a_local_cluster(prefect_logs, s
     assert (again["new"], again["changed"], again["deleted"]) == (0, 0, 0)
     assert again["unchanged"] == len(expected) - scored["failed"] and again["partitions"] == 1
     assert read_scores(out)[["path", "label", "error"]].equals(frame[["path", "label", "error"]])
-    _assert_artifacts("score-summary", "score-progress", "score-labels")
+    _assert_artifacts("score-summary", "score-progress", "score-labels", "score-drift")
 
 
 def _assert_artifacts(*keys: str) -> None:

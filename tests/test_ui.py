@@ -7,8 +7,9 @@ the server itself; tiny generated images, enough epochs to watch. Then drives De
 headless Chromium over the DevTools protocol: while the run trains, the training flow run's
 progress artifact reads two increasing percentages; after it ends, its page shows the
 training history with the progress plot, and the retrain run's artifacts (summary, per-class
-metrics, promotion decision, the six plots: montage, progress, confusion, top losses, Grad-CAM, label issues) are there and the plots are decoded images, not
-broken links. A batch-scoring run shows its progress and summary. Skipped when no Chromium is
+metrics, promotion decision, the six plots: montage, progress, confusion, top losses, Grad-CAM,
+label issues) are there and the plots are decoded images, not broken links. A batch-scoring run
+shows its progress, its summary and its drift verdict with its chart. Skipped when no Chromium is
 installed (``apt-get install chromium``).
 
 ``RETRAIN_UI_SCREENSHOTS=<folder>`` also saves screenshots of the pages there
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from retrain.tasks.reports import HISTORY_ROWS
+from retrain.tasks.samples import make_shapes_dataset
 from tests._services import local_retrain_server, retrain_cli
 
 CHROMIUM_FLAGS = [
@@ -225,9 +227,11 @@ def watch_training(browser: Browser, api_url: str, ui_url: str, run: subprocess.
 
 
 @pytest.mark.timeout(900)  # a server, a 40-iteration run, a scoring job: ~2 min idle, 10 on a busy machine
-def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shapes_dir, chromium):
+def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, chromium):
     shots = os.environ.get("RETRAIN_UI_SCREENSHOTS")
     timings = {}
+    # 102 shapes: ~30 held out (a drift reference needs 20) and 102 to score (a verdict needs 50)
+    shapes_dir = make_shapes_dataset(str(tmp_path / "shapes"), per_class=34, size=48, seed=1)
     with local_retrain_server(tmp_path) as server:
         api_url, ui_url, env = server["api_url"], server["ui_url"], server["env"]
         assert "PREFECT_API_URL" not in env
@@ -249,7 +253,7 @@ def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shape
                 "--mode",
                 "scratch",
                 "--max-epochs",
-                "20",
+                "7",
                 "--mini-batch-size",
                 "8",
                 "--validation-frequency",
@@ -329,7 +333,7 @@ def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shape
             browser.goto(links["retrain-plots"])
             images = browser.wait_for(
                 "(() => { const i = [...document.querySelectorAll('img')]"
-                ".filter(x => x.src.startsWith('data:image/png;base64,'));"
+                ".filter(x => x.src.startsWith('data:image/'));"
                 " return i.length >= 3 && i.every(x => x.complete && x.naturalWidth > 0)"
                 " && i.map(x => [x.alt, x.naturalWidth, x.naturalHeight]) })()"
             )
@@ -364,7 +368,7 @@ def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shape
             score_run = flow_run_of(api_url, "score")
             assert score_summary["ui_url"] == f"{ui_url}/runs/flow-run/{score_run['id']}"
             links = artifact_links(
-                browser, ui_url, score_run["id"], ("score-summary", "score-labels", "score-progress")
+                browser, ui_url, score_run["id"], ("score-summary", "score-labels", "score-progress", "score-drift")
             )
             if shots:
                 browser.screenshot(Path(shots) / "score-run-artifacts.png")
@@ -374,6 +378,25 @@ def test_run_pages_show_live_progress_and_artifacts_in_a_browser(tmp_path, shape
             text = browser.wait_for("document.body.innerText.includes('images scored') && document.body.innerText")
             assert "# Batch scoring" not in text and f"{score_summary['scored']:,}" in text
             assert read_progress(browser, links["score-progress"]) == 100
+
+            # the drift artifact: the verdict, each test, the class mix and drift.png (tasks/drift.py)
+            drift = score_summary["drift"]
+            assert drift["drift"] is not None, drift  # 72 images against the run's held-out ones
+            browser.goto(links["score-drift"])
+            text = browser.wait_for("document.body.innerText.includes('embedding') && document.body.innerText")
+            tables = ("class_mix", "confidence", "embedding", "predicted class", "confidence (top score)")
+            assert all(word in text for word in tables), text
+            assert ("DRIFT:" if drift["drift"] else "drift: none") in text
+            if drift["drift"]:  # drift.png, drawn where there is drift
+                charts = browser.wait_for(
+                    "(() => { const i = [...document.querySelectorAll('img')]"
+                    ".filter(x => x.src.startsWith('data:image/png;base64,'));"
+                    " return i.length && i.every(x => x.complete && x.naturalWidth > 0)"
+                    " && i.map(x => [x.alt, x.naturalWidth]) })()"
+                )
+                assert [alt for alt, _ in charts] == ["Drift: this job beside the reference"] and charts[0][1] > 600
+            if shots:
+                browser.screenshot(Path(shots) / "score-run-drift.png", height=1400)
         finally:
             browser.close()
             if run.poll() is None:

@@ -15,16 +15,20 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retrain.tasks import storage
+from retrain.tasks.drift import embedding_rate, judge
 from retrain.tasks.engine_gate import EngineChoice, choose_engine
 from retrain.tasks.inference import load_checked
-from retrain.tasks.model_file import ModelFileError
+from retrain.tasks.model_file import ModelFileError, read_model_record
 from retrain.tasks.parts import Part, PartsJob, present, store_failure
 from retrain.tasks.scoring import partition
 from retrain.tasks.scoring.layout import (
@@ -41,6 +45,7 @@ from retrain.tasks.scoring.layout import (
 from retrain.tasks.scoring.listing import IDENTITY_COLUMNS, changes, current_rows, list_images
 from retrain.tasks.scoring.partition import (
     PART_SCHEMA,
+    ROW_SCHEMA,
     SCORES_KEY,
     PartResult,
     WorkerModel,
@@ -92,6 +97,7 @@ class ModelInfo:
     input_size: tuple[int, int]
     preprocessing: dict
     engine: EngineChoice = field(default_factory=lambda: EngineChoice("torch"))
+    reference: bool = False  # the model file carries a drift reference profile (tasks/drift.py)
 
     def for_workers(self) -> WorkerModel:
         e = self.engine
@@ -102,7 +108,7 @@ def inspect_model(model_url: str, engine: str = "auto") -> ModelInfo:
     """Load and check the model once in the driver, so a bad model fails the job before any
     worker starts, with the reason; choose its engine (validating it the first time)."""
     sha256 = storage.sha256_of(model_url)
-    loaded, _ = load_checked(model_url)
+    loaded, record = load_checked(model_url)
     return ModelInfo(
         model_url,
         sha256,
@@ -111,6 +117,7 @@ def inspect_model(model_url: str, engine: str = "auto") -> ModelInfo:
         tuple(loaded.preprocessing.input_size),
         loaded.preprocessing.to_dict(),
         choose_engine(model_url, sha256, engine),
+        bool(record.get("reference")),
     )
 
 
@@ -142,6 +149,7 @@ class JobPlan:
     verify_content: bool = False
     note: str | None = None  # why the output's earlier rows are not reused, when they are not
     to_label: int = DEFAULT_TO_LABEL  # rows of to_label.csv (0: none)
+    embedding_rate: float = 0.0  # share of the images to score whose embeddings the parts keep
 
     @property
     def missing(self) -> int:
@@ -268,6 +276,7 @@ def prepare_job(
         verify_content,
         earlier.note,
         to_label,
+        embedding_rate(todo.num_rows) if model.reference else 0.0,
     )
 
 
@@ -313,14 +322,17 @@ def earlier_rows(
 
 
 def _read_rows(url: str, key: str, columns: list[str] | None) -> pa.Table | None:
-    """The rows of a part or scores.parquet, if they carry file identities and were scored
-    with ``key``; None otherwise."""
+    """The rows (ROW_SCHEMA, or ``columns`` of it) of a part or scores.parquet, if they carry
+    file identities and were scored with ``key``; None otherwise."""
     try:
         file = pq.ParquetFile(io.BytesIO(storage.read_bytes(url)))
         schema = file.schema_arrow
-        if (schema.metadata or {}).get(SCORES_KEY, b"").decode() != key or schema.remove_metadata() != PART_SCHEMA:
+        if (schema.metadata or {}).get(SCORES_KEY, b"").decode() != key or schema.remove_metadata() not in (
+            ROW_SCHEMA,
+            PART_SCHEMA,
+        ):
             return None
-        return file.read(columns=columns).replace_schema_metadata(None)
+        return file.read(columns=columns or ROW_SCHEMA.names).replace_schema_metadata(None)
     except (pa.ArrowInvalid, OSError) as exc:
         if isinstance(exc, FileNotFoundError) or (isinstance(exc, OSError) and store_failure(exc)):
             raise
@@ -372,7 +384,16 @@ def parts_job(plan: JobPlan, partitions: list[Partition] | None = None, torch_th
         tuple(
             Part(
                 part_file(p.name),
-                (model, p.files, layout.part(p.name), plan.mini_batch_size, plan.top_k, None, torch_threads),
+                (
+                    model,
+                    p.files,
+                    layout.part(p.name),
+                    plan.mini_batch_size,
+                    plan.top_k,
+                    None,
+                    torch_threads,
+                    plan.embedding_rate,
+                ),
             )
             for p in partitions
         ),
@@ -417,9 +438,10 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     tally = _Tally()
     tally.add(rows)
     storage.write_bytes(
-        layout.scores, table_bytes(rows.cast(PART_SCHEMA).replace_schema_metadata({SCORES_KEY: plan.key}))
+        layout.scores, table_bytes(rows.cast(ROW_SCHEMA).replace_schema_metadata({SCORES_KEY: plan.key}))
     )
     to_label = write_to_label(rows, layout.to_label, plan.to_label)
+    drift = judge_drift(plan, layout, earlier.parts)
     summary = {
         "images": plan.count,
         "scored": tally.rows - tally.failed,
@@ -447,6 +469,7 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
         "verify_content": plan.verify_content,
         "partitions": plan.partitions,
         "to_label": to_label,
+        "drift": drift,
         **({"note": plan.note} if plan.note else {}),
         "finished": storage.now(),
         **(extra or {}),
@@ -454,6 +477,37 @@ def consolidate(plan: JobPlan, extra: dict | None = None) -> dict:
     storage.write_json(layout.summary, summary)
     _remove_parts(layout)
     return summary
+
+
+def judge_drift(plan: JobPlan, layout: JobLayout, parts: list[str]) -> dict:
+    """``drift.json`` (and, when it finds drift, ``drift.png``): the images this job scored (the
+    rows of ``parts``: this run's and a stopped run's, not the earlier scores.parquet's) against
+    the model's reference profile (tasks/drift.py). Returns what drift.json holds."""
+    started = time.perf_counter()
+    reference = read_model_record(plan.model.url).get("reference") if plan.model.reference else None
+    counts: Counter[str] = Counter()
+    confidence, embeddings = [], []
+    for name in parts if reference else []:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(layout.parts, name))))
+        good = table.filter(pc.is_null(table["error"]))
+        counts.update({item["values"]: item["counts"] for item in pc.value_counts(good["label"]).to_pylist()})
+        confidence.append(good["score"].to_numpy())
+        kept = good["embedding"].drop_null() if "embedding" in good.column_names else []
+        if len(kept):
+            embeddings.append(pc.list_flatten(kept).to_numpy().reshape(len(kept), -1))
+    scores = np.concatenate(confidence) if confidence else np.empty(0, dtype=np.float32)
+    sample = np.concatenate(embeddings) if embeddings else None
+    result = judge(reference, plan.model.classes, dict(counts), scores, sample)
+    # The chart where someone will look at it: drawing it (matplotlib) costs ~1-1.5 s a job
+    if result["drift"]:
+        from retrain.tasks.reports import drift_chart
+
+        result["plot"] = drift_chart(result, reference, scores, sample, layout.drift_plot)
+    elif storage.exists(layout.drift_plot):  # an earlier run's, of images this verdict is not about
+        storage.remove(layout.drift_plot)
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    storage.write_json(layout.drift, result)
+    return result
 
 
 def _check_part(layout: JobLayout, part: Partition, key: str) -> None:

@@ -86,6 +86,14 @@ class JobLayout:
         return storage.join(self.out, "to_label.csv")
 
     @property
+    def drift(self) -> str:
+        return storage.join(self.out, "drift.json")
+
+    @property
+    def drift_plot(self) -> str:
+        return storage.join(self.out, "drift.png")
+
+    @property
     def lock(self) -> str:
         return storage.lock_url(self.out)
 
@@ -107,7 +115,17 @@ def lock_job(out: str, wait_s: float = 0.0, lease_s: float = 120.0) -> storage.F
 # and what it writes in <out>/parts (part-<n>-<digest>.parquet, as job.partitions names them).
 # A job writes and removes nothing else there, and refuses a folder that holds anything else.
 JOB_ENTRIES = frozenset(
-    {storage.LOCK_NAME, "job.json", "files.parquet", "parts", "scores.parquet", "summary.json", "to_label.csv"}
+    {
+        storage.LOCK_NAME,
+        "job.json",
+        "files.parquet",
+        "parts",
+        "scores.parquet",
+        "summary.json",
+        "to_label.csv",
+        "drift.json",
+        "drift.png",
+    }
 )
 _PART_FILE = re.compile(r"part-\d{6,}-[0-9a-z]+\.parquet")
 

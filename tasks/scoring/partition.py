@@ -24,6 +24,7 @@ import torch
 
 from retrain.tasks import storage
 from retrain.tasks.allocator import tune_allocator
+from retrain.tasks.drift import takes_embedding
 from retrain.tasks.inference import Predictor, cached_predictor, top_k
 from retrain.tasks.preprocessing import ImageDecodeError, load_image
 from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_TOP_K
@@ -43,7 +44,11 @@ SCORES_SCHEMA = pa.schema(
 )
 # A part's and scores.parquet's rows: the scores, and the identity of the file scored (from the
 # listing: tasks/scoring/listing.py), so that a rerun sees which files changed since.
-PART_SCHEMA = pa.schema([*SCORES_SCHEMA, *(f for f in LISTING_SCHEMA if f.name != "path")])
+ROW_SCHEMA = pa.schema([*SCORES_SCHEMA, *(f for f in LISTING_SCHEMA if f.name != "path")])
+# A part file also holds the embeddings of a sample of its images (null for the others), which
+# consolidation compares with the model's reference (tasks/drift.py); scores.parquet does not.
+EMBEDDING = pa.field("embedding", pa.list_(pa.float32()))
+PART_SCHEMA = ROW_SCHEMA.append(EMBEDDING)
 # Schema metadata of a part and of scores.parquet: the model, engine, decoder and top-k its
 # rows were scored with (scores_key). Rows of other settings are never reused.
 SCORES_KEY = b"retrain.scores"
@@ -118,16 +123,21 @@ def score_paths(
     k: int = DEFAULT_TOP_K,
     read_threads: int | None = None,
     timings: dict | None = None,
+    embedding_rate: float = 0.0,
 ) -> pa.Table:
     """Score ``paths`` in mini-batches; the next batch is read and decoded in a thread while
     the current one runs forward. One row per path, in order; bad files get an error.
     ``read_threads``: files read and decoded at once (default: 1 for local files, more for
-    remote ones, whose reads wait on the network)."""
+    remote ones, whose reads wait on the network). ``embedding_rate``: the share of images
+    (a fixed sample by path: tasks.drift.takes_embedding) whose embedding the row keeps, from
+    the same forward pass."""
     n = len(paths)
     k = kept_labels(predictor, k)
     label_idx = np.full((n, k), -1, dtype=np.int64)
     top_scores = np.zeros((n, k), dtype=np.float32)
     errors: list[str | None] = [None] * n
+    wanted = np.asarray([takes_embedding(p, embedding_rate) for p in paths], dtype=bool) if embedding_rate else None
+    embeddings: dict[int, np.ndarray] = {}
     decode_s = forward_s = 0.0
     batches = [(start, paths[start : start + mini_batch_size]) for start in range(0, n, mini_batch_size)]
     if read_threads is None:
@@ -149,9 +159,12 @@ def score_paths(
             if not batch.rows:
                 continue
             started = time.perf_counter()
-            probs = torch.softmax(predictor.logits_ordered(batch.pixels), dim=1)
+            logits, embedded = predictor.outputs_ordered(batch.pixels)
             rows = np.asarray(batch.rows)
-            label_idx[rows], top_scores[rows] = top_k(probs, k)
+            label_idx[rows], top_scores[rows] = top_k(torch.softmax(logits, dim=1), k)
+            if wanted is not None and embedded is not None:
+                kept = wanted[rows]
+                embeddings.update(zip(rows[kept].tolist(), embedded.cpu().numpy()[kept]))
             forward_s += time.perf_counter() - started
     finally:
         prefetch.shutdown(wait=True, cancel_futures=True)
@@ -159,13 +172,19 @@ def score_paths(
             read_pool.shutdown(wait=True, cancel_futures=True)
     if timings is not None:
         timings.update(decode_seconds=decode_s, forward_seconds=forward_s)
-    return _table(paths, label_idx, top_scores, errors, predictor.classes)
+    return _table(paths, label_idx, top_scores, errors, predictor.classes, embeddings)
 
 
 def _table(
-    paths: list[str], label_idx: np.ndarray, top_scores: np.ndarray, errors: list[str | None], classes: list[str]
+    paths: list[str],
+    label_idx: np.ndarray,
+    top_scores: np.ndarray,
+    errors: list[str | None],
+    classes: list[str],
+    embeddings: dict[int, np.ndarray],
 ) -> pa.Table:
-    """The part: one row per path; label, score and the top-k lists are null for a bad file."""
+    """The part's scores: one row per path; label, score and the top-k lists are null for a
+    bad file, the embedding for a file outside the sample."""
     bad = np.asarray([e is not None for e in errors], dtype=bool)
     names = np.asarray(classes, dtype=object)[np.clip(label_idx, 0, None)]  # n x k
     names[bad] = None
@@ -183,8 +202,9 @@ def _table(
                 offsets, pa.array(top_scores.reshape(-1), type=pa.float32()), mask=pa.array(bad)
             ),
             "error": pa.array(errors, type=pa.string()),
+            "embedding": pa.array([embeddings.get(i) for i in range(len(paths))], type=EMBEDDING.type),
         },
-        schema=SCORES_SCHEMA,
+        schema=pa.schema([*SCORES_SCHEMA, EMBEDDING]),
     )
 
 
@@ -225,12 +245,14 @@ def score_partition(
     k: int = DEFAULT_TOP_K,
     read_threads: int | None = None,
     torch_threads: int | None = None,
+    embedding_rate: float = 0.0,
 ) -> PartResult:
     """What one Dask task does: score ``files`` (listing rows: path and identity; or plain
     paths, of unknown identity) with the (cached) predictor and write the part atomically to
     ``out_url``, each row with its file's identity and the part with :func:`scores_key`. A part
     already there is not scored again. ``torch_threads``: set this process's torch threads
-    first (1 in a local cluster of one process per core)."""
+    first (1 in a local cluster of one process per core). ``embedding_rate``: the share of the
+    images whose embeddings the part keeps for the drift test (tasks/drift.py)."""
     started = time.perf_counter()
     if torch_threads and torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
@@ -250,9 +272,11 @@ def score_partition(
     predictor = cached_predictor(model.url, model.sha256, model.engine, model.onnx_url, model.decoder)
     tune_allocator("inference")  # decoding and forward passes alternate (tasks/allocator.py)
     timings: dict = {}
-    scores = score_paths(files["path"].to_pylist(), predictor, mini_batch_size, k, read_threads, timings)
+    scores = score_paths(
+        files["path"].to_pylist(), predictor, mini_batch_size, k, read_threads, timings, embedding_rate
+    )
     table = pa.table(
-        [*scores.columns, *(files[f.name] for f in PART_SCHEMA if f.name not in scores.column_names)],
+        [scores[f.name] if f.name in scores.column_names else files[f.name] for f in PART_SCHEMA],
         schema=PART_SCHEMA.with_metadata({SCORES_KEY: scores_key(model, kept_labels(predictor, k))}),
     )
     storage.write_bytes(out_url, table_bytes(table))

@@ -43,6 +43,7 @@ class RunLayout:
         self.training = join(url, "training.json")  # what training did (training.json)
         self.predictions = join(url, "predictions.parquet")  # the held-out images' predictions
         self.metrics = join(url, "metrics.json")
+        self.reference = join(url, "reference.pt")  # held-out images' drift profile (tasks/drift.py)
         self.confusion = join(url, "confusion.png")
         self.mistakes = join(url, "mistakes.png")  # the top-loss test images (tasks/explain.py)
         self.label_issues = join(url, "label_issues.csv")  # likely label errors (tasks/label_issues.py)

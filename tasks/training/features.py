@@ -240,6 +240,13 @@ def build_feature_cache(
     body.eval()
     n, m = len(data.train_targets), len(data.val_targets)
     plan = FeaturePlan(n, m, views, _check_part_size(FEATURE_PART))
+    # Said before it starts: the body's pass over every view is the slow part of transfer mode.
+    logger.info(
+        "feature cache: preparing the body features of %d training images x %d views + %d validation images",
+        n,
+        views + 1,
+        m,
+    )
     bar = None
     if progress:
         from tqdm import tqdm

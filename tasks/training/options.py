@@ -23,6 +23,16 @@ DEFAULT_LEARN_RATES = {"transfer": 1e-3, "finetune": 1e-4, "scratch": 1e-3}
 # on hymenoptera, 0, 1 or 2 views were all within a point of the classic loop's accuracy).
 AUTO_EPOCHS_PER_VIEW = 15
 MAX_AUTO_VIEWS = 8
+# The allowed values of the options that take a word (also the `retrain run` flags' choices).
+CHOICES = {
+    "solver": ("adam", "sgdm"),
+    "shuffle": ("every-epoch", "once", "never"),
+    "learn_rate_schedule": ("none", "piecewise"),
+    "output_network": ("best-validation", "last-iteration"),
+    "checkpoint_frequency_unit": ("epoch", "iteration"),
+    "validation_frequency_unit": ("iteration", "epoch"),
+    "execution_environment": ("auto", "cpu", "gpu"),
+}
 # A field's annotation -> the type of its value (an optional one's when set).
 _VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int, "float | None": float}
 
@@ -75,16 +85,7 @@ class TrainingOptions:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"training option {name}={getattr(self, name)!r}: expected {expected}")
 
-        choices = {
-            "solver": ("adam", "sgdm"),
-            "shuffle": ("every-epoch", "once", "never"),
-            "learn_rate_schedule": ("none", "piecewise"),
-            "output_network": ("best-validation", "last-iteration"),
-            "checkpoint_frequency_unit": ("epoch", "iteration"),
-            "validation_frequency_unit": ("iteration", "epoch"),
-            "execution_environment": ("auto", "cpu", "gpu"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, "one of " + ", ".join(allowed))
         for name in ("max_epochs", "mini_batch_size", "validation_frequency", "learn_rate_drop_period"):
