@@ -408,6 +408,14 @@ class _Parser(argparse.ArgumentParser):
     (its usage, not retrain's) with the closest flags it has: ``--max-epocs`` -> ``--max-epochs``."""
 
     def parse_args(self, args=None, namespace=None):
+        commands = self._subcommands()
+        first = next((a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")), None)
+        if commands and first is not None and first not in commands:  # `retrain rnu`: say which was meant
+            import difflib
+
+            close = difflib.get_close_matches(first, commands, n=2, cutoff=0.5)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"the commands: {', '.join(commands)}"
+            self.error(f"unknown command {first!r} ({hint})")
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             command = self._subcommands().get(getattr(parsed, "command", None), self)

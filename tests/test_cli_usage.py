@@ -138,6 +138,17 @@ def test_an_unknown_flag_gets_the_commands_usage_and_the_closest_flags(argv, sai
     assert last.startswith(f"retrain {argv[0]}: error: unrecognized argument") and said in last, err
 
 
+@pytest.mark.parametrize(
+    ("word", "said"),
+    [("rnu", "did you mean run or runs?"), ("scroe", "did you mean score?"), ("xyz", "the commands: run")],
+)
+def test_an_unknown_command_gets_the_closest_commands(word, said, capsys):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args([word, "data"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit.value.code == 2 and last.startswith(f"retrain: error: unknown command '{word}' (") and said in last
+
+
 def _help(*argv: str) -> str:
     """What ``retrain ARGV --help`` prints."""
     import contextlib

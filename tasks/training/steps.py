@@ -187,5 +187,5 @@ class CachedSteps:
 
 def validation_metrics(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
     loss = float(nn.functional.nll_loss(torch.log(scores.clamp_min(1e-12)), targets))
-    accuracy = float((scores.argmax(1) == targets).float().mean())
+    accuracy = int((scores.argmax(1) == targets).sum()) / len(targets)  # 0.9, not float32's 0.8999999761581421
     return loss, accuracy
