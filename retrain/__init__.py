@@ -227,10 +227,12 @@ def _default_scores_out(model: str, images: str, store: str) -> str | None:
         return None
 
 
-def export(model: str, out: str, fmt: str = "onnx", store: str | None = None) -> dict:
-    """Write ``model`` to ``out`` as ONNX (class names, input size and preprocessing in its
-    metadata; dynamic batch axis) or TorchScript (``fmt="torchscript"``). A run's model
-    exported to ONNX is also checked against torch on the run's held-out images
+def export(model: str, out: str, fmt: str = "onnx", store: str | None = None, with_preprocessing: bool = False) -> dict:
+    """Write ``model`` to ``out`` as ONNX (class names, input size, preprocessing and resize in
+    its metadata; dynamic batch axis) or TorchScript (``fmt="torchscript"``).
+    ``with_preprocessing`` (ONNX): the graph takes decoded uint8 RGB pixels (N x H x W x 3, any
+    H and W), resizes and normalises them as retrain does and returns probabilities. A run's
+    model exported to ONNX is also checked against torch on the run's held-out images
     (``"test_split"``). Returns ``{"output", "format", "classes"[, "test_split"]}``."""
     import posixpath
 
@@ -241,14 +243,17 @@ def export(model: str, out: str, fmt: str = "onnx", store: str | None = None) ->
 
     model_url = resolve_model(model, _store(store))
     loaded, _ = load_checked(model_url)
-    written = export_model(loaded, storage.absolute(out), fmt, storage.sha256_of(model_url))
+    written = export_model(loaded, storage.absolute(out), fmt, storage.sha256_of(model_url), with_preprocessing)
     result = {"output": written, "format": fmt, "classes": list(loaded.classes)}
+    if with_preprocessing:
+        result["with_preprocessing"] = True
     split_url = storage.RunLayout(posixpath.dirname(model_url)).split  # the run folder beside the model
     if fmt == "onnx" and storage.exists(split_url):  # a run's model: check on its test split
         from retrain.tasks.datastore import held_out
-        from retrain.tasks.export import check_export
+        from retrain.tasks.export import check_export, check_pixels_export
 
         test, which = held_out(storage.read_parquet(split_url))
+        check = check_pixels_export if with_preprocessing else check_export
         if len(test):
-            result["test_split"] = {"split": which, **check_export(loaded, written, list(test["path"]))}
+            result["test_split"] = {"split": which, **check(loaded, written, list(test["path"]))}
     return result

@@ -237,6 +237,12 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="model file URL, run id in the store, or promoted model name")
     p.add_argument("--format", dest="fmt", default="onnx", choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True, help="URL of the exported file")
+    p.add_argument(
+        "--with-preprocessing",
+        action="store_true",
+        help="ONNX only: the graph takes decoded uint8 RGB pixels (N x H x W x 3, any size), resizes and "
+        "normalises them as retrain does and returns probabilities: a client needs only a JPEG decoder",
+    )
     _common(p)
 
 

@@ -223,7 +223,7 @@ def cmd_score(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    result = retrain.export(args.model, args.out, args.fmt, args.store)
+    result = retrain.export(args.model, args.out, args.fmt, args.store, args.with_preprocessing)
     if not args.json:
         print(f"{args.fmt} model for {len(result['classes'])} classes written to {result['output']}")
         if "test_split" in result:

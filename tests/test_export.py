@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from retrain.tasks.datastore import index_images
-from retrain.tasks.export import checked_onnx_source
+from retrain.tasks.export import check_pixels_export, checked_onnx_source
 from retrain.tasks.model_file import ModelFileError, load_model_file
 from retrain.tasks.preprocessing import load_image
 from tests.conftest import run_cli
@@ -33,6 +33,7 @@ def test_onnx_round_trip_with_onnxruntime_alone(tmp_path, random_model_file, sha
     prep = json.loads(meta["retrain.preprocessing"])
     size = json.loads(meta["retrain.input_size"])
     assert classes == loaded.classes and size == [227, 227] and prep["channel_order"] == "BGR"
+    assert meta["retrain.resize"].startswith("bilinear, antialiased, aspect ratio not kept, to 227x227")
     paths = list(index_images(shapes_dir).images["path"])
     images = torch.stack([load_image(Path(p).read_bytes(), tuple(size)) for p in paths]).float()
     x = images.flip(1) if prep["channel_order"] == "BGR" else images
@@ -50,7 +51,9 @@ def test_torchscript_export_gives_the_same_logits(tmp_path, random_model_file):
     assert code == 0 and result["format"] == "torchscript"
     extra = {"retrain.json": ""}
     scripted = torch.jit.load(out, _extra_files=extra)
-    assert json.loads(json.loads(extra["retrain.json"])["retrain.classes"]) == result["classes"]
+    metadata = json.loads(extra["retrain.json"])
+    assert json.loads(metadata["retrain.classes"]) == result["classes"]
+    assert metadata["retrain.resize"].startswith("bilinear, antialiased, aspect ratio not kept, to 227x227")
     x = torch.randn(3, 3, 227, 227)
     with torch.inference_mode():
         assert torch.allclose(scripted(x), load_model_file(random_model_file).model.eval()(x), atol=1e-4)
@@ -95,3 +98,44 @@ def test_onnx_files_with_external_data_outside_their_folder_are_refused(tmp_path
     garbage.write_bytes(b"\x08\x07not an onnx model at all" * 10)
     with pytest.raises(ModelFileError):
         checked_onnx_source(str(garbage))
+
+
+def test_onnx_with_preprocessing_takes_decoded_pixels_of_any_size(tmp_path, random_model_file, shapes_dir):
+    """The graph resizes, reorders and normalises uint8 RGB pixels itself: on images of two
+    sizes, ONNX Runtime alone gives the torch predictor's labels and probabilities on
+    retrain's loader's pixels."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    from retrain.tasks.inference import build_predictor
+
+    out = str(tmp_path / "pixels.onnx")
+    code, result, _ = run_cli(["export", random_model_file, "--with-preprocessing", "--out", out])
+    assert code == 0 and result["output"] == out
+    loaded = load_model_file(random_model_file)
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["retrain.resize"].startswith("bilinear, antialiased, aspect ratio not kept, to 227x227")
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "embedding"]
+    predictor = build_predictor(loaded, "torch", device=torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    for height, width in ((300, 410), (120, 90)):  # larger than the input, and smaller (upscaled)
+        # smooth images, like photos: noise would make every 1-level rounding difference count
+        small = rng.integers(0, 256, (3, height // 10 + 1, width // 10 + 1, 3), dtype=np.uint8)
+        pixels = np.stack([np.asarray(Image.fromarray(s).resize((width, height), Image.BICUBIC)) for s in small])
+        probabilities, embedding = session.run(None, {"images": pixels})
+        reference = predictor.scores(torch.stack([load_image(_png(p), (227, 227)) for p in pixels]))
+        assert probabilities.shape == (3, 3) and embedding.shape[0] == 3
+        assert (probabilities.argmax(1) == reference.argmax(1).numpy()).all()
+        assert np.abs(probabilities - reference.numpy()).max() < 1e-3
+    # the check `retrain export` reports for a run's test split: retrain's decoder, files of any size
+    check = check_pixels_export(loaded, out, list(index_images(shapes_dir).images["path"])[:6])
+    assert check["same_labels"] == check["images"] == 6 and check["max_score_difference"] < 1e-3
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    from tests.conftest import encode
+
+    return encode(Image.fromarray(pixels), "PNG")
