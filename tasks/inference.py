@@ -162,9 +162,6 @@ class Predictor:
             logits, embeddings = self.forward(self.network_input(pixels))
             return logits.float(), None if embeddings is None else embeddings.float()
 
-    def logits_ordered(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.outputs_ordered(pixels)[0]
-
     def scores(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Softmax scores (N x K, float32, on the CPU) for a uint8 RGB batch at the input size."""
         return self.scores_and_embeddings(images, batch_size)[0]
