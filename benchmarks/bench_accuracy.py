@@ -70,12 +70,12 @@ def main() -> None:
                 "--split",
                 "0.85,0.15,0",
             )
-            evaluation, _ = retrain("evaluate", run["model"], str(hymenoptera / "val"))
+            evaluation, _ = retrain("evaluate", run["model_url"], str(hymenoptera / "val"))
             results["hymenoptera"].append(
                 {
                     "mode": mode,
                     "seed": seed,
-                    "val_accuracy": evaluation["accuracy"],
+                    "val_accuracy": evaluation["data_accuracy"],
                     "flow_seconds": run["seconds"],
                     "wall_seconds": wall,
                 }

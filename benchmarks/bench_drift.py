@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             options={"max_epochs": args.epochs},
             promote=False,
         )
-        model = run["model"]
+        model = run["model_url"]
         reference = read_model_record(model)["reference"]
         record["model"] = {
             "test_accuracy": run.get("test_accuracy"),
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         record["jobs"] = {}
         for name, folder in folders.items() if not args.skip_verdicts else []:
             t = time.perf_counter()
-            summary = retrain.score(model, str(folder), out=str(work / "out" / name))
+            summary = retrain.score(model, str(folder), score_out=str(work / "out" / name))
             record["jobs"][name] = {
                 **tests_of(summary["drift"]),
                 "engine": summary["engine"],
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
             for kind, url in (("without", plain_url), ("with_drift", model)):
                 out = work / "overhead" / f"{kind}-{repeat}"
                 t = time.perf_counter()
-                summary = retrain.score(url, str(images), out=str(out), engine=engine)
+                summary = retrain.score(url, str(images), score_out=str(out), engine=engine)
                 wall = time.perf_counter() - t
                 if repeat:
                     walls[kind].append(wall)

@@ -131,7 +131,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             options={"max_epochs": args.epochs},
             promote=False,
         )
-        model = run["model"]
+        model = run["model_url"]
         record["training"] = {"epochs": args.epochs, "test_accuracy": run.get("test_accuracy")}
         record["training"]["seconds"] = round(time.perf_counter() - started, 1)
     record["model"] = args.model or "trained on hymenoptera train/ (a temporary store)"
@@ -149,7 +149,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         "distinct": len(set(names)),
         "exif_rotated": exif_rotated(paths),
     }
-    client, record["client_ms_per_image"] = client_probabilities(exported["output"], paths)
+    client, record["client_ms_per_image"] = client_probabilities(exported["out"], paths)
 
     loaded, _ = load_checked(model)
     predictor = build_predictor(loaded, "torch", device=torch.device("cpu"))

@@ -152,7 +152,7 @@ def score(images: str, out: str, ctx: dict) -> dict:
     env, home = ctx["env"], ctx["home"]
     resident_ready(env, home, ctx["probe"])
     before = resident_log(home, COMMAND_LINE)
-    result, wall = cli(["score", ctx["model"], images, "--out", out, "--engine", ctx["engine"]], env)
+    result, wall = cli(["score", ctx["model"], images, "--score-out", out, "--engine", ctx["engine"]], env)
     ran = resident_log(home, COMMAND_LINE) > before
     return {**result, "wall_seconds": round(wall, 3), "in_resident": ran, "load": os.getloadavg()[0]}
 

@@ -208,7 +208,7 @@ def retrain_run(data: Path, table: Path, seed: int, epochs: int, flags: list[str
     started = time.perf_counter()
     printed = COMMANDS["run"](build_parser("run").parse_args(argv))
     wall = time.perf_counter() - started
-    summary = json.loads((Path(printed["run"]) / "summary.json").read_text())  # the step's seconds too
+    summary = json.loads((Path(printed["run_url"]) / "summary.json").read_text())  # the step's seconds too
     return {**summary, **printed, "wall_seconds": wall}
 
 
@@ -226,11 +226,11 @@ def one_seed(name: str, seed: int, epochs: int, work: Path, features: dict[str, 
         "flipped": retrain_run(data, tables["flipped"], seed, epochs, [], store),
         "excluded": retrain_run(data, tables["flipped"], seed, epochs, ["--exclude-label-issues"], store),
     }
-    split = pd.read_parquet(Path(runs["flipped"]["run"]) / "split.parquet")
+    split = pd.read_parquet(Path(runs["flipped"]["run_url"]) / "split.parquet")
     judged = split[split["split"] != "test"].reset_index(drop=True)
     judged_paths = set(judged["path"])
     flipped &= judged_paths  # a flipped file the run could not use is not judged
-    issues = pd.read_csv(Path(runs["flipped"]["run"]) / "label_issues.csv")
+    issues = pd.read_csv(Path(runs["flipped"]["run_url"]) / "label_issues.csv")
     record = {"dataset": name, "seed": seed, "judged": len(judged), "test_images": runs["clean"]["test_images"]}
     record["retrain"] = precision_recall(set(issues["path"]) & judged_paths, flipped)
 

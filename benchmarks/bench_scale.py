@@ -22,6 +22,13 @@ the square of the set; ``--validation-frequency 1 --validation-frequency-unit ep
 grow as the set does. Accuracy against another retrain (``--main-retrain``) on the smallest
 set is measured with retrain's default flags on both.
 
+Transfer features on the fastest validated engine (issue 25): each size is run twice, with
+retrain's default ``--feature-engine auto`` and with ``--feature-engine torch`` (float32
+features); the report's ``feature_engines`` gives, per size, the feature stage's images/s
+(training images x views + validation images over its seconds, and with the engine's float32
+check added), the test accuracy of each, the engine chosen and its gate's figures. The issue's
+figures: ``--sizes 9600,38400 --no-main --no-dask``; quickest: ``--sizes 2400 --no-main --no-dask``.
+
 Then, on the smallest size's shards: transfer mode's feature extraction in this process and on
 a local Dask cluster of 2 worker processes (one thread each): seconds of each (the cluster's
 start-up apart) and the largest absolute difference between their features.
@@ -277,6 +284,9 @@ def stage_seconds(store: Path) -> dict:
         "image_shards_s": shards.get("seconds"),
         "feature_cache_s": cache.get("seconds"),
         "feature_cache_location": cache.get("location"),
+        "feature_engine": cache.get("engine"),
+        "feature_images_per_s": cache.get("images_per_second"),
+        "feature_gate": cache.get("gate"),
         "training_s": round(training.get("seconds", 0), 1),
         "iterations": iterations,
         **steps,
@@ -291,11 +301,14 @@ def validation_flags(args) -> list[str]:
     )
 
 
-def bench_size(size: int, args, work: Path, retrain: Path | None = None, extra: list[str] | None = None) -> dict:
+def bench_size(
+    size: int, args, work: Path, retrain: Path | None = None, extra: list[str] | None = None, label: str = ""
+) -> dict:
     """One measured ``retrain run`` on ``size`` crops with ``extra`` flags, in a fresh store:
     this checkout's retrain, or another one (``retrain``: its store is removed once measured)."""
     data = make_crops(work, size)
     name = (f"{size}" if retrain is None else f"main {size}") + (" defaults" if extra == [] else "")
+    name += f" {label}" if label else ""
     slug = name.replace(" ", "-")
     store = work / f"store-{slug}"
     shutil.rmtree(store, ignore_errors=True)
@@ -313,7 +326,7 @@ def bench_size(size: int, args, work: Path, retrain: Path | None = None, extra: 
         cpu_per_image_ms=round(1000 * record["cpu_s"] / size, 2),
         test_accuracy=result["test_accuracy"],
         val_accuracy=result["val_accuracy"],
-        run=result["run"],
+        run=result["run_url"],
     )
     record["flags"] = flags
     if retrain is None:
@@ -412,6 +425,35 @@ def bench_dask(store: Path, run_dir: Path, work: Path, workers: int) -> dict:
 # ---- report ---------------------------------------------------------------------------------------
 
 
+def feature_engines(chosen: dict, float32: dict) -> dict:
+    """The feature stage and test accuracy of a size's run on the chosen engine against its run
+    on float32 features."""
+
+    def stage(record: dict) -> dict:
+        stages = record["stages"]
+        images_per_s = stages.get("feature_images_per_s")
+        gate = stages.get("feature_gate") or {}
+        with_check = None
+        if images_per_s and stages.get("feature_cache_s"):
+            images = images_per_s * stages["feature_cache_s"]
+            with_check = round(images / (stages["feature_cache_s"] + gate.get("seconds", 0.0)), 1)
+        return {
+            "engine": stages.get("feature_engine"),
+            "feature_images_per_s": images_per_s,
+            "feature_images_per_s_with_check": with_check,
+            "feature_s": stages.get("feature_cache_s"),
+            "test_accuracy": record["test_accuracy"],
+            "val_accuracy": record["val_accuracy"],
+            "gate": gate or None,
+        }
+
+    a, b = stage(chosen), stage(float32)
+    speedup = None
+    if a["feature_images_per_s_with_check"] and b["feature_images_per_s"]:
+        speedup = round(a["feature_images_per_s_with_check"] / b["feature_images_per_s"], 2)
+    return {"images": chosen["images"], "chosen": a, "float32": b, "feature_speedup_with_check": speedup}
+
+
 def goals(records: list[dict]) -> dict:
     if len(records) < 2:
         return {}
@@ -451,6 +493,11 @@ def main() -> int:
     parser.add_argument("--no-main", action="store_true", help="skip the comparison with --main-retrain")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask vs in-process feature extraction")
     parser.add_argument("--dask-workers", type=int, default=2)
+    parser.add_argument(
+        "--no-float32",
+        action="store_true",
+        help="skip each size's second run on float32 features (--feature-engine torch)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep each size's store")
     parser.add_argument("--out", default=None, help="write the results as JSON here too")
     parser.add_argument(
@@ -478,13 +525,24 @@ def main() -> int:
     if args.prefect == "server":
         prefect_server(work, "start")
     try:
-        records = []
+        records, engines = [], []
         for size in sizes:
             records.append(bench_size(size, args, work))
+            if not args.no_float32:
+                float32 = ["--feature-engine", "torch"]
+                engines.append(
+                    feature_engines(
+                        records[-1],
+                        bench_size(size, args, work, extra=validation_flags(args) + float32, label="float32"),
+                    )
+                )
+                print(f"[{size} engines] {json.dumps(engines[-1])}", flush=True)
             if not args.keep and size != sizes[0]:  # the smallest's is the Dask comparison's
                 shutil.rmtree(work / f"store-{size}", ignore_errors=True)
         report["runs"] = records
         report["goals"] = goals(records)
+        if engines:
+            report["feature_engines"] = engines
         if not args.no_main and Path(args.main_retrain).exists():
             # Both with retrain's default validation flags (the other retrain may not know ours).
             ours = records[0] if not validation_flags(args) else bench_size(sizes[0], args, work, extra=[])

@@ -11,19 +11,24 @@ calibrated on. All in one run, one after the other:
 - peer: a fresh ``python`` process running a DataLoader loop tuned as a careful user would:
   worker processes = cores, batch 32, channels_last, inference_mode, torchvision's JPEG decoder;
   its process wall time, and its images/s from the first batch to the last.
-- retrain score, cold CLI: ``retrain score MODEL FOLDER --json`` in a fresh process, no Prefect
-  server and no Dask cluster running (its temporary Prefect API and local cluster start in it);
-  process wall time, and images/s while scoring (``images_per_second_scoring``).
-  ``--engine auto`` at both sizes, then every engine on the 2,000.
-- label agreement of each engine with float32 torch on the 2,000 (from their scores.parquet),
-  and accuracy per engine on hymenoptera val/ (``retrain evaluate --engine``).
-- forward-only rate per engine, one thread, batch 8 (what the engine gate measured).
+- retrain score, each as a user meets it, in a fresh ``retrain`` process (process wall time, and
+  images/s while scoring: ``images_per_second_scoring``), ``--engine auto``:
+  - first score of a new model: a model trained just before (its own seed per count), scored
+    for the first time, with the local server its training command left running;
+  - later score: the same model again (a fresh output folder), the server up (resident process);
+  - cold, new Prefect home: the first command on a new PREFECT_HOME, which starts the local
+    server for later commands (stopped after the measurement);
+  - cold, new Prefect home, ``RETRAIN_AUTO_SERVER=0``: Prefect's temporary API started inside
+    the command (what every command paid before the local server started itself).
+  Then every engine of ``--engines`` on the smallest count (server up).
+- label agreement of each engine with float32 torch on the smallest count (from their
+  scores.parquet), and accuracy per engine on hymenoptera val/ (``retrain evaluate --engine``).
 
 Other work on the machine makes absolute figures noisy: the ratios within one run are what
 count, and the load average is printed next to them. Run from the project root:
 
-    .venv/bin/python benchmarks/bench_score.py
-    .venv/bin/python benchmarks/bench_score.py --counts 2000 --engines auto   # quicker
+    .venv/bin/python benchmarks/bench_score.py                        # 5,000 and 2,000 photos
+    .venv/bin/python benchmarks/bench_score.py --counts 300,100 --engines none   # a smoke run
 """
 
 from __future__ import annotations
@@ -141,7 +146,7 @@ def cli(args: list[str], env: dict | None = None) -> tuple[dict, float]:
     return json.loads(done.stdout.strip().splitlines()[-1]), wall
 
 
-def train_model(store: Path, env: dict) -> str:
+def train_model(store: Path, env: dict, seed: int) -> str:
     result, wall = cli(
         [
             "run",
@@ -158,12 +163,28 @@ def train_model(store: Path, env: dict) -> str:
             "6",
             "--no-promote",
             "--seed",
-            "0",
+            str(seed),
         ],
         env,
     )
-    print(f"trained on hymenoptera train/ in {wall:.0f} s: test accuracy {result['test_accuracy']:.3f}", flush=True)
-    return result["model"]
+    print(
+        f"trained on hymenoptera train/ (seed {seed}) in {wall:.0f} s: test accuracy {result['test_accuracy']:.3f}",
+        flush=True,
+    )
+    return result["model_url"]
+
+
+def new_home(work: Path, name: str, auto_server: bool) -> dict:
+    """An environment with a new, empty PREFECT_HOME and no API set: a first command there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "RETRAIN_AUTO_SERVER"}
+    env.update(PREFECT_HOME=str(work / name), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    if not auto_server:
+        env["RETRAIN_AUTO_SERVER"] = "0"
+    return env
+
+
+def stop_server(env: dict) -> None:
+    subprocess.run([str(BIN / "retrain"), "server", "stop"], env=env, capture_output=True, cwd=ROOT)
 
 
 # ---- the measurements -----------------------------------------------------------------------
@@ -185,7 +206,7 @@ def peer(model: str, folder: Path, workers: int) -> dict:
 
 def score(model: str, folder: Path, out: Path, engine: str, env: dict) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    result, wall = cli(["score", model, str(folder), "--out", str(out), "--engine", engine], env)
+    result, wall = cli(["score", model, str(folder), "--score-out", str(out), "--engine", engine], env)
     return {**result, "wall_seconds": wall, "load": os.getloadavg()[0]}
 
 
@@ -197,10 +218,21 @@ def agreement(reference: Path, other: Path) -> float:
     return float((a == b.reindex(a.index)).mean())
 
 
+# The rows of each count: (key, what it is).
+ROWS = (
+    ("first", "first score of a new model"),
+    ("later", "later score (server up)"),
+    ("cold_auto", "cold, new home (starts server)"),
+    ("cold_temporary", "cold, new home, AUTO_SERVER=0"),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="5000,2000", help="photo counts (default 5000,2000)")
-    parser.add_argument("--engines", default="torch,onnx,onnx-int8", help="engines to score the smallest count with")
+    parser.add_argument(
+        "--engines", default="torch,onnx,onnx-int8", help="engines to score the smallest count with (none: skip)"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -208,8 +240,8 @@ def main() -> None:
         sys.exit("the benchmark needs ../shared/weights and ../shared/data/hymenoptera_data")
     counts = sorted({int(c) for c in args.counts.split(",")}, reverse=True)
     work = Path(tempfile.mkdtemp(prefix="bench-score-"))
-    env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PREFECT_API_URL": ""}
-    env.pop("PREFECT_API_URL")
+    env = new_home(work, "prefect", auto_server=True)  # the user's home: its first command starts the server
+    homes = [env]
     results: dict = {
         "cores": os.cpu_count(),
         "workers": args.workers,
@@ -218,65 +250,77 @@ def main() -> None:
     }
     try:
         folders = make_photos(work, counts)
-        model = train_model(work / "store", env)
-        results["model"] = model
-        print("validating engines (once per model; kept out of the timed runs) ...", flush=True)
-        started = time.perf_counter()
-        cli(["evaluate", model, str(PHOTOS / "val"), "--engine", "auto"], env)
-        results["validation_seconds"] = time.perf_counter() - started
-        for count in counts:
-            results[f"peer_{count}"] = peer(model, folders[count], args.workers)
-            results[f"score_{count}"] = score(model, folders[count], work / f"out-auto-{count}", "auto", env)
-            p, s = results[f"peer_{count}"], results[f"score_{count}"]
-            print(
-                f"{count:,} photos: peer {p['wall_seconds']:.1f} s ({p['images_per_second']:.0f} img/s); "
-                f"retrain score cold CLI {s['wall_seconds']:.1f} s ({s['images_per_second_scoring']:.0f} img/s "
-                f"while scoring, engine {s['engine']}, {s['decoder']} decoding); load {s['load']:.1f}",
-                flush=True,
-            )
-        small = counts[-1]
+        for i, count in enumerate(counts):
+            folder = folders[count]
+            model = train_model(work / "store", env, seed=i)
+            results[f"model_{count}"] = model
+            results[f"peer_{count}"] = peer(model, folder, args.workers)
+            results[f"first_{count}"] = score(model, folder, work / f"out-first-{count}", "auto", env)
+            results[f"later_{count}"] = score(model, folder, work / f"out-later-{count}", "auto", env)
+            cold = new_home(work, f"prefect-cold-{count}", auto_server=True)
+            homes.append(cold)
+            results[f"cold_auto_{count}"] = score(model, folder, work / f"out-cold-auto-{count}", "auto", cold)
+            stop_server(cold)
+            temporary = new_home(work, f"prefect-temporary-{count}", auto_server=False)
+            results[f"cold_temporary_{count}"] = score(model, folder, work / f"out-cold-tmp-{count}", "auto", temporary)
+            p = results[f"peer_{count}"]
+            for key, what in ROWS:
+                s = results[f"{key}_{count}"]
+                print(
+                    f"{count:,} photos, {what}: {s['wall_seconds']:.1f} s, {s['wall_seconds'] / p['wall_seconds']:.2f}x "
+                    f"the peer's {p['wall_seconds']:.1f} s ({s['images_per_second_scoring']:.0f} against "
+                    f"{p['images_per_second']:.0f} img/s, engine {s['engine']}); load {s['load']:.1f}",
+                    flush=True,
+                )
+        small, model = counts[-1], results[f"model_{counts[-1]}"]
         engines = {}
-        for engine in args.engines.split(","):
+        for engine in [] if args.engines == "none" else args.engines.split(","):
             engines[engine] = score(model, folders[small], work / f"out-{engine}-{small}", engine, env)
             engines[engine]["accuracy_val"] = cli(["evaluate", model, str(PHOTOS / "val"), "--engine", engine], env)[0][
                 "accuracy"
             ]
-        for engine, r in engines.items():
-            r["agreement_with_torch"] = agreement(work / f"out-torch-{small}", work / f"out-{engine}-{small}")
+        if "torch" in engines:
+            for engine, r in engines.items():
+                r["agreement_with_torch"] = agreement(work / f"out-torch-{small}", work / f"out-{engine}-{small}")
         results["engines"] = engines
         from retrain.tasks import storage
         from retrain.tasks.engine_gate import engines_dir
 
-        record = storage.read_json(storage.join(engines_dir(model, storage.sha256_of(model)), "validation.json"))
-        results["validation"] = record
+        record_url = storage.join(engines_dir(model, storage.sha256_of(model)), "validation.json")
+        results["validation"] = storage.read_json(record_url) if storage.exists(record_url) else {}
     finally:
+        for home in homes:
+            stop_server(home)
         results["load_average_end"] = os.getloadavg()
         shutil.rmtree(work, ignore_errors=True)
     report(results, counts)
 
 
 def report(results: dict, counts: list[int]) -> None:
-    print(f"\n{'':<28}{'wall s':>9}{'img/s scoring':>15}{'vs peer wall':>14}{'vs peer img/s':>15}")
+    print(f"\n{'':<44}{'wall s':>9}{'img/s scoring':>15}{'vs peer wall':>14}{'load':>6}")
     for count in counts:
-        p, s = results[f"peer_{count}"], results[f"score_{count}"]
-        print(f"{f'peer, {count:,}':<28}{p['wall_seconds']:>9.1f}{p['images_per_second']:>15.1f}")
+        p = results[f"peer_{count}"]
+        print(f"{f'peer (DataLoader), {count:,}':<44}{p['wall_seconds']:>9.1f}{p['images_per_second']:>15.1f}")
+        for key, what in ROWS:
+            s = results[f"{key}_{count}"]
+            print(
+                f"{f'{what}, {count:,}':<44}{s['wall_seconds']:>9.1f}{s['images_per_second_scoring']:>15.1f}"
+                f"{s['wall_seconds'] / p['wall_seconds']:>14.2f}{s['load']:>6.1f}"
+            )
+    if results["engines"]:
+        speeds = next(iter(results["validation"].get("speeds", {}).values()), {})
         print(
-            f"{f'retrain score auto, {count:,}':<28}{s['wall_seconds']:>9.1f}{s['images_per_second_scoring']:>15.1f}"
-            f"{s['wall_seconds'] / p['wall_seconds']:>14.2f}{s['images_per_second_scoring'] / p['images_per_second']:>15.2f}"
+            f"\n{'engine':<12}{'wall s':>9}{'img/s scoring':>15}{'agree/torch':>13}{'val acc':>9}{'fwd 1 thr':>11}{'gate':>7}"
         )
-    speeds = next(iter(results["validation"]["speeds"].values()))
-    print(
-        f"\n{'engine':<12}{'wall s':>9}{'img/s scoring':>15}{'agree/torch':>13}{'val acc':>9}{'fwd 1 thr':>11}{'gate':>7}"
-    )
-    for engine, r in results["engines"].items():
-        verdict = results["validation"]["engines"].get(engine, {})
-        print(
-            f"{engine:<12}{r['wall_seconds']:>9.1f}{r['images_per_second_scoring']:>15.1f}"
-            f"{r['agreement_with_torch']:>13.4f}{r['accuracy_val']:>9.4f}{speeds.get(engine, 0):>11.1f}"
-            f"{'pass' if verdict.get('passed') else 'FAIL':>7}"
-        )
-    decoder = results["validation"]["decoders"].get("scaled", {})
-    print(f"scaled JPEG decoding: agreement {decoder.get('agreement', 0):.4f}, passed {decoder.get('passed')}")
+        for engine, r in results["engines"].items():
+            verdict = results["validation"].get("engines", {}).get(engine, {})
+            print(
+                f"{engine:<12}{r['wall_seconds']:>9.1f}{r['images_per_second_scoring']:>15.1f}"
+                f"{r.get('agreement_with_torch', float('nan')):>13.4f}{r['accuracy_val']:>9.4f}"
+                f"{speeds.get(engine, 0):>11.1f}{'pass' if verdict.get('passed') else 'FAIL':>7}"
+            )
+        decoder = results["validation"].get("decoders", {}).get("scaled", {})
+        print(f"scaled JPEG decoding: agreement {decoder.get('agreement', 0):.4f}, passed {decoder.get('passed')}")
     print(
         f"load average {results['load_average_start'][0]:.1f} at the start, {results['load_average_end'][0]:.1f} at the end"
     )

@@ -8,6 +8,11 @@ on the machine makes absolute times noisy; the ratios are what count):
   retrain flow does), accuracy on ``val/``; seeds 0-2.
 - MerchData: the retrain flow's split (``split_each_label`` 0.7/0.15/0.15 with the seed),
   test accuracy; seeds 0-4.
+- commands: ``retrain run`` on hymenoptera ``train/`` (the same network, options and 15 %
+  validation part, per seed) as a user runs it: cold commands one after another, each a new
+  process, on a new PREFECT_HOME with no server (the first starts the local server that the
+  later ones use); process wall time against the classic loop's of the same seeds, and the
+  model's accuracy on ``val/``. The server is stopped at the end.
 - fine-tune (and the classic transfer loop) against ``tasks/training.py`` as it was before
   the feature cache (``git show 5826a04:tasks/training.py``, ``--baseline-rev``, loaded as a
   separate module): seconds per iteration, alternating old and new.
@@ -16,6 +21,8 @@ Writes a JSON file and prints a table. Run from the project root:
 
     .venv/bin/python benchmarks/bench_train.py                 # the full benchmark
     .venv/bin/python benchmarks/bench_train.py --quick         # a smoke run (fewer seeds, epochs)
+    .venv/bin/python benchmarks/bench_train.py --data hymenoptera,commands --hymenoptera-epochs 30
+                                                               # retrain run against the plain loop
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -326,6 +334,63 @@ def loop_overhead(
     return results
 
 
+def commands(seeds: list[int], root: Path, weights: str, options: dict, holdout: float, classic: list[dict]) -> dict:
+    """``retrain run`` per seed, cold, one after another on a new PREFECT_HOME (as a user runs
+    them: the first starts the local server), against the classic loop's runs of the same seeds."""
+    work = Path(tempfile.mkdtemp(prefix="bench-train-commands-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "RETRAIN_AUTO_SERVER"}
+    env.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    retrain = str(Path(sys.executable).parent / "retrain")
+    runs = []
+    try:
+        for seed in seeds:
+            argv = [retrain, "run", str(root / "train"), "--store", str(work / "store"), "--network", NETWORK]
+            argv += ["--weights", weights, "--mode", "transfer", "--split", f"{1 - holdout:g},{holdout:g},0"]
+            argv += ["--max-epochs", str(options["max_epochs"]), "--mini-batch-size", str(options["mini_batch_size"])]
+            argv += ["--validation-frequency", str(options["validation_frequency"]), "--seed", str(seed), "--json"]
+            started = time.perf_counter()
+            done = subprocess.run(argv, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            if done.returncode != 0:
+                raise RuntimeError(f"retrain run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            summary = json.loads(done.stdout.strip().splitlines()[-1])
+            evaluated = subprocess.run(
+                [retrain, "evaluate", summary["model_url"], str(root / "val"), "--engine", "torch", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            record = {
+                "seed": seed,
+                "seconds": wall,
+                "flow_seconds": summary.get("seconds"),
+                "started_server": "started a local Prefect server" in done.stderr,
+                "test_accuracy": json.loads(evaluated.stdout.strip().splitlines()[-1])["data_accuracy"],
+                "load": os.getloadavg()[0],
+            }
+            runs.append(record)
+            print(
+                f"  retrain run seed {seed}: {wall:7.1f} s wall ({record['flow_seconds']:.1f} s in its flow"
+                f"{', started the server' if record['started_server'] else ''}), accuracy on val/ "
+                f"{record['test_accuracy']:.4f}, load {record['load']:.1f}",
+                flush=True,
+            )
+    finally:
+        subprocess.run([retrain, "server", "stop"], env=env, capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    classic_seconds = statistics.mean(r["seconds"] for r in classic)
+    seconds = statistics.mean(r["seconds"] for r in runs)
+    return {
+        "runs": runs,
+        "classic_runs": [{k: r[k] for k in ("seed", "seconds", "test_accuracy")} for r in classic],
+        "mean_seconds": seconds,
+        "classic_mean_seconds": classic_seconds,
+        "speedup_vs_classic": classic_seconds / seconds,
+        "mean_test_accuracy": statistics.mean(r["test_accuracy"] for r in runs),
+        "classic_mean_test_accuracy": statistics.mean(r["test_accuracy"] for r in classic),
+    }
+
+
 def print_table(results: dict) -> None:
     print("\n" + "=" * 100)
     print(
@@ -342,6 +407,16 @@ def print_table(results: dict) -> None:
                 f"{row['mean_cpu_seconds']:8.1f} {row['cpu_speedup_vs_classic']:7.2f}x {row['mean_test_accuracy']:9.4f} "
                 f"{row['accuracy_minus_classic_points']:+10.2f}p  " + " ".join(f"{a:.3f}" for a in row["accuracies"])
             )
+    if "commands" in results:
+        c = results["commands"]
+        print(
+            f"retrain run, cold commands one after another: {c['mean_seconds']:.1f} s a run (per seed "
+            + ", ".join(f"{r['seconds']:.1f}" for r in c["runs"])
+            + f"); classic loop {c['classic_mean_seconds']:.1f} s: {c['speedup_vs_classic']:.2f}x the plain loop; "
+            f"accuracy on val/ {c['mean_test_accuracy']:.4f} (classic {c['classic_mean_test_accuracy']:.4f}; per seed "
+            + " ".join(f"{r['test_accuracy']:.3f}" for r in c["runs"])
+            + ")"
+        )
     if "loop_overhead" in results:
         print(
             f"\nloop against tasks/training.py at {results['settings']['baseline_rev']}: seconds per "
@@ -371,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data",
         default="hymenoptera,merch,overhead",
-        help="comma-separated: hymenoptera, merch, overhead (fine-tune loop vs baseline)",
+        help="comma-separated: hymenoptera, merch, overhead (fine-tune loop vs baseline), commands (retrain run "
+        "per hymenoptera seed, cold, against the classic loop: needs hymenoptera)",
     )
     p.add_argument("--hymenoptera-seeds", default="0,1,2")
     p.add_argument("--merch-seeds", default="0,1,2,3,4")
@@ -436,6 +512,16 @@ def main(argv: list[str] | None = None) -> int:
             augmentation,
             view_counts,
         )
+        if "commands" in wanted:
+            print("retrain run commands, cold, one after another on a new Prefect home", flush=True)
+            results["commands"] = commands(
+                seeds,
+                hymenoptera,
+                args.weights,
+                {**base, "max_epochs": args.hymenoptera_epochs, "mini_batch_size": args.hymenoptera_batch},
+                args.holdout,
+                [r for r in results["hymenoptera"]["runs"] if r["method"] == "classic"],
+            )
     if "merch" in wanted and merch.exists():
         print("MerchData: split 0.7/0.15/0.15 per seed, test accuracy", flush=True)
         store = tempfile.mkdtemp(prefix="bench-train-store-")

@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from retrain import failures
-from retrain.flows.pipeline import promotion_gate, retrain_flow
+from retrain.flows.pipeline import promotion_gate, retrain_flow, validate_step
 from retrain.tasks import storage
 from retrain.tasks.datastore import index_dataset, materialize
 from retrain.tasks.experiments import (
@@ -173,7 +173,14 @@ def experiment_flow(
     folder = storage.join(store, "experiments", experiment_id)
     workers = parallel or default_parallel(len(planned), train_deployment)
     logger.info("experiment %s: %d runs, %d at a time, results in %s", experiment_id, len(planned), workers, folder)
-    common = {"data": data, "store": store, "train_deployment": train_deployment, "promote": False}
+    # Only the promoted run's engines are validated (below): the others' models are not scored.
+    common = {
+        "data": data,
+        "store": store,
+        "train_deployment": train_deployment,
+        "promote": False,
+        "validate_engines": False,
+    }
     results = run_all([(p, run_id_in(experiment_id, p, content)) for p in planned], common, workers)
     table = comparison_table(results)
     best = best_run(results, table)
@@ -193,6 +200,7 @@ def experiment_flow(
         "experiment": folder,
     }
     if best and promote_best:
+        record["engines"] = validate_step(best.run)
         record["promotion"] = promotion_gate(store, model_name or run_model_name(data, best.run), best.run)
     record["files"] = write_experiment(folder, record, results, table)
     publish_experiment(record, table)

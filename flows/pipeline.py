@@ -1,7 +1,7 @@
 """The retrain flow: MATLAB's "Retrain Neural Network to Classify New Images", step by step.
 
 unzip -> index (+ montage) -> split -> train (its own flow) -> evaluate -> publish
-[-> batch predict (flows/score.py) when given a folder to score]
+-> validate engines -> promote [-> batch predict (flows/score.py) when given a folder to score]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from retrain.flows.artifacts import flow_run_ui_url
 from retrain.flows.train import train_flow
 from retrain.tasks import storage
 from retrain.tasks.datastore import IndexRecord, adopt_index, index_dataset, materialize, split_stage
+from retrain.tasks.engine_gate import validate_run
 from retrain.tasks.evaluation import evaluate_run
 from retrain.tasks.explain import explain_run
 from retrain.tasks.label_issues import find_run_label_issues
@@ -35,6 +36,7 @@ evaluate = task(evaluate_run, name="evaluate")
 explain = task(explain_run, name="explain")
 find_label_issues = task(find_run_label_issues, name="label-issues")
 publish = task(publish_run, name="publish")
+validate = task(validate_run, name="validate engines")
 
 
 @flow(name="retrain")
@@ -62,6 +64,7 @@ def retrain_flow(
     dask_address: str | None = None,
     dask_workers: int | None = None,
     label_issues: str = "find",
+    validate_engines: bool = True,
 ) -> dict:
     """Retrain ``network`` on the images in ``data`` (a zip or a folder of class folders,
     any fsspec URL; the generated sample set when None). Returns the run summary.
@@ -74,6 +77,10 @@ def retrain_flow(
     data set's name and a key of its classes), see :mod:`tasks.promotion`; across a change
     of classes only with ``allow_class_change``. A rerun of a run that published its model
     but died before the gate finishes that run instead of training a new one.
+    ``validate_engines``: validate the published model's engines on the run's images
+    (tasks/engine_gate.py), so that scoring it only reads the verdict; the summary's
+    ``engines`` says which passed and which one ``auto`` uses. An experiment validates only
+    the run it promotes (flows/experiment.py).
     ``score_folder``: end with a batch-predict step that scores that folder with the new model
     (:mod:`flows.score`) into ``score_out`` (default ``<run>/scores``).
     ``labels``: a CSV or parquet label table (path, label[, split]) instead of class folders;
@@ -117,15 +124,20 @@ def retrain_flow(
         score_folder=score_folder,
         score_out=score_out,
         progress=progress,
+        validate_engines=validate_engines,
     )
     unjudged = unjudged_run(store, config.fingerprint()) if promote and resume and not run_id else None
     unscored = _unscored_run(store, config.fingerprint()) if score_folder and resume and not run_id else None
-    if unjudged or unscored:
-        return _finish_published(unjudged or unscored, started, after)
+    unfinished = unjudged or unscored
+    if not unfinished and validate_engines and resume and not run_id:  # e.g. --no-promote, killed while validating
+        unfinished = _published_without(store, config.fingerprint(), "engines", "validate_engines")
+    if unfinished:
+        return _finish_published(unfinished, started, after)
     run_url, lock = start_run(store, config, run_id=run_id, resume=resume)  # refused while another writes it
     cluster = {"address": dask_address or None, "workers": dask_workers or None}
     try:
-        update_run(run_url, promote=promote)  # a rerun finishes the promotion a kill prevented
+        # recorded first: a rerun finishes what a kill prevented (promotion, validation)
+        update_run(run_url, promote=promote, validate_engines=validate_engines)
         indexed, trained, metrics, model_url, issues = _run_stages(
             run_url, indexed, config, train_deployment, progress, cluster
         )
@@ -134,19 +146,18 @@ def retrain_flow(
         summary_url = storage.RunLayout(run_url).summary
         storage.write_json(summary_url, summary)
         publish_artifacts(summary, metrics, run_url, indexed.montage)
-        if promote or score_folder:
-            _after_publishing(summary, **after)
-            summary["seconds"] = time.perf_counter() - started  # the whole flow, promotion and scoring included
-            storage.write_json(summary_url, summary)  # what became of its model too
+        _after_publishing(summary, **after)
+        summary["seconds"] = time.perf_counter() - started  # the whole flow, validation, promotion and scoring included
+        storage.write_json(summary_url, summary)  # what became of its model too
         return summary
     finally:
         lock.release()
 
 
 def _finish_published(run_url: str, started: float, after: dict) -> dict:
-    """The rerun of a run that published its model but died before the promotion gate or
-    during its batch-predict step: the steps after publishing, under the run's lock, without
-    training anew."""
+    """The rerun of a run that published its model but died before its engines were
+    validated, before the promotion gate or during its batch-predict step: the steps after
+    publishing, under the run's lock, without training anew."""
     lock = lock_run(run_url).acquire()
     try:
         summary_url = storage.RunLayout(run_url).summary
@@ -170,11 +181,15 @@ def _after_publishing(
     score_folder: str | None,
     score_out: str | None,
     progress: bool,
+    validate_engines: bool = True,
 ) -> None:
-    """Promotion of the published model (as model ``model_name``, default
+    """The validation of the published model's engines when asked (first: a promoted model
+    then has its verdict when anyone scores it), its promotion (as model ``model_name``, default
     :func:`tasks.promotion.model_name_for` the data set ``named_after`` and the run's classes)
     and the batch-predict step (``score_folder`` into ``score_out``, default
-    ``<run>/scores``), each when asked for; their outcomes go into ``summary``."""
+    ``<run>/scores``), the last two when asked for; their outcomes go into ``summary``."""
+    if validate_engines and "engines" not in summary:
+        summary["engines"] = validate_step(summary["run"])
     # A rerun finishing the batch-predict step keeps the decision made before it.
     promote = promote and "promotion" not in summary
     promote_as = (model_name or model_name_for(named_after, summary["classes"])) if promote else None
@@ -199,13 +214,21 @@ def _unscored_run(store: str, fingerprint: str) -> str | None:
     """The newest run with this fingerprint when it published its model and began its
     batch-predict step, but its summary holds no scores: it was interrupted while scoring, and
     the same command is to finish that job in that run (its parts are kept), not train anew."""
+    return _published_without(store, fingerprint, "scores", "score_out")
+
+
+def _published_without(store: str, fingerprint: str, outcome: str, asked: str) -> str | None:
+    """The newest run with this fingerprint when it published its model, its run record says
+    ``asked`` (it went on to that step), and its summary holds no ``outcome`` of the step: it
+    died before the step finished, and the same command is to finish it, not train anew. A
+    run published before the flow asked for that step (no ``asked``) is finished as it is."""
     from retrain.tasks.runs import STATUS_COMPLETED, list_runs
 
     same = [r for r in list_runs(store, check_writers=False) if r.get("fingerprint") == fingerprint]
-    if not same or same[-1].get("status") != STATUS_COMPLETED or not same[-1].get("score_out"):
+    if not same or same[-1].get("status") != STATUS_COMPLETED or not same[-1].get(asked):
         return None
     layout = storage.StoreLayout(store).run(same[-1]["run_id"])
-    if not storage.exists(layout.summary) or "scores" in storage.read_json(layout.summary):
+    if not storage.exists(layout.summary) or outcome in storage.read_json(layout.summary):
         return None
     return layout.url
 
@@ -269,6 +292,7 @@ def _summary(
         "epochs": trained["epochs"],
         "resumed_from": trained["resumed_from"],
         "device": trained["device"],
+        "feature_engine": trained.get("feature_engine"),  # transfer mode: what computed the body's features
         "options": config.options.to_dict(),
         "seconds": seconds,
         "ui_url": flow_run_ui_url(),
@@ -330,6 +354,29 @@ def explain_step(run_url: str) -> None:
         explain(run_url)
     except Exception as exc:  # e.g. an architecture without a spatial feature map
         get_run_logger().warning("no explanations for this run: %s: %s", type(exc).__name__, exc)
+
+
+def validate_step(run_url: str) -> dict:
+    """The "validate engines" task with its line before and after; a validation that fails
+    costs the run nothing (its model is then validated on first use, as one published before
+    this step was)."""
+    logger = get_run_logger()
+    # Said first: exports, int8 calibration and every engine on the run's images take seconds.
+    logger.info("validating engines: every engine this machine offers against float32 torch on the run's images")
+    try:
+        engines = validate(run_url)
+    except Exception as exc:
+        logger.warning("engines not validated (scoring validates them on first use): %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    logger.info(
+        "engines: %s passed%s; auto uses %s (%s) (%.1f s)",
+        ", ".join(engines["passed"]),
+        f", {', '.join(engines['failed'])} failed" if engines["failed"] else "",
+        engines["auto"],
+        engines["reason"],
+        engines["seconds"],
+    )
+    return engines
 
 
 def label_issues_step(run_url: str, exclude: bool = False, trained: bool = False) -> dict:

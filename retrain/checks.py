@@ -95,8 +95,8 @@ def _classify(args, store: str) -> None:
 def _score(args, store: str) -> None:
     check_model(args.model, store, args.images, "retrain score MODEL IMAGES")
     check_images(args.images, "IMAGES")
-    if args.out is not None and _exists(args.out) and not _isdir(args.out):
-        raise UsageError(f"--score-out {args.out} is a file: the scores go into a folder (created when missing)")
+    if args.score_out is not None and _exists(args.score_out) and not _isdir(args.score_out):
+        raise UsageError(f"--score-out {args.score_out} is a file: the scores go into a folder (created when missing)")
 
 
 def _export(args, store: str) -> None:
@@ -257,6 +257,8 @@ def run_settings(settings: dict, parameters: Collection[str]) -> dict:
 
     from retrain.tasks.training.options import TrainingOptions
 
+    settings = _split_setting(settings)
+    parameters = [name for name in parameters if name != "split_fractions"] + ["split"]
     option_names = [f.name for f in fields(TrainingOptions)]
     unknown = [name for name in settings if name not in parameters and name not in option_names]
     if unknown:
@@ -268,6 +270,8 @@ def run_settings(settings: dict, parameters: Collection[str]) -> dict:
             said.append(repr(name) + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
         raise TypeError(f"retrain.run() got unknown setting(s): {', '.join(said)}")
     flat = {name: value for name, value in settings.items() if name in option_names and name not in parameters}
+    if "split" in settings:  # the flow's parameter keeps its name (deployments and experiments give it)
+        settings = {**{k: v for k, v in settings.items() if k != "split"}, "split_fractions": settings["split"]}
     if not flat:
         return settings
     given = dict(settings.get("options") or {})
@@ -275,3 +279,16 @@ def run_settings(settings: dict, parameters: Collection[str]) -> dict:
     if twice:
         raise TypeError(f"retrain.run(): training option(s) {', '.join(twice)} given both flat and in options")
     return {**{k: v for k, v in settings.items() if k not in flat}, "options": {**given, **flat}}
+
+
+def _split_setting(settings: dict) -> dict:
+    """``split_fractions=``, the old name of ``split=`` (the ``--split`` flag's), as ``split``
+    with a DeprecationWarning; both given is a TypeError."""
+    if "split_fractions" not in settings:
+        return settings
+    if "split" in settings:
+        raise TypeError("retrain.run(): split given twice (split_fractions is its old name)")
+    import warnings
+
+    warnings.warn("retrain.run(split_fractions=...) is deprecated: use split=", DeprecationWarning, stacklevel=4)
+    return {**{k: v for k, v in settings.items() if k != "split_fractions"}, "split": settings["split_fractions"]}

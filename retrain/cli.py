@@ -170,12 +170,11 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--score-out",
-        dest="out",
         default=None,
         metavar="URL",
         help="output URL for the parts, scores.parquet and summary.json (default <store>/scores/<job-id>)",
     )
-    _hidden_alias(p, "--out", "out", default=None)
+    _hidden_alias(p, "--out", "score_out", default=None)
     p.add_argument(
         "--dask-address",
         default=None,
@@ -184,13 +183,12 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dask-workers",
-        dest="workers",
         type=int,
         default=None,
         metavar="N",
         help="processes of the local Dask cluster (default: one per core)",
     )
-    _hidden_alias(p, "--workers", "workers", type=int, default=None)
+    _hidden_alias(p, "--workers", "dask_workers", type=int, default=None)
     mini_batch, partition_size, to_label = _scoring_defaults()
     p.add_argument(
         "--mini-batch-size",
@@ -217,7 +215,7 @@ def _score_arguments(p: argparse.ArgumentParser) -> None:
         default=to_label,
         metavar="N",
         help=f"list the N least certain images (smallest margin between the two top scores) in "
-        f"<out>/to_label.csv, to label and give back with retrain run DATA --labels TABLE (default {to_label}; 0: none)",
+        f"<score-out>/to_label.csv, to label and give back with retrain run DATA --labels TABLE (default {to_label}; 0: none)",
     )
     _engine_argument(p)
     _common(p)
@@ -235,8 +233,8 @@ def _engine_argument(p: argparse.ArgumentParser) -> None:
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="model file URL, run id in the store, or promoted model name")
-    p.add_argument("--format", dest="fmt", default="onnx", choices=["onnx", "torchscript"])
-    p.add_argument("--out", required=True, help="URL of the exported file")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="default %(default)s")
+    p.add_argument("--out", required=True, metavar="FILE", help="URL of the exported file")
     p.add_argument(
         "--with-preprocessing",
         action="store_true",
@@ -559,12 +557,14 @@ def main(argv: list[str] | None = None, watch_api: bool = False) -> int:
 
         check_arguments(args)  # a location missing or of the wrong kind: refused before anything starts
         if args.command in PREFECT_COMMANDS:
+            starting = server.start_for_command(args.command)  # no API set, none up: the local server, started now
             grace = orchestrator.grace_seconds()
             if watch_api:  # the program's own environment (in-process callers keep Prefect's settings)
                 orchestrator.bound_client_retries(grace)
             url = orchestrator.configured_api_url()
             if url:  # a server the user chose: down now is said now, not after Prefect's retries
-                orchestrator.check_api(url)
+                if not starting:
+                    orchestrator.check_api(url)
                 watch = _watch_api(args, url, grace) if watch_api else None
         from retrain.commands import COMMANDS
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 
 import retrain
+from retrain.answers import decision_answer, model_answer, rounded
 from retrain.tasks import storage
 from retrain.tasks.request import check_store_names, request_from_args
 
@@ -31,10 +32,12 @@ def cmd_run(args) -> dict:
 
     _say_loading(args)
     request = _checked_run_request(args)
+    settings = asdict(request)
+    settings["split"] = settings.pop("split_fractions")  # the API's name is the flag's
     summary = retrain.run(
         args.data,
         store=args.store,
-        **asdict(request),
+        **settings,
         run_id=args.run_id,
         resume=not args.fresh,
         progress=not args.json and sys.stderr.isatty(),
@@ -53,18 +56,22 @@ def cmd_run(args) -> dict:
         _print_run(summary)
     keys = (
         "run_id",
-        "model",
+        "model_url",
+        "run_url",
         "classes",
         "test_accuracy",
         "val_accuracy",
-        "seconds",
-        "run",
-        "counts",
+        "images",
+        "test_images",
+        "class_images",
         "skipped",
+        "seconds",
         "iterations",
         "epochs",
+        "engines",
         "promotion",
-        "scores",
+        "scores_url",
+        "score_out",
         "label_issues",
         "label_issues_excluded",
         "ui_url",
@@ -104,21 +111,26 @@ def _print_run(summary: dict) -> None:
         f"  {summary['iterations']} iterations, {summary['epochs']} epochs on {summary['device']}, "
         f"{summary['seconds']:.1f} s"
     )
-    print(f"  model: {summary['model']}\n  plots: {summary['run']}/{{montage,progress,confusion,mistakes,gradcam}}.png")
+    print(
+        f"  model: {summary['model_url']}\n  plots: {summary['run_url']}/{{montage,progress,confusion,mistakes,gradcam}}.png"
+    )
     if summary.get("label_issues") is not None:
         excluded = summary.get("label_issues_excluded")
         print(
-            f"  label issues: {summary['label_issues']} likely wrong labels in {summary['run']}/label_issues.csv"
+            f"  label issues: {summary['label_issues']} likely wrong labels in {summary['run_url']}/label_issues.csv"
             + (f"; {excluded} images left out of training" if excluded is not None else "")
         )
+    if summary.get("engines", {}).get("auto"):  # tasks/engine_gate.validate_run
+        engines = summary["engines"]
+        print(f"  engines validated: {', '.join(engines['passed'])}; auto uses {engines['auto']}")
     if "promotion" in summary:
         decision = summary["promotion"]
         print(
-            f"  model {decision['model']}: {'promoted' if decision['promoted'] else 'not promoted'} "
+            f"  model {decision['model_name']}: {'promoted' if decision['promoted'] else 'not promoted'} "
             f"({decision['reason']})"
         )
-    if "scores" in summary:
-        print(f"  scores: {summary['scores']}")
+    if "scores_url" in summary:
+        print(f"  scores: {summary['scores_url']}")
     _print_ui_url(summary)
 
 
@@ -135,7 +147,7 @@ def cmd_evaluate(args) -> dict:
     answer = retrain.evaluate(args.model, args.data, args.store, engine=args.engine, chart=args.chart)
     if not args.json:
         result = Evaluation(
-            answer["classes"], answer["accuracy"], answer["confusion"], answer["per_class"], answer["count"]
+            answer["classes"], answer["data_accuracy"], answer["confusion"], answer["per_class"], answer["images"]
         )
         print(
             f"accuracy {result.accuracy:.4f} on {result.count} images with engine {answer['engine']}"
@@ -158,10 +170,10 @@ def cmd_score(args) -> dict:
     summary = retrain.score(
         args.model,
         args.images,
-        out=args.out,
+        score_out=args.score_out,
         store=args.store,
         dask_address=args.dask_address,
-        workers=args.workers,
+        dask_workers=args.dask_workers,
         mini_batch_size=args.mini_batch_size,
         top_k=args.top_k,
         partition_size=args.partition_size,
@@ -181,13 +193,13 @@ def cmd_score(args) -> dict:
         )
         for label, n in list(summary["labels"].items())[:10]:
             print(f"  {label:<30} {n:>8,}")
-        print(f"  scores: {summary['output']}\n  summary: {summary['out']}/summary.json")
+        print(f"  scores: {summary['scores_url']}\n  summary: {summary['score_out']}/summary.json")
         if summary.get("to_label"):
-            print(f"  to label next: {summary['to_label']['url']} ({summary['to_label']['count']:,} least certain)")
+            print(f"  to label next: {summary['to_label']['url']} ({summary['to_label']['images']:,} least certain)")
         if summary.get("drift"):
             from retrain.tasks.drift import verdict_line
 
-            print(f"  {verdict_line(summary['drift'])}: {summary['out']}/drift.json")
+            print(f"  {verdict_line(summary['drift'])}: {summary['score_out']}/drift.json")
         _print_ui_url(summary)
     return {
         k: summary[k]
@@ -198,9 +210,9 @@ def cmd_score(args) -> dict:
             "seconds",
             "images_per_second",
             "images_per_second_scoring",
-            "output",
-            "out",
-            "model",
+            "scores_url",
+            "score_out",
+            "model_url",
             "model_sha256",
             "processed",
             "new",
@@ -223,9 +235,9 @@ def cmd_score(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    result = retrain.export(args.model, args.out, args.fmt, args.store, args.with_preprocessing)
+    result = retrain.export(args.model, args.out, args.format, args.store, args.with_preprocessing)
     if not args.json:
-        print(f"{args.fmt} model for {len(result['classes'])} classes written to {result['output']}")
+        print(f"{args.format} model for {len(result['classes'])} classes written to {result['out']}")
         if "test_split" in result:
             t = result["test_split"]
             print(
@@ -284,7 +296,8 @@ def cmd_runs(args) -> dict:
                 f"{r['run_id']}  {r['status']:<11}  {r['config']['network']:<18} {r['config']['mode']:<8} "
                 f"test accuracy {acc if acc is None else f'{acc:.4f}'}"
             )
-    return {"runs": [{k: r.get(k) for k in ("run_id", "status", "test_accuracy", "model")} for r in records]}
+    keys = {"run_id": "run_id", "status": "status", "test_accuracy": "test_accuracy", "model_url": "model"}
+    return rounded({"runs": [{key: r.get(recorded) for key, recorded in keys.items()} for r in records]})
 
 
 def cmd_deploy(args) -> dict:
@@ -323,21 +336,22 @@ def _fmt_score(value) -> str:
 def cmd_models(args) -> dict:
     from retrain.tasks.promotion import list_models
 
-    found = [m for m in list_models(_store(args)) if not args.name or m["model"] == args.name]
+    found = [model_answer(m) for m in list_models(_store(args)) if not args.name or m["model"] == args.name]
     if args.name and not found:
         raise FileNotFoundError(f"model {args.name!r} in {_store(args)}")
     if not args.json:
         for m in found:
             cur = m["current"] or {}
+            split = (cur.get("decision") or {}).get("split") or "test"
             print(
-                f"{m['model']}: current run {cur.get('run_id', '-')} ({cur.get('metric', 'accuracy')} "
-                f"{_fmt_score(cur.get('score'))}, {cur.get('action', '-')} {cur.get('promoted_at', '')})"
+                f"{m['model_name']}: current run {cur.get('run_id', '-')} ({split} accuracy "
+                f"{_fmt_score(cur.get(f'{split}_accuracy'))}, {cur.get('action', '-')} {cur.get('promoted_at', '')})"
             )
             for h in m["history"]:
                 mark = "*" if h["promoted"] else " "
                 print(
                     f"  {mark} {h['decided_at'][:19]}  {h['action']:<8}  {h['run_id']:<24} "
-                    f"{_fmt_score(h['candidate_score'])} vs {_fmt_score(h['current_score'])}  {h['reason']}"
+                    f"{_fmt_score(h['candidate_accuracy'])} vs {_fmt_score(h['current_accuracy'])}  {h['reason']}"
                 )
     return {"models": found}
 
@@ -345,7 +359,7 @@ def cmd_models(args) -> dict:
 def cmd_rollback(args) -> dict:
     from retrain.tasks.promotion import rollback
 
-    decision = rollback(_store(args), args.name, args.to_run, force=args.force).to_dict()
+    decision = decision_answer(rollback(_store(args), args.name, args.to_run, force=args.force).to_dict())
     if not args.json:
         print(f"model {args.name}: current run is now {decision['run_id']} ({decision['reason']})")
     return decision

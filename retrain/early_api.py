@@ -5,7 +5,8 @@ flow runs, and waits for it: 5 s on an idle 2-core machine, far more on a busy o
 every import of the command. Started here as the command begins, it comes up while the command
 imports torch and Prefect and while Dask's workers start; the flow then finds it through
 ``PREFECT_API_URL``. The process is the one Prefect itself would run (``prefect.server.api.server:
-create_app`` under uvicorn, UI off) and is stopped when the command exits.
+create_app`` under uvicorn, UI off) and is stopped when the command exits; a command killed
+(SIGTERM, SIGKILL) runs no exit handler, so the kernel ends it then (``PR_SET_PDEATHSIG``).
 
 Nothing here imports Prefect: importing it in a second thread while the main thread imports it
 too deadlocks on Python's module locks.
@@ -14,8 +15,10 @@ too deadlocks on Python's module locks.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +36,24 @@ def api_configured(environ=os.environ) -> bool:
     if environ.get("PREFECT_API_URL"):
         return True
     return _profile_sets_api_url(Path(environ.get("PREFECT_HOME") or "~/.prefect").expanduser(), environ)
+
+
+def die_with_parent():
+    """A ``preexec_fn`` for a child process that must not outlive this one: the kernel sends it
+    SIGTERM when this process ends, however it ends (Linux; elsewhere None: no such call).
+    Without it, a killed command left its temporary API running, adopted by pid 1."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child after fork
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the call: no signal would come
+            os._exit(1)
+
+    return preexec
 
 
 def _free_port() -> int:
@@ -68,6 +89,7 @@ class EarlyApi:
                 "on",
             ],
             env=env,
+            preexec_fn=die_with_parent(),
         )
         atexit.register(self.stop)
         self.timeout_s = timeout_s

@@ -76,8 +76,10 @@ def cmd_experiment(args: argparse.Namespace, store: str) -> dict:
     )
     if not args.json:
         print_table(record)
+    from retrain.answers import experiment_answer
+
     keep = ("experiment_id", "experiment", "runs", "best", "table", "seconds", "parallel", "promotion", "files")
-    result = {k: record[k] for k in keep if k in record}
+    result = experiment_answer({k: record[k] for k in keep if k in record})
     failed = [r for r in record["runs"] if r["error"]]
     if failed:
         return failures.Unfinished(

@@ -134,7 +134,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _scores_out(args) -> str | None:
     """The scores output a ``score`` or ``run`` command names (``--score-out``)."""
-    return getattr(args, "out", None) if getattr(args, "command", None) == "score" else getattr(args, "score_out", None)
+    return getattr(args, "score_out", None)
 
 
 def _in_scores_out(args, filename) -> bool:

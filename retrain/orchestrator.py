@@ -208,7 +208,11 @@ class _WithoutTraceback:
 
 def prepare_for_flows() -> None:
     """What a command does before it runs flows (after importing Prefect): console lines
-    without tracebacks, and flow runs that end without waiting for their heartbeat thread."""
+    without tracebacks, and flow runs that end without waiting for their heartbeat thread;
+    a local server that a command started moments ago answers first."""
+    from retrain.server import wait_for_local_server
+
+    wait_for_local_server()
     _console_without_tracebacks()
     _flow_runs_end_without_joining_heartbeats()
 

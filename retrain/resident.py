@@ -19,6 +19,10 @@ environment variables of Prefect, Dask, the thread pools, the allocator and the 
 
 The resident process has one thread: forking a process while other Python threads run can
 leave the fork holding a lock nobody will release. It multiplexes with ``select``.
+
+It also ends a server that a command started (retrain/server.py, ``idle_timeout_s`` in its
+state) once no command has used it for that long: no fork running and no registered process
+alive (``--watch-only``: that alone, for ``RETRAIN_RESIDENT=0``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 SOCKET_NAME = "retrain-resident.sock"
+# There until it is ready, holding the pid of the command whose end its imports wait for (if any):
+# a command may wait for it once that one has ended.
+IMPORTING_FILE = "retrain-resident.importing"
+IMPORT_WAIT_S = 60.0  # how long a command waits for a resident process that is importing
 # Environment variables that take effect when a module is imported or a library is loaded:
 # where the caller's differ from the resident process's, its imported state would be wrong.
 IMPORT_TIME_PREFIXES = (
@@ -55,6 +63,7 @@ IMPORT_TIME_PREFIXES = (
     "PYTHONHASHSEED",
 )
 _HEADER = struct.Struct("!I")
+IDLE_CHECK_S = 5.0  # how often the idle stop looks at the server's users
 
 
 def socket_path(home: Path) -> str:
@@ -102,7 +111,7 @@ def delegate(argv: list[str], home: Path) -> int | None:
     if not resident_enabled():
         return None
     path = socket_path(home)
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not _ready_soon(home, path):
         return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -127,6 +136,26 @@ def delegate(argv: list[str], home: Path) -> int | None:
                 start_resident(home)  # a fresh one for the next command; this one runs here
             return None
         return _wait_for(first["pid"], reader)
+
+
+def _ready_soon(home: Path, path: str) -> bool:
+    """Whether a resident process that is importing now answers within IMPORT_WAIT_S: it
+    began before this command, so it is ready before this command's own imports would be,
+    and they would only slow each other (2 cores: a second command right after the one that
+    started the server)."""
+    from retrain.server import _start_time, resident_pid
+
+    marker = home / IMPORTING_FILE
+    deadline = time.monotonic() + IMPORT_WAIT_S
+    while marker.exists() and not os.path.exists(path) and time.monotonic() < deadline:
+        try:
+            after = marker.read_text()
+        except OSError:
+            after = ""
+        if resident_pid(home) is None or (after.isdigit() and _start_time(int(after)) is not None):
+            return False  # none, or it waits for a command that still runs (a long training, say)
+        time.sleep(0.05)
+    return os.path.exists(path)
 
 
 def _wait_for(pid: int, reader) -> int:
@@ -244,6 +273,37 @@ def _run_forked(request: dict, fds: list[int]) -> None:
         os._exit(status)
 
 
+class IdleStop:
+    """Whether a server that a command started has been idle for its ``idle_timeout_s``: no
+    command running in a fork here and no process registered as its user still alive. Read
+    from its state at each look, so a ``retrain server start`` that makes it its own ends
+    the countdown."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.last_busy = time.monotonic()
+        self.next_look = 0.0
+
+    def due(self, forks_running: bool) -> bool:
+        from retrain.server import clients_alive, read_state
+
+        now = time.monotonic()
+        if now < self.next_look:
+            return False
+        self.next_look = now + IDLE_CHECK_S
+        timeout = (read_state(self.home) or {}).get("idle_timeout_s")
+        if timeout is None or forks_running or clients_alive(self.home):
+            self.last_busy = now
+            return False
+        return now - self.last_busy >= timeout
+
+    def stop_server(self) -> None:
+        from retrain.server import stop
+
+        _log(f"no command used the server for {time.monotonic() - self.last_busy:.0f} s; stopping it")
+        stop(self.home)
+
+
 class Resident:
     """The accept loop: one fork per command; statuses sent back as the forks end."""
 
@@ -256,6 +316,7 @@ class Resident:
         self.selector = selectors.DefaultSelector()
         self.commands: dict[int, socket.socket] = {}  # fork pid -> its caller's connection
         self.exits: dict[int, int] = {}  # fork pid -> a pidfd, readable once that fork ends
+        self.idle = IdleStop(home)
 
     def bind(self) -> socket.socket | None:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -284,6 +345,7 @@ class Resident:
             return
         from retrain.server import pid_alive
 
+        (self.home / IMPORTING_FILE).unlink(missing_ok=True)
         _log(f"ready at {self.path} (pid {os.getpid()})")
         self.selector.register(listener, selectors.EVENT_READ)
         try:
@@ -295,6 +357,8 @@ class Resident:
                     elif key.data != "exit":
                         self.caller_gone(key.fileobj)
                 self.reap()
+                if self.idle.due(bool(self.commands)):
+                    self.idle.stop_server()
             _log("the server stopped; exiting")
         finally:
             if os.path.exists(self.path):
@@ -395,17 +459,66 @@ class Resident:
             conn.close()
 
 
-def serve(home: Path) -> None:
-    from retrain.server import running, use_local_server
+def _server_up(home: Path) -> dict | None:
+    """The server's state once its API answers (a command may have started it moments ago:
+    wait for it), None when none runs or starts."""
+    from retrain.server import START_TIMEOUT_S, pid_alive, read_state, running
 
-    started = time.perf_counter()
-    state = running(home)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (state := running(home)) is None and time.monotonic() < deadline:
+        if (starting := read_state(home)) is None or not pid_alive(starting["pid"]):
+            return None
+        time.sleep(0.2)
+    return state
+
+
+def watch(home: Path) -> None:
+    """``--watch-only``: the idle stop of a server a command started, and nothing else."""
+    from retrain.server import pid_alive
+
+    state = _server_up(home)
+    if state is None:
+        return
+    idle = IdleStop(home)
+    while pid_alive(state["pid"]):
+        if idle.due(forks_running=False):
+            idle.stop_server()
+            return
+        time.sleep(IDLE_CHECK_S)
+
+
+def _wait_for_exit(pid: int) -> None:
+    """Until process ``pid`` has ended (a pid reused since counts as ended)."""
+    from retrain.server import _start_time
+
+    started = _start_time(pid)
+    while started is not None and _start_time(pid) == started:
+        time.sleep(0.2)
+
+
+def serve(home: Path, after: int | None = None) -> None:
+    marker = home / IMPORTING_FILE
+    marker.write_text(str(after or ""))
+    try:
+        _serve(home, after)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _serve(home: Path, after: int | None) -> None:
+    from retrain.server import use_local_server
+
+    state = _server_up(home)
     if state is None:
         _log(f"no local server runs in {home}; exiting")
         return
+    if after:
+        _wait_for_exit(after)  # the command that started the server: the imports would slow it
+    started = time.perf_counter()
     # PREFECT_API_URL as every command sets it: here, or already by the command that started
-    # this process (one that found the previous resident process's code changed)
-    if use_local_server() is None and os.environ.get("PREFECT_API_URL") != state["api_url"]:
+    # this process (one that started the server, or found the previous resident process's code
+    # changed). Not registered as the server's user: that would keep it from ever being idle.
+    if use_local_server(register=False) is None and os.environ.get("PREFECT_API_URL") != state["api_url"]:
         _log(f"PREFECT_API_URL names another API than the local server's ({state['api_url']}); exiting")
         return
     resident = Resident(home, state["pid"])  # the fingerprint first: the code as it is when the imports begin
@@ -415,4 +528,8 @@ def serve(home: Path) -> None:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    options = sys.argv[2:]
+    if "--watch-only" in options:
+        watch(Path(sys.argv[1]))
+    else:
+        serve(Path(sys.argv[1]), int(options[options.index("--after") + 1]) if "--after" in options else None)

@@ -1,17 +1,29 @@
 """The local Prefect server behind ``retrain server start|stop|status``.
 
 Without a server, every flow run starts Prefect's temporary API (seconds of start-up per
-command) and its UI goes away with the process. ``start`` runs ``prefect server start`` in
-the background, in its own process group, with its database (SQLite) and its log in
-PREFECT_HOME; a state file there (``retrain-server.json``) says where it listens.
+command) and its UI goes away with the process. ``start`` runs the process ``prefect server
+start --background`` runs (uvicorn on Prefect's app: API, services, UI) in its own process
+group, with its database (SQLite) and its log in PREFECT_HOME; a state file there
+(``retrain-server.json``) says where it listens.
 :func:`use_local_server` is the check the ``retrain`` command makes at start: when
 PREFECT_API_URL is not set, it reads the state file, checks the process and the port, and
 points PREFECT_API_URL at the server. It imports nothing from Prefect, so it costs
 milliseconds.
+
+With no server running, the first ``run``, ``score`` or ``experiment`` starts one itself
+(:func:`start_for_command`, announced in one line): it comes up while the command imports,
+the command's flow runs on it, and later commands use it and its resident process instead of
+each paying Prefect's temporary API and the imports (measured on 2 cores: 10-16 s a command).
+``RETRAIN_AUTO_SERVER=0``, PREFECT_API_URL or a profile's API opt out. Idle, the two
+processes hold ~750 MiB and ~3 % of a core (Prefect's services), so a server started this
+way stops itself after ``RETRAIN_SERVER_IDLE_MINUTES`` (default 30) with no command using it
+(``IdleStop`` in retrain/resident.py watches). One that ``retrain server start``
+started, or made its own, runs until ``retrain server stop``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -31,6 +43,11 @@ RESIDENT_LOG_FILE = "retrain-resident.log"
 RESIDENT_PID_FILE = "retrain-resident.pid"
 START_TIMEOUT_S = 180.0  # the first start creates the database (migrations: ~10-20 s on 2 busy cores)
 STOP_TIMEOUT_S = 30.0
+AUTO_ENV = "RETRAIN_AUTO_SERVER"  # 0: no server started by a command
+IDLE_ENV = "RETRAIN_SERVER_IDLE_MINUTES"
+DEFAULT_IDLE_MINUTES = 30.0
+CLIENTS_DIR = "retrain-clients"  # one file per process using the server: <pid> holding its start time
+LOCK_FILE = "retrain-server.lock"
 
 
 class ServerError(RuntimeError):
@@ -134,9 +151,10 @@ def _profile_sets_api_url(home: Path, environ) -> bool:
     return "PREFECT_API_URL" in profiles.get("profiles", {}).get(active, {})
 
 
-def use_local_server(environ: dict | None = None) -> str | None:
+def use_local_server(environ: dict | None = None, register: bool = True) -> str | None:
     """Point PREFECT_API_URL (and the UI's URL) at the local server when none is set and
-    it runs; returns the API URL it set, or None (a server chosen by the user, or none up)."""
+    it runs; returns the API URL it set, or None (a server chosen by the user, or none up).
+    ``register``: this process counts as using it (:func:`register_client`) while it runs."""
     environ = os.environ if environ is None else environ
     if environ.get("PREFECT_API_URL"):
         return None
@@ -148,6 +166,8 @@ def use_local_server(environ: dict | None = None) -> str | None:
         return None
     environ["PREFECT_API_URL"] = state["api_url"]
     environ.setdefault("PREFECT_UI_URL", state["ui_url"])
+    if register:
+        register_client(home)
     return state["api_url"]
 
 
@@ -170,20 +190,46 @@ def start(
     port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, home: Path | None = None, timeout: float = START_TIMEOUT_S
 ) -> dict:
     """Start the server in the background and wait until its API answers; returns its state
-    (with ``already_running`` when one was up already, ``seconds`` the start took)."""
+    (with ``already_running`` when one was up already, ``seconds`` the start took). A server
+    a command started (idle timeout) becomes this one: it runs until ``stop``."""
     home = home or prefect_home()
-    if (state := running(home)) is not None:
-        if resident_enabled() and resident_pid(home) is None:
-            start_resident(home)
-        return {**state, "already_running": True, "seconds": 0.0}
-    if (stale := read_state(home)) is not None and pid_alive(stale["pid"]):
-        return _wait_until_up(stale, home, None, timeout)  # another `start` is bringing it up
-    state_path(home).unlink(missing_ok=True)
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be between 1 and 65535, not {port}")
-    if port_answers(host, port):
-        raise ServerError(f"port {port} is in use by another program; choose another with --port")
+    with _start_lock(home):
+        if (state := running(home)) is not None:
+            state = _without_idle_timeout(home, state)
+            if resident_enabled() and resident_pid(home) is None:
+                start_resident(home)
+            return {**state, "already_running": True, "seconds": 0.0}
+        if (stale := read_state(home)) is not None and pid_alive(stale["pid"]):
+            starting = _without_idle_timeout(home, stale)  # another `start` or a command is bringing it up
+        else:
+            if not 0 < port < 65536:
+                raise ValueError(f"port must be between 1 and 65535, not {port}")
+            if port_answers(host, port):
+                raise ServerError(f"port {port} is in use by another program; choose another with --port")
+            starting = _launch(home, host, port, idle_timeout_s=None)
+    up = _wait_until_up(starting, home, timeout)
+    if resident_enabled() and resident_pid(home) is None:
+        start_resident(home)
+    return up
+
+
+def _without_idle_timeout(home: Path, state: dict) -> dict:
+    """The server made the user's own: it no longer stops when idle."""
+    if state.get("idle_timeout_s") is not None:
+        state = {k: v for k, v in state.items() if k != "idle_timeout_s"}
+        _write_state(home, state)
+    return state
+
+
+def _launch(home: Path, host: str, port: int, idle_timeout_s: float | None) -> dict:
+    """Start the server's process, detached, and write its state file; returns the state at
+    once (the API answers seconds later: :func:`_wait_until_up`). The process is the one
+    ``prefect server start --background`` runs (uvicorn on Prefect's app, with its services
+    and UI), without the seconds its command line takes to import first."""
+    import importlib.util
+
     home.mkdir(parents=True, exist_ok=True)
+    state_path(home).unlink(missing_ok=True)
     api_url = f"http://{_connect_host(host)}:{port}/api"
     log = home / LOG_FILE
     database = os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL") or f"sqlite+aiosqlite:///{home / 'prefect.db'}"
@@ -193,12 +239,15 @@ def start(
         PREFECT_API_DATABASE_CONNECTION_URL=database,
         PREFECT_UI_API_URL=api_url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT__SERVER_FINAL="1",
     )
+    app_dir = Path(importlib.util.find_spec("prefect").origin).parent.parent
     with open(log, "ab") as out:
         out.write(f"\n---- retrain server start {datetime.now(timezone.utc).isoformat()} ----\n".encode())
         out.flush()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory"]
+            + ["prefect.server.api.server:create_app", "--host", host, "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -215,11 +264,135 @@ def start(
         "database": database.split("///", 1)[-1] if database.startswith("sqlite") else "(PostgreSQL)",
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_state(home, state)  # at once, so that `stop` finds a server that is still starting
-    up = _wait_until_up(state, home, proc, timeout)
-    if resident_enabled():
-        start_resident(home)
-    return up
+    if idle_timeout_s is not None:
+        state["idle_timeout_s"] = idle_timeout_s
+    _write_state(home, state)  # at once, so that `stop` and other commands find a server that is still starting
+    return state
+
+
+class _start_lock:
+    """One process at a time decides whether to start the server of ``home`` (an exclusive
+    lock on a file there): two commands started together start one server, not two."""
+
+    def __init__(self, home: Path):
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / LOCK_FILE
+
+    def __enter__(self):
+        self.file = open(self.path, "a")
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # releases the lock
+
+
+def auto_start_enabled(environ=os.environ) -> bool:
+    """Whether a command may start the local server: not with ``RETRAIN_AUTO_SERVER=0``, nor
+    when the user chose an API (PREFECT_API_URL or the active profile's) or turned Prefect's
+    local API off (``PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=false``)."""
+    if environ.get(AUTO_ENV, "1") == "0" or environ.get("PREFECT_API_URL"):
+        return False
+    if environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "").lower() == "false":
+        return False
+    home = Path(environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    return not _profile_sets_api_url(home, environ)
+
+
+def idle_minutes(environ=os.environ) -> float:
+    raw = environ.get(IDLE_ENV) or str(DEFAULT_IDLE_MINUTES)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{IDLE_ENV} must be a number of minutes, not {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{IDLE_ENV} must be more than 0 minutes, not {raw!r}")
+    return value
+
+
+# The commands that start the server when none runs: their flow runs then stay in its UI.
+# Not `deploy`: deployments need a server that is always up, which `retrain server start` gives.
+AUTO_START_COMMANDS = frozenset({"run", "score", "experiment"})
+
+
+def start_for_command(command: str, environ=os.environ) -> str | None:
+    """For a command about to run flows with no API set and no local server up: start the
+    local server (and its resident process) in the background, say so in one line on
+    stderr, and point PREFECT_API_URL at it; returns its API URL (None: opted out). The
+    command does not wait here: its imports and the server's start overlap, and
+    :func:`wait_for_local_server` waits before the first flow run."""
+    if command not in AUTO_START_COMMANDS or not auto_start_enabled(environ):
+        return None
+    home = Path(environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    idle_s = idle_minutes(environ) * 60
+    with _start_lock(home):
+        state = read_state(home)
+        if state is None or not pid_alive(state["pid"]):  # else up, or starting for another command
+            port = DEFAULT_PORT if not port_answers(DEFAULT_HOST, DEFAULT_PORT) else _free_port()
+            state = _launch(home, DEFAULT_HOST, port, idle_timeout_s=idle_s)
+            # The resident process's imports (8-20 s of a core, measured) wait for this command's
+            # end: alongside, they would take a core from its work (a scoring job's two workers).
+            start_resident(home, watch_only=not resident_enabled(), after=os.getpid())
+            print(
+                f"retrain: started a local Prefect server for this and later commands (UI {state['ui_url']}); "
+                f"it stops after {idle_s / 60:g} idle minutes or with `retrain server stop`; "
+                f"{AUTO_ENV}=0 runs each command on its own",
+                file=sys.stderr,
+                flush=True,
+            )
+    environ["PREFECT_API_URL"] = state["api_url"]
+    environ.setdefault("PREFECT_UI_URL", state["ui_url"])
+    register_client(home)
+    return state["api_url"]
+
+
+def wait_for_local_server(environ=os.environ, timeout: float = START_TIMEOUT_S) -> None:
+    """Before the first flow run: when PREFECT_API_URL is the local server's and it is still
+    starting (a command started it moments ago), wait until its API answers. One health
+    request when it is up."""
+    home = Path(environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    state = read_state(home)
+    if state is None or environ.get("PREFECT_API_URL") != state["api_url"] or _healthy(state["api_url"]):
+        return
+    _wait_until_up(state, home, timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((DEFAULT_HOST, 0))
+        return s.getsockname()[1]
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot): with the pid, names one process."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def register_client(home: Path, pid: int | None = None) -> None:
+    """Note that process ``pid`` (this one) uses the server: it is not idle while that runs."""
+    pid = pid or os.getpid()
+    folder = home / CLIENTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(pid)).write_text(_start_time(pid) or "")
+
+
+def clients_alive(home: Path) -> int:
+    """How many registered processes still run; the files of those that ended are removed."""
+    alive = 0
+    for entry in (home / CLIENTS_DIR).glob("*"):
+        try:
+            started = entry.read_text()
+        except OSError:
+            continue
+        if entry.name.isdigit() and _start_time(int(entry.name)) == started and started:
+            alive += 1
+        else:
+            entry.unlink(missing_ok=True)
+    return alive
 
 
 def resident_enabled() -> bool:
@@ -228,12 +401,16 @@ def resident_enabled() -> bool:
     return os.environ.get("RETRAIN_RESIDENT", "1") != "0"
 
 
-def start_resident(home: Path) -> int:
+def start_resident(home: Path, watch_only: bool = False, after: int | None = None) -> int:
     """Start the resident process (retrain/resident.py) for the server in ``home``, in the
-    background: it is ready seconds later, and commands run in their own process until then."""
+    background: it is ready seconds later, and commands run in their own process until then.
+    ``watch_only``: it only stops a server a command started once it is idle (no imports).
+    ``after``: it imports once process ``after`` (the command that started the server) ends."""
+    options = ["--watch-only"] if watch_only else []
+    options += ["--after", str(after)] if after else []
     with open(home / RESIDENT_LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "retrain.resident", str(home)],
+            [sys.executable, "-m", "retrain.resident", str(home), *options],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -258,7 +435,7 @@ def resident_pid(home: Path) -> int | None:
 
 def _stop_resident(home: Path, timeout: float = 5.0) -> None:
     """It exits by itself within a fraction of a second once the server is gone; else it is killed."""
-    if (pid := resident_pid(home)) is None:
+    if (pid := resident_pid(home)) is None or pid == os.getpid():  # the resident process stopping an idle server
         return
     deadline = time.monotonic() + timeout
     while resident_pid(home) is not None and time.monotonic() < deadline:
@@ -270,10 +447,10 @@ def _stop_resident(home: Path, timeout: float = 5.0) -> None:
             time.sleep(0.05)
 
 
-def _wait_until_up(state: dict, home: Path, proc: subprocess.Popen | None, timeout: float) -> dict:
+def _wait_until_up(state: dict, home: Path, timeout: float) -> dict:
     started = time.monotonic()
     while not _healthy(state["api_url"]):
-        exited = proc.poll() is not None if proc is not None else not pid_alive(state["pid"])
+        exited = not pid_alive(state["pid"])  # reaps it when this process started it
         if exited or time.monotonic() - started > timeout:
             if not exited:
                 stop(home)

@@ -2,6 +2,11 @@
 once per model against float32 torch on the run's own images; ``auto`` picks the fastest
 engine that passed on this hardware.
 
+When: the retraining flow validates the model it publishes (its "validate engines" step,
+:func:`validate_run`), so scoring only reads the record. A model with no record for this
+hardware (published before that step, or copied to another machine) is validated on first
+use (:func:`engine_record`), as before.
+
 What it keeps, beside the model file and keyed by its sha256::
 
     <model folder>/<model name>.engines/<sha256[:16]>/
@@ -16,8 +21,14 @@ The images: label agreement needs no labels, so it is measured on every image th
 (train, val and test from ``split.parquet`` beside the model) up to ``AGREEMENT_IMAGES``; above
 that, a seeded sample that keeps the held-out images first. Accuracy (which does need labels the
 model has not learnt) is judged on the held-out part of them only (``datastore.is_held_out``: val
-and test). Each image is decoded once for all engines; the scaled decoder's check decodes the
-JPEGs a second time, its own way (for any other file its pixels are the exact ones). The int8
+and test). Their exact pixels are read back from the run's image shards, where training
+decoded every image of the split with the one loader at the input size (tasks/training/
+shards.py): the gate decodes none of them again, and judges on the very pixels evaluation and
+training saw. Where there are no shards (a model with no run's training record beside it, a
+store that is not a local disk), each image is decoded once for all engines. Either way the
+pixels are the exact loader's, so the rule below (and ``GATE_VERSION``) is unchanged. The
+scaled decoder's check decodes the JPEGs its own way and scores again only those whose pixels
+differ from the exact ones (for any other file its pixels are the exact ones). The int8
 calibration images are training images of that same set: calibration sets activation ranges,
 not weights, so agreeing on them is hardly easier than on others.
 
@@ -41,6 +52,8 @@ import posixpath
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -169,20 +182,26 @@ def compare(
     return out
 
 
-def forward_rate(predictor: Predictor, seconds: float = SPEED_SECONDS) -> float:
-    """Images per second of the forward pass alone, on one thread, batches of 8."""
-    pixels = torch.randint(0, 256, (SPEED_BATCH, 3, *predictor.preprocessing.input_size), dtype=torch.uint8)
+@contextmanager
+def _one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def forward_rate(predictor: Predictor, seconds: float = SPEED_SECONDS) -> float:
+    """Images per second of the forward pass alone, on one thread, batches of 8."""
+    pixels = torch.randint(0, 256, (SPEED_BATCH, 3, *predictor.preprocessing.input_size), dtype=torch.uint8)
+    with _one_thread():
         predictor.scores(pixels)  # warm-up: first-call allocation and kernel selection
         count, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             predictor.scores(pixels)
             count += SPEED_BATCH
         return count / (time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _write_artifacts(folder: str, loaded, sha256: str, calibration: list[np.ndarray]) -> dict[str, str]:
@@ -204,13 +223,16 @@ def _calibration_inputs(reference: Predictor, pixels: torch.Tensor) -> list[np.n
 
 
 def _gate_scores(
-    predictors: dict[str, Predictor], paths: list[str], decoded: dict[str, torch.Tensor]
+    predictors: dict[str, Predictor],
+    paths: list[str],
+    decoded: dict[str, torch.Tensor],
+    stored: Callable[[list[str]], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Scores of every predictor on ``paths``, and float32 torch's on the scaled decoding, a
-    chunk at a time (1,000 images at once would hold 155 MB at 227 px, 1 GB at 600 px). Each
-    image is read once and decoded once for all engines; those in ``decoded`` (the
-    calibration's) not again. The scaled decoder's check decodes again only the images that
-    decoder decodes its own way (JPEGs): for the others its pixels are the exact ones."""
+    chunk at a time (1,000 images at once would hold 155 MB at 227 px, 1 GB at 600 px). The
+    exact pixels come from ``stored`` (the run's image shards: :func:`_shard_pixels`) when
+    given, else each image is decoded once for all engines (those in ``decoded``, the
+    calibration's, not again)."""
     reference = predictors["torch"]
     size = reference.preprocessing.input_size
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in predictors}
@@ -218,13 +240,65 @@ def _gate_scores(
     for start in range(0, len(paths), DECODE_CHUNK):
         chunk = paths[start : start + DECODE_CHUNK]
         data = [storage.read_bytes(p) for p in chunk]
-        exact = [decoded[p] if p in decoded else load_image(d, size) for p, d in zip(chunk, data, strict=True)]
-        pixels = torch.stack(exact)
+        if stored is not None:
+            pixels = stored(chunk)
+        else:
+            pixels = torch.stack([decoded[p] if p in decoded else load_image(d, size) for p, d in zip(chunk, data)])
         for name, predictor in predictors.items():
             scores[name].append(predictor.scores(pixels))
-        scaled = [load_image(d, size, "scaled") if scaled_decoder_applies(d) else e for d, e in zip(data, exact)]
-        scaled_scores.append(reference.scores(torch.stack(scaled)))
+        scaled_scores.append(_scaled_scores(reference, data, pixels, scores["torch"][-1]))
     return {name: torch.cat(parts) for name, parts in scores.items()}, torch.cat(scaled_scores)
+
+
+def _scaled_scores(
+    reference: Predictor, data: list[bytes], exact: torch.Tensor, exact_scores: torch.Tensor
+) -> torch.Tensor:
+    """Float32 torch's scores on the scaled decoder's pixels of these files. Only the images
+    it decodes its own way (JPEGs) are decoded again, and only those whose pixels then differ
+    from the exact ones are scored again: a JPEG under twice the input size is decoded at full
+    size, to the exact decoder's pixels (243 of hymenoptera's 245 photos), and the same pixels
+    give the same scores."""
+    size = reference.preprocessing.input_size
+    out = exact_scores.clone()
+    differ: dict[int, torch.Tensor] = {}
+    for i, d in enumerate(data):
+        if scaled_decoder_applies(d):
+            pixels = load_image(d, size, "scaled")
+            if not torch.equal(pixels, exact[i]):
+                differ[i] = pixels
+    if differ:
+        out[list(differ)] = reference.scores(torch.stack(list(differ.values())))
+    return out
+
+
+@contextmanager
+def _shard_pixels(model_url: str, paths: list[str], size: tuple[int, int]) -> Iterator[Callable | None]:
+    """The exact pixels of ``paths`` as the run's training decoded them into its image shards
+    (tasks/training/shards.py: every image of the split, by the one loader, at the input
+    size): read back, not decoded a second time. None when they are not all there: a model
+    with no run's training record beside it, shards removed, another input size, or a store
+    that is not a local disk (a sample of 1,000 images would copy every shard, 79 MB each, to
+    read a few rows of it: decoding them costs less)."""
+    from retrain.tasks.training.shards import MANIFEST, PLAN, ShardPlan, ShardSet
+
+    layout = storage.RunLayout(posixpath.dirname(model_url))
+    folder = None
+    if storage.exists(layout.training) and storage.exists(layout.split):
+        folder = (storage.read_json(layout.training).get("image_shards") or {}).get("folder")
+    if not folder or not storage.is_local(folder) or not storage.exists(storage.join(folder, MANIFEST)):
+        yield None
+        return
+    plan = storage.read_json(storage.join(folder, PLAN))
+    order = sorted(set(storage.read_parquet(layout.split)["path"]))  # the shards' order (shards.py)
+    position = {p: i for i, p in enumerate(order)}
+    if plan["count"] != len(order) or list(plan["input_size"]) != list(size) or not set(paths) <= position.keys():
+        yield None
+        return
+    shards = ShardSet(ShardPlan(folder, plan["key"], plan["count"], tuple(size), plan["shard_images"]))
+    try:
+        yield lambda chunk: shards.read(np.array([position[p] for p in chunk], dtype=np.int64))
+    finally:
+        shards.close()
 
 
 def _image_counts(images: pd.DataFrame | None) -> dict[str, int]:
@@ -255,49 +329,70 @@ def validate_engines(
     size = loaded.preprocessing.input_size
     reference = build_predictor(loaded, "torch", device=device)
     paths = list(images["path"]) if images is not None else []
-    calibration_pixels = {
-        p: load_image(storage.read_bytes(p), size) for p in list(calibration or [])[:CALIBRATION_IMAGES]
-    }
-    calib = _calibration_inputs(reference, torch.stack(list(calibration_pixels.values()))) if calibration_pixels else []
-    files = _write_artifacts(folder, loaded, sha256, calib)
+    calibration = list(calibration or [])[:CALIBRATION_IMAGES]
+    with _shard_pixels(model_url, paths + calibration, size) as stored:
+        if stored is not None:
+            calibration_pixels = dict(zip(calibration, stored(calibration))) if calibration else {}
+        else:
+            calibration_pixels = {p: load_image(storage.read_bytes(p), size) for p in calibration}
+        calib = _calibration_inputs(reference, torch.stack(list(calibration_pixels.values()))) if calibration else []
+        files = _write_artifacts(folder, loaded, sha256, calib)
+        engines, decoders = _judge(loaded, reference, files, images, calibration_pixels, stored) if paths else ({}, {})
     record: dict = {
         "gate_version": GATE_VERSION,
         "rule": gate_rule(),
         "model_sha256": sha256,
         "images": _image_counts(images),
         "files": {k: posixpath.basename(v) for k, v in files.items()},
-        "engines": {},
-        "decoders": {},
+        "engines": engines,
+        "decoders": decoders,
         "speeds": {},
         "validated": len(paths) > 0,
     }
     if not record["validated"]:
         record["note"] = "no images of the run beside the model (no split.parquet): only float32 torch is trusted"
-    else:
-        predictors = {"torch": reference}
-        for engine in supported_engines(device):
-            if engine != "torch" and (engine in files or not engine.startswith("onnx")):
-                predictors[engine] = build_predictor(loaded, engine, files.get(engine), device)
-        scores, scaled = _gate_scores(predictors, paths, calibration_pixels)
-        labels = [loaded.classes.index(lbl) if lbl in loaded.classes else -1 for lbl in images["label"]]
-        held = _held_out_mask(images)
-        ref_scores = scores.pop("torch")
-        record["engines"]["torch"] = {**compare(ref_scores, ref_scores, labels, held), "passed": True}  # the reference
-        record["decoders"]["scaled"] = compare(ref_scores, scaled, labels, held)
-        for engine, candidate in scores.items():
-            record["engines"][engine] = compare(ref_scores, candidate, labels, held)
     record["speeds"][hardware_key(device)] = measure_speeds(loaded, folder, record, device)
     storage.write_json(storage.join(folder, "validation.json"), record)
     return record
 
 
-def measure_speeds(loaded, folder: str, record: dict, device: torch.device) -> dict[str, float]:
-    speeds = {"torch": forward_rate(build_predictor(loaded, "torch", device=device))}
+def _judge(
+    loaded,
+    reference: Predictor,
+    files: dict[str, str],
+    images: pd.DataFrame,
+    calibration_pixels: dict[str, torch.Tensor],
+    stored: Callable[[list[str]], torch.Tensor] | None,
+) -> tuple[dict, dict]:
+    """The verdicts on every engine this hardware offers and on the scaled decoder, each
+    against float32 torch (``reference``) on ``images``."""
+    device = reference.device
+    predictors = {"torch": reference}
     for engine in supported_engines(device):
-        if engine == "torch" or (engine.startswith("onnx") and engine not in record["files"]):
-            continue
-        onnx_url = storage.join(folder, record["files"][engine]) if engine.startswith("onnx") else None
-        speeds[engine] = forward_rate(build_predictor(loaded, engine, onnx_url, device))
+        if engine != "torch" and (engine in files or not engine.startswith("onnx")):
+            predictors[engine] = build_predictor(loaded, engine, files.get(engine), device)
+    scores, scaled = _gate_scores(predictors, list(images["path"]), calibration_pixels, stored)
+    labels = [loaded.classes.index(lbl) if lbl in loaded.classes else -1 for lbl in images["label"]]
+    held = _held_out_mask(images)
+    ref_scores = scores.pop("torch")
+    # float32 torch is the reference: it passes by definition
+    engines = {"torch": {**compare(ref_scores, ref_scores, labels, held), "passed": True}}
+    engines.update({engine: compare(ref_scores, candidate, labels, held) for engine, candidate in scores.items()})
+    return engines, {"scaled": compare(ref_scores, scaled, labels, held)}
+
+
+def measure_speeds(loaded, folder: str, record: dict, device: torch.device) -> dict[str, float]:
+    """Forward-only images per second (:func:`forward_rate`) of float32 torch and of every
+    engine that passed here (one that failed is never picked: its speed would decide nothing).
+    Each predictor is made on one thread too: an ONNX Runtime session keeps the thread count
+    it was made with, and one made on all cores measured 0.6x to 1.9x its one-thread rate on a
+    busy 2-core machine (a scoring worker runs one thread)."""
+    passed = [e for e, v in record["engines"].items() if e != "torch" and v.get("passed")]
+    speeds = {}
+    with _one_thread():
+        for engine in ["torch", *passed]:
+            onnx_url = storage.join(folder, record["files"][engine]) if engine.startswith("onnx") else None
+            speeds[engine] = forward_rate(build_predictor(loaded, engine, onnx_url, device))
     return {k: round(v, 1) for k, v in speeds.items()}
 
 
@@ -407,3 +502,30 @@ def choose_engine(
         raise EngineError(f"engine {engine} needs calibration images (the run's training images); this model has none")
     onnx_url = storage.join(folder, record["files"][engine]) if engine.startswith("onnx") else None
     return EngineChoice(engine, onnx_url, decoder, reason)
+
+
+def validate_run(run_url: str) -> dict:
+    """The retraining flow's "validate engines" step: the engines of the model the run
+    published, validated now on the run's images (once: a model that has its record keeps
+    it), so that scoring only reads ``validation.json``. Returns what the run's summary says
+    of it: the engines that passed, the one ``auto`` will use and why, and the record's URL."""
+    started = time.perf_counter()
+    model_url = storage.RunLayout(run_url).model
+    sha256 = storage.sha256_of(model_url)
+    device = resolve_device("auto")
+    if existing_record(model_url, sha256, device) is None:
+        validate_engines(model_url, sha256, device=device)
+    record, folder = existing_record(model_url, sha256, device)
+    auto = choose_engine(model_url, sha256, "auto", device)
+    speeds = record["speeds"][hardware_key(device)]
+    passed = [e for e, v in record["engines"].items() if v.get("passed")] or ["torch"]
+    return {
+        "passed": sorted(passed, key=lambda e: -speeds.get(e, 0.0)),  # fastest first
+        "failed": [e for e, v in record["engines"].items() if not v.get("passed")],
+        "auto": auto.engine,
+        "decoder": auto.decoder,
+        "reason": auto.reason,
+        "hardware": hardware_key(device),
+        "validation_url": storage.join(folder, "validation.json"),
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -9,7 +9,8 @@ features, evaluation, the engine gate, explanations and scoring apply.
 :func:`load_image` (and :func:`load_images` for a batch) is the one way a file becomes
 pixels: URL or bytes -> uint8 tensor (3 x H x W, RGB) at the network's input size, with the
 exact decoder or the DCT-scaled JPEG decoder; a file that cannot be used raises
-:class:`ImageDecodeError` naming it. Images stay uint8 until the last moment: that is 4x
+:class:`ImageDecodeError` naming it. :func:`load_jpegs` does the same for a batch of JPEG
+bytes in one call, on a GPU with nvJPEG (what scoring on a GPU decodes with). Images stay uint8 until the last moment: that is 4x
 smaller than float and lets augmentation work on whole batches.
 """
 
@@ -36,8 +37,9 @@ except ImportError:  # optional: the scaled decoder then decodes the exact way
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec; PIL decodes everything without it
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as tv_decode_image
+    from torchvision.io import decode_jpeg as tv_decode_jpeg
 except ImportError:  # a torchvision that has removed them
-    tv_decode_image = None
+    tv_decode_image = tv_decode_jpeg = None
 
 # Far above any photo (a 100-megapixel image is 1e8) but stops a decompression bomb from
 # allocating gigabytes: a 1 KB PNG can claim to be 100,000 x 100,000 pixels.
@@ -220,9 +222,9 @@ def _high_depth_to_l(im: Image.Image) -> Image.Image:
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize a uint8 image (3 x H x W) to exactly ``size`` (H, W), like MATLAB's
-    augmentedImageDatastore: the aspect ratio is not kept. Bilinear with antialiasing, for
-    both decoders."""
+    """Resize a uint8 image (3 x H x W, or a batch of one size, N x 3 x H x W) to exactly
+    ``size`` (H, W), like MATLAB's augmentedImageDatastore: the aspect ratio is not kept.
+    Bilinear with antialiasing, for every decoder, on the image's device."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return TF.resize(image, list(size), antialias=True)
@@ -286,6 +288,82 @@ def load_image(source: str | bytes, size: tuple[int, int], decoder: str = "exact
             raise ImageDecodeError(exc.reason, source) from None
     image = _decode_scaled(source, size) if decoder == "scaled" else decode_image(source)
     return _resize(image, size)
+
+
+def jpeg_batch_applies(data: bytes) -> bool:
+    """Whether :func:`load_jpegs` takes ``data`` into its batch: a complete JPEG (baseline or
+    progressive) in YCbCr or grey, upright, within MAX_IMAGE_PIXELS, which torchvision's JPEG
+    decoder gives the exact decoder's image of. Not a CMYK, YCCK or RGB-coded (Adobe) one
+    (nvJPEG does not convert them as PIL does), nor an EXIF-rotated one (torchvision applies
+    EXIF orientation on the CPU only), nor a truncated or unreadable one: :func:`decode_image`
+    decodes those, or says why not."""
+    if tv_decode_jpeg is None or data[:2] != b"\xff\xd8" or _jpeg_truncated(data):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            return (
+                probe.format == "JPEG"
+                and probe.mode in ("RGB", "L")
+                and not (probe.mode == "RGB" and probe.info.get("adobe_transform") == 0)
+                and 0 < probe.width * probe.height <= MAX_IMAGE_PIXELS
+                and probe.getexif().get(0x0112, 1) in (1, None)
+            )
+    except Exception:
+        return False
+
+
+def load_jpegs(
+    data: list[bytes], size: tuple[int, int], device: torch.device | str = "cpu"
+) -> list[torch.Tensor | ImageDecodeError]:
+    """JPEGs that :func:`jpeg_batch_applies` to -> uint8 RGB images (3 x H x W) at ``size`` on
+    ``device``, decoded in one torchvision call: on a CUDA device by nvJPEG (batched, in the
+    GPU's hardware JPEG decoder where it has one), on the CPU by libjpeg-turbo (the exact
+    decoder's pixels); then resized on ``device`` as :func:`load_image` resizes.
+
+    torchvision fails the whole batch for one bad file (it returns no partial results): then
+    each file is decoded alone, and one that fails alone too goes to :func:`decode_image` on the
+    CPU, whose :class:`ImageDecodeError` (the reason) takes its place in the list. The list has
+    one entry per file, in order: no image is lost."""
+    if not data:
+        return []
+    device = torch.device(device)
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    try:
+        if tv_decode_jpeg is None:
+            raise RuntimeError("this torchvision has no JPEG decoder")
+        images: list[torch.Tensor | ImageDecodeError] = tv_decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = [_decode_jpeg_alone(e, d, device) for e, d in zip(encoded, data)]
+    return _resize_each(images, size)
+
+
+def _decode_jpeg_alone(encoded: torch.Tensor, data: bytes, device: torch.device) -> torch.Tensor | ImageDecodeError:
+    if tv_decode_jpeg is not None:
+        try:
+            return tv_decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass  # the CPU's decoders know more variants, and say why a file is unusable
+    try:
+        return decode_image(data).to(device)
+    except ImageDecodeError as exc:
+        return exc
+
+
+def _resize_each(
+    images: list[torch.Tensor | ImageDecodeError], size: tuple[int, int]
+) -> list[torch.Tensor | ImageDecodeError]:
+    """:func:`_resize` for each image, in one call per image size (on a GPU each call is a few
+    kernel launches; photos from one camera share one size)."""
+    out = list(images)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            by_shape.setdefault(tuple(image.shape), []).append(i)
+    for rows in by_shape.values():
+        resized = _resize(torch.stack([images[i] for i in rows]), size)
+        for i, image in zip(rows, resized):
+            out[i] = image
+    return out
 
 
 def load_images(urls: list[str], size: tuple[int, int], decoder: str = "exact", threads: int = 4) -> torch.Tensor:

@@ -113,6 +113,8 @@ _OPTION_HELP = {
     "classic_loop": "transfer: train on every augmented image through the whole network, not on cached features",
     "feature_cache_views": "transfer: augmented views per training image in the feature cache",
     "feature_cache_memory_mb": "transfer: a larger feature cache is kept on disk",
+    "feature_engine": "transfer: what computes the body's features; auto: the fastest engine that keeps "
+    "validation accuracy within 0.5 point of float32, torch: float32",
     "processes": "finetune/scratch: training processes, one per GPU",
 }
 # What an option left at None means, for its help text.
@@ -128,6 +130,7 @@ _ADVANCED = frozenset(
         "classic_loop",
         "feature_cache_views",
         "feature_cache_memory_mb",
+        "feature_engine",
         "processes",
         "checkpoint_frequency",
         "checkpoint_frequency_unit",

@@ -92,9 +92,12 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         # The number of training processes is left out: it does not change the result
-        # (tasks/training/distributed.py), so a run resumes with another.
+        # (tasks/training/distributed.py), so a run resumes with another. So is the feature
+        # engine: its gate keeps the result within half a point of float32 features
+        # (tasks/training/feature_engine.py), and runs started before it existed keep their
+        # fingerprints.
         record = self.to_record()
-        record["options"] = {k: v for k, v in record["options"].items() if k != "processes"}
+        record["options"] = {k: v for k, v in record["options"].items() if k not in ("processes", "feature_engine")}
         if record["label_issues"] != "exclude":  # finding them or not leaves the model as it is
             del record["label_issues"]
         blob = json.dumps(record, sort_keys=True, default=str)

@@ -16,6 +16,9 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# No command of the suite starts the local Prefect server for later ones (retrain/server.py,
+# start_for_command): it would outlive the test. The one test of that start unsets this.
+os.environ.setdefault("RETRAIN_AUTO_SERVER", "0")
 # Failed commands write their tracebacks to log files (retrain/cli.py): here, not in ~/.local/state.
 os.environ.setdefault("RETRAIN_LOG_DIR", tempfile.mkdtemp(prefix="retrain-test-logs-"))
 
@@ -39,6 +42,19 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
+
+
+@pytest.fixture(autouse=True)
+def _engines_validated_on_first_use(request, monkeypatch):
+    """The retrain flow's "validate engines" step (export, int8 calibration, every engine on
+    every image: seconds a run) is left to scoring's first use, as for a model published before
+    that step, except in the tests marked ``validates_engines`` (tests/test_engine_gate.py
+    checks the step): some fifty flows here would each pay for it. In-process flows only; a
+    ``retrain run`` subprocess validates."""
+    if request.node.get_closest_marker("validates_engines") is None:
+        import retrain.flows.pipeline as pipeline
+
+        monkeypatch.setattr(pipeline, "validate_step", lambda run_url: {"skipped": "tests: validated on first use"})
 
 
 def need(path: Path) -> Path:

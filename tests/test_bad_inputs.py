@@ -353,7 +353,7 @@ def test_training_data_with_every_kind_runs_and_reports_what_it_skipped(prefect_
     before = snapshot(store)
     status, result, stderr = run_cli(["run", str(archive), "--store", str(store), *FAST])
     assert status == 0, stderr[-3000:]
-    run = Path(result["run"])
+    run = Path(result["run_url"])
     # Besides the run, its data set, its index (runs are bound to its content) and model
     # (named after the data set and its classes): the data set's image shards, which runs share.
     allowed = (f"runs/{result['run_id']}/", "datasets/mixed/", "indexes/", "models/mixed-", "shards/")
@@ -363,7 +363,7 @@ def test_training_data_with_every_kind_runs_and_reports_what_it_skipped(prefect_
 
     index = pd.read_parquet(run / "index.parquet")
     assert dict(zip(index["path"].map(lambda p: Path(p).name), index["label"])) == used
-    assert sum(result["counts"].values()) == len(used) and result["skipped"] == len(skipped)
+    assert result["images"] == len(used) and result["skipped"] == len(skipped)
     report = pd.read_csv(run / "skipped.csv")
     reasons = dict(zip(report["path"].map(lambda p: Path(p).name), report["reason"]))
     assert set(reasons) == set(skipped), set(reasons) ^ set(skipped)

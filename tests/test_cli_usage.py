@@ -115,7 +115,7 @@ def test_fastai_names_are_aliases_and_old_spellings_still_work():
     assert (run.max_epochs, run.initial_learn_rate, run.mini_batch_size) == (3, 0.01, 8)
     for flags in (["--dask-workers", "2", "--score-out", "x"], ["--workers", "2", "--out", "x"]):
         score = build_parser("score").parse_args(["score", "m", "i", *flags])
-        assert (score.workers, score.out) == (2, "x")
+        assert (score.dask_workers, score.score_out) == (2, "x")
     help_text = _help("score")
     assert "--dask-workers" in help_text and "--score-out" in help_text
     assert " --workers" not in help_text and " --out" not in help_text
@@ -195,3 +195,12 @@ def test_retrain_run_takes_training_options_flat():
         run_settings({"max_epoch": 3}, parameters)
     with pytest.raises(TypeError, match="max_epochs given both flat and in options"):
         run_settings({"max_epochs": 3, "options": {"max_epochs": 2}}, parameters)
+
+
+def test_retrain_run_takes_split_as_the_flag_names_it():
+    parameters = ["split_fractions", "options"]  # the flow's parameter keeps its name
+    assert run_settings({"split": "0.8,0.1,0.1"}, parameters) == {"split_fractions": "0.8,0.1,0.1"}
+    with pytest.warns(DeprecationWarning, match="use split="):  # the old keyword, for one release
+        assert run_settings({"split_fractions": "0.8,0.1,0.1"}, parameters) == {"split_fractions": "0.8,0.1,0.1"}
+    with pytest.raises(TypeError, match="split given twice"):
+        run_settings({"split": "1,0,0", "split_fractions": "1,0,0"}, parameters)

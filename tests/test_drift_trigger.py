@@ -101,7 +101,7 @@ def test_a_drifted_scoring_job_starts_one_retraining_of_its_model(tmp_path):
             assert scored.returncode == 0, scored.stdout + scored.stderr
             printed = json.loads(scored.stdout.strip().splitlines()[-1])
             assert printed["drift"]["drift"] is True, printed["drift"]
-            summary = storage.read_json(JobLayout(posixpath.dirname(printed["output"])).summary)
+            summary = storage.read_json(JobLayout(posixpath.dirname(printed["scores_url"])).summary)
 
             def triggered() -> list:
                 runs = client.read_flow_runs(

@@ -1,12 +1,14 @@
 """The engine gate's images and rule (tasks/engine_gate.py): label agreement measured on every
 image the run has (not a handful of held-out ones), each image decoded once for all engines,
-too few images refused, and a record written by an older rule made again."""
+too few images refused, and a record written by an older rule made again; the retraining
+flow validates the model it publishes, so that scoring only reads the verdict."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +235,58 @@ def test_record_lists_the_rule_and_the_sample(planted):
     record = planted["record"]
     assert record["gate_version"] == engine_gate.GATE_VERSION and record["rule"] == engine_gate.gate_rule()
     assert np.isclose(record["engines"]["onnx"]["agreement"], 1.0)
+
+
+@pytest.mark.validates_engines
+def test_the_flow_validates_its_model_so_that_scoring_only_reads_the_verdict(prefect_api, shapes_dir, tmp_path):
+    """A run killed after publishing, before its engines were validated: the same command
+    finishes that run (validating on training's decoded pixels, decoding none again); scoring
+    then reads the verdict; a model with no record (published before this step) validates on
+    first use."""
+    from retrain.flows import pipeline
+
+    kwargs = dict(
+        data=shapes_dir,
+        store=str(tmp_path / "store"),
+        network="squeezenet-caffe",
+        weights="none",
+        options={"max_epochs": 1, "mini_batch_size": 8},
+        promote=False,
+        label_issues="off",
+    )
+
+    def power_cut(run_url: str) -> dict:
+        raise KeyboardInterrupt("power cut")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "validate", power_cut)
+        with pytest.raises(KeyboardInterrupt, match="power cut"):
+            pipeline.retrain_flow(**kwargs)
+    (run,) = (tmp_path / "store" / "runs").iterdir()
+    model = str(run / "model.pt")
+    sha = storage.sha256_of(model)
+    validation = Path(engine_gate.engines_dir(model, sha), "validation.json")
+    assert Path(model).exists() and not validation.exists()
+
+    counts: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        _quick_gate(mp)  # int8 'fastest' and passing (it is float32 ONNX here)
+        mp.setattr(engine_gate, "load_image", _counting_loader(engine_gate.load_image, counts))
+        summary = pipeline.retrain_flow(**kwargs)
+    engines = summary["engines"]
+    assert summary["run_id"] == run.name and engines["validation_url"] == str(validation) and validation.exists()
+    assert engines["auto"] == engines["passed"][0] == "onnx-int8" and "torch" in engines["passed"]
+    assert json.loads((run / "summary.json").read_text())["engines"] == engines
+    assert json.loads(validation.read_text())["images"]["total"] == 24
+    assert not [key for key in counts if key[0] == "exact"]  # read back from the run's image shards
+
+    made = validation.stat().st_mtime_ns
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_gate, "validate_engines", lambda *a, **k: pytest.fail("scoring validated again"))
+        assert inspect_model(model, "auto").engine.engine == engines["auto"]
+    assert validation.stat().st_mtime_ns == made
+
+    shutil.rmtree(validation.parent.parent)  # as a model published before the flow validated
+    with pytest.MonkeyPatch.context() as mp:
+        _quick_gate(mp)
+        assert inspect_model(model, "auto").engine.engine == "onnx-int8" and validation.exists()

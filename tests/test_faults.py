@@ -204,7 +204,7 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_ap
     t = time.perf_counter()
     resumed = run_in_process(args)
     timings["rerun to the end"] = time.perf_counter() - t
-    run = Path(resumed["run"])
+    run = Path(resumed["run_url"])
     summary = storage.read_json(str(run / "summary.json"))
     record = storage.read_json(str(run / "run.json"))
     assert run == folder.parent and record["status"] == "completed"
@@ -223,7 +223,7 @@ def test_kill_9_mid_epoch_and_mid_checkpoint_write_then_rerun_resumes(prefect_ap
     assert abs(resumed["test_accuracy"] - baseline["test_accuracy"]) <= 1 / test_images + 1e-9
     assert abs(resumed["val_accuracy"] - baseline["val_accuracy"]) <= 1 / test_images + 1e-9
     a = pd.read_csv(run / "history.csv")
-    b = pd.read_csv(Path(baseline["run"]) / "history.csv")
+    b = pd.read_csv(Path(baseline["run_url"]) / "history.csv")
     assert list(a["iteration"]) == list(b["iteration"]) == list(range(1, 10))  # no step lost or repeated
     assert (a["loss"] - b["loss"]).abs().max() < 0.05, pd.DataFrame({"resumed": a["loss"], "baseline": b["loss"]})
     print(

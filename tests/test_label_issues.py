@@ -77,7 +77,7 @@ def test_run_excluding_label_issues(prefect_api, tmp_path):
     status, result, err = run_cli(["run", data, "--store", store, "--exclude-label-issues", *tiny_run_flags()])
     assert status == 0, err
 
-    run = Path(result["run"])
+    run = Path(result["run_url"])
     issues = pd.read_csv(run / "label_issues.csv")
     assert list(issues.columns) == COLUMNS
     assert result["label_issues"] == len(issues) > 0

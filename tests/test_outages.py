@@ -241,7 +241,7 @@ def test_prefect_api_killed_mid_run_gives_up_within_the_grace_and_the_rerun_resu
     status, summary, err = run_cli(args)  # the same command, the API back
     assert status == 0, err[-3000:]
     record = storage.read_json(str(run / "run.json"))
-    assert summary["run"] == str(run) and record["status"] == "completed" and record["resumed"] == 1
+    assert summary["run_url"] == str(run) and record["status"] == "completed" and record["resumed"] == 1
     trained = storage.read_json(str(run / "summary.json"))
     if (run / "checkpoints" / f"iter-{trained['iterations']:08d}.pt").name in kept:
         # Training had reached its last iteration before the command gave up (a fast machine
@@ -286,7 +286,7 @@ def test_prefect_api_killed_mid_score_keeps_the_parts_and_the_rerun_resumes(
     status, summary, err = run_cli(args)
     assert status == 0, err[-3000:]
     assert summary["resumed_partitions"] >= len(kept) and summary["images"] == len(images)
-    frame = storage.read_parquet(summary["output"])
+    frame = storage.read_parquet(summary["scores_url"])
     assert len(frame) == len(images) and frame["path"].is_unique
 
 
@@ -345,7 +345,7 @@ def test_dask_scheduler_killed_mid_score_is_status_5_and_a_new_scheduler_scores_
     assert status == 0, err[-3000:]
     assert summary["resumed_partitions"] >= len(kept)
     assert summary["processed"] == len(images) - summary["resumed_partitions"]  # only the missing ones
-    frame = storage.read_parquet(summary["output"])
+    frame = storage.read_parquet(summary["scores_url"])
     assert len(frame) == len(images) and frame["path"].is_unique
 
 
@@ -386,7 +386,7 @@ def test_four_scoring_jobs_at_once_on_one_cluster_each_give_one_row_per_image(tm
     for i, (proc, err) in enumerate(zip(procs, errors)):
         assert proc.returncode == 0, err[-3000:]
         summary = json.loads((tmp_path / f"score-{i}.log").read_text().strip().splitlines()[-1])
-        frame = storage.read_parquet(summary["output"])
+        frame = storage.read_parquet(summary["scores_url"])
         assert len(frame) == len(images) == summary["images"] and frame["path"].is_unique
         assert set(frame["path"]) == set(images)
 
@@ -421,7 +421,7 @@ def test_the_same_run_started_twice_is_refused_and_a_killed_first_does_not_block
     status, summary, err = run_cli(args)
     assert status == 0, err[-3000:]
     record = storage.read_json(str(run / "run.json"))
-    assert summary["run"] == str(run) and record["resumed"] == 1 and record["status"] == "completed"
+    assert summary["run_url"] == str(run) and record["resumed"] == 1 and record["status"] == "completed"
     assert not (run / ".lock").exists()
 
 

@@ -122,7 +122,7 @@ def test_models_and_rollback_commands(tmp_path, shapes_dir, capsys):
         promotion.promote_run(store, "shapes", make_run(store, run_id, shapes_dir, answer))
     assert main(["models", "--store", store, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["models"]
-    assert [m["model"] for m in listed] == ["shapes"] and listed[0]["current"]["run_id"] == "r3"
+    assert [m["model_name"] for m in listed] == ["shapes"] and listed[0]["current"]["run_id"] == "r3"
     assert [h["promoted"] for h in listed[0]["history"]] == [True, False, True]
 
     assert main(["models", "--store", store]) == 0

@@ -214,7 +214,7 @@ def test_the_rerun_after_a_kill_before_promotion_promotes_the_published_run(kill
     assert status == 0, err
     assert answer["run_id"] == run["run_id"], "the rerun trained a new run instead of finishing the promotion"
     assert [r["run_id"] for r in list_runs(store)] == [run["run_id"]]
-    assert answer["promotion"]["promoted"] and answer["promotion"]["model"].startswith("shapes-")
+    assert answer["promotion"]["promoted"] and answer["promotion"]["model_name"].startswith("shapes-")
     (model,) = promotion.list_models(store)
     assert model["current"]["run_id"] == run["run_id"]
 

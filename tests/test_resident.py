@@ -173,3 +173,16 @@ def test_commands_run_in_the_resident_process_as_they_would_in_their_own(tmp_pat
         assert json.loads(stopped.stdout.splitlines()[-1])["stopped"] is True
         assert not _alive(fresh), "the resident process ends with the server"
         assert not os.path.exists(resident.socket_path(home))
+
+
+def test_a_command_waits_only_for_a_resident_process_that_is_importing(tmp_path, monkeypatch):
+    path = resident.socket_path(tmp_path)
+    assert resident._ready_soon(tmp_path, path) is False, "none importing: the command runs itself at once"
+    (tmp_path / resident.IMPORTING_FILE).touch()  # left by one that was killed while importing
+    assert resident._ready_soon(tmp_path, path) is False
+    monkeypatch.setattr(server, "resident_pid", lambda home: 123)  # one alive
+    (tmp_path / resident.IMPORTING_FILE).write_text(str(os.getpid()))
+    assert resident._ready_soon(tmp_path, path) is False, "it imports once a command that still runs ends"
+    (tmp_path / resident.IMPORTING_FILE).write_text("")  # importing: its socket appears
+    monkeypatch.setattr(resident.time, "sleep", lambda s: Path(path).touch())
+    assert resident._ready_soon(tmp_path, path) is True

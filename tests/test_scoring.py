@@ -835,11 +835,11 @@ def test_cli_on_a_separately_started_dask_cluster(prefect_logs, tmp_path, model_
     ]
     code, result = run_cli(args)
     assert code == 0
-    assert result["to_label"] == {"url": scoring.JobLayout(out).to_label, "count": 3}
-    assert set(result) >= {"images", "scored", "failed", "seconds", "images_per_second", "output", "engine"}
+    assert result["to_label"] == {"url": scoring.JobLayout(out).to_label, "images": 3}
+    assert set(result) >= {"images", "scored", "failed", "seconds", "images_per_second", "scores_url", "engine"}
     assert result["engine"] == "torch" and "no held-out" in result["engine_reason"]  # no run beside the model
     assert result["images"] == len(expected) == result["scored"] + result["failed"]
-    assert result["output"] == scoring.JobLayout(out).scores and result["images_per_second"] > 0
+    assert result["scores_url"] == scoring.JobLayout(out).scores and result["images_per_second"] > 0
     frame = read_scores(out)
     assert len(frame) == len(expected) and frame["top_labels"].dropna().map(len).eq(2).all()
     with Client(dask_processes) as client:  # 5 partitions, one model load in that worker

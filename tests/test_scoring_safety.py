@@ -257,7 +257,7 @@ def test_the_python_api_runs_from_a_script_without_a_main_guard(tmp_path, model_
             import retrain
 
             print("the script's body ran", flush=True)
-            summary = retrain.score({model_file!r}, {str(tmp_path / "imgs")!r}, out={str(tmp_path / "out")!r}, workers=1)
+            summary = retrain.score({model_file!r}, {str(tmp_path / "imgs")!r}, score_out={str(tmp_path / "out")!r}, dask_workers=1)
             print(json.dumps({{"images": summary["images"]}}), flush=True)
             """
         )

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,99 @@ def test_classify_answers_without_importing_prefect_or_dask(tmp_path, random_mod
     *_, answer, imported = done.stdout.strip().splitlines()
     assert json.loads(answer)["label"] in ("circle", "square", "triangle")
     assert imported == "[]"
+
+
+def test_a_command_starts_the_server_only_for_flows_and_when_nothing_opts_out(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    env = {"PREFECT_HOME": str(home)}
+    assert server.auto_start_enabled(env)
+    assert not server.auto_start_enabled({**env, "RETRAIN_AUTO_SERVER": "0"})
+    assert not server.auto_start_enabled({**env, "PREFECT_API_URL": "https://api.example/api"})
+    assert not server.auto_start_enabled({**env, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"})
+    home.mkdir()
+    (home / "profiles.toml").write_text('active = "c"\n[profiles.c]\nPREFECT_API_URL = "https://api.example/api"\n')
+    assert not server.auto_start_enabled(env)
+
+    monkeypatch.setattr(server, "_launch", lambda *a, **k: pytest.fail("a server was started"))
+    for command in ("classify", "evaluate", "deploy", "runs"):  # quick commands, and one that needs a lasting server
+        assert server.start_for_command(command, {"PREFECT_HOME": str(tmp_path / "other")}) is None
+
+
+def test_a_mistyped_command_starts_no_server(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RETRAIN_AUTO_SERVER", "1")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(server, "_launch", lambda *a, **k: pytest.fail("a server was started"))
+    assert main(["run", str(tmp_path / "no-such-data"), "--store", str(tmp_path / "store")]) == 2
+    assert "no-such-data" in capsys.readouterr().err
+
+
+def test_a_server_is_idle_once_the_processes_that_used_it_have_ended(tmp_path):
+    from retrain.resident import IdleStop
+
+    home = tmp_path / "home"
+    server.register_client(home)  # this process: alive
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    server.register_client(home, done.pid)
+    done.wait()
+    (home / server.CLIENTS_DIR / str(os.getpid() + 10**7)).write_text("1")  # a pid that never was
+    assert server.clients_alive(home) == 1 and sorted(os.listdir(home / server.CLIENTS_DIR)) == [str(os.getpid())]
+
+    write_state(home, 1, 1)
+    idle = IdleStop(home)
+    assert not idle.due(forks_running=False), "started by `retrain server start`: no idle timeout"
+    state = json.loads((home / server.STATE_FILE).read_text())
+    (home / server.STATE_FILE).write_text(json.dumps({**state, "idle_timeout_s": 0}))
+    idle.next_look = 0
+    assert not idle.due(forks_running=False), "this process still uses it"
+    (home / server.CLIENTS_DIR / str(os.getpid())).unlink()
+    idle.next_look = 0
+    assert not idle.due(forks_running=True), "a command runs in the resident process"
+    idle.next_look = 0
+    assert idle.due(forks_running=False)
+
+
+def test_the_temporary_api_process_ends_with_a_killed_command():
+    """A command killed by SIGKILL runs no exit handler: the kernel ends its child."""
+    from retrain.early_api import die_with_parent
+
+    if die_with_parent() is None:
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    code = (
+        "import subprocess, sys, time; from retrain.early_api import die_with_parent; "
+        "p = subprocess.Popen(['sleep', '60'], preexec_fn=die_with_parent()); print(p.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while server._proc_stat(child) not in (None, ("Z", child)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (server._proc_stat(child) or ("gone",))[0] in ("gone", "Z"), "the child outlived its killed parent"
+
+
+@pytest.mark.services
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="checks processes through /proc")
+def test_the_first_command_starts_the_server_that_later_ones_use_until_stopped(tmp_path, shapes_dir):
+    from tests.conftest import tiny_run_flags
+
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != server.AUTO_ENV}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    run = ["run", shapes_dir, "--store", str(tmp_path / "store"), *tiny_run_flags(1), "--json"]
+    try:
+        first = retrain_cli(*run, env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        announced = [line for line in first.stderr.splitlines() if "started a local Prefect server" in line]
+        assert len(announced) == 1 and "retrain server stop" in announced[0] and "RETRAIN_AUTO_SERVER=0" in announced[0]
+        state = server.running(home)
+        assert state is not None and state["idle_timeout_s"] == 30 * 60, "it outlives the command, until idle"
+        assert json.loads(first.stdout.splitlines()[-1])["ui_url"].startswith(state["ui_url"])
+
+        status = retrain_cli("server", "status", "--json", env=env)  # later commands find it as this one does
+        assert json.loads(status.stdout.splitlines()[-1])["pid"] == state["pid"]
+    finally:
+        stopped = retrain_cli("server", "stop", "--json", env=env)
+    assert json.loads(stopped.stdout.splitlines()[-1])["stopped"] is True
+    assert _processes_in_group(state["pid"]) == [] and server.resident_pid(home) is None

@@ -2,13 +2,16 @@
 the background while the rest starts up, or an existing one) and a client of it. Mapping the
 partitions over it is the parts engine's (tasks/parts.py), with its lost-scheduler handling.
 
-A local cluster is one process per core, one thread each; its workers import torch and the
-inference path while they start (``preload``), so that cost is paid while the driver lists
-the images, checks the model and Prefect's API starts, not after.
+A local cluster is one process per core, one thread each; on a machine with NVIDIA GPUs, one
+process per GPU, pinned to it (tasks/scoring/partition.py decodes the JPEGs there with nvJPEG
+and reads the files with CPU threads). Its workers import torch and the inference path while
+they start (``preload``), so that cost is paid while the driver lists the images, checks the
+model and Prefect's API starts, not after.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import threading
@@ -21,6 +24,9 @@ from retrain.tasks.vocabulary import check_workers
 
 # Imported by each local worker as it starts: torch, torchvision, ONNX Runtime, the predictor.
 WORKER_PRELOAD = "retrain.tasks.scoring.partition"
+# Tasks a GPU worker runs at once: while one partition is read and decoded, another runs
+# forward and writes its part (each task reads with its own threads: partition.GPU_READ_THREADS).
+GPU_WORKER_THREADS = 2
 
 
 @contextmanager
@@ -95,8 +101,42 @@ def _workers_skip_main() -> Iterator[None]:
                 spawn.get_preparation_data = spawn.get_preparation_data.real
 
 
-def _worker_count(workers: int | None) -> int:
-    return check_workers((os.cpu_count() or 1) if workers is None else workers, ScoringError)
+def visible_gpus() -> list[str]:
+    """The NVIDIA GPUs local workers are pinned to, as CUDA_VISIBLE_DEVICES names them: those
+    it lists where it is set (CUDA stops at the first invalid entry, e.g. -1), else one per GPU
+    device file (Linux: /dev/nvidia0, ...; a container has those of its own GPUs); none
+    elsewhere. Read without importing torch or starting CUDA: the cluster starts while the
+    command itself is still starting up."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        count = len([f for f in glob.glob("/dev/nvidia*") if f[len("/dev/nvidia") :].isdigit()])
+        return [str(i) for i in range(count)]
+    gpus = []
+    for entry in (e.strip() for e in listed.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        gpus.append(entry)
+    return gpus
+
+
+def _worker_count(workers: int | None, gpus: list[str]) -> int:
+    """``workers`` as asked, else one per GPU, else one per core."""
+    return check_workers((len(gpus) or os.cpu_count() or 1) if workers is None else workers, ScoringError)
+
+
+def _gpu_pinned_nanny(gpus: list[str]) -> type:
+    """Dask's nanny for worker ``name`` (0, 1, ... in a local cluster) with its environment's
+    CUDA_VISIBLE_DEVICES set to GPU ``name`` (round robin where there are more workers than
+    GPUs): its process sees that GPU alone, as ``cuda``, from its start (also when the nanny
+    restarts it)."""
+    from distributed import Nanny
+
+    class GpuPinnedNanny(Nanny):
+        def __init__(self, *args, name=None, env: dict | None = None, **kwargs):
+            pinned = {**(env or {}), "CUDA_VISIBLE_DEVICES": gpus[int(name) % len(gpus)]}
+            super().__init__(*args, name=name, env=pinned, **kwargs)
+
+    return GpuPinnedNanny
 
 
 class LocalClusterStart:
@@ -104,7 +144,8 @@ class LocalClusterStart:
     ready for it (it waits for the start, re-raising its error), :meth:`close` at the end."""
 
     def __init__(self, workers: int | None = None):
-        self.workers = _worker_count(workers)
+        self.gpus = visible_gpus()
+        self.workers = _worker_count(workers, self.gpus)
         self._cluster = None
         self._error: BaseException | None = None
         # For the cluster's life, not only its start: a nanny restarts a worker that died.
@@ -122,11 +163,12 @@ class LocalClusterStart:
                 # once they have); each imports torch as it starts, while the driver works on.
                 self._cluster = LocalCluster(
                     n_workers=self.workers,
-                    threads_per_worker=1,
+                    threads_per_worker=GPU_WORKER_THREADS if self.gpus else 1,
                     processes=True,
                     dashboard_address=None,
                     silence_logs=logging.ERROR,
                     preload=[WORKER_PRELOAD],
+                    **({"worker_class": _gpu_pinned_nanny(self.gpus)} if self.gpus else {}),
                 )
         except BaseException as exc:  # handed to the caller of address()
             self._error = exc

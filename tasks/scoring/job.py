@@ -577,4 +577,5 @@ def run_record(plan: JobPlan, results: list[PartResult], seconds: float, scoring
         "images_per_second_scoring": round(processed / scoring_seconds, 2) if scoring_seconds > 0 else None,
         "decode_seconds": round(sum(r.decode_seconds for r in results), 3),
         "forward_seconds": round(sum(r.forward_seconds for r in results), 3),
+        "gpu_decoded": sum(r.gpu_decoded for r in results),  # JPEGs decoded by nvJPEG
     }

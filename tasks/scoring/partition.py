@@ -5,6 +5,11 @@ process, with the engine and decoder the driver chose), reads and decodes the ne
 in a thread while the current one runs forward, and writes one row per file: a file that
 cannot be read or decoded becomes a row with an ``error``; it never fails the partition.
 
+On a GPU (one worker process per GPU: tasks/scoring/cluster.py) the files are read by CPU
+threads, the JPEGs are decoded and resized on the GPU in one batched nvJPEG call
+(:func:`tasks.preprocessing.load_jpegs`) and anything else is decoded on the CPU; a forward
+pass there takes at least GPU_MINI_BATCH_SIZE images.
+
 Nothing here imports Prefect: each Prefect import in a worker would start its own API.
 """
 
@@ -21,16 +26,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from retrain.tasks import storage
 from retrain.tasks.allocator import tune_allocator
 from retrain.tasks.drift import takes_embedding
 from retrain.tasks.inference import Predictor, cached_predictor, top_k
-from retrain.tasks.preprocessing import ImageDecodeError, load_image
+from retrain.tasks.preprocessing import ImageDecodeError, jpeg_batch_applies, load_image, load_jpegs
 from retrain.tasks.scoring.layout import DEFAULT_MINI_BATCH_SIZE, DEFAULT_TOP_K
 from retrain.tasks.scoring.listing import LISTING_SCHEMA, unlisted
 
 REMOTE_READ_THREADS = 8  # reads from object stores wait on the network: overlap them
+# A GPU worker's own threads read the files (and decode on the CPU what nvJPEG does not take),
+# so that the GPU does not wait on one thread's reads.
+GPU_READ_THREADS = 4
+# The job's mini-batch size is sized for a CPU core's cache (8); a GPU is busy only with
+# hundreds of images per forward pass and per nvJPEG call, so a GPU worker takes at least this.
+GPU_MINI_BATCH_SIZE = 256
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -54,17 +66,27 @@ PART_SCHEMA = ROW_SCHEMA.append(EMBEDDING)
 SCORES_KEY = b"retrain.scores"
 
 
-def read_and_decode(url: str, predictor: Predictor) -> tuple[torch.Tensor | None, str | None]:
-    """(uint8 RGB image at the input size, None) or (None, why it is unusable). Never raises:
-    a file that cannot be read or decoded becomes its row's ``error`` (the row names the file)."""
+def read_file(url: str) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None) or (None, why it cannot be read). Never raises."""
     try:
-        data = storage.read_bytes(url)
+        return storage.read_bytes(url), None
     except FileNotFoundError:
         return None, "file not found (removed after it was listed?)"
     except IsADirectoryError:
         return None, "is a folder, not a file"
     except Exception as exc:  # permissions, network errors after fsspec's own retries
         return None, f"cannot read file ({type(exc).__name__}: {exc})"
+
+
+def read_and_decode(url: str, predictor: Predictor) -> tuple[torch.Tensor | None, str | None]:
+    """(uint8 RGB image at the input size, None) or (None, why it is unusable). Never raises:
+    a file that cannot be read or decoded becomes its row's ``error`` (the row names the file)."""
+    data, reason = read_file(url)
+    return decode_one(data, predictor) if data is not None else (None, reason)
+
+
+def decode_one(data: bytes, predictor: Predictor) -> tuple[torch.Tensor | None, str | None]:
+    """:func:`read_and_decode` of bytes already read: the decoder the driver chose, on the CPU."""
     try:
         return load_image(data, predictor.preprocessing.input_size, predictor.decoder), None
     except ImageDecodeError as exc:
@@ -79,28 +101,59 @@ class _Batch:
     rows: list[int]  # the partition row of each image in ``pixels``
     errors: dict[int, str]  # partition row -> reason
     decode_seconds: float
+    batch_decoded: int = 0  # images decoded by load_jpegs (on a GPU: nvJPEG)
 
 
-def _load_batch(paths: list[str], first_row: int, predictor: Predictor, pool: ThreadPoolExecutor | None) -> _Batch:
+def jpeg_batch_device(predictor: Predictor) -> torch.device | None:
+    """Where a worker decodes its JPEGs in batches: on the predictor's GPU; None on a CPU, whose
+    worker decodes each file in its own thread with the decoder the driver chose."""
+    return predictor.device if predictor.device.type == "cuda" else None
+
+
+def _read_for_batch(url: str, predictor: Predictor) -> tuple[torch.Tensor | bytes | None, str | None]:
+    """:func:`read_and_decode`, except that a JPEG the batch decoder takes stays bytes."""
+    data, reason = read_file(url)
+    if data is None:
+        return None, reason
+    return (data, None) if jpeg_batch_applies(data) else decode_one(data, predictor)
+
+
+def _load_batch(
+    paths: list[str],
+    first_row: int,
+    predictor: Predictor,
+    pool: ThreadPoolExecutor | None,
+    jpeg_device: torch.device | None = None,
+) -> _Batch:
+    """Read and decode ``paths`` (the rows from ``first_row``). With ``jpeg_device`` the JPEGs
+    are decoded together there (:func:`tasks.preprocessing.load_jpegs`) and the batch is
+    assembled on that device; the other files are decoded on the CPU, in the read threads."""
     started = time.perf_counter()
     size = predictor.preprocessing.input_size
-    loaded = list(
-        pool.map(lambda u: read_and_decode(u, predictor), paths)
-        if pool
-        else (read_and_decode(u, predictor) for u in paths)
-    )
+    read = _read_for_batch if jpeg_device is not None else read_and_decode
+    loaded = list(pool.map(lambda u: read(u, predictor), paths) if pool else (read(u, predictor) for u in paths))
+    jpegs = [i for i, (item, _) in enumerate(loaded) if isinstance(item, (bytes, bytearray))]
+    for i, image in zip(jpegs, load_jpegs([loaded[i][0] for i in jpegs], size, jpeg_device)):
+        loaded[i] = (image, None) if isinstance(image, torch.Tensor) else (None, image.reason)
     good = [(first_row + i, image) for i, (image, _) in enumerate(loaded) if image is not None]
     errors = {first_row + i: reason for i, (_, reason) in enumerate(loaded) if reason is not None}
-    pixels = torch.empty(
-        (len(good), 3, *size),
-        dtype=torch.uint8,
-        memory_format=torch.channels_last,
-        pin_memory=predictor.device.type == "cuda",
-    )
     channels = predictor.affine.channels
-    for j, (_, image) in enumerate(good):
-        pixels[j] = image[channels]
-    return _Batch(pixels, [row for row, _ in good], errors, time.perf_counter() - started)
+    if jpeg_device is not None and jpeg_device.type == "cuda":  # assembled where the JPEGs are
+        pixels = (
+            torch.stack([image.to(jpeg_device) for _, image in good])[:, channels]
+            if good
+            else torch.empty((0, 3, *size), dtype=torch.uint8, device=jpeg_device)
+        ).contiguous(memory_format=torch.channels_last)
+    else:
+        pixels = torch.empty(
+            (len(good), 3, *size),
+            dtype=torch.uint8,
+            memory_format=torch.channels_last,
+            pin_memory=predictor.device.type == "cuda",
+        )
+        for j, (_, image) in enumerate(good):
+            pixels[j] = image[channels]
+    return _Batch(pixels, [row for row, _ in good], errors, time.perf_counter() - started, len(jpegs))
 
 
 @dataclass
@@ -112,6 +165,7 @@ class PartResult:
     seconds: float
     decode_seconds: float = 0.0  # spent reading and decoding (overlaps the forward passes)
     forward_seconds: float = 0.0
+    gpu_decoded: int = 0  # images whose JPEG was decoded on the GPU (nvJPEG)
     skipped: bool = False  # the part was already there
     engine: str = ""
 
@@ -127,10 +181,12 @@ def score_paths(
 ) -> pa.Table:
     """Score ``paths`` in mini-batches; the next batch is read and decoded in a thread while
     the current one runs forward. One row per path, in order; bad files get an error.
-    ``read_threads``: files read and decoded at once (default: 1 for local files, more for
-    remote ones, whose reads wait on the network). ``embedding_rate``: the share of images
-    (a fixed sample by path: tasks.drift.takes_embedding) whose embedding the row keeps, from
-    the same forward pass."""
+    ``read_threads``: files read and decoded at once (default: 1 for local files on a CPU; more
+    on a GPU, and for remote files, whose reads wait on the network). ``embedding_rate``: the
+    share of images (a fixed sample by path: tasks.drift.takes_embedding) whose embedding the
+    row keeps, from the same forward pass. On a GPU (:func:`jpeg_batch_device`) the JPEGs of a
+    mini-batch are decoded there together, and a mini-batch has at least GPU_MINI_BATCH_SIZE
+    images."""
     n = len(paths)
     k = kept_labels(predictor, k)
     label_idx = np.full((n, k), -1, dtype=np.int64)
@@ -139,21 +195,31 @@ def score_paths(
     wanted = np.asarray([takes_embedding(p, embedding_rate) for p in paths], dtype=bool) if embedding_rate else None
     embeddings: dict[int, np.ndarray] = {}
     decode_s = forward_s = 0.0
+    batch_decoded = 0  # on a GPU: by nvJPEG
+    jpeg_device = jpeg_batch_device(predictor)
+    if jpeg_device is not None:
+        mini_batch_size = max(mini_batch_size, GPU_MINI_BATCH_SIZE)
     batches = [(start, paths[start : start + mini_batch_size]) for start in range(0, n, mini_batch_size)]
     if read_threads is None:
-        read_threads = 1 if not paths or storage.protocol_of(paths[0]) in ("file", "local") else REMOTE_READ_THREADS
+        local = not paths or storage.protocol_of(paths[0]) in ("file", "local")
+        read_threads = REMOTE_READ_THREADS if not local else GPU_READ_THREADS if jpeg_device is not None else 1
     read_pool = ThreadPoolExecutor(read_threads) if read_threads > 1 else None
     prefetch = ThreadPoolExecutor(1)
     try:
-        pending = prefetch.submit(_load_batch, batches[0][1], batches[0][0], predictor, read_pool) if batches else None
+        pending = (
+            prefetch.submit(_load_batch, batches[0][1], batches[0][0], predictor, read_pool, jpeg_device)
+            if batches
+            else None
+        )
         for i in range(len(batches)):
             batch = pending.result()
             pending = (
-                prefetch.submit(_load_batch, batches[i + 1][1], batches[i + 1][0], predictor, read_pool)
+                prefetch.submit(_load_batch, batches[i + 1][1], batches[i + 1][0], predictor, read_pool, jpeg_device)
                 if i + 1 < len(batches)
                 else None
             )
             decode_s += batch.decode_seconds
+            batch_decoded += batch.batch_decoded
             for row, reason in batch.errors.items():
                 errors[row] = reason
             if not batch.rows:
@@ -171,7 +237,7 @@ def score_paths(
         if read_pool:
             read_pool.shutdown(wait=True, cancel_futures=True)
     if timings is not None:
-        timings.update(decode_seconds=decode_s, forward_seconds=forward_s)
+        timings.update(decode_seconds=decode_s, forward_seconds=forward_s, gpu_decoded=batch_decoded)
     return _table(paths, label_idx, top_scores, errors, predictor.classes, embeddings)
 
 
@@ -288,6 +354,7 @@ def score_partition(
         time.perf_counter() - started,
         timings["decode_seconds"],
         timings["forward_seconds"],
+        timings["gpu_decoded"],
         engine=model.engine,
     )
 
@@ -303,6 +370,19 @@ class _SchedulerGoneHeartbeat(logging.Filter):
         return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
 
 
+def warm_gpu() -> None:
+    """Start CUDA and nvJPEG's decoder in a worker that has a GPU (a second or more), while the
+    driver still lists the images and plans the job, not in the worker's first partition."""
+    if torch.cuda.is_available():
+        tiny = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(tiny, "JPEG")
+        load_jpegs([tiny.getvalue()], (8, 8), "cuda")
+
+
 def dask_setup(worker) -> None:
     """Dask calls this in each local worker that preloads this module (cluster.WORKER_PRELOAD)."""
     logging.getLogger("distributed.worker").addFilter(_SchedulerGoneHeartbeat())
+    try:
+        warm_gpu()
+    except Exception:  # not fatal here: the worker's first partition meets the fault and reports it
+        pass

@@ -1,7 +1,8 @@
 """Transfer mode's feature extraction on a Dask cluster (:mod:`.features` describes the cache).
 
 Each feature part is a task: the worker rebuilds the frozen body once (from the model's
-state dict, written next to the feature shards), reads the part's images from the image
+state dict, written next to the feature shards, on the cache's engine: an int8 body is written
+there too, quantized once by the training process), reads the part's images from the image
 shards and writes the part's feature shard to the store with :func:`.features.part_features`,
 the same call the in-process path makes, so both give the same numbers. The training process
 then streams the shards like a cache on disk (local copies where the store is remote).
@@ -26,7 +27,9 @@ from torch import nn
 from retrain.tasks import storage
 from retrain.tasks.parts import run_parts
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
+from retrain.tasks.training.feature_engine import FLOAT32, BodyEngine
 from retrain.tasks.training.feature_files import (
+    INT8_MODEL,
     MODEL,
     FeatureCache,
     FeaturePlan,
@@ -50,10 +53,12 @@ class WorkerBody:
     url: str
     sha256: str
     execution_environment: str = "auto"
+    engine: str = FLOAT32
+    onnx_url: str | None = None  # the int8 body (engine onnx-int8)
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_body(body: WorkerBody) -> tuple[nn.Module, torch.device]:
+def _worker_body(body: WorkerBody) -> tuple[BodyEngine, torch.device]:
     from retrain.tasks.networks import build_network, get_spec, resolve_device
     from retrain.tasks.training.body_head import split_at_head
 
@@ -64,7 +69,9 @@ def _worker_body(body: WorkerBody) -> tuple[nn.Module, torch.device]:
     device = resolve_device(body.execution_environment)
     model.to(device, memory_format=torch.channels_last)
     model.eval()
-    return split_at_head(model, spec).body.eval(), device
+    onnx_data = storage.read_bytes(body.onnx_url) if body.onnx_url else None
+    frozen = split_at_head(model, spec).body.eval()
+    return BodyEngine(frozen, body.engine, device, spec.preprocessing, onnx_data=onnx_data), device
 
 
 @functools.lru_cache(maxsize=2)
@@ -157,6 +164,10 @@ def build_on_cluster(job: FeatureJob, folder: str, cluster: ClusterBody, bar, lo
         torch.save({k: v.detach().cpu() for k, v in cluster.model.state_dict().items()}, buffer)
         payload = buffer.getvalue()
         storage.write_bytes(model_url, payload)
+        onnx_url = None
+        if job.engine == "onnx-int8":  # quantized here once, not by every worker
+            onnx_url = storage.join(folder, INT8_MODEL)
+            storage.write_bytes(onnx_url, job.runner.onnx_data())
         task = FeatureTask(
             folder,
             WorkerBody(
@@ -165,6 +176,8 @@ def build_on_cluster(job: FeatureJob, folder: str, cluster: ClusterBody, bar, lo
                 model_url,
                 hashlib.sha256(payload).hexdigest(),
                 cluster.execution_environment,
+                job.engine,
+                onnx_url,
             ),
             shards.shards.plan,
             plan.views,
@@ -185,8 +198,9 @@ def build_on_cluster(job: FeatureJob, folder: str, cluster: ClusterBody, bar, lo
     if todo:
         stats["worker_threads"] = threads[-1] if threads else None
     stats["extract_seconds"] = round(time.perf_counter() - started, 3)
-    with contextlib.suppress(FileNotFoundError):
-        storage.remove(storage.join(folder, MODEL))
+    for name in (MODEL, INT8_MODEL):
+        with contextlib.suppress(FileNotFoundError):
+            storage.remove(storage.join(folder, name))
     train, val = open_shards(plan, folder, local)
     return FeatureCache(
         train,

@@ -26,6 +26,7 @@ from retrain.tasks.parts import Part, PartsJob
 from retrain.tasks.training.row_files import RowFiles, local_copy, read_npy_header
 
 PLAN, MANIFEST, MODEL = "plan.json", "manifest.json", "model.pt"
+INT8_MODEL = "body-int8.onnx"  # the body on the onnx-int8 engine, for a cluster's workers
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,9 @@ class FeatureCache:
 
 def _is_feature_file(name: str) -> bool:
     base = name.split(storage.TMP_MARKER, 1)[0]
-    return base in (PLAN, MANIFEST, MODEL) or (base.startswith(("train-", "val-")) and base.endswith(".npy"))
+    return base in (PLAN, MANIFEST, MODEL, INT8_MODEL) or (
+        base.startswith(("train-", "val-")) and base.endswith(".npy")
+    )
 
 
 def remove_feature_files(folder: str) -> None:

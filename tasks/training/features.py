@@ -14,8 +14,11 @@ the unit of work wherever it runs, so every path gives the same numbers:
   images from the image shards and writes its feature shard to the store; the head then
   streams them like a cache on disk.
 
-A folder's ``plan.json`` says what its shards are made of (images, body weights, views,
-seed, augmentation...); shards already there with the same plan are kept, so a run killed
+The body runs on the fastest engine that passes its gate here (int8, bf16: see
+:mod:`.feature_engine`), or in float32; a cache says which made it.
+
+A folder's ``plan.json`` says what its shards are made of (images, body weights, engine,
+views, seed, augmentation...); shards already there with the same plan are kept, so a run killed
 while extracting features (kill -9) resumes with the parts still missing, and a finished set
 (``manifest.json``, written last) is reused by a resumed run or by the other runs of an
 experiment.
@@ -28,7 +31,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -39,7 +42,8 @@ from torch import nn
 from retrain.tasks.parts import compute_here, finish
 from retrain.tasks.preprocessing import Augmentation, Preprocessing
 from retrain.tasks.training.data import TrainingData
-from retrain.tasks.training.devices import autocast, to_device
+from retrain.tasks.training.devices import to_device
+from retrain.tasks.training.feature_engine import CALIBRATION_IMAGES, FLOAT32, BodyEngine, choose_engine
 from retrain.tasks.training.feature_files import (
     PLAN,
     FeatureCache,
@@ -84,6 +88,11 @@ def _digest(*tensors: torch.Tensor) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def body_digest(body: nn.Module) -> str:
+    """What a frozen body is: its weights (and buffers)."""
+    return _digest(*body.state_dict().values())
 
 
 def _images_digest(images) -> str:
@@ -145,7 +154,7 @@ def _view_batches(
 
 
 def part_features(
-    body: nn.Module,
+    body: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     first: int,
     views: int,
@@ -155,11 +164,13 @@ def part_features(
     device: torch.device,
 ) -> torch.Tensor:
     """Body features (float16, stored layout, on ``device``) of ``images`` (uint8, the
-    training images from position ``first`` on) in views 0..``views``: (views + 1, n, *shape)."""
+    training images from position ``first`` on) in views 0..``views``: (views + 1, n, *shape).
+    ``body``: the frozen body, or it on a faster engine (a :class:`.feature_engine.BodyEngine`,
+    which owns its precision)."""
     out = None
     batch_size = AUG_CHUNK * (8 if device.type == "cuda" else 1)  # images augmented (and copied) at once
     body_batch = FEATURE_BATCH.get(device.type, batch_size)
-    with torch.inference_mode(), autocast(device, training=False):
+    with torch.inference_mode():
         for view, start, batch in _view_batches(images, views, augmentation, seed, batch_size, device, first):
             for s in range(0, len(batch), body_batch):
                 part = batch[s : s + body_batch]
@@ -191,6 +202,11 @@ class FeatureJob:
     augmentation: Augmentation
     plan: FeaturePlan
     seed: int
+    engine: str = FLOAT32  # what computes the features (tasks/training/feature_engine.py)
+    runner: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)  # the body on it
+
+    def forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.runner if self.runner is not None else self.body
 
     def key(self) -> dict:
         """What a folder's ``plan.json`` says: shards with another key are not reused."""
@@ -205,7 +221,9 @@ class FeatureJob:
             "train_images": _images_digest(self.data.train_images),
             "val_images": _images_digest(self.data.val_images),
             "counts": [len(self.data.train_targets), len(self.data.val_targets)],
-            "body": _digest(*[t for t in self.body.state_dict().values()]),
+            "body": body_digest(self.body),
+            # Features from another engine are other numbers: never reused as these.
+            "engine": self.engine,
         }
 
     def images(self, kind: str):
@@ -228,24 +246,30 @@ def build_feature_cache(
     progress: bool = False,
     logger: logging.Logger | None = None,
     cluster: ClusterBody | None = None,  # tasks/training/feature_cluster.py
+    engine: str = FLOAT32,
 ) -> FeatureCache:
     """Run the frozen ``body`` once over every training image in ``views`` + 1 views and every
     validation image. Kept in memory (on the GPU when it fits there) up to ``memory_bytes``;
     larger caches are feature shards in ``folder`` (a local path, else a temporary folder),
     which a resumed run reuses (or completes) when they were made from the same images, body
     and settings. With ``cluster`` (and images in shards), the parts are computed on Dask into
-    ``folder`` (any store URL) and then streamed."""
+    ``folder`` (any store URL) and then streamed. ``engine``: what the body runs on
+    (tasks/training/feature_engine.py: "auto" is the fastest one not failed here before);
+    the cache's description names the engine it was made on."""
     logger = logger or log
     started = time.perf_counter()
     body.eval()
     n, m = len(data.train_targets), len(data.val_targets)
     plan = FeaturePlan(n, m, views, _check_part_size(FEATURE_PART))
+    if engine == "auto":
+        engine = choose_engine(engine, device, lambda: body_digest(body), (views + 1) * n + m, m)
     # Said before it starts: the body's pass over every view is the slow part of transfer mode.
     logger.info(
-        "feature cache: preparing the body features of %d training images x %d views + %d validation images",
+        "feature cache: preparing the body features of %d training images x %d views + %d validation images on %s",
         n,
         views + 1,
         m,
+        engine,
     )
     bar = None
     if progress:
@@ -259,7 +283,8 @@ def build_feature_cache(
             and (m == 0 or isinstance(data.val_images, ShardImages))
             and folder is not None
         )
-        job = FeatureJob(body, data, preprocessing, augmentation, plan, seed)
+        runner = BodyEngine(body, engine, device, preprocessing, lambda: data.train_images[:CALIBRATION_IMAGES])
+        job = FeatureJob(body, data, preprocessing, augmentation, plan, seed, engine, runner)
         if distributed:
             from retrain.tasks.training.feature_cluster import build_on_cluster  # Dask: only when asked
 
@@ -273,9 +298,11 @@ def build_feature_cache(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         cache.seconds = time.perf_counter() - started
+    cache.extraction["engine"] = engine
     info = cache.describe()
     logger.info(
-        "feature cache: %d training images x %d views + %d validation images, %.0f MiB in %s, %s%.1f s (%.0f images/s)",
+        "feature cache: %d training images x %d views + %d validation images, %.0f MiB in %s, %s%.1f s "
+        "(%.0f images/s on %s)",
         n,
         views + 1,
         m,
@@ -284,6 +311,7 @@ def build_feature_cache(
         "reused, " if cache.reused else "",
         info["seconds"],
         info["images_per_second"] or 0,
+        engine,
     )
     return cache
 
@@ -354,7 +382,7 @@ class _Placement:
         views = plan.views if kind == "train" else 0
         images = job.images(kind)[first:stop]
         features = part_features(
-            job.body, images, first, views, job.augmentation, job.preprocessing, job.seed, self.device
+            job.forward(), images, first, views, job.augmentation, job.preprocessing, job.seed, self.device
         )
         if self.where is None:
             self.where, self.target, self.temporary = _placement(

@@ -219,6 +219,7 @@ class _Trainer:
                 progress=progress,
                 logger=self.logger,
                 cluster=cluster,
+                engine=options.feature_engine,
             )
         return CachedSteps(self.model, split.rest, split.dropout, cache, data, options, self.device, bool(shared))
 

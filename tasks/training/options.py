@@ -32,6 +32,7 @@ CHOICES = {
     "checkpoint_frequency_unit": ("epoch", "iteration"),
     "validation_frequency_unit": ("iteration", "epoch"),
     "execution_environment": ("auto", "cpu", "gpu"),
+    "feature_engine": ("auto", "torch"),
 }
 # A field's annotation -> the type of its value (an optional one's when set).
 _VALUE_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int, "float | None": float}
@@ -75,6 +76,11 @@ class TrainingOptions:
     # half of what is free). The bound on what training holds in memory, whatever the data
     # set's size (streamed from the page cache: benchmarks/bench_scale.py).
     feature_cache_memory_mb: int = 1024
+    # Transfer mode: what computes the frozen body's features. auto: the fastest engine here
+    # (int8 or bf16 on CPUs that have them, bf16/fp16 on GPUs) whose features keep the head's
+    # validation accuracy within half a point of float32's, else float32; torch: float32
+    # (tasks/training/feature_engine.py).
+    feature_engine: str = "auto"
     # Fine-tune and scratch modes: training processes (DistributedDataParallel, one per GPU,
     # each taking a part of every mini-batch); None: every visible GPU when training on CUDA,
     # else 1. Transfer mode trains in one process. Does not change the result beyond float

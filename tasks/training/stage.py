@@ -11,7 +11,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,8 @@ from retrain.tasks.preprocessing import Augmentation
 from retrain.tasks.reports import training_progress
 from retrain.tasks.runs import RunConfig, read_run
 from retrain.tasks.storage import RunLayout
-from retrain.tasks.training.checkpoints import keep_only_split, split_key
+from retrain.tasks.training.body_head import split_at_head
+from retrain.tasks.training.checkpoints import keep_only_split, list_checkpoints, split_key
 from retrain.tasks.training.cluster import ClusterRequest, LazyCluster, training_cluster
 from retrain.tasks.training.data import TrainingData, load_training_data
 from retrain.tasks.training.distributed import (
@@ -35,6 +36,8 @@ from retrain.tasks.training.distributed import (
     relay_logger,
     resolve_processes,
 )
+from retrain.tasks.training.feature_engine import FLOAT32, float32_accuracy, gate, remember_failure
+from retrain.tasks.training.features import body_digest
 from retrain.tasks.training.loop import TrainingOutcome, train
 from retrain.tasks.training.options import TrainingOptions
 
@@ -169,6 +172,21 @@ def _train(
                 len(run.classes),
             )
             outcome = _train_on(run, model, data, progress, logger, on_validation, ranks, lazy_cluster)
+            verdict = _feature_gate(run, model, data, outcome, logger)
+            if verdict is not None and not verdict["passed"]:
+                logger.warning(
+                    "the %s features cost the head more than %.1f point of validation accuracy against float32: "
+                    "computing them again in float32 and training again",
+                    verdict["engine"],
+                    100 * verdict["max_drop"],
+                )
+                for _, url in list_checkpoints(run.layout.checkpoints):  # the head trained on those features
+                    storage.remove(url)
+                torch.manual_seed(config.options.seed)  # the same initial head as the first try
+                model, origin = build_network(run.spec.name, len(run.classes), weights)
+                float32 = replace(config.options, feature_engine=FLOAT32)
+                outcome = _train_on(run, model, data, progress, logger, on_validation, ranks, lazy_cluster, float32)
+                outcome.feature_cache = {**(outcome.feature_cache or {}), "gate": verdict}
         finally:
             data.close()
     if not leader:
@@ -185,8 +203,10 @@ def _train_on(
     on_validation: Callable[[pd.DataFrame], None] | None,
     ranks: Ranks | None,
     cluster: LazyCluster | None,
+    options: TrainingOptions | None = None,
 ) -> TrainingOutcome:
-    """The loop on the run's data, with the progress plot after each validation."""
+    """The loop on the run's data (with ``options``, else the run's), with the progress plot
+    after each validation."""
     plot = _ProgressPlot(run.layout.progress)
 
     def after_validation(history: pd.DataFrame) -> None:
@@ -201,7 +221,7 @@ def _train_on(
         run.spec.preprocessing,
         data,
         config.mode,
-        config.options,
+        options or config.options,
         Augmentation.from_dict(config.augmentation.to_dict()),
         checkpoints=run.layout.checkpoints,
         on_validation=after_validation,
@@ -213,6 +233,41 @@ def _train_on(
         feature_cluster=cluster,
         pooled_features=config.label_issues == "find",  # the label-issues step after training fits on them
     )
+
+
+def _feature_gate(
+    run: _Run,
+    model: torch.nn.Module,
+    data: TrainingData,
+    outcome: TrainingOutcome,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> dict | None:
+    """The verdict on the engine that made the head's features (None for float32 ones, or no
+    feature cache): the output network, whose body runs in float32 wherever it is evaluated or
+    scores, validated in float32 against the accuracy its head reached on the engine's
+    features (tasks/training/feature_engine.py). A failure is remembered for this body here.
+    Recorded in the cache's description (training.json)."""
+    info = outcome.feature_cache
+    engine = (info or {}).get("engine", FLOAT32)
+    if engine == FLOAT32 or outcome.final_val_accuracy is None or not len(data.val_targets):
+        return None
+    started = time.perf_counter()
+    device = resolve_device(run.config.options.execution_environment)
+    model.load_state_dict(outcome.state_dict)
+    accuracy = float32_accuracy(model, data.val_images, data.val_targets, run.spec.preprocessing, device)
+    verdict = gate(engine, outcome.final_val_accuracy, accuracy, len(data.val_targets))
+    verdict["seconds"] = round(time.perf_counter() - started, 3)  # what the check costs besides the features
+    info["gate"] = verdict
+    logger.info(
+        "feature engine %s: validation accuracy %.4f on its features, %.4f with a float32 body: %s",
+        engine,
+        verdict["engine_val_accuracy"],
+        verdict["float32_val_accuracy"],
+        "passed" if verdict["passed"] else "failed",
+    )
+    if not verdict["passed"]:
+        remember_failure(body_digest(split_at_head(model, run.spec).body), engine, device, verdict)
+    return verdict
 
 
 def _write_outputs(
@@ -232,6 +287,7 @@ def _write_outputs(
         "iterations": outcome.iterations,
         "epochs": outcome.epochs_completed,
         "processes": processes,
+        "feature_engine": (outcome.feature_cache or {}).get("engine"),  # transfer mode's features
     }
     metrics = {"val_accuracy": outcome.final_val_accuracy, "val_loss": outcome.final_val_loss}
     record = model_record(model, run.spec, run.classes, origin, metrics=metrics, training=training)
@@ -268,4 +324,5 @@ def _summary(
         "trained": layout.trained,
         "progress_plot": layout.progress,
         "feature_cache": outcome.feature_cache,
+        "feature_engine": (outcome.feature_cache or {}).get("engine"),  # transfer mode's features: what made them
     }
