@@ -78,6 +78,7 @@ def _run(args, store: str) -> None:
     _training_data(args, store)
     if args.score_folder is not None:
         check_images(args.score_folder, "--score-folder")
+        _score_out(args.score_out, args.score_folder)
 
 
 def _evaluate(args, store: str) -> None:
@@ -95,8 +96,22 @@ def _classify(args, store: str) -> None:
 def _score(args, store: str) -> None:
     check_model(args.model, store, args.images, "retrain score MODEL IMAGES")
     check_images(args.images, "IMAGES")
-    if args.score_out is not None and _exists(args.score_out) and not _isdir(args.score_out):
-        raise UsageError(f"--score-out {args.score_out} is a file: the scores go into a folder (created when missing)")
+    _score_out(args.score_out, args.images)
+
+
+def _score_out(score_out: str | None, images: str) -> None:
+    """A given --score-out that is a file, inside the images or holding a user's files: refused
+    here, before a server or cluster starts for the job (the job refuses it again)."""
+    from retrain.tasks.scoring.layout import ScoringError, check_output
+
+    if score_out is None:
+        return
+    if _exists(score_out) and not _isdir(score_out):
+        raise UsageError(f"--score-out {score_out} is a file: the scores go into a folder (created when missing)")
+    try:
+        check_output(storage.absolute(score_out), storage.absolute(images))
+    except ScoringError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _export(args, store: str) -> None:
