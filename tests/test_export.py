@@ -22,7 +22,7 @@ def test_onnx_round_trip_with_onnxruntime_alone(tmp_path, random_model_file, sha
 
     out = str(tmp_path / "exported" / "model.onnx")
     code, result, _ = run_cli(["export", random_model_file, "--format", "onnx", "--out", out])
-    assert code == 0 and result["format"] == "onnx" and result["output"] == out
+    assert code == 0 and result["format"] == "onnx" and result["out"] == out
     loaded = load_model_file(random_model_file)
     assert result["classes"] == loaded.classes
 
@@ -111,7 +111,7 @@ def test_onnx_with_preprocessing_takes_decoded_pixels_of_any_size(tmp_path, rand
 
     out = str(tmp_path / "pixels.onnx")
     code, result, _ = run_cli(["export", random_model_file, "--with-preprocessing", "--out", out])
-    assert code == 0 and result["output"] == out
+    assert code == 0 and result["out"] == out
     loaded = load_model_file(random_model_file)
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map

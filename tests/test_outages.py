@@ -245,8 +245,9 @@ def test_prefect_api_killed_mid_run_gives_up_within_the_grace_and_the_rerun_resu
     trained = storage.read_json(str(run / "summary.json"))
     if (run / "checkpoints" / f"iter-{trained['iterations']:08d}.pt").name in kept:
         # Training had reached its last iteration before the command gave up (a fast machine
-        # trains the 16 iterations within the grace): the rerun resumes after training.
-        assert trained["resumed_from"] is None
+        # trains the 16 iterations within the grace): the rerun resumes after training, or from
+        # that last checkpoint when the API went away before the train stage wrote its model.
+        assert trained["resumed_from"] in (None, trained["iterations"])
     else:
         assert trained["resumed_from"] >= int(kept[0][5:13])
 

@@ -175,7 +175,7 @@ def test_a_full_output_disk_is_exit_3_naming_the_file_and_the_output(tmp_path, m
     with pytest.raises(OSError) as raised:
         scoring.score_job(model_file, str(images), out, client=dask_client, partition_size=2)
     assert raised.value.errno == errno.ENOSPC
-    args = SimpleNamespace(command="score", out=out, store=str(tmp_path / "store"), json=False)
+    args = SimpleNamespace(command="score", score_out=out, store=str(tmp_path / "store"), json=False)
     message, status = classify(args, raised.value)
     assert status == EXIT_STORE_FAILED
     assert part in message and f"scores output {out}" in message and "store" not in message.replace("scores", "")

@@ -53,9 +53,9 @@ def test_a_split_without_a_validation_or_test_part_runs_to_the_end(prefect_api, 
     args = ["run", shapes_dir, "--store", str(store), "--split", split, "--seed", "1", *tiny_run_flags()]
     status, result, err = run_cli(args)
     assert status == 0, err
-    assert result["promotion"]["model"].startswith("shapes")  # the gate's turn came after publishing
+    assert result["promotion"]["model_name"].startswith("shapes")  # the gate's turn came after publishing
     assert result["promotion"]["promoted"] == (absent == "validation")  # 1,0,0 holds nothing out to judge on
-    summary = storage.read_json(str(Path(result["run"]) / "summary.json"))
+    summary = storage.read_json(str(Path(result["run_url"]) / "summary.json"))
     part = "val" if absent == "validation" else "test"
     assert summary[f"{part}_accuracy"] is None
     from retrain.tasks.reports import run_summary_markdown
@@ -63,7 +63,7 @@ def test_a_split_without_a_validation_or_test_part_runs_to_the_end(prefect_api, 
     assert f"none (no {absent} part)" in run_summary_markdown(summary)
     again_status, again, err = run_cli(args)  # a finished run: a new run, not a failed one resumed
     assert again_status == 0, err
-    assert storage.read_json(str(Path(result["run"]) / "run.json"))["status"] == "completed"
+    assert storage.read_json(str(Path(result["run_url"]) / "run.json"))["status"] == "completed"
 
 
 # ---- a run is bound to its data's content --------------------------------------------------------
@@ -138,9 +138,9 @@ def test_a_rerun_on_changed_data_trains_a_new_run_after_a_finished_or_interrupte
         assert status == 0, err
         assert again["run_id"] != first["run_id"], f"{store.name}: reused the run made from the old data"
         assert again["classes"] == classes
-        summary = storage.read_json(str(Path(again["run"]) / "summary.json"))
+        summary = storage.read_json(str(Path(again["run_url"]) / "summary.json"))
         assert summary["resumed_from"] is None  # trained from the start, not from the old data's checkpoint
-        split = storage.read_parquet(str(Path(again["run"]) / "split.parquet"))
+        split = storage.read_parquet(str(Path(again["run_url"]) / "split.parquet"))
         assert sorted(split["label"].unique()) == classes
         moved = split[split["path"].str.contains("/square/circle_")]
         assert (moved["label"] == "square").all()
